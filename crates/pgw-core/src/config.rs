@@ -1,0 +1,506 @@
+//! The one `Config` type. Every default lives in this file; `validate()` names the bad field.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fingerprint::fnv1a_hex;
+
+/// A configuration error that names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {message}")]
+    Read { path: String, message: String },
+    /// The TOML did not parse or had an unknown / mistyped field.
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    /// A field has a value that is not allowed.
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// What a member does in the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs beside a PostgreSQL server (and the room's pgpool) and votes.
+    Data,
+    /// Votes only; never runs a database.
+    Arbiter,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Data => "data",
+            Role::Arbiter => "arbiter",
+        })
+    }
+}
+
+/// One member of the Raft group. Every member's config carries the same list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// Unique member name, e.g. the room: `room-a`.
+    pub name: String,
+    /// Raft node id, unique, >= 1. Never reuse an id for a different machine.
+    pub id: u64,
+    pub role: Role,
+    /// `host:port` other members and `pgwctl` use for gRPC.
+    pub grpc: String,
+    /// `host:port` of the HTTP endpoint (`/health`, `/metrics`, `/primary`, `/replica`).
+    pub http: String,
+    /// Failover preference among equally safe candidates; higher wins.
+    #[serde(default = "defaults::priority")]
+    pub priority: u32,
+}
+
+/// Addresses this member binds. Default: the member's own `grpc` / `http` addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    pub grpc: Option<String>,
+    pub http: Option<String>,
+}
+
+/// Raft timing knobs. Defaults suit machine rooms with a few ms RTT and tolerate latency spikes
+/// of a few hundred ms without a spurious election.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// A follower that hears nothing for a random time in [min, max] starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Upper bound for one member-to-member RPC (snapshots use 10x).
+    pub rpc_timeout_ms: u64,
+    /// Take a snapshot (and purge the log) every this many applied entries.
+    pub snapshot_logs: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: defaults::HEARTBEAT_MS,
+            election_timeout_min_ms: defaults::ELECTION_MIN_MS,
+            election_timeout_max_ms: defaults::ELECTION_MAX_MS,
+            rpc_timeout_ms: defaults::RPC_TIMEOUT_MS,
+            snapshot_logs: defaults::SNAPSHOT_LOGS,
+        }
+    }
+}
+
+/// One PostgreSQL cluster watched by this group (e.g. "global", "recovery").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgClusterConfig {
+    pub name: String,
+    /// k in `synchronous_standby_names = 'ANY k (...)'`.
+    #[serde(default = "defaults::sync_quorum")]
+    pub sync_quorum: u32,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`, optionally with per-target directives
+    /// (`info,openraft=warn`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: defaults::LOG_LEVEL.to_string(),
+        }
+    }
+}
+
+/// The whole daemon configuration (`pg-watcher --config FILE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identifies the Raft group; peers with another id are refused.
+    pub cluster_id: String,
+    /// Which entry of `members` this process is.
+    pub member: String,
+    /// Durable Raft state (vote, log, snapshot) lives here.
+    pub data_dir: PathBuf,
+    pub members: Vec<MemberConfig>,
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default = "defaults::clusters")]
+    pub clusters: Vec<PgClusterConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Every default in one place.
+pub mod defaults {
+    use super::PgClusterConfig;
+
+    pub const HEARTBEAT_MS: u64 = 150;
+    pub const ELECTION_MIN_MS: u64 = 750;
+    pub const ELECTION_MAX_MS: u64 = 1500;
+    pub const RPC_TIMEOUT_MS: u64 = 1000;
+    pub const SNAPSHOT_LOGS: u64 = 1000;
+    pub const PRIORITY: u32 = 100;
+    pub const SYNC_QUORUM: u32 = 1;
+    pub const LOG_LEVEL: &str = "info";
+    pub const CLUSTER_NAME: &str = "global";
+
+    pub fn priority() -> u32 {
+        PRIORITY
+    }
+    pub fn sync_quorum() -> u32 {
+        SYNC_QUORUM
+    }
+    pub fn clusters() -> Vec<PgClusterConfig> {
+        vec![PgClusterConfig {
+            name: CLUSTER_NAME.to_string(),
+            sync_quorum: SYNC_QUORUM,
+        }]
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+/// Checks `host:port` with a non-empty host and a non-zero port.
+fn check_addr(field: &str, addr: &str) -> Result<(), ConfigError> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(field, format!("`{addr}` is not host:port")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(invalid(field, format!("`{addr}` has no valid host")));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(invalid(field, format!("`{addr}` has no valid port (1-65535)"))),
+    }
+}
+
+impl Config {
+    /// Parses TOML text. Does not validate.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim().to_string(),
+        })
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let cfg = Self::from_toml(&text, &path.display().to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Renders the config as TOML (used by the demo to write member configs).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| invalid("<config>", e.to_string()))
+    }
+
+    /// Checks every rule; the first violation is returned with the field's path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !valid_name(&self.cluster_id) {
+            return Err(invalid(
+                "cluster_id",
+                "must be 1-63 characters of [A-Za-z0-9._-], starting with a letter or digit",
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let n = self.members.len();
+        if !(2..=7).contains(&n) {
+            return Err(invalid(
+                "members",
+                format!("a group has 2 to 7 members (3 recommended), found {n}"),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let f = |x: &str| format!("members[{i}].{x}");
+            if !valid_name(&m.name) {
+                return Err(invalid(
+                    f("name"),
+                    format!("`{}` must be 1-63 characters of [A-Za-z0-9._-]", m.name),
+                ));
+            }
+            if !names.insert(m.name.as_str()) {
+                return Err(invalid(f("name"), format!("duplicate member name `{}`", m.name)));
+            }
+            if m.id == 0 {
+                return Err(invalid(f("id"), "must be >= 1"));
+            }
+            if !ids.insert(m.id) {
+                return Err(invalid(f("id"), format!("duplicate member id {}", m.id)));
+            }
+            check_addr(&f("grpc"), &m.grpc)?;
+            check_addr(&f("http"), &m.http)?;
+            for (what, a) in [("grpc", &m.grpc), ("http", &m.http)] {
+                if !addrs.insert(a.as_str()) {
+                    return Err(invalid(f(what), format!("address `{a}` is used twice")));
+                }
+            }
+        }
+        let data = self.data_members().count();
+        if data < 2 {
+            return Err(invalid(
+                "members",
+                format!("at least 2 members must have role = \"data\", found {data}"),
+            ));
+        }
+        if !names.contains(self.member.as_str()) {
+            return Err(invalid(
+                "member",
+                format!("`{}` is not the name of any entry in members", self.member),
+            ));
+        }
+        if let Some(a) = &self.listen.grpc {
+            check_addr("listen.grpc", a)?;
+        }
+        if let Some(a) = &self.listen.http {
+            check_addr("listen.http", a)?;
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms < 10 {
+            return Err(invalid("raft.heartbeat_ms", "must be >= 10"));
+        }
+        if r.election_timeout_min_ms < r.heartbeat_ms * 3 {
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                format!(
+                    "must be at least 3 x raft.heartbeat_ms ({}), found {}",
+                    r.heartbeat_ms * 3,
+                    r.election_timeout_min_ms
+                ),
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                "must be greater than raft.election_timeout_min_ms",
+            ));
+        }
+        if r.rpc_timeout_ms < r.heartbeat_ms {
+            return Err(invalid("raft.rpc_timeout_ms", "must be >= raft.heartbeat_ms"));
+        }
+        if r.snapshot_logs < 10 {
+            return Err(invalid("raft.snapshot_logs", "must be >= 10"));
+        }
+        if self.clusters.is_empty() {
+            return Err(invalid("clusters", "at least one PostgreSQL cluster is required"));
+        }
+        let mut cnames = BTreeSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            if !valid_name(&c.name) {
+                return Err(invalid(
+                    format!("clusters[{i}].name"),
+                    format!("`{}` must be 1-63 characters of [A-Za-z0-9._-]", c.name),
+                ));
+            }
+            if !cnames.insert(c.name.as_str()) {
+                return Err(invalid(
+                    format!("clusters[{i}].name"),
+                    format!("duplicate cluster `{}`", c.name),
+                ));
+            }
+            let standbys = (data - 1) as u32;
+            if c.sync_quorum < 1 || c.sync_quorum > standbys {
+                return Err(invalid(
+                    format!("clusters[{i}].sync_quorum"),
+                    format!("must be between 1 and the number of standbys ({standbys})"),
+                ));
+            }
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// This process's own member entry. Valid only after `validate()`.
+    pub fn me(&self) -> Option<&MemberConfig> {
+        self.members.iter().find(|m| m.name == self.member)
+    }
+
+    pub fn member_by_id(&self, id: u64) -> Option<&MemberConfig> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    pub fn data_members(&self) -> impl Iterator<Item = &MemberConfig> {
+        self.members.iter().filter(|m| m.role == Role::Data)
+    }
+
+    /// Canonical text of the member list (sorted by id), shared by every member.
+    pub fn members_canonical(&self) -> String {
+        let mut ms: Vec<&MemberConfig> = self.members.iter().collect();
+        ms.sort_by_key(|m| m.id);
+        ms.iter()
+            .map(|m| format!("{}={}/{}/{}/{}", m.id, m.name, m.role, m.grpc, m.http))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Digest of the member list; every member of one group must have the same.
+    pub fn members_fingerprint(&self) -> String {
+        fnv1a_hex(self.members_canonical().as_bytes())
+    }
+
+    pub fn grpc_listen(&self) -> String {
+        self.listen
+            .grpc
+            .clone()
+            .or_else(|| self.me().map(|m| m.grpc.clone()))
+            .unwrap_or_default()
+    }
+
+    pub fn http_listen(&self) -> String {
+        self.listen
+            .http
+            .clone()
+            .or_else(|| self.me().map(|m| m.http.clone()))
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster_id = "prod"
+member = "room-a"
+data_dir = "/var/lib/pg-watcher"
+
+[[members]]
+name = "room-a"
+id = 1
+role = "data"
+grpc = "127.0.0.1:7001"
+http = "127.0.0.1:7101"
+
+[[members]]
+name = "room-b"
+id = 2
+role = "data"
+grpc = "127.0.0.1:7002"
+http = "127.0.0.1:7102"
+
+[[members]]
+name = "arbiter"
+id = 3
+role = "arbiter"
+grpc = "127.0.0.1:7003"
+http = "127.0.0.1:7103"
+"#;
+
+    fn good() -> Config {
+        Config::from_toml(GOOD, "test").expect("parses")
+    }
+
+    #[test]
+    fn good_config_validates_with_defaults() {
+        let c = good();
+        c.validate().expect("valid");
+        assert_eq!(c.raft, RaftConfig::default());
+        assert_eq!(c.clusters[0].name, "global");
+        assert_eq!(c.members[0].priority, 100);
+        assert_eq!(c.grpc_listen(), "127.0.0.1:7001");
+    }
+
+    fn field_of(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut c = good();
+        c.members[1].grpc = "nope".into();
+        assert_eq!(field_of(c.validate().unwrap_err()), "members[1].grpc");
+
+        let mut c = good();
+        c.members[2].id = 1;
+        assert_eq!(field_of(c.validate().unwrap_err()), "members[2].id");
+
+        let mut c = good();
+        c.member = "room-z".into();
+        assert_eq!(field_of(c.validate().unwrap_err()), "member");
+
+        let mut c = good();
+        c.raft.election_timeout_min_ms = 100;
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "raft.election_timeout_min_ms"
+        );
+
+        let mut c = good();
+        c.members[1].role = Role::Arbiter;
+        assert_eq!(field_of(c.validate().unwrap_err()), "members");
+
+        let mut c = good();
+        c.clusters[0].sync_quorum = 2;
+        assert_eq!(field_of(c.validate().unwrap_err()), "clusters[0].sync_quorum");
+
+        let mut c = good();
+        c.cluster_id = "".into();
+        assert_eq!(field_of(c.validate().unwrap_err()), "cluster_id");
+    }
+
+    #[test]
+    fn unknown_field_is_a_parse_error_naming_it() {
+        let text = GOOD.replace("data_dir", "dta_dir");
+        let e = Config::from_toml(&text, "x.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("dta_dir"), "{msg}");
+    }
+
+    #[test]
+    fn fingerprint_depends_on_members_not_on_self() {
+        let a = good();
+        let mut b = good();
+        b.member = "room-b".into();
+        assert_eq!(a.members_fingerprint(), b.members_fingerprint());
+        b.members[2].grpc = "127.0.0.1:7999".into();
+        assert_ne!(a.members_fingerprint(), b.members_fingerprint());
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = good();
+        let text = c.to_toml().expect("renders");
+        assert_eq!(Config::from_toml(&text, "rt").expect("parses"), c);
+    }
+}

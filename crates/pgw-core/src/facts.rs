@@ -1,0 +1,439 @@
+//! The replicated cluster facts: what the Raft log decides, applied deterministically.
+//!
+//! `Facts::apply` is a pure function of the current facts, the log index and the proposal. It
+//! never reads a clock (the proposer stamps `at_ms`) and never fails: a command that does not
+//! fit the current facts is *rejected* (recorded as such, facts unchanged), so every member that
+//! applies the same log reaches the same facts.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// How many history entries each cluster keeps (oldest dropped first).
+pub const HISTORY_LIMIT: usize = 256;
+
+/// A decision proposed to the Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub command: Command,
+    /// Wall-clock milliseconds at the proposer (informational; never used to decide).
+    pub at_ms: u64,
+    /// Member that proposed it.
+    pub by: String,
+}
+
+/// The decisions the group can take. Every variant is keyed by PostgreSQL cluster name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Command {
+    /// Makes a configured cluster known to the group (idempotent).
+    EnsureCluster { cluster: String, sync_quorum: u32 },
+    /// Assigns the primary role. Applies only if `expected_epoch` is the current epoch; the new
+    /// epoch is `expected_epoch + 1` (the fencing token).
+    SetPrimary {
+        cluster: String,
+        member: String,
+        expected_epoch: u64,
+        reason: String,
+    },
+    /// Records that the cluster has no primary (e.g. while one is fenced), bumping the epoch.
+    ClearPrimary {
+        cluster: String,
+        expected_epoch: u64,
+        reason: String,
+    },
+    /// Replaces the synchronous standby set and quorum k (`ANY k (standbys)`).
+    SetSyncSet {
+        cluster: String,
+        standbys: BTreeSet<String>,
+        quorum: u32,
+        expected_epoch: u64,
+    },
+    /// Pauses or resumes automation for one cluster.
+    SetPaused {
+        cluster: String,
+        paused: bool,
+        reason: String,
+    },
+}
+
+impl Command {
+    pub fn cluster(&self) -> &str {
+        match self {
+            Command::EnsureCluster { cluster, .. }
+            | Command::SetPrimary { cluster, .. }
+            | Command::ClearPrimary { cluster, .. }
+            | Command::SetSyncSet { cluster, .. }
+            | Command::SetPaused { cluster, .. } => cluster,
+        }
+    }
+}
+
+/// What applying a proposal did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Applied { epoch: u64 },
+    Unchanged { epoch: u64 },
+    Rejected { reason: String },
+}
+
+impl Outcome {
+    pub fn is_rejected(&self) -> bool {
+        matches!(self, Outcome::Rejected { .. })
+    }
+}
+
+/// One line of a cluster's operation history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub log_index: u64,
+    pub at_ms: u64,
+    pub by: String,
+    pub event: String,
+    pub epoch: u64,
+}
+
+/// What the group knows about one PostgreSQL cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterFacts {
+    pub name: String,
+    /// Member currently holding the primary role, if any.
+    pub primary: Option<String>,
+    /// Fencing token: grows by one with every change of the primary record.
+    pub epoch: u64,
+    pub sync_standbys: BTreeSet<String>,
+    pub sync_quorum: u32,
+    pub paused: bool,
+    pub history: VecDeque<HistoryEntry>,
+}
+
+impl ClusterFacts {
+    fn new(name: &str, sync_quorum: u32) -> Self {
+        Self {
+            name: name.to_string(),
+            primary: None,
+            epoch: 0,
+            sync_standbys: BTreeSet::new(),
+            sync_quorum,
+            paused: false,
+            history: VecDeque::new(),
+        }
+    }
+
+    fn record(&mut self, log_index: u64, p: &Proposal, event: String) {
+        if self.history.len() >= HISTORY_LIMIT {
+            self.history.pop_front();
+        }
+        self.history.push_back(HistoryEntry {
+            log_index,
+            at_ms: p.at_ms,
+            by: p.by.clone(),
+            event,
+            epoch: self.epoch,
+        });
+    }
+}
+
+/// All replicated facts, keyed by PostgreSQL cluster name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    pub clusters: BTreeMap<String, ClusterFacts>,
+}
+
+fn reject(reason: impl Into<String>) -> Outcome {
+    Outcome::Rejected {
+        reason: reason.into(),
+    }
+}
+
+impl Facts {
+    pub fn cluster(&self, name: &str) -> Option<&ClusterFacts> {
+        self.clusters.get(name)
+    }
+
+    /// Applies one committed proposal. Deterministic; never panics.
+    pub fn apply(&mut self, log_index: u64, p: &Proposal) -> Outcome {
+        let name = p.command.cluster().to_string();
+        if let Command::EnsureCluster {
+            cluster,
+            sync_quorum,
+        } = &p.command
+        {
+            if let Some(c) = self.clusters.get(cluster) {
+                return Outcome::Unchanged { epoch: c.epoch };
+            }
+            if *sync_quorum == 0 {
+                return reject("sync_quorum must be >= 1");
+            }
+            let mut c = ClusterFacts::new(cluster, *sync_quorum);
+            c.record(log_index, p, format!("cluster registered (sync quorum {sync_quorum})"));
+            self.clusters.insert(cluster.clone(), c);
+            return Outcome::Applied { epoch: 0 };
+        }
+        let Some(c) = self.clusters.get_mut(&name) else {
+            return reject(format!("unknown cluster `{name}`"));
+        };
+        match &p.command {
+            Command::EnsureCluster { .. } => Outcome::Unchanged { epoch: c.epoch },
+            Command::SetPrimary {
+                member,
+                expected_epoch,
+                reason,
+                ..
+            } => {
+                if *expected_epoch != c.epoch {
+                    return reject(format!(
+                        "stale epoch: expected {expected_epoch}, current {}",
+                        c.epoch
+                    ));
+                }
+                c.epoch += 1;
+                c.primary = Some(member.clone());
+                // The new primary cannot be its own standby.
+                c.sync_standbys.remove(member);
+                c.record(
+                    log_index,
+                    p,
+                    format!("primary := {member} (epoch {}): {reason}", c.epoch),
+                );
+                Outcome::Applied { epoch: c.epoch }
+            }
+            Command::ClearPrimary {
+                expected_epoch,
+                reason,
+                ..
+            } => {
+                if *expected_epoch != c.epoch {
+                    return reject(format!(
+                        "stale epoch: expected {expected_epoch}, current {}",
+                        c.epoch
+                    ));
+                }
+                c.epoch += 1;
+                let old = c.primary.take().unwrap_or_else(|| "-".into());
+                c.record(
+                    log_index,
+                    p,
+                    format!("no primary (was {old}, epoch {}): {reason}", c.epoch),
+                );
+                Outcome::Applied { epoch: c.epoch }
+            }
+            Command::SetSyncSet {
+                standbys,
+                quorum,
+                expected_epoch,
+                ..
+            } => {
+                if *expected_epoch != c.epoch {
+                    return reject(format!(
+                        "stale epoch: expected {expected_epoch}, current {}",
+                        c.epoch
+                    ));
+                }
+                if let Some(p) = &c.primary {
+                    if standbys.contains(p) {
+                        return reject(format!("the primary {p} cannot be a sync standby"));
+                    }
+                }
+                if !standbys.is_empty() && (*quorum == 0 || *quorum as usize > standbys.len()) {
+                    return reject(format!(
+                        "quorum {quorum} does not fit {} standbys",
+                        standbys.len()
+                    ));
+                }
+                c.sync_standbys = standbys.clone();
+                c.sync_quorum = *quorum;
+                let list: Vec<&str> = standbys.iter().map(String::as_str).collect();
+                c.record(
+                    log_index,
+                    p,
+                    format!("sync set := ANY {quorum} ({})", list.join(", ")),
+                );
+                Outcome::Applied { epoch: c.epoch }
+            }
+            Command::SetPaused { paused, reason, .. } => {
+                if c.paused == *paused {
+                    return Outcome::Unchanged { epoch: c.epoch };
+                }
+                c.paused = *paused;
+                let what = if *paused { "paused" } else { "resumed" };
+                c.record(log_index, p, format!("automation {what}: {reason}"));
+                Outcome::Applied { epoch: c.epoch }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn prop(command: Command) -> Proposal {
+        Proposal {
+            command,
+            at_ms: 1,
+            by: "t".into(),
+        }
+    }
+
+    fn ensure(c: &str) -> Proposal {
+        prop(Command::EnsureCluster {
+            cluster: c.into(),
+            sync_quorum: 1,
+        })
+    }
+
+    #[test]
+    fn set_primary_requires_current_epoch() {
+        let mut f = Facts::default();
+        assert_eq!(f.apply(1, &ensure("global")), Outcome::Applied { epoch: 0 });
+        let set = |m: &str, e| {
+            prop(Command::SetPrimary {
+                cluster: "global".into(),
+                member: m.into(),
+                expected_epoch: e,
+                reason: "test".into(),
+            })
+        };
+        assert_eq!(f.apply(2, &set("a", 0)), Outcome::Applied { epoch: 1 });
+        assert!(f.apply(3, &set("b", 0)).is_rejected());
+        assert_eq!(f.cluster("global").map(|c| c.primary.clone()), Some(Some("a".into())));
+        assert_eq!(f.apply(4, &set("b", 1)), Outcome::Applied { epoch: 2 });
+        let c = f.cluster("global").expect("exists");
+        assert_eq!(c.primary.as_deref(), Some("b"));
+        assert_eq!(c.history.len(), 3);
+    }
+
+    #[test]
+    fn clusters_are_independent() {
+        let mut f = Facts::default();
+        f.apply(1, &ensure("global"));
+        f.apply(2, &ensure("recovery"));
+        f.apply(
+            3,
+            &prop(Command::SetPaused {
+                cluster: "recovery".into(),
+                paused: true,
+                reason: "op".into(),
+            }),
+        );
+        assert!(!f.cluster("global").expect("g").paused);
+        assert!(f.cluster("recovery").expect("r").paused);
+        assert!(f
+            .apply(
+                4,
+                &prop(Command::SetPaused {
+                    cluster: "nope".into(),
+                    paused: true,
+                    reason: String::new()
+                })
+            )
+            .is_rejected());
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut f = Facts::default();
+        f.apply(1, &ensure("g"));
+        for i in 0..(HISTORY_LIMIT as u64 * 2) {
+            f.apply(
+                i + 2,
+                &prop(Command::SetPaused {
+                    cluster: "g".into(),
+                    paused: i % 2 == 0,
+                    reason: String::new(),
+                }),
+            );
+        }
+        assert_eq!(f.cluster("g").expect("g").history.len(), HISTORY_LIMIT);
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        let cluster = prop_oneof![Just("global".to_string()), Just("recovery".to_string())];
+        let member = prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("c".to_string())];
+        prop_oneof![
+            (cluster.clone(), 0u32..3).prop_map(|(cluster, sync_quorum)| Command::EnsureCluster {
+                cluster,
+                sync_quorum
+            }),
+            (cluster.clone(), member.clone(), 0u64..6).prop_map(|(cluster, member, e)| {
+                Command::SetPrimary {
+                    cluster,
+                    member,
+                    expected_epoch: e,
+                    reason: "p".into(),
+                }
+            }),
+            (cluster.clone(), 0u64..6).prop_map(|(cluster, e)| Command::ClearPrimary {
+                cluster,
+                expected_epoch: e,
+                reason: "p".into()
+            }),
+            (
+                cluster.clone(),
+                proptest::collection::btree_set(member, 0..3),
+                0u32..3,
+                0u64..6
+            )
+                .prop_map(|(cluster, standbys, quorum, e)| Command::SetSyncSet {
+                    cluster,
+                    standbys,
+                    quorum,
+                    expected_epoch: e
+                }),
+            (cluster, any::<bool>()).prop_map(|(cluster, paused)| Command::SetPaused {
+                cluster,
+                paused,
+                reason: "p".into()
+            }),
+        ]
+    }
+
+    proptest! {
+        /// Two replicas applying the same log reach the same facts and outcomes, and the
+        /// serialised facts round-trip (snapshots are faithful).
+        #[test]
+        fn apply_is_deterministic(cmds in proptest::collection::vec(arb_command(), 0..60)) {
+            let mut a = Facts::default();
+            let mut b = Facts::default();
+            for (i, c) in cmds.iter().enumerate() {
+                let p = prop(c.clone());
+                let oa = a.apply(i as u64 + 1, &p);
+                let ob = b.apply(i as u64 + 1, &p);
+                prop_assert_eq!(oa, ob);
+            }
+            prop_assert_eq!(&a, &b);
+            let text = serde_json::to_string(&a).expect("serialises");
+            let back: Facts = serde_json::from_str(&text).expect("parses");
+            prop_assert_eq!(back, a);
+        }
+
+        /// Epochs never decrease, and grow exactly when the primary record changes.
+        #[test]
+        fn epochs_only_grow(cmds in proptest::collection::vec(arb_command(), 0..80)) {
+            let mut f = Facts::default();
+            for (i, c) in cmds.iter().enumerate() {
+                let before = f.clone();
+                let out = f.apply(i as u64 + 1, &prop(c.clone()));
+                for (name, after) in &f.clusters {
+                    if let Some(prev) = before.clusters.get(name) {
+                        prop_assert!(after.epoch >= prev.epoch);
+                        if after.primary != prev.primary {
+                            prop_assert_eq!(after.epoch, prev.epoch + 1);
+                        }
+                    }
+                }
+                if out.is_rejected() {
+                    prop_assert_eq!(&f, &before);
+                }
+                for after in f.clusters.values() {
+                    if let Some(p) = &after.primary {
+                        prop_assert!(!after.sync_standbys.contains(p));
+                    }
+                }
+            }
+        }
+    }
+}

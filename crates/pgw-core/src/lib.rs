@@ -1,0 +1,9 @@
+//! The pure core of pg-watcher: configuration, the replicated cluster facts and the rules that
+//! change them. Nothing here performs I/O or reads a clock; callers pass time in.
+
+pub mod config;
+pub mod facts;
+pub mod fingerprint;
+
+pub use config::{Config, ConfigError, MemberConfig, Role};
+pub use facts::{ClusterFacts, Command, Facts, HistoryEntry, Outcome, Proposal};
