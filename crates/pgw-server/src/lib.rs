@@ -1,1 +1,13 @@
+//! The pg-watcher daemon: durable Raft storage, gRPC transport, admin / health / HTTP endpoints.
 
+pub mod daemon;
+pub mod durable;
+pub mod http;
+pub mod network;
+pub mod node;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+pub mod types;
+
+pub use node::{tcp_channels, ChannelMaker, Node, NodeError};

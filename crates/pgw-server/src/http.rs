@@ -1,0 +1,90 @@
+//! HTTP endpoints for load balancers and Prometheus: `/health`, `/primary`, `/replica`,
+//! `/metrics`. `/primary` and `/replica` answer 200 or 503 for the local member, as HAProxy-style
+//! checks expect.
+
+use std::convert::Infallible;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use pgw_core::Role;
+use tokio::net::TcpListener;
+
+use crate::service::{state_name, Shared};
+
+fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    if let Ok(v) = ctype.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Answers one request. `cluster` query parameter selects the PostgreSQL cluster (default: the
+/// first configured one).
+pub fn handle(s: &Shared, metrics: Option<&PrometheusHandle>, path_and_query: &str) -> Response<Full<Bytes>> {
+    let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+    let cluster = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("cluster="))
+        .map(str::to_string)
+        .or_else(|| s.cfg.clusters.first().map(|c| c.name.clone()))
+        .unwrap_or_default();
+    let m = s.raft.metrics().borrow().clone();
+    let facts = s.sm.applied().facts;
+    let f = facts.cluster(&cluster);
+    let has_leader = m.current_leader.is_some();
+    let me = &s.cfg.member;
+    let is_data = s.cfg.me().is_some_and(|m| m.role == Role::Data);
+    let primary = f.and_then(|f| f.primary.clone());
+    let json = |ok: bool| {
+        let body = serde_json::json!({
+            "member": me,
+            "cluster": cluster,
+            "raft": state_name(m.state),
+            "leader": m.current_leader.map(|l| s.member_name(l)),
+            "term": m.current_term,
+            "primary": primary,
+            "epoch": f.map(|f| f.epoch),
+        });
+        let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        reply(code, "application/json", format!("{body}\n"))
+    };
+    match path {
+        "/health" => json(m.state != openraft::ServerState::Shutdown),
+        "/primary" => json(has_leader && primary.as_deref() == Some(me.as_str())),
+        "/replica" => json(has_leader && is_data && primary.as_ref().is_some_and(|p| p != me)),
+        "/metrics" => match metrics {
+            Some(h) => reply(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
+            None => reply(StatusCode::NOT_FOUND, "text/plain", "metrics recorder not installed here\n".into()),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "endpoints: /health /primary /replica /metrics\n".into(),
+        ),
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, s: Shared, metrics: Option<PrometheusHandle>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let s = s.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+                let r = handle(&s, metrics.as_ref(), &pq);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+        });
+    }
+}

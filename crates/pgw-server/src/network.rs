@@ -1,0 +1,278 @@
+//! Member-to-member transport: openraft RPCs over gRPC (tonic).
+//!
+//! One long-lived HTTP/2 channel per peer, created once and shared by every openraft client for
+//! that peer; tonic reconnects it lazily. Each RPC has a deadline. A peer that cannot be reached
+//! is reported to openraft as `Unreachable`, which makes openraft back off using
+//! [`PeerClient::backoff`] (exponential, capped) before trying again, and it is recorded in
+//! [`Reachability`] for status and metrics.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, BasicNode};
+use pgw_proto::raft_client::RaftClient;
+use pgw_proto::{Identity, RaftReply, RaftRequest};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::node::ChannelMaker;
+use crate::telemetry;
+use crate::types::{NodeId, TypeConfig};
+
+/// What this member last saw of each peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerState {
+    pub reachable: bool,
+    pub last_ok: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+/// Shared view of peer reachability, fed by the transport.
+#[derive(Debug, Clone, Default)]
+pub struct Reachability {
+    peers: Arc<Mutex<BTreeMap<NodeId, PeerState>>>,
+    names: Arc<BTreeMap<NodeId, String>>,
+}
+
+impl Reachability {
+    pub fn new(names: BTreeMap<NodeId, String>) -> Self {
+        Self {
+            peers: Arc::default(),
+            names: Arc::new(names),
+        }
+    }
+
+    pub fn name(&self, id: NodeId) -> String {
+        self.names.get(&id).cloned().unwrap_or_else(|| format!("node-{id}"))
+    }
+
+    fn update(&self, id: NodeId, result: Result<(), String>) {
+        let Ok(mut peers) = self.peers.lock() else {
+            return;
+        };
+        let st = peers.entry(id).or_default();
+        let was = st.reachable;
+        match result {
+            Ok(()) => {
+                st.reachable = true;
+                st.last_ok = Some(Instant::now());
+                st.last_error = None;
+            }
+            Err(e) => {
+                st.reachable = false;
+                st.last_error = Some(e);
+            }
+        }
+        if was != st.reachable || st.last_ok.is_none() {
+            let name = self.name(id);
+            if st.reachable {
+                tracing::info!(peer = %name, "peer reachable");
+            } else {
+                tracing::warn!(peer = %name, error = st.last_error.as_deref().unwrap_or(""), "peer unreachable");
+            }
+        }
+        telemetry::peer_reachable(&self.name(id), st.reachable);
+    }
+
+    pub fn get(&self, id: NodeId) -> Option<PeerState> {
+        self.peers.lock().ok().and_then(|p| p.get(&id).cloned())
+    }
+}
+
+/// Settings shared by all peer clients.
+#[derive(Clone)]
+pub struct TransportConfig {
+    pub identity: Identity,
+    pub rpc_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// Builds an endpoint with the transport's settings (used for both Raft and admin calls).
+pub fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
+}
+
+/// Creates one client per peer, reusing one channel per peer address.
+pub struct GrpcNetworkFactory {
+    cfg: TransportConfig,
+    channels: BTreeMap<NodeId, (String, Channel)>,
+    reach: Reachability,
+    maker: ChannelMaker,
+}
+
+impl GrpcNetworkFactory {
+    pub fn new(cfg: TransportConfig, reach: Reachability, maker: ChannelMaker) -> Self {
+        Self {
+            cfg,
+            channels: BTreeMap::new(),
+            reach,
+            maker,
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        let channel = match self.channels.get(&target) {
+            Some((addr, ch)) if *addr == node.addr => Some(ch.clone()),
+            _ => match (self.maker)(&node.addr) {
+                Ok(ch) => {
+                    self.channels.insert(target, (node.addr.clone(), ch.clone()));
+                    Some(ch)
+                }
+                Err(e) => {
+                    tracing::error!(peer = target, addr = %node.addr, error = %e, "invalid peer address");
+                    None
+                }
+            },
+        };
+        PeerClient {
+            target,
+            client: channel.map(RaftClient::new),
+            cfg: self.cfg.clone(),
+            reach: self.reach.clone(),
+        }
+    }
+}
+
+/// openraft's view of one peer.
+pub struct PeerClient {
+    target: NodeId,
+    client: Option<RaftClient<Channel>>,
+    cfg: TransportConfig,
+    reach: Reachability,
+}
+
+/// Error of one call before openraft's typing is applied.
+enum CallError {
+    Unreachable(String),
+    Network(String),
+    /// The peer answered with a Raft-level error (JSON).
+    Remote(Vec<u8>),
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl PeerClient {
+    async fn call<Req: Serialize>(&mut self, rpc: Rpc, req: &Req, ttl: Duration) -> Result<Vec<u8>, CallError> {
+        let Some(client) = self.client.as_mut() else {
+            return Err(CallError::Unreachable("peer address is invalid".into()));
+        };
+        let payload = serde_json::to_vec(req).map_err(|e| CallError::Network(e.to_string()))?;
+        let mut request = tonic::Request::new(RaftRequest {
+            identity: Some(self.cfg.identity.clone()),
+            payload,
+        });
+        request.set_timeout(ttl);
+        let fut = async {
+            match rpc {
+                Rpc::Append => client.append_entries(request).await,
+                Rpc::Vote => client.vote(request).await,
+                Rpc::Snapshot => client.install_snapshot(request).await,
+            }
+        };
+        let result = match tokio::time::timeout(ttl, fut).await {
+            Err(_) => Err(CallError::Unreachable(format!("no answer within {} ms", ttl.as_millis()))),
+            Ok(Err(status)) => Err(match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                    CallError::Unreachable(status.message().to_string())
+                }
+                tonic::Code::FailedPrecondition => {
+                    tracing::error!(peer = %self.reach.name(self.target), "peer refused us: {}", status.message());
+                    CallError::Network(format!("refused: {}", status.message()))
+                }
+                _ => CallError::Network(format!("{}: {}", status.code(), status.message())),
+            }),
+            Ok(Ok(resp)) => {
+                let RaftReply { payload, error } = resp.into_inner();
+                if error {
+                    Err(CallError::Remote(payload))
+                } else {
+                    Ok(payload)
+                }
+            }
+        };
+        match &result {
+            Ok(_) | Err(CallError::Remote(_)) => self.reach.update(self.target, Ok(())),
+            Err(CallError::Unreachable(e)) | Err(CallError::Network(e)) => self.reach.update(self.target, Err(e.clone())),
+        }
+        result
+    }
+
+    async fn typed<Req, Resp, E>(&mut self, rpc: Rpc, req: &Req, option: &RPCOption) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let ttl = option.hard_ttl().min(match rpc {
+            Rpc::Snapshot => self.cfg.rpc_timeout * 10,
+            _ => self.cfg.rpc_timeout,
+        });
+        match self.call(rpc, req, ttl).await {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(format!("bad reply: {e}"))))),
+            Err(CallError::Unreachable(m)) => Err(RPCError::Unreachable(Unreachable::new(&AnyError::error(m)))),
+            Err(CallError::Network(m)) => Err(RPCError::Network(NetworkError::new(&AnyError::error(m)))),
+            Err(CallError::Remote(bytes)) => match serde_json::from_slice::<E>(&bytes) {
+                Ok(e) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+                Err(e) => Err(RPCError::Network(NetworkError::new(&AnyError::error(format!("bad error reply: {e}"))))),
+            },
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.typed(Rpc::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.typed(Rpc::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.typed(Rpc::Vote, &rpc, &option).await
+    }
+
+    /// Retry an unreachable peer after 50 ms, doubling up to 800 ms: quick to notice a peer
+    /// that restarted, cheap while one is down for long.
+    fn backoff(&self) -> Backoff {
+        Backoff::new((0u32..).map(|i| Duration::from_millis(50u64 << i.min(4))))
+    }
+}

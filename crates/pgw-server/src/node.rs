@@ -1,0 +1,285 @@
+//! Assembles one member: storage, Raft, transport, services and background tasks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, SnapshotPolicy};
+use pgw_core::{Command, Config};
+use pgw_proto::admin_client::AdminClient;
+use pgw_proto::{admin_server::AdminServer, raft_server::RaftServer, HelloRequest};
+use tonic::transport::Channel;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
+
+use crate::network::{endpoint, GrpcNetworkFactory, Reachability, TransportConfig};
+use crate::service::{AdminService, RaftService, Shared};
+use crate::store::{self, StoreError};
+use crate::telemetry;
+use crate::types::Raft;
+
+/// Why a member could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] pgw_core::ConfigError),
+    #[error("data directory: {0}")]
+    Store(#[from] StoreError),
+    #[error("Raft: {0}")]
+    Raft(String),
+    #[error("refused by the group: {0}")]
+    Refused(String),
+    #[error("cannot listen on {addr}: {message}")]
+    Listen { addr: String, message: String },
+}
+
+/// Opens gRPC channels to peers. The daemon uses TCP; the simulator plugs in its own network.
+pub type ChannelMaker = Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>;
+
+/// The default channel maker: lazily connected TCP channels.
+pub fn tcp_channels(connect_timeout: Duration) -> ChannelMaker {
+    Arc::new(move |addr: &str| {
+        endpoint(addr, connect_timeout)
+            .map(|ep| ep.connect_lazy())
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// A running member (without its listeners: the caller serves `grpc_router()`).
+pub struct Node {
+    pub shared: Shared,
+    pub health: HealthReporter,
+    channels: ChannelMaker,
+}
+
+fn raft_config(cfg: &Config) -> Result<openraft::Config, NodeError> {
+    let r = &cfg.raft;
+    let c = openraft::Config {
+        cluster_name: cfg.cluster_id.clone(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        install_snapshot_timeout: r.rpc_timeout_ms * 10,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_logs),
+        max_in_snapshot_log_to_keep: 100,
+        ..Default::default()
+    };
+    c.validate().map_err(|e| NodeError::Raft(format!("invalid Raft settings: {e}")))
+}
+
+impl Node {
+    /// Opens the data directory and starts Raft. Nothing is bound here.
+    pub async fn start(cfg: Config, channels: ChannelMaker) -> Result<Node, NodeError> {
+        cfg.validate()?;
+        let cfg = Arc::new(cfg);
+        let me = cfg
+            .me()
+            .ok_or_else(|| NodeError::Raft("member not in config".into()))?
+            .clone();
+        let (log, sm) = store::open(&cfg)?;
+        let reach = Reachability::new(store::names_by_id(&cfg));
+        let shared_identity = pgw_proto::Identity {
+            cluster_id: cfg.cluster_id.clone(),
+            fingerprint: cfg.members_fingerprint(),
+            from: me.id,
+            from_name: me.name.clone(),
+        };
+        let factory = GrpcNetworkFactory::new(
+            TransportConfig {
+                identity: shared_identity,
+                rpc_timeout: Duration::from_millis(cfg.raft.rpc_timeout_ms),
+                connect_timeout: Duration::from_millis(cfg.raft.rpc_timeout_ms),
+            },
+            reach.clone(),
+            channels.clone(),
+        );
+        let raft = Raft::new(me.id, Arc::new(raft_config(&cfg)?), factory, log, sm.clone())
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let health = HealthReporter::new();
+        health.set_service_status("", ServingStatus::Serving).await;
+        for c in &cfg.clusters {
+            health.set_service_status(&c.name, ServingStatus::NotServing).await;
+        }
+        let shared = Shared {
+            cfg,
+            raft,
+            sm,
+            reach,
+            started: Instant::now(),
+        };
+        tokio::spawn(watch_metrics(shared.clone(), health.clone()));
+        tokio::spawn(ensure_clusters(shared.clone()));
+        Ok(Node {
+            shared,
+            health,
+            channels,
+        })
+    }
+
+    /// The gRPC services of this member: Raft transport, admin API and `grpc.health.v1`.
+    pub fn grpc_router(&self) -> tonic::transport::server::Router {
+        tonic::transport::Server::builder()
+            .add_service(HealthServer::new(HealthService::from_health_reporter(
+                self.health.clone(),
+            )))
+            .add_service(RaftServer::new(RaftService(self.shared.clone())))
+            .add_service(AdminServer::new(AdminService(self.shared.clone())))
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.shared.raft
+    }
+
+    /// Bootstraps the group exactly once. A member whose storage was never part of a group asks
+    /// its peers who they are: a peer with another cluster id or member list refuses us (we
+    /// stop); if any peer already belongs to an initialised group we wait to be replicated to;
+    /// otherwise every member initialises with the same member list, which openraft accepts
+    /// (identical membership at log index 0 on each), and the first election forms the group.
+    /// An initialised member is never re-initialised.
+    pub async fn bootstrap(&self, wait: Duration) -> Result<(), NodeError> {
+        let s = &self.shared;
+        let me = s.cfg.me().map(|m| m.id).unwrap_or_default();
+        let deadline = Instant::now() + wait;
+        let mut answered: BTreeMap<u64, bool> = BTreeMap::new();
+        let peers: Vec<_> = s.cfg.members.iter().filter(|m| m.id != me).cloned().collect();
+        loop {
+            for p in &peers {
+                if answered.contains_key(&p.id) {
+                    continue;
+                }
+                let Ok(ch) = (self.channels)(&p.grpc) else { continue };
+                let mut req = tonic::Request::new(HelloRequest {
+                    identity: Some(s.identity()),
+                });
+                req.set_timeout(Duration::from_millis(500));
+                let mut client = AdminClient::new(ch);
+                let fut = client.hello(req);
+                let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_millis(700), fut).await else {
+                    continue;
+                };
+                let r = reply.into_inner();
+                if r.cluster_id != s.cfg.cluster_id {
+                    return Err(NodeError::Refused(format!(
+                        "peer `{}` at {} belongs to cluster id `{}`, but this member's config says `{}`",
+                        p.name, p.grpc, r.cluster_id, s.cfg.cluster_id
+                    )));
+                }
+                if r.fingerprint != s.cfg.members_fingerprint() || r.member != p.name {
+                    return Err(NodeError::Refused(format!(
+                        "peer `{}` at {} has member list [{}] (answers as `{}`), but this member's config has [{}]",
+                        p.name,
+                        p.grpc,
+                        r.members,
+                        r.member,
+                        s.cfg.members_canonical()
+                    )));
+                }
+                answered.insert(p.id, r.initialized);
+            }
+            if answered.len() == peers.len() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let m = s.raft.metrics().borrow().clone();
+        let pristine = m.last_log_index.is_none() && m.vote.leader_id().term == 0;
+        if !pristine {
+            tracing::info!("Raft state recovered from disk (last log index {:?}); not initialising", m.last_log_index);
+            return Ok(());
+        }
+        if answered.values().any(|init| *init) {
+            tracing::info!("group already initialised by peers; waiting to be replicated to");
+            return Ok(());
+        }
+        let members: BTreeMap<u64, BasicNode> = s
+            .cfg
+            .members
+            .iter()
+            .map(|m| (m.id, BasicNode { addr: m.grpc.clone() }))
+            .collect();
+        match s.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!("initialised the group with {} members", s.cfg.members.len());
+                Ok(())
+            }
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(NodeError::Raft(format!("initialise: {e}"))),
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        self.health.set_service_status("", ServingStatus::NotServing).await;
+        if let Err(e) = self.shared.raft.shutdown().await {
+            tracing::warn!("Raft shutdown: {e}");
+        }
+    }
+}
+
+/// Feeds metrics, logs leader changes and keeps the per-cluster health status current.
+async fn watch_metrics(s: Shared, health: HealthReporter) {
+    let mut rx = s.raft.metrics();
+    let mut last_leader = None;
+    let mut serving: BTreeMap<String, bool> = BTreeMap::new();
+    let me = s.cfg.me().map(|m| m.id);
+    loop {
+        let m = rx.borrow_and_update().clone();
+        metrics::gauge!(telemetry::RAFT_TERM).set(m.current_term as f64);
+        metrics::gauge!(telemetry::RAFT_IS_LEADER).set(if m.current_leader == me && me.is_some() { 1.0 } else { 0.0 });
+        if let Some(l) = m.last_applied {
+            metrics::gauge!(telemetry::RAFT_LAST_APPLIED).set(l.index as f64);
+        }
+        if m.current_leader != last_leader {
+            metrics::counter!(telemetry::RAFT_LEADER_CHANGES).increment(1);
+            match m.current_leader {
+                Some(l) => tracing::info!(term = m.current_term, "leader is {}", s.member_name(l)),
+                None => tracing::warn!(term = m.current_term, "no leader"),
+            }
+            last_leader = m.current_leader;
+        }
+        // A cluster is SERVING only while it has a primary recorded by a group that currently
+        // has a leader (i.e. a majority is alive and in contact).
+        let facts = s.sm.applied().facts;
+        for c in &s.cfg.clusters {
+            let ok = m.current_leader.is_some() && facts.cluster(&c.name).is_some_and(|f| f.primary.is_some());
+            if serving.get(&c.name) != Some(&ok) {
+                let st = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+                health.set_service_status(&c.name, st).await;
+                serving.insert(c.name.clone(), ok);
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// While this member leads, registers every configured PostgreSQL cluster in the facts.
+async fn ensure_clusters(s: Shared) {
+    let me = s.cfg.me().map(|m| m.id);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let m = s.raft.metrics().borrow().clone();
+        if m.state == openraft::ServerState::Shutdown {
+            return;
+        }
+        if m.current_leader != me || me.is_none() {
+            continue;
+        }
+        let facts = s.sm.applied().facts;
+        for c in &s.cfg.clusters {
+            if facts.cluster(&c.name).is_none() {
+                let cmd = Command::EnsureCluster {
+                    cluster: c.name.clone(),
+                    sync_quorum: c.sync_quorum,
+                };
+                if let Err(e) = s.propose(cmd).await {
+                    tracing::debug!(cluster = %c.name, "registering cluster: {}", e.message());
+                }
+            }
+        }
+    }
+}

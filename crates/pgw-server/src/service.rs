@@ -1,0 +1,338 @@
+//! gRPC services: the Raft transport's server side and the operator (admin) API.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+use pgw_core::{Command, Config, Outcome, Proposal};
+use pgw_proto::admin_client::AdminClient;
+use pgw_proto::{
+    admin_server, raft_server, ClusterStatus, DecisionReply, HelloReply, HelloRequest, HistoryEntry,
+    HistoryReply, HistoryRequest, Identity, MemberInfo, RaftReply, RaftRequest, SetPausedRequest,
+    StatusReply, StatusRequest,
+};
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use crate::network::{endpoint, Reachability};
+use crate::store::StateMachineStore;
+use crate::telemetry;
+use crate::types::{Raft, TypeConfig};
+
+/// Metadata key set on a decision forwarded from a follower to the leader (prevents loops).
+const FORWARDED: &str = "x-pgw-forwarded";
+
+/// What every service needs to know about this member.
+#[derive(Clone)]
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub reach: Reachability,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn identity(&self) -> Identity {
+        let me = self.cfg.me();
+        Identity {
+            cluster_id: self.cfg.cluster_id.clone(),
+            fingerprint: self.cfg.members_fingerprint(),
+            from: me.map(|m| m.id).unwrap_or_default(),
+            from_name: self.cfg.member.clone(),
+        }
+    }
+
+    /// Refuses a caller whose cluster id or member list differs from ours.
+    pub fn check_identity(&self, id: Option<&Identity>) -> Result<(), Status> {
+        let Some(id) = id else {
+            return Err(Status::failed_precondition("call carries no identity"));
+        };
+        if id.cluster_id != self.cfg.cluster_id {
+            tracing::warn!(peer = %id.from_name, "refusing call: cluster id `{}` differs from ours `{}`", id.cluster_id, self.cfg.cluster_id);
+            return Err(Status::failed_precondition(format!(
+                "cluster id mismatch: caller `{}` has `{}`, member `{}` has `{}`",
+                id.from_name, id.cluster_id, self.cfg.member, self.cfg.cluster_id
+            )));
+        }
+        let ours = self.cfg.members_fingerprint();
+        if id.fingerprint != ours {
+            tracing::warn!(peer = %id.from_name, "refusing call: member list fingerprint {} differs from ours {}", id.fingerprint, ours);
+            return Err(Status::failed_precondition(format!(
+                "member list mismatch: caller `{}` has fingerprint {}, member `{}` has {} ({})",
+                id.from_name,
+                id.fingerprint,
+                self.cfg.member,
+                ours,
+                self.cfg.members_canonical()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn member_name(&self, id: u64) -> String {
+        self.cfg
+            .member_by_id(id)
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| format!("node-{id}"))
+    }
+
+    /// Proposes a decision and waits until it is committed and applied. On a follower the
+    /// decision is handed to the leader. Returns (log index, outcome, committing member).
+    pub async fn propose(&self, command: Command) -> Result<(u64, Outcome, String), Status> {
+        let p = Proposal {
+            command,
+            at_ms: now_ms(),
+            by: self.cfg.member.clone(),
+        };
+        let t0 = Instant::now();
+        match self.raft.client_write(p).await {
+            Ok(resp) => {
+                telemetry::commit_latency(t0.elapsed());
+                Ok((resp.log_id.index, resp.data, self.cfg.member.clone()))
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(match f.leader_id {
+                Some(l) => Status::unavailable(format!("not the leader; leader is {}", self.member_name(l)))
+                    .with_leader(l),
+                None => Status::unavailable("no leader elected at the moment; retry"),
+            }),
+            Err(e) => Err(Status::unavailable(format!("decision not committed: {e}"))),
+        }
+    }
+
+    fn leader_addr(&self, id: u64) -> Option<String> {
+        self.cfg.member_by_id(id).map(|m| m.grpc.clone())
+    }
+}
+
+trait WithLeader {
+    fn with_leader(self, id: u64) -> Self;
+}
+impl WithLeader for Status {
+    fn with_leader(mut self, id: u64) -> Self {
+        if let Ok(v) = id.to_string().parse() {
+            self.metadata_mut().insert("x-pgw-leader", v);
+        }
+        self
+    }
+}
+
+fn leader_hint(s: &Status) -> Option<u64> {
+    s.metadata().get("x-pgw-leader")?.to_str().ok()?.parse().ok()
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn raft_reply<T: Serialize, E: Serialize>(res: Result<T, E>) -> Result<Response<RaftReply>, Status> {
+    let (payload, error) = match res {
+        Ok(v) => (serde_json::to_vec(&v), false),
+        Err(e) => (serde_json::to_vec(&e), true),
+    };
+    let payload = payload.map_err(|e| Status::internal(format!("encode reply: {e}")))?;
+    Ok(Response::new(RaftReply { payload, error }))
+}
+
+fn parse<T: for<'de> serde::Deserialize<'de>>(req: &RaftRequest) -> Result<T, Status> {
+    serde_json::from_slice(&req.payload).map_err(|e| Status::invalid_argument(format!("malformed Raft payload: {e}")))
+}
+
+/// Server side of the member-to-member Raft transport.
+pub struct RaftService(pub Shared);
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        self.0.check_identity(req.identity.as_ref())?;
+        let r: openraft::raft::AppendEntriesRequest<TypeConfig> = parse(&req)?;
+        raft_reply(self.0.raft.append_entries(r).await)
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        self.0.check_identity(req.identity.as_ref())?;
+        let r: openraft::raft::VoteRequest<u64> = parse(&req)?;
+        raft_reply(self.0.raft.vote(r).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        self.0.check_identity(req.identity.as_ref())?;
+        let r: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&req)?;
+        raft_reply(self.0.raft.install_snapshot(r).await)
+    }
+}
+
+pub fn state_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+/// The operator API.
+pub struct AdminService(pub Shared);
+
+impl AdminService {
+    fn cluster_known(&self, name: &str) -> Result<(), Status> {
+        if self.0.cfg.clusters.iter().any(|c| c.name == name) {
+            Ok(())
+        } else {
+            let known: Vec<&str> = self.0.cfg.clusters.iter().map(|c| c.name.as_str()).collect();
+            Err(Status::not_found(format!(
+                "unknown cluster `{name}`; this group watches: {}",
+                known.join(", ")
+            )))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for AdminService {
+    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let req = request.into_inner();
+        if let Some(id) = &req.identity {
+            // Log a mismatch here too; the caller decides what to do with our answer.
+            let _ = self.0.check_identity(Some(id));
+        }
+        let m = self.0.raft.metrics().borrow().clone();
+        let initialized = m.last_log_index.is_some() || m.vote.leader_id().term > 0;
+        let me = self.0.cfg.me();
+        Ok(Response::new(HelloReply {
+            cluster_id: self.0.cfg.cluster_id.clone(),
+            fingerprint: self.0.cfg.members_fingerprint(),
+            member: self.0.cfg.member.clone(),
+            node_id: me.map(|m| m.id).unwrap_or_default(),
+            initialized,
+            members: self.0.cfg.members_canonical(),
+        }))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let s = &self.0;
+        let m = s.raft.metrics().borrow().clone();
+        let applied = s.sm.applied();
+        let me_id = s.cfg.me().map(|m| m.id).unwrap_or_default();
+        let members = s
+            .cfg
+            .members
+            .iter()
+            .map(|mc| MemberInfo {
+                name: mc.name.clone(),
+                node_id: mc.id,
+                role: mc.role.to_string(),
+                grpc: mc.grpc.clone(),
+                http: mc.http.clone(),
+                reachable: mc.id == me_id || s.reach.get(mc.id).is_some_and(|p| p.reachable),
+            })
+            .collect();
+        let clusters = s
+            .cfg
+            .clusters
+            .iter()
+            .map(|c| {
+                let f = applied.facts.cluster(&c.name);
+                ClusterStatus {
+                    name: c.name.clone(),
+                    primary: f.and_then(|f| f.primary.clone()).unwrap_or_default(),
+                    epoch: f.map(|f| f.epoch).unwrap_or(0),
+                    paused: f.is_some_and(|f| f.paused),
+                    sync_standbys: f.map(|f| f.sync_standbys.iter().cloned().collect()).unwrap_or_default(),
+                    sync_quorum: f.map(|f| f.sync_quorum).unwrap_or(c.sync_quorum),
+                    nodes: Vec::new(),
+                    history_len: f.map(|f| f.history.len() as u64).unwrap_or(0),
+                }
+            })
+            .collect();
+        Ok(Response::new(StatusReply {
+            cluster_id: s.cfg.cluster_id.clone(),
+            member: s.cfg.member.clone(),
+            node_id: me_id,
+            raft_state: state_name(m.state).to_string(),
+            leader: m.current_leader.map(|l| s.member_name(l)).unwrap_or_default(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+            clusters,
+            uptime_ms: s.started.elapsed().as_millis() as u64,
+        }))
+    }
+
+    async fn set_paused(&self, request: Request<SetPausedRequest>) -> Result<Response<DecisionReply>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let req = request.into_inner();
+        self.cluster_known(&req.cluster)?;
+        let cmd = Command::SetPaused {
+            cluster: req.cluster.clone(),
+            paused: req.paused,
+            reason: if req.reason.is_empty() { "operator request".into() } else { req.reason.clone() },
+        };
+        match self.0.propose(cmd).await {
+            Ok((log_index, outcome, by)) => Ok(Response::new(decision_reply(log_index, by, &outcome))),
+            Err(status) if !forwarded && leader_hint(&status).is_some() => {
+                let leader = leader_hint(&status).unwrap_or_default();
+                let addr = self
+                    .0
+                    .leader_addr(leader)
+                    .ok_or_else(|| Status::unavailable("leader address unknown"))?;
+                let ep = endpoint(&addr, Duration::from_secs(2)).map_err(|e| Status::internal(e.to_string()))?;
+                let ch = ep.connect().await.map_err(|e| Status::unavailable(format!("cannot reach leader at {addr}: {e}")))?;
+                let mut fwd = Request::new(req);
+                fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+                fwd.set_timeout(Duration::from_secs(10));
+                AdminClient::new(ch).set_paused(fwd).await
+            }
+            Err(status) => Err(status),
+        }
+    }
+
+    async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {
+        let req = request.into_inner();
+        let applied = self.0.sm.applied();
+        let limit = if req.limit == 0 { 50 } else { req.limit as usize };
+        let mut entries = Vec::new();
+        for (name, c) in &applied.facts.clusters {
+            if !req.cluster.is_empty() && *name != req.cluster {
+                continue;
+            }
+            entries.extend(c.history.iter().map(|h| HistoryEntry {
+                log_index: h.log_index,
+                at_ms: h.at_ms,
+                cluster: name.clone(),
+                event: format!("{} (by {})", h.event, h.by),
+                epoch: h.epoch,
+            }));
+        }
+        if !req.cluster.is_empty() && !applied.facts.clusters.contains_key(&req.cluster) {
+            self.cluster_known(&req.cluster)?;
+        }
+        entries.sort_by_key(|e| e.log_index);
+        let skip = entries.len().saturating_sub(limit);
+        Ok(Response::new(HistoryReply {
+            entries: entries.into_iter().skip(skip).collect(),
+        }))
+    }
+}
+
+fn decision_reply(log_index: u64, by: String, o: &Outcome) -> DecisionReply {
+    let result = match o {
+        Outcome::Applied { epoch } => format!("applied (epoch {epoch})"),
+        Outcome::Unchanged { epoch } => format!("already so (epoch {epoch})"),
+        Outcome::Rejected { reason } => format!("rejected: {reason}"),
+    };
+    DecisionReply {
+        log_index,
+        committed_by: by,
+        result,
+    }
+}

@@ -1,0 +1,92 @@
+//! Logs and metrics. Metric names are stable (a public contract) and carry their unit.
+
+use std::fmt;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::format::{DefaultFields, Format, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::registry::LookupSpan;
+
+/// Current Raft term (gauge).
+pub const RAFT_TERM: &str = "pgwatcher_raft_term";
+/// 1 while this member is the Raft leader (gauge).
+pub const RAFT_IS_LEADER: &str = "pgwatcher_raft_is_leader";
+/// Times this member saw the leader change, including to "no leader" (counter).
+pub const RAFT_LEADER_CHANGES: &str = "pgwatcher_raft_leader_changes_total";
+/// Time from proposing a decision to it being committed and applied (histogram, seconds).
+pub const RAFT_COMMIT_LATENCY: &str = "pgwatcher_raft_commit_latency_seconds";
+/// Index of the last applied log entry (gauge).
+pub const RAFT_LAST_APPLIED: &str = "pgwatcher_raft_last_applied_index";
+/// 1 when the last RPC to `peer` succeeded, else 0 (gauge, label `peer`).
+pub const PEER_REACHABLE: &str = "pgwatcher_peer_reachable";
+
+/// Installs the process-wide Prometheus recorder. Returns `None` when one is already installed
+/// (several members in one test process share the first).
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(RAFT_COMMIT_LATENCY.to_string()),
+            &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
+        )
+        .ok()?;
+    let handle = builder.install_recorder().ok()?;
+    metrics::describe_gauge!(RAFT_TERM, "Current Raft term");
+    metrics::describe_gauge!(RAFT_IS_LEADER, "1 while this member is the Raft leader");
+    metrics::describe_counter!(RAFT_LEADER_CHANGES, "Leader changes seen by this member");
+    metrics::describe_histogram!(
+        RAFT_COMMIT_LATENCY,
+        metrics::Unit::Seconds,
+        "Decision commit latency"
+    );
+    metrics::describe_gauge!(RAFT_LAST_APPLIED, "Last applied Raft log index");
+    metrics::describe_gauge!(PEER_REACHABLE, "1 when the last RPC to the peer succeeded");
+    Some(handle)
+}
+
+pub fn peer_reachable(peer: &str, up: bool) {
+    metrics::gauge!(PEER_REACHABLE, "peer" => peer.to_string()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn commit_latency(d: Duration) {
+    metrics::histogram!(RAFT_COMMIT_LATENCY).record(d.as_secs_f64());
+}
+
+/// Prefixes every log line with the cluster and member, including lines from openraft's own
+/// tasks, which do not inherit our spans.
+struct MemberPrefix {
+    prefix: String,
+    inner: Format,
+}
+
+impl<S, N> FormatEvent<S, N> for MemberPrefix
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &tracing::Event<'_>) -> fmt::Result {
+        write!(writer, "{} ", self.prefix)?;
+        self.inner.format_event(ctx, writer, event)
+    }
+}
+
+/// Initialises logging to stderr. `level` is a `Targets` directive such as `info,openraft=warn`.
+pub fn init_logging(cluster_id: &str, member: &str, level: &str) -> Result<(), String> {
+    let targets: Targets = level
+        .parse()
+        .map_err(|e| format!("config field `log.level`: `{level}`: {e}"))?;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .fmt_fields(DefaultFields::new())
+        .event_format(MemberPrefix {
+            prefix: format!("cluster={cluster_id} member={member}"),
+            inner: Format::default().with_target(true),
+        });
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(targets))
+        .try_init()
+        .map_err(|e| e.to_string())
+}
