@@ -1,1 +1,244 @@
+//! `pgwctl`: the operator CLI for pg-watcher, and the local demo cluster.
 
+pub mod demo;
+pub mod status;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pgw_proto::{DecisionReply, HistoryRequest, SetPausedRequest};
+
+/// Errors of the CLI; each names what went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach {endpoint}: {message}")]
+    Unreachable { endpoint: String, message: String },
+    #[error("no endpoint answered: {0}")]
+    NoEndpoint(String),
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Config(#[from] pgw_core::ConfigError),
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "pgwctl", version, about = "Operate a pg-watcher group")]
+pub struct Cli {
+    /// Members to ask, comma separated host:port (gRPC). Default: $PGW_ENDPOINTS.
+    #[arg(long, global = true, env = "PGW_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Per-call timeout in milliseconds.
+    #[arg(long, global = true, default_value_t = 2000)]
+    pub timeout_ms: u64,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Show the group: members, leader, and each PostgreSQL cluster's facts.
+    Status {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Stop automatic actions for a PostgreSQL cluster (recorded in Raft).
+    Pause {
+        #[arg(default_value = "global")]
+        cluster: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Resume automatic actions for a PostgreSQL cluster.
+    Resume {
+        #[arg(default_value = "global")]
+        cluster: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Show the history of decisions.
+    History {
+        /// Only this PostgreSQL cluster (default: all).
+        cluster: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// A local sandbox on loopback.
+    Demo {
+        #[command(subcommand)]
+        action: DemoCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DemoCmd {
+    /// Start three members (one per room) on loopback and wait for a leader.
+    Up {
+        #[arg(long, default_value = demo::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Stop everything the demo started.
+    Down {
+        #[arg(long, default_value = demo::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Kill -9 the Raft leader, show the new leader committing, restart the killed member.
+    Failover {
+        #[arg(long, default_value = demo::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+}
+
+fn need_endpoints(e: &[String]) -> Result<Vec<String>, CliError> {
+    let v: Vec<String> = e.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    if v.is_empty() {
+        return Err(CliError::Usage(
+            "no endpoints: pass --endpoints host:port[,host:port...] or set PGW_ENDPOINTS".into(),
+        ));
+    }
+    Ok(v)
+}
+
+/// Sends a pause/resume decision to the first member that accepts it (followers forward to
+/// the leader).
+pub async fn set_paused(endpoints: &[String], cluster: &str, paused: bool, reason: &str) -> Result<DecisionReply, CliError> {
+    let mut errors = Vec::new();
+    for e in endpoints {
+        let mut c = match status::connect(e, Duration::from_secs(2)).await {
+            Ok(c) => c,
+            Err(err) => {
+                errors.push(err.to_string());
+                continue;
+            }
+        };
+        let mut req = tonic::Request::new(SetPausedRequest {
+            cluster: cluster.to_string(),
+            paused,
+            reason: reason.to_string(),
+        });
+        req.set_timeout(Duration::from_secs(10));
+        match c.set_paused(req).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if s.code() == tonic::Code::NotFound || s.code() == tonic::Code::InvalidArgument => {
+                return Err(CliError::Refused(s.message().to_string()))
+            }
+            Err(s) => errors.push(format!("{e}: {}", s.message())),
+        }
+    }
+    Err(CliError::NoEndpoint(errors.join("; ")))
+}
+
+/// Runs one CLI invocation, writing its output to stdout.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let timeout = Duration::from_millis(cli.timeout_ms.max(1));
+    match cli.command {
+        Cmd::Status { format } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let s = status::gather(&eps, timeout).await?;
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).map_err(|e| CliError::Usage(e.to_string()))?
+                ),
+                Format::Table => print!("{}", status::render_table(&s)),
+            }
+        }
+        Cmd::Pause { cluster, reason } | Cmd::Resume { cluster, reason } if cluster.is_empty() => {
+            let _ = reason;
+            return Err(CliError::Usage("cluster name must not be empty".into()));
+        }
+        Cmd::Pause { cluster, reason } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let r = set_paused(&eps, &cluster, true, &reason).await?;
+            println!("{cluster}: {} at log index {} (leader {})", r.result, r.log_index, r.committed_by);
+        }
+        Cmd::Resume { cluster, reason } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let r = set_paused(&eps, &cluster, false, &reason).await?;
+            println!("{cluster}: {} at log index {} (leader {})", r.result, r.log_index, r.committed_by);
+        }
+        Cmd::History { cluster, limit } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let mut last = String::new();
+            for e in &eps {
+                match status::connect(e, timeout).await {
+                    Ok(mut c) => {
+                        let r = c
+                            .history(HistoryRequest {
+                                cluster: cluster.clone().unwrap_or_default(),
+                                limit,
+                            })
+                            .await
+                            .map_err(|s| CliError::Refused(s.message().to_string()))?;
+                        for h in r.into_inner().entries {
+                            println!("{:>8}  {:<10} epoch {:<4} {}", h.log_index, h.cluster, h.epoch, h.event);
+                        }
+                        return Ok(());
+                    }
+                    Err(err) => last = err.to_string(),
+                }
+            }
+            return Err(CliError::NoEndpoint(last));
+        }
+        Cmd::Demo { action } => match action {
+            DemoCmd::Up { dir } => {
+                let d = demo::up(&dir).await?;
+                println!("demo is up in {} (cluster id `{}`)", dir.display(), d.cluster_id);
+                for m in &d.members {
+                    println!("  {:<8} grpc {}  http {}  pid {}  log {}", m.name, m.grpc, m.http, m.pid, m.log);
+                }
+                let pgwctl = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "pgwctl".into());
+                println!("\nquery it:");
+                println!("  {pgwctl} --endpoints {} status", d.endpoints);
+                println!("  curl -s http://{}/health", d.members[0].http);
+                println!("  {pgwctl} demo failover --dir {}", dir.display());
+                println!("  {pgwctl} demo down --dir {}", dir.display());
+            }
+            DemoCmd::Down { dir } => {
+                let stopped = demo::down(&dir)?;
+                println!("stopped: {}", if stopped.is_empty() { "nothing was running".to_string() } else { stopped.join(", ") });
+            }
+            DemoCmd::Failover { dir } => {
+                let r = demo::failover(&dir).await?;
+                println!("killed leader {} with SIGKILL", r.killed);
+                println!("  new leader {} elected after {} ms", r.new_leader, r.elected_ms);
+                println!("  first decision committed by it after {} ms", r.committed_ms);
+                println!("  {} restarted and caught up after {} ms", r.killed, r.rejoined_ms);
+                let eps: Vec<String> = demo_endpoints(&dir)?;
+                let s = status::gather(&eps, timeout).await?;
+                print!("\n{}", status::render_table(&s));
+            }
+        },
+    }
+    Ok(())
+}
+
+fn demo_endpoints(dir: &std::path::Path) -> Result<Vec<String>, CliError> {
+    let p = dir.join("demo.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| CliError::Io {
+        path: p.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let d: demo::DemoFile = serde_json::from_str(&text).map_err(|e| CliError::Io {
+        path: p.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(d.members.into_iter().map(|m| m.grpc).collect())
+}
+
+/// Parses the process arguments (exits with clap's usage message on error).
+pub fn parse_args() -> Cli {
+    Cli::parse()
+}

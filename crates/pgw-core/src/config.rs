@@ -74,8 +74,7 @@ pub struct ListenConfig {
     pub http: Option<String>,
 }
 
-/// Raft timing knobs. Defaults suit machine rooms with a few ms RTT and tolerate latency spikes
-/// of a few hundred ms without a spurious election.
+/// Raft timing knobs (see `defaults` for the reasoning behind the default values).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftConfig {
@@ -154,14 +153,18 @@ pub struct Config {
 pub mod defaults {
     use super::PgClusterConfig;
 
-    pub const HEARTBEAT_MS: u64 = 150;
-    pub const ELECTION_MIN_MS: u64 = 750;
-    pub const ELECTION_MAX_MS: u64 = 1500;
+    // openraft 0.9 makes a follower of a live leader wait `election_timeout_max` (the leader
+    // lease) plus a random election timeout before it campaigns: with these defaults a lost
+    // leader is replaced after 1.2-1.6 s, while a heartbeat delayed by up to ~1 s (a latency
+    // spike between rooms) causes no election.
+    pub const HEARTBEAT_MS: u64 = 100;
+    pub const ELECTION_MIN_MS: u64 = 400;
+    pub const ELECTION_MAX_MS: u64 = 800;
     pub const RPC_TIMEOUT_MS: u64 = 1000;
     pub const SNAPSHOT_LOGS: u64 = 1000;
     pub const PRIORITY: u32 = 100;
     pub const SYNC_QUORUM: u32 = 1;
-    pub const LOG_LEVEL: &str = "info";
+    pub const LOG_LEVEL: &str = "info,openraft=warn";
     pub const CLUSTER_NAME: &str = "global";
 
     pub fn priority() -> u32 {

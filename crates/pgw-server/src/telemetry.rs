@@ -90,3 +90,8 @@ pub fn init_logging(cluster_id: &str, member: &str, level: &str) -> Result<(), S
         .try_init()
         .map_err(|e| e.to_string())
 }
+
+/// Logs a fatal error (the process is about to exit).
+pub fn log_fatal(msg: &str) {
+    tracing::error!("fatal: {msg}");
+}

@@ -1,0 +1,234 @@
+//! Gathers the group's status from its members (`pgwctl status`).
+
+use std::time::Duration;
+
+use pgw_proto::admin_client::AdminClient;
+use pgw_proto::{StatusReply, StatusRequest};
+use serde::Serialize;
+use tonic::transport::Endpoint;
+
+use crate::CliError;
+
+/// `pgwctl status --format json`. Field names are a public contract: add, don't rename.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub cluster_id: String,
+    /// Name of the member that currently leads, if any.
+    pub leader: Option<String>,
+    pub term: u64,
+    pub members: Vec<MemberStatus>,
+    pub clusters: Vec<ClusterView>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub name: String,
+    /// `data` or `arbiter`.
+    pub role: String,
+    /// leader | follower | candidate | learner | unreachable
+    pub raft: String,
+    pub grpc: String,
+    pub http: String,
+    pub term: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NodeView {
+    pub member: String,
+    pub role: String,
+    pub lsn: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PgpoolView {
+    pub room: String,
+    pub primary: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ClusterView {
+    pub name: String,
+    pub primary: Option<String>,
+    pub epoch: u64,
+    pub paused: bool,
+    pub sync_standbys: Vec<String>,
+    pub sync_quorum: u32,
+    pub nodes: Vec<NodeView>,
+    pub pgpool: Vec<PgpoolView>,
+}
+
+pub async fn connect(addr: &str, timeout: Duration) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
+    let ep = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| CliError::Usage(format!("endpoint `{addr}` is not host:port: {e}")))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let ch = ep.connect().await.map_err(|e| CliError::Unreachable {
+        endpoint: addr.to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(AdminClient::new(ch))
+}
+
+/// Asks one member for its own view.
+pub async fn member_status(addr: &str, timeout: Duration) -> Result<StatusReply, CliError> {
+    let mut c = connect(addr, timeout).await?;
+    let fut = c.status(StatusRequest {});
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(CliError::Unreachable {
+            endpoint: addr.to_string(),
+            message: s.message().to_string(),
+        }),
+        Err(_) => Err(CliError::Unreachable {
+            endpoint: addr.to_string(),
+            message: format!("no answer within {} ms", timeout.as_millis()),
+        }),
+    }
+}
+
+/// Asks the first answering endpoint for the member list, then every member for its own state.
+pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStatus, CliError> {
+    let mut first = None;
+    let mut errors = Vec::new();
+    for e in endpoints {
+        match member_status(e, timeout).await {
+            Ok(r) => {
+                first = Some(r);
+                break;
+            }
+            Err(err) => errors.push(err.to_string()),
+        }
+    }
+    let Some(first) = first else {
+        return Err(CliError::NoEndpoint(errors.join("; ")));
+    };
+    let calls = first.members.iter().map(|m| {
+        let addr = m.grpc.clone();
+        async move { member_status(&addr, timeout).await }
+    });
+    let replies: Vec<Result<StatusReply, CliError>> = futures_join_all(calls).await;
+    let mut members = Vec::new();
+    let mut leader: Option<(u64, String)> = None;
+    let mut best: Option<StatusReply> = None;
+    for (m, r) in first.members.iter().zip(replies) {
+        match r {
+            Ok(s) => {
+                if s.raft_state == "leader" && leader.as_ref().is_none_or(|(t, _)| s.term > *t) {
+                    leader = Some((s.term, s.member.clone()));
+                    best = Some(s.clone());
+                }
+                members.push(MemberStatus {
+                    name: m.name.clone(),
+                    role: m.role.clone(),
+                    raft: s.raft_state.clone(),
+                    grpc: m.grpc.clone(),
+                    http: m.http.clone(),
+                    term: Some(s.term),
+                    last_applied: Some(s.last_applied),
+                    error: None,
+                });
+            }
+            Err(e) => members.push(MemberStatus {
+                name: m.name.clone(),
+                role: m.role.clone(),
+                raft: "unreachable".into(),
+                grpc: m.grpc.clone(),
+                http: m.http.clone(),
+                term: None,
+                last_applied: None,
+                error: Some(e.to_string()),
+            }),
+        }
+    }
+    let view = best.unwrap_or(first);
+    let clusters = view
+        .clusters
+        .iter()
+        .map(|c| ClusterView {
+            name: c.name.clone(),
+            primary: (!c.primary.is_empty()).then(|| c.primary.clone()),
+            epoch: c.epoch,
+            paused: c.paused,
+            sync_standbys: c.sync_standbys.clone(),
+            sync_quorum: c.sync_quorum,
+            nodes: c
+                .nodes
+                .iter()
+                .map(|n| NodeView {
+                    member: n.member.clone(),
+                    role: n.role.clone(),
+                    lsn: n.lsn.clone(),
+                })
+                .collect(),
+            pgpool: Vec::new(),
+        })
+        .collect();
+    Ok(GroupStatus {
+        cluster_id: view.cluster_id.clone(),
+        leader: leader.as_ref().map(|(_, n)| n.clone()),
+        term: leader.map(|(t, _)| t).unwrap_or(view.term),
+        members,
+        clusters,
+    })
+}
+
+/// Runs futures concurrently and collects their results in order (no extra dependency).
+async fn futures_join_all<F: std::future::Future + Send + 'static>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.await {
+            Ok(v) => out.push(v),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    out
+}
+
+/// The table for people.
+pub fn render_table(s: &GroupStatus) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "cluster id: {}    leader: {}    term: {}\n\n",
+        s.cluster_id,
+        s.leader.as_deref().unwrap_or("(none)"),
+        s.term
+    ));
+    out.push_str(&format!(
+        "{:<14} {:<8} {:<12} {:<22} {:>8} {:>12}\n",
+        "MEMBER", "ROLE", "RAFT", "GRPC", "TERM", "APPLIED"
+    ));
+    for m in &s.members {
+        out.push_str(&format!(
+            "{:<14} {:<8} {:<12} {:<22} {:>8} {:>12}\n",
+            m.name,
+            m.role,
+            m.raft,
+            m.grpc,
+            m.term.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+            m.last_applied.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+        ));
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "{:<12} {:<14} {:>6} {:<7} {}\n",
+        "PG CLUSTER", "PRIMARY", "EPOCH", "PAUSED", "SYNC"
+    ));
+    for c in &s.clusters {
+        out.push_str(&format!(
+            "{:<12} {:<14} {:>6} {:<7} ANY {} ({})\n",
+            c.name,
+            c.primary.as_deref().unwrap_or("(none)"),
+            c.epoch,
+            if c.paused { "yes" } else { "no" },
+            c.sync_quorum,
+            c.sync_standbys.join(", ")
+        ));
+    }
+    out
+}
