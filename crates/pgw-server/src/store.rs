@@ -319,11 +319,21 @@ impl LogStore {
         Ok(())
     }
 
-    /// Whether this store has never been part of a group (no vote, no log, nothing purged).
-    pub async fn is_pristine(&mut self) -> Result<bool, StorageError> {
-        let vote: Option<Vote> = self.read_meta(KEY_VOTE, ErrorSubject::Vote)?;
-        let st = self.get_log_state().await?;
-        Ok(vote.is_none() && st.last_log_id.is_none())
+    /// Appends entries in one transaction and returns only once it is fsynced (redb's default
+    /// durability): only then may the flush be reported to openraft.
+    pub fn append_durable<I: IntoIterator<Item = Entry>>(&self, entries: I) -> Result<(), StorageError> {
+        let f = &self.file;
+        let w = |e: &dyn std::fmt::Display| sio(ErrorSubject::Logs, ErrorVerb::Write, f, e);
+        let tx = self.db.begin_write().map_err(|e| w(&e))?;
+        {
+            let mut t = tx.open_table(LOGS).map_err(|e| w(&e))?;
+            for entry in entries {
+                let bytes = encode(&entry).map_err(|e| w(&e))?;
+                t.insert(entry.log_id.index, bytes.as_slice()).map_err(|e| w(&e))?;
+            }
+        }
+        tx.commit().map_err(|e| w(&e))?;
+        Ok(())
     }
 }
 
@@ -375,21 +385,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let f = self.file.clone();
-        let w = |e: &dyn std::fmt::Display| sio(ErrorSubject::Logs, ErrorVerb::Write, &f, e);
-        let result = (|| {
-            let tx = self.db.begin_write().map_err(|e| w(&e))?;
-            {
-                let mut t = tx.open_table(LOGS).map_err(|e| w(&e))?;
-                for entry in entries {
-                    let bytes = encode(&entry).map_err(|e| w(&e))?;
-                    t.insert(entry.log_id.index, bytes.as_slice()).map_err(|e| w(&e))?;
-                }
-            }
-            // redb's default durability fsyncs on commit: only then is the flush reported.
-            tx.commit().map_err(|e| w(&e))?;
-            Ok::<(), StorageError>(())
-        })();
+        let result = self.append_durable(entries);
         match &result {
             Ok(()) => callback.log_io_completed(Ok(())),
             Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
