@@ -187,7 +187,11 @@ impl Node {
         let m = s.raft.metrics().borrow().clone();
         let pristine = m.last_log_index.is_none() && m.vote.leader_id().term == 0;
         if !pristine {
-            tracing::info!("Raft state recovered from disk (last log index {:?}); not initialising", m.last_log_index);
+            tracing::info!(
+                "Raft state recovered from disk (term {}, last log index {:?}); not initialising",
+                m.vote.leader_id().term,
+                m.last_log_index
+            );
             return Ok(());
         }
         if answered.values().any(|init| *init) {

@@ -81,6 +81,18 @@ impl Shared {
     /// Proposes a decision and waits until it is committed and applied. On a follower the
     /// decision is handed to the leader. Returns (log index, outcome, committing member).
     pub async fn propose(&self, command: Command) -> Result<(u64, Outcome, String), Status> {
+        // A configured cluster is registered in the facts before its first decision.
+        let name = command.cluster().to_string();
+        let registered = self.sm.applied().facts.cluster(&name).is_some();
+        if !registered && !matches!(command, Command::EnsureCluster { .. }) {
+            if let Some(c) = self.cfg.clusters.iter().find(|c| c.name == name) {
+                let ensure = Command::EnsureCluster {
+                    cluster: c.name.clone(),
+                    sync_quorum: c.sync_quorum,
+                };
+                Box::pin(self.propose(ensure)).await?;
+            }
+        }
         let p = Proposal {
             command,
             at_ms: now_ms(),
@@ -278,6 +290,9 @@ impl admin_server::Admin for AdminService {
             reason: if req.reason.is_empty() { "operator request".into() } else { req.reason.clone() },
         };
         match self.0.propose(cmd).await {
+            Ok((_, Outcome::Rejected { reason }, _)) => Err(Status::failed_precondition(format!(
+                "decision rejected: {reason}"
+            ))),
             Ok((log_index, outcome, by)) => Ok(Response::new(decision_reply(log_index, by, &outcome))),
             Err(status) if !forwarded && leader_hint(&status).is_some() => {
                 let leader = leader_hint(&status).unwrap_or_default();

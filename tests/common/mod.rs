@@ -1,0 +1,257 @@
+//! Test harness: real `pg-watcher` processes on loopback, started and killed by the test.
+//! Everything a group starts is killed when the `Group` is dropped, even if the test fails.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgw_cli::status::{gather, GroupStatus};
+use pgw_core::config::{ListenConfig, LogConfig, MemberConfig, RaftConfig};
+use pgw_core::{Config, Role};
+
+pub const WATCHER: &str = env!("CARGO_BIN_EXE_pg-watcher");
+
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    l.local_addr().expect("local addr").port()
+}
+
+pub struct Member {
+    pub cfg: Config,
+    pub cfg_path: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Member {
+    pub fn name(&self) -> &str {
+        &self.cfg.member
+    }
+    pub fn grpc(&self) -> String {
+        self.cfg.me().map(|m| m.grpc.clone()).unwrap_or_default()
+    }
+    pub fn http(&self) -> String {
+        self.cfg.me().map(|m| m.http.clone()).unwrap_or_default()
+    }
+}
+
+pub struct Group {
+    pub dir: tempfile::TempDir,
+    pub members: Vec<Member>,
+}
+
+/// Member configs for `roles`, with fresh loopback ports and data dirs under `dir`.
+pub fn configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
+    let members: Vec<MemberConfig> = roles
+        .iter()
+        .enumerate()
+        .map(|(i, r)| MemberConfig {
+            name: match r {
+                Role::Data => format!("room-{}", (b'a' + i as u8) as char),
+                Role::Arbiter => "arbiter".to_string(),
+            },
+            id: i as u64 + 1,
+            role: *r,
+            grpc: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
+            priority: 100,
+        })
+        .collect();
+    members
+        .iter()
+        .map(|m| Config {
+            cluster_id: cluster_id.to_string(),
+            member: m.name.clone(),
+            data_dir: dir.join(&m.name).join("data"),
+            members: members.clone(),
+            listen: ListenConfig::default(),
+            raft: RaftConfig::default(),
+            clusters: pgw_core::config::defaults::clusters(),
+            log: LogConfig {
+                level: "info".into(),
+            },
+        })
+        .collect()
+}
+
+/// Writes `cfg` to `path` and starts a daemon on it, logging to `log`.
+pub fn spawn(cfg: &Config, path: &Path, log: &Path) -> Child {
+    fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    fs::write(path, cfg.to_toml().expect("toml")).expect("write config");
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    let err = out.try_clone().expect("dup");
+    Command::new(WATCHER)
+        .arg("--config")
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn pg-watcher")
+}
+
+impl Group {
+    pub fn new(roles: &[Role]) -> Group {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let members = configs(dir.path(), "itest", roles)
+            .into_iter()
+            .map(|cfg| {
+                let base = dir.path().join(&cfg.member);
+                Member {
+                    cfg_path: base.join("pg-watcher.toml"),
+                    log: base.join("pg-watcher.log"),
+                    cfg,
+                    child: None,
+                }
+            })
+            .collect();
+        Group { dir, members }
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.start(i);
+        }
+    }
+
+    pub fn start(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        assert!(m.child.is_none(), "{} already running", m.name());
+        m.child = Some(spawn(&m.cfg, &m.cfg_path, &m.log));
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            c.kill().expect("SIGKILL");
+            let _ = c.wait();
+        }
+    }
+
+    pub fn terminate(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            // SAFETY: kill(2) on our own child has no memory-safety preconditions.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn index_of(&self, name: &str) -> usize {
+        self.members
+            .iter()
+            .position(|m| m.name() == name)
+            .unwrap_or_else(|| panic!("no member {name}"))
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.grpc()).collect()
+    }
+
+    pub fn endpoints_except(&self, name: &str) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| m.name() != name)
+            .map(|m| m.grpc())
+            .collect()
+    }
+
+    pub fn log_text(&self, i: usize) -> String {
+        fs::read_to_string(&self.members[i].log).unwrap_or_default()
+    }
+
+    pub fn dump_logs(&self) {
+        for (i, m) in self.members.iter().enumerate() {
+            eprintln!("===== log of {} =====\n{}", m.name(), tail(&self.log_text(i), 60));
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for i in 0..self.members.len() {
+            self.kill9(i);
+        }
+    }
+}
+
+/// Polls until a leader is known (other than `not`), within `limit`.
+pub async fn wait_leader(eps: &[String], not: Option<&str>, limit: Duration) -> GroupStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = gather(eps, Duration::from_millis(500)).await {
+            if let Some(l) = &s.leader {
+                if not != Some(l.as_str()) {
+                    return s;
+                }
+            }
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "no leader (other than {not:?}) within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` on the gathered status until it returns true, within `limit`.
+pub async fn wait_until(
+    eps: &[String],
+    limit: Duration,
+    what: &str,
+    check: impl Fn(&GroupStatus) -> bool,
+) -> GroupStatus {
+    let t0 = Instant::now();
+    let mut last = None;
+    loop {
+        if let Ok(s) = gather(eps, Duration::from_millis(500)).await {
+            if check(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}; last status: {last:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for a child to exit on its own; returns its exit code.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Ok(Some(st)) = child.try_wait() {
+            return st.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
