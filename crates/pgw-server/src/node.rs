@@ -109,6 +109,7 @@ impl Node {
             sm,
             reach,
             started: Instant::now(),
+            channels: channels.clone(),
         };
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));

@@ -15,7 +15,7 @@ use pgw_proto::{
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
-use crate::network::{endpoint, Reachability};
+use crate::network::Reachability;
 use crate::store::StateMachineStore;
 use crate::telemetry;
 use crate::types::{Raft, TypeConfig};
@@ -31,6 +31,8 @@ pub struct Shared {
     pub sm: StateMachineStore,
     pub reach: Reachability,
     pub started: Instant,
+    /// Opens channels to other members (TCP in the daemon, simulated in tests).
+    pub channels: crate::node::ChannelMaker,
 }
 
 impl Shared {
@@ -300,8 +302,7 @@ impl admin_server::Admin for AdminService {
                     .0
                     .leader_addr(leader)
                     .ok_or_else(|| Status::unavailable("leader address unknown"))?;
-                let ep = endpoint(&addr, Duration::from_secs(2)).map_err(|e| Status::internal(e.to_string()))?;
-                let ch = ep.connect().await.map_err(|e| Status::unavailable(format!("cannot reach leader at {addr}: {e}")))?;
+                let ch = (self.0.channels)(&addr).map_err(|e| Status::unavailable(format!("cannot reach leader at {addr}: {e}")))?;
                 let mut fwd = Request::new(req);
                 fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
                 fwd.set_timeout(Duration::from_secs(10));
