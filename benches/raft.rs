@@ -18,7 +18,10 @@ fn arg(name: &str, default: u64) -> u64 {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number, got `{v}`")))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number, got `{v}`"))
+        })
         .unwrap_or(default)
 }
 
@@ -76,26 +79,44 @@ async fn main() {
 
     // 1. Commit latency, measured by the client against the leader (one gRPC round trip plus
     //    replication to a majority, fsync on each, and apply).
-    commit_until_ok(std::slice::from_ref(&leader_ep), true, Duration::from_secs(10)).await;
+    commit_until_ok(
+        std::slice::from_ref(&leader_ep),
+        true,
+        Duration::from_secs(10),
+    )
+    .await;
     let mut lat = Vec::with_capacity(decisions);
     for i in 0..decisions {
         let t0 = Instant::now();
-        set_paused(std::slice::from_ref(&leader_ep), "global", i % 2 == 0, "bench")
-            .await
-            .expect("decision commits");
+        set_paused(
+            std::slice::from_ref(&leader_ep),
+            "global",
+            i % 2 == 0,
+            "bench",
+        )
+        .await
+        .expect("decision commits");
         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     lat.sort_by(|a, b| a.total_cmp(b));
 
     // 2. Idle RSS and CPU of one follower.
-    let follower = g.members.iter().find(|m| m.name() != leader).expect("follower");
+    let follower = g
+        .members
+        .iter()
+        .find(|m| m.name() != leader)
+        .expect("follower");
     let fpid = follower.child.as_ref().map(|c| c.id()).expect("pid");
     let ticks = 100.0; // USER_HZ on Linux
     let (c0, _) = proc_stat(fpid).expect("proc stat");
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let (c1, rss_kb) = proc_stat(fpid).expect("proc stat");
     let idle_cpu_pct = (c1 - c0) as f64 / ticks / idle_secs as f64 * 100.0;
-    let lpid = g.members[g.index_of(&leader)].child.as_ref().map(|c| c.id()).expect("pid");
+    let lpid = g.members[g.index_of(&leader)]
+        .child
+        .as_ref()
+        .map(|c| c.id())
+        .expect("pid");
     let (_, leader_rss_kb) = proc_stat(lpid).expect("proc stat");
 
     // 3. kill -9 the leader: time until a new leader has committed a decision.
@@ -119,10 +140,16 @@ async fn main() {
                 .iter()
                 .find(|m| Some(&m.name) == s.leader.as_ref())
                 .and_then(|m| m.last_applied);
-            s.members.iter().all(|m| m.last_applied.is_some() && m.last_applied == la)
+            s.members
+                .iter()
+                .all(|m| m.last_applied.is_some() && m.last_applied == la)
         })
         .await;
-        eprintln!("run {:>2}: killed {old}, new leader committed after {:.0} ms", run + 1, fo[run]);
+        eprintln!(
+            "run {:>2}: killed {old}, new leader committed after {:.0} ms",
+            run + 1,
+            fo[run]
+        );
     }
     fo.sort_by(|a, b| a.total_cmp(b));
 
@@ -130,13 +157,40 @@ async fn main() {
     println!("pg-watcher Raft figures (3 members on loopback, default timings)");
     println!("{:<44} {:>10}", "figure", "value");
     println!("{:<44} {:>10.2}", "commit latency p50 (ms)", pct(&lat, 0.5));
-    println!("{:<44} {:>10.2}", "commit latency p99 (ms)", pct(&lat, 0.99));
-    println!("{:<44} {:>10.0}", "kill -9 leader -> new leader commits min (ms)", fo.first().copied().unwrap_or(f64::NAN));
-    println!("{:<44} {:>10.0}", "kill -9 leader -> new leader commits median (ms)", pct(&fo, 0.5));
-    println!("{:<44} {:>10.0}", "kill -9 leader -> new leader commits max (ms)", fo.last().copied().unwrap_or(f64::NAN));
-    println!("{:<44} {:>10.1}", "follower RSS (MiB)", rss_kb as f64 / 1024.0);
-    println!("{:<44} {:>10.1}", "leader RSS (MiB)", leader_rss_kb as f64 / 1024.0);
-    println!("{:<44} {:>10.2}", "follower idle CPU (% of one core)", idle_cpu_pct);
+    println!(
+        "{:<44} {:>10.2}",
+        "commit latency p99 (ms)",
+        pct(&lat, 0.99)
+    );
+    println!(
+        "{:<44} {:>10.0}",
+        "kill -9 leader -> new leader commits min (ms)",
+        fo.first().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "{:<44} {:>10.0}",
+        "kill -9 leader -> new leader commits median (ms)",
+        pct(&fo, 0.5)
+    );
+    println!(
+        "{:<44} {:>10.0}",
+        "kill -9 leader -> new leader commits max (ms)",
+        fo.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "{:<44} {:>10.1}",
+        "follower RSS (MiB)",
+        rss_kb as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>10.1}",
+        "leader RSS (MiB)",
+        leader_rss_kb as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "follower idle CPU (% of one core)", idle_cpu_pct
+    );
     let json = serde_json::json!({
         "commit_latency_ms": {"n": lat.len(), "p50": pct(&lat, 0.5), "p99": pct(&lat, 0.99)},
         "leader_kill9_to_commit_ms": {

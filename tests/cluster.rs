@@ -31,7 +31,9 @@ async fn health(addr: &str, service: &str) -> i32 {
 
 async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect http");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("send");
     let mut buf = Vec::new();
@@ -57,12 +59,17 @@ async fn leader_kill9_failover_state_survives_and_member_catches_up() {
     let old = s.leader.clone().expect("leader");
 
     // A decision committed before the fault.
-    let r = set_paused(&eps, "global", true, "before kill").await.expect("pause commits");
+    let r = set_paused(&eps, "global", true, "before kill")
+        .await
+        .expect("pause commits");
     assert!(r.result.contains("applied"), "{r:?}");
 
     // Health endpoints: the watcher serves; no primary yet, so the cluster does not.
     assert_eq!(health(&eps[0], "").await, ServingStatus::Serving as i32);
-    assert_eq!(health(&eps[0], "global").await, ServingStatus::NotServing as i32);
+    assert_eq!(
+        health(&eps[0], "global").await,
+        ServingStatus::NotServing as i32
+    );
     let (code, body) = http_get(&g.members[0].http(), "/health").await;
     assert_eq!(code, 200, "{body}");
     let (code, _) = http_get(&g.members[0].http(), "/primary").await;
@@ -78,11 +85,21 @@ async fn leader_kill9_failover_state_survives_and_member_catches_up() {
     let new = s2.leader.clone().expect("new leader");
     assert_ne!(new, old);
     assert!(s2.term > s.term, "term grew");
-    let paused = s2.clusters.iter().find(|c| c.name == "global").map(|c| c.paused);
-    assert_eq!(paused, Some(true), "the committed decision survived the leader's death");
+    let paused = s2
+        .clusters
+        .iter()
+        .find(|c| c.name == "global")
+        .map(|c| c.paused);
+    assert_eq!(
+        paused,
+        Some(true),
+        "the committed decision survived the leader's death"
+    );
 
     // The new leader commits decisions with one member down.
-    let r = set_paused(&others, "global", false, "after kill").await.expect("resume commits");
+    let r = set_paused(&others, "global", false, "after kill")
+        .await
+        .expect("resume commits");
     assert!(r.result.contains("applied"), "{r:?}");
 
     // The killed member restarts from its disk and catches up.
@@ -93,8 +110,12 @@ async fn leader_kill9_failover_state_survives_and_member_catches_up() {
             .iter()
             .find(|m| Some(&m.name) == s.leader.as_ref())
             .and_then(|m| m.last_applied);
-        s.members.iter().all(|m| m.raft == "leader" || m.raft == "follower")
-            && s.members.iter().all(|m| m.last_applied.is_some() && m.last_applied == leader_applied)
+        s.members
+            .iter()
+            .all(|m| m.raft == "leader" || m.raft == "follower")
+            && s.members
+                .iter()
+                .all(|m| m.last_applied.is_some() && m.last_applied == leader_applied)
     })
     .await;
     assert_eq!(s3.members.iter().filter(|m| m.raft == "leader").count(), 1);
@@ -102,7 +123,11 @@ async fn leader_kill9_failover_state_survives_and_member_catches_up() {
     let own = pgw_cli::status::member_status(&g.members[li].grpc(), Duration::from_secs(2))
         .await
         .expect("status of restarted member");
-    let global = own.clusters.iter().find(|c| c.name == "global").expect("global");
+    let global = own
+        .clusters
+        .iter()
+        .find(|c| c.name == "global")
+        .expect("global");
     assert!(!global.paused, "restarted member applied the resume");
     let log = g.log_text(li);
     assert!(
@@ -120,7 +145,9 @@ async fn mismatching_config_is_refused_and_group_unharmed() {
     let s = wait_leader(&eps, None, LIMIT).await;
     let leader = s.leader.clone().expect("leader");
     // Take a follower down, then try to bring it back with bad configs.
-    let fi = (0..3).find(|i| g.members[*i].name() != leader).expect("a follower");
+    let fi = (0..3)
+        .find(|i| g.members[*i].name() != leader)
+        .expect("a follower");
     g.terminate(fi);
 
     // 1. Its own data dir, but another cluster id: refused by the identity file.
@@ -129,9 +156,15 @@ async fn mismatching_config_is_refused_and_group_unharmed() {
     let dir = g.dir.path().join("bad1");
     let mut child = spawn(&bad, &dir.join("c.toml"), &dir.join("log"));
     let code = wait_exit(&mut child, Duration::from_secs(20));
-    assert!(matches!(code, Some(c) if c != 0), "must exit non-zero, got {code:?}");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "must exit non-zero, got {code:?}"
+    );
     let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
-    assert!(log.contains("identity.pgw") && log.contains("cluster_id"), "{log}");
+    assert!(
+        log.contains("identity.pgw") && log.contains("cluster_id"),
+        "{log}"
+    );
 
     // 2. A fresh data dir and another cluster id: refused by the peers' answer.
     let mut bad = g.members[fi].cfg.clone();
@@ -140,9 +173,15 @@ async fn mismatching_config_is_refused_and_group_unharmed() {
     let dir = g.dir.path().join("bad2");
     let mut child = spawn(&bad, &dir.join("c.toml"), &dir.join("log"));
     let code = wait_exit(&mut child, Duration::from_secs(20));
-    assert!(matches!(code, Some(c) if c != 0), "must exit non-zero, got {code:?}");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "must exit non-zero, got {code:?}"
+    );
     let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
-    assert!(log.contains("cluster id") && log.contains("someone-else"), "{log}");
+    assert!(
+        log.contains("cluster id") && log.contains("someone-else"),
+        "{log}"
+    );
 
     // 3. A fresh data dir and a different member list (an extra arbiter).
     let mut bad = g.members[fi].cfg.clone();
@@ -158,7 +197,10 @@ async fn mismatching_config_is_refused_and_group_unharmed() {
     let dir = g.dir.path().join("bad3");
     let mut child = spawn(&bad, &dir.join("c.toml"), &dir.join("log"));
     let code = wait_exit(&mut child, Duration::from_secs(20));
-    assert!(matches!(code, Some(c) if c != 0), "must exit non-zero, got {code:?}");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "must exit non-zero, got {code:?}"
+    );
     let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
     assert!(log.contains("member list"), "{log}");
 
@@ -176,13 +218,17 @@ async fn mismatching_config_is_refused_and_group_unharmed() {
     let s2 = wait_leader(&eps, None, LIMIT).await;
     assert_eq!(s2.leader.as_deref(), Some(leader.as_str()));
     assert_eq!(s2.term, s.term, "no election was provoked");
-    let r = set_paused(&eps, "global", true, "after refusals").await.expect("commits");
+    let r = set_paused(&eps, "global", true, "after refusals")
+        .await
+        .expect("commits");
     assert!(r.result.contains("applied"));
 
     // The real member comes back fine.
     g.start(fi);
     wait_until(&eps, LIMIT, "all members back", |s| {
-        s.members.iter().all(|m| m.raft == "leader" || m.raft == "follower")
+        s.members
+            .iter()
+            .all(|m| m.raft == "leader" || m.raft == "follower")
     })
     .await;
 }
@@ -193,15 +239,23 @@ async fn two_rooms_plus_arbiter_survive_a_data_member_loss_and_full_restart() {
     g.start_all();
     let eps = g.endpoints();
     let s = wait_leader(&eps, None, LIMIT).await;
-    let arb = s.members.iter().find(|m| m.name == "arbiter").expect("arbiter");
+    let arb = s
+        .members
+        .iter()
+        .find(|m| m.name == "arbiter")
+        .expect("arbiter");
     assert_eq!(arb.role, "arbiter");
-    set_paused(&eps, "global", true, "x").await.expect("commits");
+    set_paused(&eps, "global", true, "x")
+        .await
+        .expect("commits");
 
     // Lose one data member: the other data member and the arbiter still form a majority.
     g.kill9(0);
     let others = g.endpoints_except("room-a");
     wait_leader(&others, Some("room-a"), LIMIT).await;
-    let r = set_paused(&others, "global", false, "y").await.expect("commits with 2 of 3");
+    let r = set_paused(&others, "global", false, "y")
+        .await
+        .expect("commits with 2 of 3");
     assert!(r.result.contains("applied"));
 
     // Full restart of every member: state and term survive.
@@ -213,11 +267,23 @@ async fn two_rooms_plus_arbiter_survive_a_data_member_loss_and_full_restart() {
     let s2 = wait_leader(&eps, None, LIMIT).await;
     // openraft resumes a leader whose committed vote is on disk in the same term, so the term
     // need not grow; it must never go back.
-    assert!(s2.term >= s.term, "term {} after restart, {} before", s2.term, s.term);
-    let c = s2.clusters.iter().find(|c| c.name == "global").expect("global");
+    assert!(
+        s2.term >= s.term,
+        "term {} after restart, {} before",
+        s2.term,
+        s.term
+    );
+    let c = s2
+        .clusters
+        .iter()
+        .find(|c| c.name == "global")
+        .expect("global");
     assert!(!c.paused, "last decision survived a full restart");
     for i in 0..3 {
         let log = g.log_text(i);
-        assert!(log.matches("initialised the group").count() <= 1, "initialised at most once:\n{log}");
+        assert!(
+            log.matches("initialised the group").count() <= 1,
+            "initialised at most once:\n{log}"
+        );
     }
 }

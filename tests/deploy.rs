@@ -3,7 +3,9 @@
 use pgw_core::{Config, Role};
 
 fn load_dir(dir: &str) -> Vec<Config> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(dir);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(dir);
     let mut out = Vec::new();
     for e in std::fs::read_dir(&root).expect("deploy dir") {
         let p = e.expect("entry").path();
@@ -18,7 +20,12 @@ fn load_dir(dir: &str) -> Vec<Config> {
 fn same_group(cfgs: &[Config]) {
     let fp = cfgs[0].members_fingerprint();
     for c in cfgs {
-        assert_eq!(c.members_fingerprint(), fp, "{} has another member list", c.member);
+        assert_eq!(
+            c.members_fingerprint(),
+            fp,
+            "{} has another member list",
+            c.member
+        );
         assert_eq!(c.cluster_id, cfgs[0].cluster_id);
     }
 }
@@ -36,5 +43,11 @@ fn two_rooms_plus_arbiter_layout_is_valid() {
     let c = load_dir("two-rooms-arbiter");
     assert_eq!(c.len(), 3);
     same_group(&c);
-    assert_eq!(c[0].members.iter().filter(|m| m.role == Role::Arbiter).count(), 1);
+    assert_eq!(
+        c[0].members
+            .iter()
+            .filter(|m| m.role == Role::Arbiter)
+            .count(),
+        1
+    );
 }

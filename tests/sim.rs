@@ -29,12 +29,20 @@ impl Connected for SimStream {
     fn connect_info(&self) -> Self::ConnectInfo {}
 }
 impl AsyncRead for SimStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 impl AsyncWrite for SimStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -49,12 +57,14 @@ impl AsyncWrite for SimStream {
 fn sim_channel(addr: &str) -> Result<Channel, String> {
     let ep = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
     let ep = pgw_server::network::configure(ep, Duration::from_millis(500));
-    Ok(ep.connect_with_connector_lazy(tower::service_fn(|uri: Uri| async move {
-        let host = uri.host().unwrap_or_default().to_string();
-        let port = uri.port_u16().unwrap_or(PORT);
-        let s = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
-        Ok::<_, io::Error>(TokioIo::new(s))
-    })))
+    Ok(
+        ep.connect_with_connector_lazy(tower::service_fn(|uri: Uri| async move {
+            let host = uri.host().unwrap_or_default().to_string();
+            let port = uri.port_u16().unwrap_or(PORT);
+            let s = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
+            Ok::<_, io::Error>(TokioIo::new(s))
+        })),
+    )
 }
 
 fn sim_channels() -> ChannelMaker {
@@ -136,7 +146,10 @@ async fn wait_leader(names: &[&str], limit: Duration) -> (String, u64) {
         if let Some(l) = leader_among(names).await {
             return l;
         }
-        assert!(t0.elapsed() < limit, "no leader among {names:?} within {limit:?}");
+        assert!(
+            t0.elapsed() < limit,
+            "no leader among {names:?} within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -174,12 +187,20 @@ async fn history(name: &str) -> Vec<String> {
         })
         .await
         .expect("history");
-    r.into_inner().entries.into_iter().map(|e| format!("{}:{}", e.log_index, e.event)).collect()
+    r.into_inner()
+        .entries
+        .into_iter()
+        .map(|e| format!("{}:{}", e.log_index, e.event))
+        .collect()
 }
 
 fn run_scenario(seed: u64) {
     if std::env::var("PGW_SIM_LOG").is_ok() {
-        let _ = pgw_server::telemetry::init_logging("sim", "all", "debug,openraft=info,h2=info,hyper=info,tower=info");
+        let _ = pgw_server::telemetry::init_logging(
+            "sim",
+            "all",
+            "debug,openraft=info,h2=info,hyper=info,tower=info",
+        );
     }
     let root = tempfile::tempdir().expect("tempdir");
     let cfgs = configs(root.path());
@@ -209,7 +230,10 @@ fn run_scenario(seed: u64) {
         }
         // The minority side cannot commit.
         let minority = decide(&leader, false, "from minority", Duration::from_secs(3)).await;
-        assert_eq!(minority, None, "seed {seed}: isolated leader committed a decision");
+        assert_eq!(
+            minority, None,
+            "seed {seed}: isolated leader committed a decision"
+        );
 
         // The majority side elects a new leader and commits.
         let (new_leader, new_term) = wait_leader(&others, Duration::from_secs(20)).await;
@@ -218,8 +242,15 @@ fn run_scenario(seed: u64) {
             .await
             .expect("majority commits");
         let old_view = status(&leader).await.expect("old leader answers ctl");
-        let g = old_view.clusters.iter().find(|c| c.name == "global").expect("global");
-        assert!(g.paused, "seed {seed}: isolated member must not apply anything new");
+        let g = old_view
+            .clusters
+            .iter()
+            .find(|c| c.name == "global")
+            .expect("global");
+        assert!(
+            g.paused,
+            "seed {seed}: isolated member must not apply anything new"
+        );
 
         // Heal: everyone converges on the majority's history.
         for o in &others {
@@ -232,15 +263,22 @@ fn run_scenario(seed: u64) {
                 views.push(status(n).await);
             }
             let converged = views.iter().all(|v| v.is_some())
-                && views.iter().flatten().filter(|v| v.raft_state == "leader").count() == 1
                 && views
                     .iter()
                     .flatten()
-                    .all(|v| v.last_applied == views[0].as_ref().map(|x| x.last_applied).unwrap_or(0));
+                    .filter(|v| v.raft_state == "leader")
+                    .count()
+                    == 1
+                && views.iter().flatten().all(|v| {
+                    v.last_applied == views[0].as_ref().map(|x| x.last_applied).unwrap_or(0)
+                });
             if converged {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "seed {seed}: no convergence: {views:#?}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "seed {seed}: no convergence: {views:#?}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let h0 = history(NAMES[0]).await;
@@ -248,7 +286,10 @@ fn run_scenario(seed: u64) {
             assert_eq!(history(n).await, h0, "seed {seed}: histories differ");
         }
         assert!(h0.iter().any(|e| e.contains("from majority")), "{h0:?}");
-        assert!(!h0.iter().any(|e| e.contains("from minority")), "seed {seed}: {h0:?}");
+        assert!(
+            !h0.iter().any(|e| e.contains("from minority")),
+            "seed {seed}: {h0:?}"
+        );
         Ok(())
     });
     sim.run().expect("simulation");

@@ -42,10 +42,17 @@ fn main() -> ExitCode {
         }
     };
     if check {
-        println!("{}: ok (member `{}` of cluster `{}`)", path.display(), cfg.member, cfg.cluster_id);
+        println!(
+            "{}: ok (member `{}` of cluster `{}`)",
+            path.display(),
+            cfg.member,
+            cfg.cluster_id
+        );
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = pgw_server::telemetry::init_logging(&cfg.cluster_id, &cfg.member, &cfg.log.level) {
+    if let Err(e) =
+        pgw_server::telemetry::init_logging(&cfg.cluster_id, &cfg.member, &cfg.log.level)
+    {
         eprintln!("pg-watcher: {e}");
         return ExitCode::from(2);
     }
@@ -70,6 +77,7 @@ fn run(cfg: pgw_core::Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(pgw_server::daemon::run(cfg)).context("pg-watcher stopped")?;
+    rt.block_on(pgw_server::daemon::run(cfg))
+        .context("pg-watcher stopped")?;
     Ok(())
 }

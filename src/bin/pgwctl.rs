@@ -1,6 +1,5 @@
 //! `pgwctl`: operator CLI for a pg-watcher group.
 
-
 fn main() -> std::process::ExitCode {
     let cli = pgw_cli::parse_args();
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -178,7 +178,11 @@ impl Group {
 
     pub fn dump_logs(&self) {
         for (i, m) in self.members.iter().enumerate() {
-            eprintln!("===== log of {} =====\n{}", m.name(), tail(&self.log_text(i), 60));
+            eprintln!(
+                "===== log of {} =====\n{}",
+                m.name(),
+                tail(&self.log_text(i), 60)
+            );
         }
     }
 }

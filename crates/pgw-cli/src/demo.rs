@@ -77,7 +77,11 @@ pub fn is_watcher(pid: u32) -> bool {
         .map(|c| String::from_utf8_lossy(&c).contains("pg-watcher"))
         .unwrap_or(false)
         && !fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
             .unwrap_or(true)
 }
 
@@ -130,7 +134,11 @@ fn write_demo(dir: &Path, d: &DemoFile) -> Result<(), CliError> {
 }
 
 /// Polls until some member reports itself leader (and, if `not`, a different one).
-pub async fn wait_leader(endpoints: &[String], not: Option<&str>, limit: Duration) -> Result<GroupStatus, CliError> {
+pub async fn wait_leader(
+    endpoints: &[String],
+    not: Option<&str>,
+    limit: Duration,
+) -> Result<GroupStatus, CliError> {
     let t0 = Instant::now();
     loop {
         if let Ok(s) = gather(endpoints, Duration::from_millis(500)).await {
@@ -175,7 +183,11 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
     }
     let mut demo = DemoFile {
         cluster_id: "demo".into(),
-        endpoints: members.iter().map(|m| m.grpc.clone()).collect::<Vec<_>>().join(","),
+        endpoints: members
+            .iter()
+            .map(|m| m.grpc.clone())
+            .collect::<Vec<_>>()
+            .join(","),
         members: Vec::new(),
         postgres: Vec::new(),
         pgpool: Vec::new(),
@@ -261,26 +273,42 @@ pub async fn failover(dir: &Path) -> Result<FailoverReport, CliError> {
         .ok_or_else(|| CliError::Usage(format!("leader `{old}` is not in demo.json")))?;
     let pid = d.members[idx].pid;
     if !is_watcher(pid) {
-        return Err(CliError::Usage(format!("pid {pid} of {old} is not a running pg-watcher")));
+        return Err(CliError::Usage(format!(
+            "pid {pid} of {old} is not a running pg-watcher"
+        )));
     }
     let t0 = Instant::now();
     signal(pid, libc::SIGKILL);
-    let others: Vec<String> = d.members.iter().filter(|m| m.name != old).map(|m| m.grpc.clone()).collect();
+    let others: Vec<String> = d
+        .members
+        .iter()
+        .filter(|m| m.name != old)
+        .map(|m| m.grpc.clone())
+        .collect();
     let after = wait_leader(&others, Some(&old), Duration::from_secs(30)).await?;
     let elected_ms = t0.elapsed().as_millis() as u64;
     let new_leader = after.leader.clone().unwrap_or_default();
-    let cluster = after.clusters.first().map(|c| c.name.clone()).unwrap_or_else(|| "global".into());
+    let cluster = after
+        .clusters
+        .first()
+        .map(|c| c.name.clone())
+        .unwrap_or_else(|| "global".into());
     // A decision committed by the new leader (a no-op resume).
     let mut committed = false;
     while t0.elapsed() < Duration::from_secs(30) {
-        if crate::set_paused(&others, &cluster, false, "demo failover probe").await.is_ok() {
+        if crate::set_paused(&others, &cluster, false, "demo failover probe")
+            .await
+            .is_ok()
+        {
             committed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if !committed {
-        return Err(CliError::Timeout("new leader did not commit within 30 s".into()));
+        return Err(CliError::Timeout(
+            "new leader did not commit within 30 s".into(),
+        ));
     }
     let committed_ms = t0.elapsed().as_millis() as u64;
     // Restart the killed member and wait until it has caught up.
@@ -293,7 +321,11 @@ pub async fn failover(dir: &Path) -> Result<FailoverReport, CliError> {
     let mut rejoined_ms = 0;
     while t1.elapsed() < Duration::from_secs(30) {
         if let Ok(s) = gather(&eps, Duration::from_millis(500)).await {
-            let leader_applied = s.members.iter().find(|x| Some(&x.name) == s.leader.as_ref()).and_then(|x| x.last_applied);
+            let leader_applied = s
+                .members
+                .iter()
+                .find(|x| Some(&x.name) == s.leader.as_ref())
+                .and_then(|x| x.last_applied);
             let mine = s.members.iter().find(|x| x.name == old);
             if let (Some(la), Some(me)) = (leader_applied, mine) {
                 if me.raft == "follower" && me.last_applied >= Some(la) {

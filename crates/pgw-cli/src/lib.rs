@@ -102,7 +102,11 @@ pub enum DemoCmd {
 }
 
 fn need_endpoints(e: &[String]) -> Result<Vec<String>, CliError> {
-    let v: Vec<String> = e.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let v: Vec<String> = e
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     if v.is_empty() {
         return Err(CliError::Usage(
             "no endpoints: pass --endpoints host:port[,host:port...] or set PGW_ENDPOINTS".into(),
@@ -113,7 +117,12 @@ fn need_endpoints(e: &[String]) -> Result<Vec<String>, CliError> {
 
 /// Sends a pause/resume decision to the first member that accepts it (followers forward to
 /// the leader).
-pub async fn set_paused(endpoints: &[String], cluster: &str, paused: bool, reason: &str) -> Result<DecisionReply, CliError> {
+pub async fn set_paused(
+    endpoints: &[String],
+    cluster: &str,
+    paused: bool,
+    reason: &str,
+) -> Result<DecisionReply, CliError> {
     let mut errors = Vec::new();
     for e in endpoints {
         let mut c = match status::connect(e, Duration::from_secs(2)).await {
@@ -131,7 +140,10 @@ pub async fn set_paused(endpoints: &[String], cluster: &str, paused: bool, reaso
         req.set_timeout(Duration::from_secs(10));
         match c.set_paused(req).await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(s) if s.code() == tonic::Code::NotFound || s.code() == tonic::Code::InvalidArgument => {
+            Err(s)
+                if s.code() == tonic::Code::NotFound
+                    || s.code() == tonic::Code::InvalidArgument =>
+            {
                 return Err(CliError::Refused(s.message().to_string()))
             }
             Err(s) => errors.push(format!("{e}: {}", s.message())),
@@ -162,12 +174,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Pause { cluster, reason } => {
             let eps = need_endpoints(&cli.endpoints)?;
             let r = set_paused(&eps, &cluster, true, &reason).await?;
-            println!("{cluster}: {} at log index {} (leader {})", r.result, r.log_index, r.committed_by);
+            println!(
+                "{cluster}: {} at log index {} (leader {})",
+                r.result, r.log_index, r.committed_by
+            );
         }
         Cmd::Resume { cluster, reason } => {
             let eps = need_endpoints(&cli.endpoints)?;
             let r = set_paused(&eps, &cluster, false, &reason).await?;
-            println!("{cluster}: {} at log index {} (leader {})", r.result, r.log_index, r.committed_by);
+            println!(
+                "{cluster}: {} at log index {} (leader {})",
+                r.result, r.log_index, r.committed_by
+            );
         }
         Cmd::History { cluster, limit } => {
             let eps = need_endpoints(&cli.endpoints)?;
@@ -183,7 +201,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                             .await
                             .map_err(|s| CliError::Refused(s.message().to_string()))?;
                         for h in r.into_inner().entries {
-                            println!("{:>8}  {:<10} epoch {:<4} {}", h.log_index, h.cluster, h.epoch, h.event);
+                            println!(
+                                "{:>8}  {:<10} epoch {:<4} {}",
+                                h.log_index, h.cluster, h.epoch, h.event
+                            );
                         }
                         return Ok(());
                     }
@@ -195,11 +216,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Demo { action } => match action {
             DemoCmd::Up { dir } => {
                 let d = demo::up(&dir).await?;
-                println!("demo is up in {} (cluster id `{}`)", dir.display(), d.cluster_id);
+                println!(
+                    "demo is up in {} (cluster id `{}`)",
+                    dir.display(),
+                    d.cluster_id
+                );
                 for m in &d.members {
-                    println!("  {:<8} grpc {}  http {}  pid {}  log {}", m.name, m.grpc, m.http, m.pid, m.log);
+                    println!(
+                        "  {:<8} grpc {}  http {}  pid {}  log {}",
+                        m.name, m.grpc, m.http, m.pid, m.log
+                    );
                 }
-                let pgwctl = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "pgwctl".into());
+                let pgwctl = std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "pgwctl".into());
                 println!("\nquery it:");
                 println!("  {pgwctl} --endpoints {} status", d.endpoints);
                 println!("  curl -s http://{}/health", d.members[0].http);
@@ -208,14 +238,30 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             DemoCmd::Down { dir } => {
                 let stopped = demo::down(&dir)?;
-                println!("stopped: {}", if stopped.is_empty() { "nothing was running".to_string() } else { stopped.join(", ") });
+                println!(
+                    "stopped: {}",
+                    if stopped.is_empty() {
+                        "nothing was running".to_string()
+                    } else {
+                        stopped.join(", ")
+                    }
+                );
             }
             DemoCmd::Failover { dir } => {
                 let r = demo::failover(&dir).await?;
                 println!("killed leader {} with SIGKILL", r.killed);
-                println!("  new leader {} elected after {} ms", r.new_leader, r.elected_ms);
-                println!("  first decision committed by it after {} ms", r.committed_ms);
-                println!("  {} restarted and caught up after {} ms", r.killed, r.rejoined_ms);
+                println!(
+                    "  new leader {} elected after {} ms",
+                    r.new_leader, r.elected_ms
+                );
+                println!(
+                    "  first decision committed by it after {} ms",
+                    r.committed_ms
+                );
+                println!(
+                    "  {} restarted and caught up after {} ms",
+                    r.killed, r.rejoined_ms
+                );
                 let eps: Vec<String> = demo_endpoints(&dir)?;
                 let s = status::gather(&eps, timeout).await?;
                 print!("\n{}", status::render_table(&s));

@@ -59,7 +59,10 @@ pub struct ClusterView {
     pub pgpool: Vec<PgpoolView>,
 }
 
-pub async fn connect(addr: &str, timeout: Duration) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
+pub async fn connect(
+    addr: &str,
+    timeout: Duration,
+) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
     let ep = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| CliError::Usage(format!("endpoint `{addr}` is not host:port: {e}")))?
         .connect_timeout(timeout)
@@ -175,7 +178,9 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
 }
 
 /// Runs futures concurrently and collects their results in order (no extra dependency).
-async fn futures_join_all<F: std::future::Future + Send + 'static>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
 where
     F::Output: Send + 'static,
 {
@@ -211,7 +216,9 @@ pub fn render_table(s: &GroupStatus) -> String {
             m.raft,
             m.grpc,
             m.term.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
-            m.last_applied.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+            m.last_applied
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into()),
         ));
     }
     out.push('\n');

@@ -200,7 +200,10 @@ fn check_addr(field: &str, addr: &str) -> Result<(), ConfigError> {
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
-        _ => Err(invalid(field, format!("`{addr}` has no valid port (1-65535)"))),
+        _ => Err(invalid(
+            field,
+            format!("`{addr}` has no valid port (1-65535)"),
+        )),
     }
 }
 
@@ -259,7 +262,10 @@ impl Config {
                 ));
             }
             if !names.insert(m.name.as_str()) {
-                return Err(invalid(f("name"), format!("duplicate member name `{}`", m.name)));
+                return Err(invalid(
+                    f("name"),
+                    format!("duplicate member name `{}`", m.name),
+                ));
             }
             if m.id == 0 {
                 return Err(invalid(f("id"), "must be >= 1"));
@@ -315,13 +321,19 @@ impl Config {
             ));
         }
         if r.rpc_timeout_ms < r.heartbeat_ms {
-            return Err(invalid("raft.rpc_timeout_ms", "must be >= raft.heartbeat_ms"));
+            return Err(invalid(
+                "raft.rpc_timeout_ms",
+                "must be >= raft.heartbeat_ms",
+            ));
         }
         if r.snapshot_logs < 10 {
             return Err(invalid("raft.snapshot_logs", "must be >= 10"));
         }
         if self.clusters.is_empty() {
-            return Err(invalid("clusters", "at least one PostgreSQL cluster is required"));
+            return Err(invalid(
+                "clusters",
+                "at least one PostgreSQL cluster is required",
+            ));
         }
         let mut cnames = BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
@@ -475,7 +487,10 @@ http = "127.0.0.1:7103"
 
         let mut c = good();
         c.clusters[0].sync_quorum = 2;
-        assert_eq!(field_of(c.validate().unwrap_err()), "clusters[0].sync_quorum");
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "clusters[0].sync_quorum"
+        );
 
         let mut c = good();
         c.cluster_id = "".into();

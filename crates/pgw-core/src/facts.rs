@@ -167,7 +167,11 @@ impl Facts {
                 return reject("sync_quorum must be >= 1");
             }
             let mut c = ClusterFacts::new(cluster, *sync_quorum);
-            c.record(log_index, p, format!("cluster registered (sync quorum {sync_quorum})"));
+            c.record(
+                log_index,
+                p,
+                format!("cluster registered (sync quorum {sync_quorum})"),
+            );
             self.clusters.insert(cluster.clone(), c);
             return Outcome::Applied { epoch: 0 };
         }
@@ -299,7 +303,10 @@ mod tests {
         };
         assert_eq!(f.apply(2, &set("a", 0)), Outcome::Applied { epoch: 1 });
         assert!(f.apply(3, &set("b", 0)).is_rejected());
-        assert_eq!(f.cluster("global").map(|c| c.primary.clone()), Some(Some("a".into())));
+        assert_eq!(
+            f.cluster("global").map(|c| c.primary.clone()),
+            Some(Some("a".into()))
+        );
         assert_eq!(f.apply(4, &set("b", 1)), Outcome::Applied { epoch: 2 });
         let c = f.cluster("global").expect("exists");
         assert_eq!(c.primary.as_deref(), Some("b"));
@@ -352,7 +359,11 @@ mod tests {
 
     fn arb_command() -> impl Strategy<Value = Command> {
         let cluster = prop_oneof![Just("global".to_string()), Just("recovery".to_string())];
-        let member = prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("c".to_string())];
+        let member = prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("c".to_string())
+        ];
         prop_oneof![
             (cluster.clone(), 0u32..3).prop_map(|(cluster, sync_quorum)| Command::EnsureCluster {
                 cluster,

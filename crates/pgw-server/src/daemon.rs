@@ -9,10 +9,12 @@ use crate::node::{tcp_channels, Node, NodeError};
 use crate::telemetry;
 
 async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr).await.map_err(|e| NodeError::Listen {
-        addr: addr.to_string(),
-        message: e.to_string(),
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| NodeError::Listen {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// Runs one member until a termination signal. Returns an error for anything that stops it.
@@ -25,7 +27,8 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let http_listener = bind(&http_addr).await?;
     let node = Node::start(cfg, tcp_channels(Duration::from_millis(500))).await?;
     let router = node.grpc_router();
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grpc = tokio::spawn(async move {
         router
@@ -34,7 +37,11 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             })
             .await
     });
-    let http = tokio::spawn(crate::http::serve(http_listener, node.shared.clone(), metrics));
+    let http = tokio::spawn(crate::http::serve(
+        http_listener,
+        node.shared.clone(),
+        metrics,
+    ));
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "listening");
     let boot = node.bootstrap(Duration::from_secs(3));
     tokio::pin!(boot);

@@ -57,7 +57,10 @@ pub fn unframe(file: &Path, kind: Kind, data: &[u8]) -> Result<Vec<u8>, DurableE
         reason,
     };
     if data.len() < HEADER {
-        return Err(corrupt(format!("only {} bytes, shorter than the header", data.len())));
+        return Err(corrupt(format!(
+            "only {} bytes, shorter than the header",
+            data.len()
+        )));
     }
     if &data[0..8] != MAGIC {
         return Err(corrupt("bad magic".into()));
@@ -137,7 +140,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("x.pgw");
         write_atomic(&p, Kind::Snapshot, b"hello").expect("write");
-        assert_eq!(read(&p, Kind::Snapshot).expect("read"), Some(b"hello".to_vec()));
+        assert_eq!(
+            read(&p, Kind::Snapshot).expect("read"),
+            Some(b"hello".to_vec())
+        );
         assert!(read(&p, Kind::Identity).is_err(), "kind is checked");
         let mut data = fs::read(&p).expect("raw");
         let last = data.len() - 1;
@@ -147,6 +153,9 @@ mod tests {
         assert!(e.to_string().contains("x.pgw"), "{e}");
         fs::write(&p, &data[..10]).expect("truncate");
         assert!(read(&p, Kind::Snapshot).is_err());
-        assert_eq!(read(&dir.path().join("none"), Kind::Snapshot).expect("ok"), None);
+        assert_eq!(
+            read(&dir.path().join("none"), Kind::Snapshot).expect("ok"),
+            None
+        );
     }
 }

@@ -25,8 +25,14 @@ fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
 
 /// Answers one request. `cluster` query parameter selects the PostgreSQL cluster (default: the
 /// first configured one).
-pub fn handle(s: &Shared, metrics: Option<&PrometheusHandle>, path_and_query: &str) -> Response<Full<Bytes>> {
-    let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+pub fn handle(
+    s: &Shared,
+    metrics: Option<&PrometheusHandle>,
+    path_and_query: &str,
+) -> Response<Full<Bytes>> {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
     let cluster = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("cluster="))
@@ -50,7 +56,11 @@ pub fn handle(s: &Shared, metrics: Option<&PrometheusHandle>, path_and_query: &s
             "primary": primary,
             "epoch": f.map(|f| f.epoch),
         });
-        let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let code = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         reply(code, "application/json", format!("{body}\n"))
     };
     match path {
@@ -59,7 +69,11 @@ pub fn handle(s: &Shared, metrics: Option<&PrometheusHandle>, path_and_query: &s
         "/replica" => json(has_leader && is_data && primary.as_ref().is_some_and(|p| p != me)),
         "/metrics" => match metrics {
             Some(h) => reply(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
-            None => reply(StatusCode::NOT_FOUND, "text/plain", "metrics recorder not installed here\n".into()),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "metrics recorder not installed here\n".into(),
+            ),
         },
         _ => reply(
             StatusCode::NOT_FOUND,
@@ -79,11 +93,16 @@ pub async fn serve(listener: TcpListener, s: Shared, metrics: Option<PrometheusH
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default();
                 let r = handle(&s, metrics.as_ref(), &pq);
                 async move { Ok::<_, Infallible>(r) }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
         });
     }

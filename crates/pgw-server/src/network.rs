@@ -53,7 +53,10 @@ impl Reachability {
     }
 
     pub fn name(&self, id: NodeId) -> String {
-        self.names.get(&id).cloned().unwrap_or_else(|| format!("node-{id}"))
+        self.names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("node-{id}"))
     }
 
     fn update(&self, id: NodeId, result: Result<(), String>) {
@@ -98,8 +101,14 @@ pub struct TransportConfig {
 }
 
 /// Builds an endpoint with the transport's settings (used for both Raft and admin calls).
-pub fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(configure(Endpoint::from_shared(format!("http://{addr}"))?, connect_timeout))
+pub fn endpoint(
+    addr: &str,
+    connect_timeout: Duration,
+) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(configure(
+        Endpoint::from_shared(format!("http://{addr}"))?,
+        connect_timeout,
+    ))
 }
 
 /// The transport settings every peer channel gets. HTTP/2 keep-alive pings detect a connection
@@ -140,7 +149,8 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
             Some((addr, ch)) if *addr == node.addr => Some(ch.clone()),
             _ => match (self.maker)(&node.addr) {
                 Ok(ch) => {
-                    self.channels.insert(target, (node.addr.clone(), ch.clone()));
+                    self.channels
+                        .insert(target, (node.addr.clone(), ch.clone()));
                     Some(ch)
                 }
                 Err(e) => {
@@ -182,7 +192,12 @@ enum Rpc {
 }
 
 impl PeerClient {
-    async fn call<Req: Serialize>(&mut self, rpc: Rpc, req: &Req, ttl: Duration) -> Result<Vec<u8>, CallError> {
+    async fn call<Req: Serialize>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, CallError> {
         let Some(client) = self.client.as_mut() else {
             return Err(CallError::Unreachable("peer address is invalid".into()));
         };
@@ -200,11 +215,14 @@ impl PeerClient {
             }
         };
         let result = match tokio::time::timeout(ttl, fut).await {
-            Err(_) => Err(CallError::Unreachable(format!("no answer within {} ms", ttl.as_millis()))),
+            Err(_) => Err(CallError::Unreachable(format!(
+                "no answer within {} ms",
+                ttl.as_millis()
+            ))),
             Ok(Err(status)) => Err(match status.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                    CallError::Unreachable(status.message().to_string())
-                }
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled => CallError::Unreachable(status.message().to_string()),
                 tonic::Code::FailedPrecondition => {
                     tracing::error!(peer = %self.reach.name(self.target), "peer refused us: {}", status.message());
                     CallError::Network(format!("refused: {}", status.message()))
@@ -222,12 +240,19 @@ impl PeerClient {
         };
         match &result {
             Ok(_) | Err(CallError::Remote(_)) => self.reach.update(self.target, Ok(())),
-            Err(CallError::Unreachable(e)) | Err(CallError::Network(e)) => self.reach.update(self.target, Err(e.clone())),
+            Err(CallError::Unreachable(e)) | Err(CallError::Network(e)) => {
+                self.reach.update(self.target, Err(e.clone()))
+            }
         }
         result
     }
 
-    async fn typed<Req, Resp, E>(&mut self, rpc: Rpc, req: &Req, option: &RPCOption) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    async fn typed<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -238,13 +263,22 @@ impl PeerClient {
             _ => self.cfg.rpc_timeout,
         });
         match self.call(rpc, req, ttl).await {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(format!("bad reply: {e}"))))),
-            Err(CallError::Unreachable(m)) => Err(RPCError::Unreachable(Unreachable::new(&AnyError::error(m)))),
-            Err(CallError::Network(m)) => Err(RPCError::Network(NetworkError::new(&AnyError::error(m)))),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                RPCError::Network(NetworkError::new(&AnyError::error(format!(
+                    "bad reply: {e}"
+                ))))
+            }),
+            Err(CallError::Unreachable(m)) => {
+                Err(RPCError::Unreachable(Unreachable::new(&AnyError::error(m))))
+            }
+            Err(CallError::Network(m)) => {
+                Err(RPCError::Network(NetworkError::new(&AnyError::error(m))))
+            }
             Err(CallError::Remote(bytes)) => match serde_json::from_slice::<E>(&bytes) {
                 Ok(e) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-                Err(e) => Err(RPCError::Network(NetworkError::new(&AnyError::error(format!("bad error reply: {e}"))))),
+                Err(e) => Err(RPCError::Network(NetworkError::new(&AnyError::error(
+                    format!("bad error reply: {e}"),
+                )))),
             },
         }
     }
@@ -263,8 +297,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
         self.typed(Rpc::Snapshot, &rpc, &option).await
     }
 

@@ -66,7 +66,8 @@ fn raft_config(cfg: &Config) -> Result<openraft::Config, NodeError> {
         max_in_snapshot_log_to_keep: 100,
         ..Default::default()
     };
-    c.validate().map_err(|e| NodeError::Raft(format!("invalid Raft settings: {e}")))
+    c.validate()
+        .map_err(|e| NodeError::Raft(format!("invalid Raft settings: {e}")))
 }
 
 impl Node {
@@ -95,13 +96,21 @@ impl Node {
             reach.clone(),
             channels.clone(),
         );
-        let raft = Raft::new(me.id, Arc::new(raft_config(&cfg)?), factory, log, sm.clone())
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            me.id,
+            Arc::new(raft_config(&cfg)?),
+            factory,
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
         let health = HealthReporter::new();
         health.set_service_status("", ServingStatus::Serving).await;
         for c in &cfg.clusters {
-            health.set_service_status(&c.name, ServingStatus::NotServing).await;
+            health
+                .set_service_status(&c.name, ServingStatus::NotServing)
+                .await;
         }
         let shared = Shared {
             cfg,
@@ -145,20 +154,29 @@ impl Node {
         let me = s.cfg.me().map(|m| m.id).unwrap_or_default();
         let deadline = Instant::now() + wait;
         let mut answered: BTreeMap<u64, bool> = BTreeMap::new();
-        let peers: Vec<_> = s.cfg.members.iter().filter(|m| m.id != me).cloned().collect();
+        let peers: Vec<_> = s
+            .cfg
+            .members
+            .iter()
+            .filter(|m| m.id != me)
+            .cloned()
+            .collect();
         loop {
             for p in &peers {
                 if answered.contains_key(&p.id) {
                     continue;
                 }
-                let Ok(ch) = (self.channels)(&p.grpc) else { continue };
+                let Ok(ch) = (self.channels)(&p.grpc) else {
+                    continue;
+                };
                 let mut req = tonic::Request::new(HelloRequest {
                     identity: Some(s.identity()),
                 });
                 req.set_timeout(Duration::from_millis(500));
                 let mut client = AdminClient::new(ch);
                 let fut = client.hello(req);
-                let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_millis(700), fut).await else {
+                let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_millis(700), fut).await
+                else {
                     continue;
                 };
                 let r = reply.into_inner();
@@ -203,7 +221,14 @@ impl Node {
             .cfg
             .members
             .iter()
-            .map(|m| (m.id, BasicNode { addr: m.grpc.clone() }))
+            .map(|m| {
+                (
+                    m.id,
+                    BasicNode {
+                        addr: m.grpc.clone(),
+                    },
+                )
+            })
             .collect();
         match s.raft.initialize(members).await {
             Ok(()) => {
@@ -216,7 +241,9 @@ impl Node {
     }
 
     pub async fn shutdown(&self) {
-        self.health.set_service_status("", ServingStatus::NotServing).await;
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         if let Err(e) = self.shared.raft.shutdown().await {
             tracing::warn!("Raft shutdown: {e}");
         }
@@ -232,7 +259,11 @@ async fn watch_metrics(s: Shared, health: HealthReporter) {
     loop {
         let m = rx.borrow_and_update().clone();
         metrics::gauge!(telemetry::RAFT_TERM).set(m.current_term as f64);
-        metrics::gauge!(telemetry::RAFT_IS_LEADER).set(if m.current_leader == me && me.is_some() { 1.0 } else { 0.0 });
+        metrics::gauge!(telemetry::RAFT_IS_LEADER).set(if m.current_leader == me && me.is_some() {
+            1.0
+        } else {
+            0.0
+        });
         if let Some(l) = m.last_applied {
             metrics::gauge!(telemetry::RAFT_LAST_APPLIED).set(l.index as f64);
         }
@@ -248,9 +279,14 @@ async fn watch_metrics(s: Shared, health: HealthReporter) {
         // has a leader (i.e. a majority is alive and in contact).
         let facts = s.sm.applied().facts;
         for c in &s.cfg.clusters {
-            let ok = m.current_leader.is_some() && facts.cluster(&c.name).is_some_and(|f| f.primary.is_some());
+            let ok = m.current_leader.is_some()
+                && facts.cluster(&c.name).is_some_and(|f| f.primary.is_some());
             if serving.get(&c.name) != Some(&ok) {
-                let st = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+                let st = if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
                 health.set_service_status(&c.name, st).await;
                 serving.insert(c.name.clone(), ok);
             }

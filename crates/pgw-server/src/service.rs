@@ -8,9 +8,9 @@ use openraft::ServerState;
 use pgw_core::{Command, Config, Outcome, Proposal};
 use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{
-    admin_server, raft_server, ClusterStatus, DecisionReply, HelloReply, HelloRequest, HistoryEntry,
-    HistoryReply, HistoryRequest, Identity, MemberInfo, RaftReply, RaftRequest, SetPausedRequest,
-    StatusReply, StatusRequest,
+    admin_server, raft_server, ClusterStatus, DecisionReply, HelloReply, HelloRequest,
+    HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, RaftReply, RaftRequest,
+    SetPausedRequest, StatusReply, StatusRequest,
 };
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -106,11 +106,16 @@ impl Shared {
                 telemetry::commit_latency(t0.elapsed());
                 Ok((resp.log_id.index, resp.data, self.cfg.member.clone()))
             }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(match f.leader_id {
-                Some(l) => Status::unavailable(format!("not the leader; leader is {}", self.member_name(l)))
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(match f.leader_id {
+                    Some(l) => Status::unavailable(format!(
+                        "not the leader; leader is {}",
+                        self.member_name(l)
+                    ))
                     .with_leader(l),
-                None => Status::unavailable("no leader elected at the moment; retry"),
-            }),
+                    None => Status::unavailable("no leader elected at the moment; retry"),
+                })
+            }
             Err(e) => Err(Status::unavailable(format!("decision not committed: {e}"))),
         }
     }
@@ -133,7 +138,12 @@ impl WithLeader for Status {
 }
 
 fn leader_hint(s: &Status) -> Option<u64> {
-    s.metadata().get("x-pgw-leader")?.to_str().ok()?.parse().ok()
+    s.metadata()
+        .get("x-pgw-leader")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 pub fn now_ms() -> u64 {
@@ -143,7 +153,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn raft_reply<T: Serialize, E: Serialize>(res: Result<T, E>) -> Result<Response<RaftReply>, Status> {
+fn raft_reply<T: Serialize, E: Serialize>(
+    res: Result<T, E>,
+) -> Result<Response<RaftReply>, Status> {
     let (payload, error) = match res {
         Ok(v) => (serde_json::to_vec(&v), false),
         Err(e) => (serde_json::to_vec(&e), true),
@@ -153,7 +165,8 @@ fn raft_reply<T: Serialize, E: Serialize>(res: Result<T, E>) -> Result<Response<
 }
 
 fn parse<T: for<'de> serde::Deserialize<'de>>(req: &RaftRequest) -> Result<T, Status> {
-    serde_json::from_slice(&req.payload).map_err(|e| Status::invalid_argument(format!("malformed Raft payload: {e}")))
+    serde_json::from_slice(&req.payload)
+        .map_err(|e| Status::invalid_argument(format!("malformed Raft payload: {e}")))
 }
 
 /// Server side of the member-to-member Raft transport.
@@ -161,7 +174,10 @@ pub struct RaftService(pub Shared);
 
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
-    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+    async fn append_entries(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         self.0.check_identity(req.identity.as_ref())?;
         let r: openraft::raft::AppendEntriesRequest<TypeConfig> = parse(&req)?;
@@ -175,7 +191,10 @@ impl raft_server::Raft for RaftService {
         raft_reply(self.0.raft.vote(r).await)
     }
 
-    async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         self.0.check_identity(req.identity.as_ref())?;
         let r: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&req)?;
@@ -201,7 +220,13 @@ impl AdminService {
         if self.0.cfg.clusters.iter().any(|c| c.name == name) {
             Ok(())
         } else {
-            let known: Vec<&str> = self.0.cfg.clusters.iter().map(|c| c.name.as_str()).collect();
+            let known: Vec<&str> = self
+                .0
+                .cfg
+                .clusters
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect();
             Err(Status::not_found(format!(
                 "unknown cluster `{name}`; this group watches: {}",
                 known.join(", ")
@@ -231,7 +256,10 @@ impl admin_server::Admin for AdminService {
         }))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
         let s = &self.0;
         let m = s.raft.metrics().borrow().clone();
         let applied = s.sm.applied();
@@ -260,7 +288,9 @@ impl admin_server::Admin for AdminService {
                     primary: f.and_then(|f| f.primary.clone()).unwrap_or_default(),
                     epoch: f.map(|f| f.epoch).unwrap_or(0),
                     paused: f.is_some_and(|f| f.paused),
-                    sync_standbys: f.map(|f| f.sync_standbys.iter().cloned().collect()).unwrap_or_default(),
+                    sync_standbys: f
+                        .map(|f| f.sync_standbys.iter().cloned().collect())
+                        .unwrap_or_default(),
                     sync_quorum: f.map(|f| f.sync_quorum).unwrap_or(c.sync_quorum),
                     nodes: Vec::new(),
                     history_len: f.map(|f| f.history.len() as u64).unwrap_or(0),
@@ -272,7 +302,10 @@ impl admin_server::Admin for AdminService {
             member: s.cfg.member.clone(),
             node_id: me_id,
             raft_state: state_name(m.state).to_string(),
-            leader: m.current_leader.map(|l| s.member_name(l)).unwrap_or_default(),
+            leader: m
+                .current_leader
+                .map(|l| s.member_name(l))
+                .unwrap_or_default(),
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
@@ -282,29 +315,41 @@ impl admin_server::Admin for AdminService {
         }))
     }
 
-    async fn set_paused(&self, request: Request<SetPausedRequest>) -> Result<Response<DecisionReply>, Status> {
+    async fn set_paused(
+        &self,
+        request: Request<SetPausedRequest>,
+    ) -> Result<Response<DecisionReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
         let req = request.into_inner();
         self.cluster_known(&req.cluster)?;
         let cmd = Command::SetPaused {
             cluster: req.cluster.clone(),
             paused: req.paused,
-            reason: if req.reason.is_empty() { "operator request".into() } else { req.reason.clone() },
+            reason: if req.reason.is_empty() {
+                "operator request".into()
+            } else {
+                req.reason.clone()
+            },
         };
         match self.0.propose(cmd).await {
             Ok((_, Outcome::Rejected { reason }, _)) => Err(Status::failed_precondition(format!(
                 "decision rejected: {reason}"
             ))),
-            Ok((log_index, outcome, by)) => Ok(Response::new(decision_reply(log_index, by, &outcome))),
+            Ok((log_index, outcome, by)) => {
+                Ok(Response::new(decision_reply(log_index, by, &outcome)))
+            }
             Err(status) if !forwarded && leader_hint(&status).is_some() => {
                 let leader = leader_hint(&status).unwrap_or_default();
                 let addr = self
                     .0
                     .leader_addr(leader)
                     .ok_or_else(|| Status::unavailable("leader address unknown"))?;
-                let ch = (self.0.channels)(&addr).map_err(|e| Status::unavailable(format!("cannot reach leader at {addr}: {e}")))?;
+                let ch = (self.0.channels)(&addr).map_err(|e| {
+                    Status::unavailable(format!("cannot reach leader at {addr}: {e}"))
+                })?;
                 let mut fwd = Request::new(req);
-                fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+                fwd.metadata_mut()
+                    .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
                 fwd.set_timeout(Duration::from_secs(10));
                 AdminClient::new(ch).set_paused(fwd).await
             }
@@ -312,10 +357,17 @@ impl admin_server::Admin for AdminService {
         }
     }
 
-    async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryReply>, Status> {
         let req = request.into_inner();
         let applied = self.0.sm.applied();
-        let limit = if req.limit == 0 { 50 } else { req.limit as usize };
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit as usize
+        };
         let mut entries = Vec::new();
         for (name, c) in &applied.facts.clusters {
             if !req.cluster.is_empty() && *name != req.cluster {

@@ -12,6 +12,10 @@
 //! committed log (openraft re-applies committed entries at start because we persist
 //! `committed`).
 
+// openraft's trait methods return `StorageError`, which is large; our helpers return the same
+// type so errors pass through unchanged.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -29,7 +33,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::durable::{self, Kind};
-use crate::types::{Entry, LogId, NodeId, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote};
+use crate::types::{
+    Entry, LogId, NodeId, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
+};
 
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -148,7 +154,11 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
         }
         Some(s) => {
             let checks: [(&'static str, String, String); 4] = [
-                ("cluster_id", s.cluster_id.clone(), wanted.cluster_id.clone()),
+                (
+                    "cluster_id",
+                    s.cluster_id.clone(),
+                    wanted.cluster_id.clone(),
+                ),
                 ("member", s.member.clone(), wanted.member.clone()),
                 ("node id", s.node_id.to_string(), wanted.node_id.to_string()),
                 ("member list", s.members.clone(), wanted.members.clone()),
@@ -188,7 +198,8 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
         file: path.to_path_buf(),
         message: m,
     };
-    let db = Database::create(path).map_err(|e| db_err(format!("cannot open Raft database: {e}")))?;
+    let db =
+        Database::create(path).map_err(|e| db_err(format!("cannot open Raft database: {e}")))?;
     // Create the tables so readers never see "table does not exist".
     let tx = db.begin_write().map_err(|e| db_err(e.to_string()))?;
     tx.open_table(LOGS).map_err(|e| db_err(e.to_string()))?;
@@ -217,8 +228,18 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
     serde_json::from_slice(&bytes[4..]).map_err(|e| e.to_string())
 }
 
-fn sio(subject: ErrorSubject<NodeId>, verb: ErrorVerb, file: &Path, e: impl std::fmt::Display) -> StorageError {
-    StorageIOError::new(subject, verb, AnyError::error(format!("{}: {e}", file.display()))).into()
+fn sio(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    file: &Path,
+    e: impl std::fmt::Display,
+) -> StorageError {
+    StorageIOError::new(
+        subject,
+        verb,
+        AnyError::error(format!("{}: {e}", file.display())),
+    )
+    .into()
 }
 
 /// The Raft log, vote and commit point, in `raft.redb`.
@@ -229,11 +250,22 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    fn read_meta<T: for<'de> Deserialize<'de>>(&self, key: &str, subject: ErrorSubject<NodeId>) -> Result<Option<T>, StorageError> {
+    fn read_meta<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+        subject: ErrorSubject<NodeId>,
+    ) -> Result<Option<T>, StorageError> {
         let f = &self.file;
-        let tx = self.db.begin_read().map_err(|e| sio(subject.clone(), ErrorVerb::Read, f, e))?;
-        let t = tx.open_table(META).map_err(|e| sio(subject.clone(), ErrorVerb::Read, f, e))?;
-        let v = t.get(key).map_err(|e| sio(subject.clone(), ErrorVerb::Read, f, e))?;
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| sio(subject.clone(), ErrorVerb::Read, f, e))?;
+        let t = tx
+            .open_table(META)
+            .map_err(|e| sio(subject.clone(), ErrorVerb::Read, f, e))?;
+        let v = t
+            .get(key)
+            .map_err(|e| sio(subject.clone(), ErrorVerb::Read, f, e))?;
         match v {
             None => Ok(None),
             Some(g) => decode(g.value())
@@ -242,7 +274,12 @@ impl LogStore {
         }
     }
 
-    fn write_meta<T: Serialize>(&self, key: &str, v: &T, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
+    fn write_meta<T: Serialize>(
+        &self,
+        key: &str,
+        v: &T,
+        subject: ErrorSubject<NodeId>,
+    ) -> Result<(), StorageError> {
         let f = &self.file;
         let w = |e: &dyn std::fmt::Display| sio(subject.clone(), ErrorVerb::Write, f, e);
         let bytes = encode(v).map_err(|e| w(&e))?;
@@ -271,13 +308,20 @@ impl LogStore {
             Bound::Excluded(e) => Bound::Excluded(*e),
             Bound::Unbounded => Bound::Unbounded,
         };
-        let iter = t.range::<u64>((Bound::Included(start), end)).map_err(|e| r(&e))?;
+        let iter = t
+            .range::<u64>((Bound::Included(start), end))
+            .map_err(|e| r(&e))?;
         let mut out = Vec::new();
         for item in iter {
             let (k, v) = item.map_err(|e| r(&e))?;
             let idx = k.value();
             let entry: Entry = decode(v.value()).map_err(|e| {
-                sio(ErrorSubject::LogIndex(idx), ErrorVerb::Read, f, format!("log entry {idx}: {e}"))
+                sio(
+                    ErrorSubject::LogIndex(idx),
+                    ErrorVerb::Read,
+                    f,
+                    format!("log entry {idx}: {e}"),
+                )
             })?;
             out.push(entry);
         }
@@ -293,7 +337,8 @@ impl LogStore {
         let result = match last {
             None => Ok(None),
             Some((k, v)) => {
-                let e: Entry = decode(v.value()).map_err(|e| r(&format!("log entry {}: {e}", k.value())))?;
+                let e: Entry =
+                    decode(v.value()).map_err(|e| r(&format!("log entry {}: {e}", k.value())))?;
                 Ok(Some(e.log_id))
             }
         };
@@ -302,7 +347,12 @@ impl LogStore {
 
     /// Removes entries with index in `range` (one fsynced transaction), optionally also
     /// recording the purge point in the same transaction.
-    fn remove_range(&self, from: Bound<u64>, to: Bound<u64>, purged: Option<&LogId>) -> Result<(), StorageError> {
+    fn remove_range(
+        &self,
+        from: Bound<u64>,
+        to: Bound<u64>,
+        purged: Option<&LogId>,
+    ) -> Result<(), StorageError> {
         let f = &self.file;
         let w = |e: &dyn std::fmt::Display| sio(ErrorSubject::Logs, ErrorVerb::Delete, f, e);
         let tx = self.db.begin_write().map_err(|e| w(&e))?;
@@ -313,7 +363,8 @@ impl LogStore {
                 m.insert(KEY_PURGED, bytes.as_slice()).map_err(|e| w(&e))?;
             }
             let mut t = tx.open_table(LOGS).map_err(|e| w(&e))?;
-            t.retain_in::<u64, _>((from, to), |_, _| false).map_err(|e| w(&e))?;
+            t.retain_in::<u64, _>((from, to), |_, _| false)
+                .map_err(|e| w(&e))?;
         }
         tx.commit().map_err(|e| w(&e))?;
         Ok(())
@@ -321,7 +372,10 @@ impl LogStore {
 
     /// Appends entries in one transaction and returns only once it is fsynced (redb's default
     /// durability): only then may the flush be reported to openraft.
-    pub fn append_durable<I: IntoIterator<Item = Entry>>(&self, entries: I) -> Result<(), StorageError> {
+    pub fn append_durable<I: IntoIterator<Item = Entry>>(
+        &self,
+        entries: I,
+    ) -> Result<(), StorageError> {
         let f = &self.file;
         let w = |e: &dyn std::fmt::Display| sio(ErrorSubject::Logs, ErrorVerb::Write, f, e);
         let tx = self.db.begin_write().map_err(|e| w(&e))?;
@@ -329,7 +383,8 @@ impl LogStore {
             let mut t = tx.open_table(LOGS).map_err(|e| w(&e))?;
             for entry in entries {
                 let bytes = encode(&entry).map_err(|e| w(&e))?;
-                t.insert(entry.log_id.index, bytes.as_slice()).map_err(|e| w(&e))?;
+                t.insert(entry.log_id.index, bytes.as_slice())
+                    .map_err(|e| w(&e))?;
             }
         }
         tx.commit().map_err(|e| w(&e))?;
@@ -380,7 +435,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -398,7 +457,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.remove_range(Bound::Unbounded, Bound::Included(log_id.index), Some(&log_id))
+        self.remove_range(
+            Bound::Unbounded,
+            Bound::Included(log_id.index),
+            Some(&log_id),
+        )
     }
 }
 
@@ -431,7 +494,12 @@ pub struct StateMachineStore {
 }
 
 fn lock_poisoned(file: &Path) -> StorageError {
-    sio(ErrorSubject::StateMachine, ErrorVerb::Read, file, "state lock poisoned")
+    sio(
+        ErrorSubject::StateMachine,
+        ErrorVerb::Read,
+        file,
+        "state lock poisoned",
+    )
 }
 
 impl StateMachineStore {
@@ -439,7 +507,8 @@ impl StateMachineStore {
         let mut applied = Applied::default();
         let mut current = None;
         if let Some(bytes) = durable::read(&file, Kind::Snapshot)? {
-            let snap: SnapshotFile = serde_json::from_slice(&bytes).map_err(|e| decode_err(&file, e))?;
+            let snap: SnapshotFile =
+                serde_json::from_slice(&bytes).map_err(|e| decode_err(&file, e))?;
             applied = Applied {
                 last_applied: snap.meta.last_log_id,
                 last_membership: snap.meta.last_membership.clone(),
@@ -479,8 +548,16 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (applied, seq) = {
-            let st = self.inner.state.read().map_err(|_| lock_poisoned(&self.inner.file))?;
-            let mut seq = self.inner.snapshot_seq.lock().map_err(|_| lock_poisoned(&self.inner.file))?;
+            let st = self
+                .inner
+                .state
+                .read()
+                .map_err(|_| lock_poisoned(&self.inner.file))?;
+            let mut seq = self
+                .inner
+                .snapshot_seq
+                .lock()
+                .map_err(|_| lock_poisoned(&self.inner.file))?;
             *seq += 1;
             (st.clone(), *seq)
         };
@@ -498,7 +575,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             facts: applied.facts,
         };
         let bytes = self.persist(&file)?;
-        let mut cur = self.inner.current.lock().map_err(|_| lock_poisoned(&self.inner.file))?;
+        let mut cur = self
+            .inner
+            .current
+            .lock()
+            .map_err(|_| lock_poisoned(&self.inner.file))?;
         *cur = Some((meta.clone(), bytes.clone()));
         Ok(Snapshot {
             meta,
@@ -511,7 +592,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        let st = self.inner.state.read().map_err(|_| lock_poisoned(&self.inner.file))?;
+        let st = self
+            .inner
+            .state
+            .read()
+            .map_err(|_| lock_poisoned(&self.inner.file))?;
         Ok((st.last_applied, st.last_membership.clone()))
     }
 
@@ -520,7 +605,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut st = self.inner.state.write().map_err(|_| lock_poisoned(&self.inner.file))?;
+        let mut st = self
+            .inner
+            .state
+            .write()
+            .map_err(|_| lock_poisoned(&self.inner.file))?;
         let mut out = Vec::new();
         for entry in entries {
             st.last_applied = Some(entry.log_id);
@@ -547,11 +636,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let f = self.inner.file.clone();
         let bytes = snapshot.into_inner();
-        let received: SnapshotFile = serde_json::from_slice(&bytes)
-            .map_err(|e| sio(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, &f, e))?;
+        let received: SnapshotFile = serde_json::from_slice(&bytes).map_err(|e| {
+            sio(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+                &f,
+                e,
+            )
+        })?;
         let file = SnapshotFile {
             meta: meta.clone(),
             facts: received.facts,
@@ -571,7 +670,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let cur = self.inner.current.lock().map_err(|_| lock_poisoned(&self.inner.file))?;
+        let cur = self
+            .inner
+            .current
+            .lock()
+            .map_err(|_| lock_poisoned(&self.inner.file))?;
         Ok(cur.as_ref().map(|(meta, bytes)| Snapshot {
             meta: meta.clone(),
             snapshot: Box::new(Cursor::new(bytes.clone())),

@@ -47,7 +47,9 @@ http = "127.0.0.1:6"
 struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = config_for(&dir.path().join("data"), "a");
         let (log, sm) = store::open(&cfg).expect("opens");
@@ -56,8 +58,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
 }
 
 #[test]
-fn openraft_storage_suite() -> Result<(), StorageError> {
-    Suite::test_all(Builder)
+fn openraft_storage_suite() {
+    if let Err(e) = Suite::test_all(Builder) {
+        panic!("openraft storage suite: {e}");
+    }
 }
 
 fn entry(term: u64, index: u64) -> Entry {
@@ -66,7 +70,7 @@ fn entry(term: u64, index: u64) -> Entry {
         payload: EntryPayload::Normal(Proposal {
             command: Cmd::SetPaused {
                 cluster: "global".into(),
-                paused: index % 2 == 0,
+                paused: index.is_multiple_of(2),
                 reason: format!("entry {index}"),
             },
             at_ms: index,
@@ -101,7 +105,12 @@ async fn acknowledged_entries_survive_kill_9() {
     let out_path = tmp.path().join("acks.txt");
     let out = std::fs::File::create(&out_path).expect("acks file");
     let mut child = Command::new(exe)
-        .args(["--exact", "child_writer_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_writer_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("PGW_CHILD_DIR", &data)
         .stdout(out)
         .spawn()
@@ -131,7 +140,10 @@ async fn acknowledged_entries_survive_kill_9() {
     assert_eq!(log.read_vote().await.expect("vote"), Some(Vote::new(1, 1)));
     let st = log.get_log_state().await.expect("state");
     let last = st.last_log_id.expect("has entries").index;
-    assert!(last >= last_ack, "acknowledged {last_ack} but only {last} on disk");
+    assert!(
+        last >= last_ack,
+        "acknowledged {last_ack} but only {last} on disk"
+    );
     let entries = log.try_get_log_entries(1..=last).await.expect("read back");
     assert_eq!(entries.len() as u64, last, "no gaps");
     for (i, e) in entries.iter().enumerate() {
@@ -158,7 +170,9 @@ async fn state_survives_reopen_via_snapshot_and_log() {
         };
         let entries = vec![ensure, entry(1, 2), entry(1, 3)];
         log.append_durable(entries.clone()).expect("append");
-        log.save_committed(Some(entries[2].log_id)).await.expect("commit");
+        log.save_committed(Some(entries[2].log_id))
+            .await
+            .expect("commit");
         sm.apply(entries).await.expect("apply");
         let mut b = sm.get_snapshot_builder().await;
         b.build_snapshot().await.expect("snapshot");
@@ -166,9 +180,14 @@ async fn state_survives_reopen_via_snapshot_and_log() {
     let (mut log, mut sm) = store::open(&cfg).expect("reopen");
     let (applied, _) = sm.applied_state().await.expect("applied");
     assert_eq!(applied.map(|l| l.index), Some(3));
-    assert_eq!(log.read_committed().await.expect("c").map(|l| l.index), Some(3));
+    assert_eq!(
+        log.read_committed().await.expect("c").map(|l| l.index),
+        Some(3)
+    );
     let facts = sm.applied().facts;
-    let g = facts.cluster("global").expect("cluster restored from snapshot");
+    let g = facts
+        .cluster("global")
+        .expect("cluster restored from snapshot");
     assert!(!g.paused, "entry 3 resumed it");
     assert_eq!(g.history.len(), 3, "registered, paused, resumed");
     assert!(sm.get_current_snapshot().await.expect("snap").is_some());
