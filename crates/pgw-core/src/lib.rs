@@ -2,6 +2,8 @@
 //! change them. Nothing here performs I/O or reads a clock; callers pass time in.
 
 pub mod config;
+pub mod failover;
+pub mod lease;
 pub mod facts;
 pub mod fingerprint;
 

@@ -1,0 +1,524 @@
+//! Who may be primary: the leader's decision rule and each data member's local plan. Pure.
+//!
+//! An unplanned failover takes two committed steps:
+//! 1. `ClearPrimary` (epoch e -> e+1): the old primary is no longer primary. Every data member
+//!    that sees it stops its postgres from following or acting as the old primary: a primary is
+//!    stopped (fenced), a replica detaches (empty `primary_conninfo`). Because the old primary
+//!    runs in strict synchronous mode, once its standbys have detached it cannot acknowledge a
+//!    commit any more, even if its own watcher is hung.
+//! 2. `SetPrimary(candidate)` (e+1 -> e+2), chosen by [`choose_candidate`] from the detached
+//!    replicas' final flushed LSNs (invariant 2). The candidate promotes; the others follow it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::facts::{ClusterFacts, Command};
+
+/// What the local PostgreSQL is doing, as its sidecar sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PgRole {
+    /// Accepting writes (not in recovery).
+    Primary,
+    /// In recovery (a standby).
+    Replica,
+    /// Not running, but its data directory holds a cluster.
+    Down,
+    /// No data directory yet.
+    Empty,
+}
+
+/// One sidecar report about its local PostgreSQL of one cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation {
+    pub member: String,
+    pub cluster: String,
+    pub role: PgRole,
+    pub timeline: u32,
+    /// Primary: WAL flushed locally. Replica: WAL received and flushed by the walreceiver.
+    pub flush_lsn: u64,
+    pub replay_lsn: u64,
+    /// Whether a walreceiver is streaming (replicas).
+    pub streaming: bool,
+    /// The highest epoch of the cluster facts the sidecar has acted on.
+    pub epoch_seen: u64,
+    /// Set by a primary's sidecar that saw its postmaster die: it will not restart it as a
+    /// primary, so the group need not wait for the lease.
+    pub crashed: bool,
+    /// Primary only: standbys connected (application_name -> sync_state).
+    pub standbys: BTreeMap<String, String>,
+}
+
+/// A data member as the decision rule needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub name: String,
+    pub priority: u32,
+}
+
+/// The leader's knowledge of one cluster at one instant.
+#[derive(Debug, Clone)]
+pub struct LeaderView<'a> {
+    pub facts: &'a ClusterFacts,
+    /// Latest report per member, with the leader-clock time it arrived (ms).
+    pub reports: &'a BTreeMap<String, (Observation, u64)>,
+    pub data_members: &'a [Candidate],
+    /// Leader monotonic clock (ms).
+    pub now: u64,
+    /// A report older than this is not fresh.
+    pub fresh_ms: u64,
+    /// Earliest leader-clock time the current primary may be replaced if silent
+    /// (see [`crate::lease::LeaseTiming::replace_after`]).
+    pub replace_after: u64,
+    /// Preferred member for the very first primary, if configured.
+    pub bootstrap: Option<&'a str>,
+    pub sync_quorum: u32,
+}
+
+/// What the leader should do about one cluster now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing to do.
+    Steady,
+    /// Propose this command.
+    Propose(Command),
+    /// Something must happen but cannot yet; the reason is shown in status and logs.
+    Wait(String),
+}
+
+impl LeaderView<'_> {
+    fn fresh(&self, member: &str) -> Option<&Observation> {
+        self.reports
+            .get(member)
+            .filter(|(_, at)| self.now.saturating_sub(*at) <= self.fresh_ms)
+            .map(|(o, _)| o)
+    }
+
+    fn priority(&self, member: &str) -> u32 {
+        self.data_members
+            .iter()
+            .find(|c| c.name == member)
+            .map(|c| c.priority)
+            .unwrap_or(0)
+    }
+}
+
+/// The sync standby set the group wants for a primary: every other data member.
+pub fn desired_sync_set(data_members: &[Candidate], primary: &str) -> BTreeSet<String> {
+    data_members
+        .iter()
+        .filter(|c| c.name != primary)
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+/// The leader's rule. Deterministic in its inputs.
+pub fn decide(v: &LeaderView<'_>) -> Decision {
+    let f = v.facts;
+    if f.paused {
+        return Decision::Steady;
+    }
+    let cluster = f.name.clone();
+    match &f.primary {
+        None if f.epoch == 0 => bootstrap(v),
+        None => match choose_candidate(v) {
+            Ok(member) => Decision::Propose(Command::SetPrimary {
+                cluster,
+                member: member.clone(),
+                expected_epoch: f.epoch,
+                reason: format!("failover: {member} holds every acknowledged commit"),
+            }),
+            Err(why) => Decision::Wait(why),
+        },
+        Some(p) => {
+            let obs = v.fresh(p);
+            let healthy = obs.is_some_and(|o| o.role == PgRole::Primary && !o.crashed);
+            if healthy {
+                let want = desired_sync_set(v.data_members, p);
+                if want != f.sync_standbys || (f.sync_quorum != v.sync_quorum && !want.is_empty()) {
+                    let quorum = v.sync_quorum.min(want.len() as u32).max(1);
+                    return Decision::Propose(Command::SetSyncSet {
+                        cluster,
+                        standbys: want,
+                        quorum,
+                        expected_epoch: f.epoch,
+                    });
+                }
+                return Decision::Steady;
+            }
+            if let Some(o) = obs {
+                if o.crashed || o.role == PgRole::Down {
+                    return Decision::Propose(Command::ClearPrimary {
+                        cluster,
+                        expected_epoch: f.epoch,
+                        reason: format!("{p}: postgres is down ({})", if o.crashed { "crashed" } else { "stopped" }),
+                    });
+                }
+                if o.role == PgRole::Replica {
+                    return Decision::Propose(Command::ClearPrimary {
+                        cluster,
+                        expected_epoch: f.epoch,
+                        reason: format!("{p}: postgres is in recovery, not a primary"),
+                    });
+                }
+            }
+            if v.now >= v.replace_after {
+                Decision::Propose(Command::ClearPrimary {
+                    cluster,
+                    expected_epoch: f.epoch,
+                    reason: format!("{p}: lost (no report, lease expired)"),
+                })
+            } else {
+                Decision::Wait(format!(
+                    "{p} is silent; its lease may still be held for {} ms",
+                    v.replace_after - v.now
+                ))
+            }
+        }
+    }
+}
+
+fn bootstrap(v: &LeaderView<'_>) -> Decision {
+    let f = v.facts;
+    let primaries: Vec<&Observation> = v
+        .data_members
+        .iter()
+        .filter_map(|c| v.fresh(&c.name))
+        .filter(|o| o.role == PgRole::Primary)
+        .collect();
+    if primaries.len() > 1 {
+        let names: Vec<&str> = primaries.iter().map(|o| o.member.as_str()).collect();
+        return Decision::Wait(format!(
+            "refusing to bootstrap: several servers already run as primary: {}",
+            names.join(", ")
+        ));
+    }
+    let chosen = if let Some(o) = primaries.first() {
+        Some(o.member.clone())
+    } else if v.data_members.iter().any(|c| v.fresh(&c.name).is_some_and(|o| o.role != PgRole::Empty)) {
+        return Decision::Wait(
+            "refusing to bootstrap: a member has an existing data directory but none runs as primary; start it or clear it"
+                .into(),
+        );
+    } else if let Some(b) = v.bootstrap {
+        v.fresh(b).map(|_| b.to_string())
+    } else {
+        let mut alive: Vec<&Candidate> = v.data_members.iter().filter(|c| v.fresh(&c.name).is_some()).collect();
+        alive.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+        alive.first().map(|c| c.name.clone())
+    };
+    match chosen {
+        Some(member) => Decision::Propose(Command::SetPrimary {
+            cluster: f.name.clone(),
+            member: member.clone(),
+            expected_epoch: 0,
+            reason: format!("bootstrap: {member} becomes the first primary"),
+        }),
+        None => Decision::Wait("waiting for the bootstrap member's sidecar to report".into()),
+    }
+}
+
+/// Invariant 2: with `ANY k (n standbys)`, at least `n - k + 1` standbys of the recorded sync
+/// set must have reported after detaching (so every acknowledged commit is on one of them), and
+/// the candidate must have the highest flushed LSN among them, on the highest timeline. Ties
+/// go to the higher priority, then the smaller name.
+pub fn choose_candidate(v: &LeaderView<'_>) -> Result<String, String> {
+    let f = v.facts;
+    let n = f.sync_standbys.len();
+    if n == 0 {
+        return Err("no synchronous standby is recorded; no replica is proven to hold every acknowledged commit".into());
+    }
+    let k = (f.sync_quorum as usize).clamp(1, n);
+    let need = n - k + 1;
+    let reporters: Vec<&Observation> = f
+        .sync_standbys
+        .iter()
+        .filter_map(|m| v.fresh(m))
+        .filter(|o| o.role == PgRole::Replica && !o.streaming && o.epoch_seen >= f.epoch)
+        .collect();
+    if reporters.len() < need {
+        let names: Vec<&str> = reporters.iter().map(|o| o.member.as_str()).collect();
+        return Err(format!(
+            "{} of {n} sync standbys have reported detached [{}]; ANY {k} needs {need}",
+            reporters.len(),
+            names.join(", ")
+        ));
+    }
+    let max_tli = reporters.iter().map(|o| o.timeline).max().unwrap_or(0);
+    let best = reporters
+        .iter()
+        .filter(|o| o.timeline == max_tli)
+        .max_by(|a, b| {
+            a.flush_lsn
+                .cmp(&b.flush_lsn)
+                .then(v.priority(&a.member).cmp(&v.priority(&b.member)))
+                .then(b.member.cmp(&a.member))
+        })
+        .ok_or_else(|| "no candidate on the current timeline".to_string())?;
+    let max_lsn = reporters.iter().map(|o| o.flush_lsn).max().unwrap_or(0);
+    if best.flush_lsn < max_lsn {
+        return Err(format!(
+            "the most advanced standby is on an older timeline than {}; refusing",
+            best.member
+        ));
+    }
+    Ok(best.member.clone())
+}
+
+/// What a data member's sidecar should do with its local postgres.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalAction {
+    Nothing,
+    /// Create a new cluster and start it as primary (bootstrap).
+    InitPrimary,
+    /// Start the existing cluster as a primary.
+    StartPrimary,
+    /// Promote the local standby.
+    Promote,
+    /// Make postgres stop acting as primary (stop it).
+    Fence,
+    /// Stop following anyone (empty `primary_conninfo`).
+    Detach,
+    /// Follow `primary` (clone first if empty, rewind first if diverged).
+    Follow { primary: String },
+    /// Start postgres (as a standby) to follow `primary`.
+    StartReplica { primary: String },
+}
+
+/// The local plan: a pure function of the committed facts and what postgres is doing.
+/// `upstream` is the member the local standby currently follows, if any.
+pub fn plan_local(me: &str, facts: &ClusterFacts, role: PgRole, upstream: Option<&str>) -> LocalAction {
+    match (&facts.primary, role) {
+        (Some(p), PgRole::Empty) if p == me => LocalAction::InitPrimary,
+        (Some(p), PgRole::Down) if p == me => LocalAction::StartPrimary,
+        (Some(p), PgRole::Replica) if p == me => LocalAction::Promote,
+        (Some(p), PgRole::Primary) if p == me => LocalAction::Nothing,
+        (Some(p), PgRole::Primary) => LocalAction::Follow { primary: p.clone() },
+        (Some(p), PgRole::Replica) if upstream != Some(p.as_str()) => LocalAction::Follow { primary: p.clone() },
+        (Some(_), PgRole::Replica) => LocalAction::Nothing,
+        (Some(p), PgRole::Down) | (Some(p), PgRole::Empty) => LocalAction::StartReplica { primary: p.clone() },
+        (None, PgRole::Primary) if facts.epoch > 0 => LocalAction::Fence,
+        (None, PgRole::Replica) if upstream.is_some() => LocalAction::Detach,
+        (None, _) => LocalAction::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::facts::{Facts, Outcome, Proposal};
+    use proptest::prelude::*;
+
+    fn members() -> Vec<Candidate> {
+        ["a", "b", "c"]
+            .iter()
+            .map(|n| Candidate {
+                name: n.to_string(),
+                priority: if *n == "c" { 50 } else { 100 },
+            })
+            .collect()
+    }
+
+    fn obs(m: &str, role: PgRole, lsn: u64, streaming: bool, epoch: u64) -> Observation {
+        Observation {
+            member: m.into(),
+            cluster: "g".into(),
+            role,
+            timeline: 1,
+            flush_lsn: lsn,
+            replay_lsn: lsn,
+            streaming,
+            epoch_seen: epoch,
+            crashed: false,
+            standbys: BTreeMap::new(),
+        }
+    }
+
+    fn facts_with(primary: Option<&str>, epoch: u64, sync: &[&str], k: u32) -> ClusterFacts {
+        let mut f = Facts::default();
+        let p = |c| Proposal { command: c, at_ms: 0, by: "t".into() };
+        f.apply(1, &p(Command::EnsureCluster { cluster: "g".into(), sync_quorum: k }));
+        let mut c = f.cluster("g").cloned().expect("g");
+        c.primary = primary.map(str::to_string);
+        c.epoch = epoch;
+        c.sync_standbys = sync.iter().map(|s| s.to_string()).collect();
+        c.sync_quorum = k;
+        c
+    }
+
+    fn view<'a>(
+        f: &'a ClusterFacts,
+        r: &'a BTreeMap<String, (Observation, u64)>,
+        m: &'a [Candidate],
+        now: u64,
+        replace_after: u64,
+    ) -> LeaderView<'a> {
+        LeaderView {
+            facts: f,
+            reports: r,
+            data_members: m,
+            now,
+            fresh_ms: 1000,
+            replace_after,
+            bootstrap: None,
+            sync_quorum: 1,
+        }
+    }
+
+    #[test]
+    fn candidate_needs_n_minus_k_plus_one_detached_reports() {
+        let m = members();
+        let f = facts_with(None, 3, &["b", "c"], 1);
+        let mut r = BTreeMap::new();
+        r.insert("b".to_string(), (obs("b", PgRole::Replica, 100, false, 3), 10));
+        // Only one of two standbys: ANY 1 (b, c) needs both.
+        assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err());
+        r.insert("c".to_string(), (obs("c", PgRole::Replica, 120, false, 3), 10));
+        assert_eq!(choose_candidate(&view(&f, &r, &m, 10, 0)), Ok("c".to_string()));
+        // Still streaming from the old primary: not final, not eligible.
+        r.insert("c".to_string(), (obs("c", PgRole::Replica, 120, true, 3), 10));
+        assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err());
+        // A stale epoch_seen means it has not detached for this failover yet.
+        r.insert("c".to_string(), (obs("c", PgRole::Replica, 120, false, 2), 10));
+        assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err());
+        // ANY 2 (b, c): one report is enough.
+        let f2 = facts_with(None, 3, &["b", "c"], 2);
+        assert_eq!(choose_candidate(&view(&f2, &r, &m, 10, 0)), Ok("b".to_string()));
+    }
+
+    #[test]
+    fn ties_go_to_priority_and_timeline_matters() {
+        let m = members();
+        let f = facts_with(None, 3, &["b", "c"], 1);
+        let mut r = BTreeMap::new();
+        r.insert("b".to_string(), (obs("b", PgRole::Replica, 100, false, 3), 10));
+        r.insert("c".to_string(), (obs("c", PgRole::Replica, 100, false, 3), 10));
+        assert_eq!(choose_candidate(&view(&f, &r, &m, 10, 0)), Ok("b".to_string()));
+        let mut old_tli = obs("c", PgRole::Replica, 500, false, 3);
+        old_tli.timeline = 0;
+        r.insert("c".to_string(), (old_tli, 10));
+        assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err(), "more WAL on an old timeline: refuse");
+    }
+
+    #[test]
+    fn silent_primary_waits_for_lease() {
+        let m = members();
+        let f = facts_with(Some("a"), 1, &["b", "c"], 1);
+        let r = BTreeMap::new();
+        assert!(matches!(decide(&view(&f, &r, &m, 100, 200)), Decision::Wait(_)));
+        assert!(matches!(
+            decide(&view(&f, &r, &m, 200, 200)),
+            Decision::Propose(Command::ClearPrimary { expected_epoch: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn crashed_primary_is_released_at_once() {
+        let m = members();
+        let f = facts_with(Some("a"), 1, &["b", "c"], 1);
+        let mut r = BTreeMap::new();
+        let mut o = obs("a", PgRole::Down, 100, false, 1);
+        o.crashed = true;
+        r.insert("a".to_string(), (o, 100));
+        assert!(matches!(
+            decide(&view(&f, &r, &m, 100, 10_000)),
+            Decision::Propose(Command::ClearPrimary { .. })
+        ));
+    }
+
+    #[test]
+    fn bootstrap_picks_existing_primary_or_highest_priority() {
+        let m = members();
+        let f = facts_with(None, 0, &[], 1);
+        let mut r = BTreeMap::new();
+        r.insert("c".to_string(), (obs("c", PgRole::Empty, 0, false, 0), 10));
+        r.insert("b".to_string(), (obs("b", PgRole::Empty, 0, false, 0), 10));
+        match decide(&view(&f, &r, &m, 10, 0)) {
+            Decision::Propose(Command::SetPrimary { member, .. }) => assert_eq!(member, "b"),
+            d => panic!("{d:?}"),
+        }
+        r.insert("c".to_string(), (obs("c", PgRole::Primary, 9, false, 0), 10));
+        match decide(&view(&f, &r, &m, 10, 0)) {
+            Decision::Propose(Command::SetPrimary { member, .. }) => assert_eq!(member, "c"),
+            d => panic!("{d:?}"),
+        }
+        r.insert("b".to_string(), (obs("b", PgRole::Primary, 9, false, 0), 10));
+        assert!(matches!(decide(&view(&f, &r, &m, 10, 0)), Decision::Wait(_)));
+    }
+
+    #[test]
+    fn local_plan_table() {
+        let f = facts_with(Some("a"), 2, &["b", "c"], 1);
+        assert_eq!(plan_local("a", &f, PgRole::Primary, None), LocalAction::Nothing);
+        assert_eq!(plan_local("a", &f, PgRole::Replica, Some("b")), LocalAction::Promote);
+        assert_eq!(plan_local("b", &f, PgRole::Replica, Some("a")), LocalAction::Nothing);
+        assert_eq!(plan_local("b", &f, PgRole::Replica, None), LocalAction::Follow { primary: "a".into() });
+        assert_eq!(plan_local("b", &f, PgRole::Primary, None), LocalAction::Follow { primary: "a".into() });
+        let none = facts_with(None, 3, &["b", "c"], 1);
+        assert_eq!(plan_local("a", &none, PgRole::Primary, None), LocalAction::Fence);
+        assert_eq!(plan_local("b", &none, PgRole::Replica, Some("a")), LocalAction::Detach);
+        assert_eq!(plan_local("b", &none, PgRole::Replica, None), LocalAction::Nothing);
+    }
+
+    fn arb_obs(m: &'static str) -> impl Strategy<Value = Option<Observation>> {
+        proptest::option::of((0u64..1000, any::<bool>(), 0u32..3, 0u64..6).prop_map(move |(lsn, streaming, tli, ep)| {
+            let mut o = obs(m, PgRole::Replica, lsn, streaming, ep);
+            o.timeline = tli;
+            o
+        }))
+    }
+
+    proptest! {
+        /// Whatever the reports, a chosen candidate holds every commit acknowledged under
+        /// ANY k (sync set): for any set of k standbys that could have acknowledged the last
+        /// commit, the candidate's flushed LSN is at least the smallest flushed LSN among them
+        /// restricted to the reporters (a commit acked by k standbys is on at least one reporter).
+        #[test]
+        fn chosen_candidate_has_every_acknowledged_commit(
+            ob in arb_obs("b"), oc in arb_obs("c"), k in 1u32..3, epoch in 1u64..6,
+        ) {
+            let m = members();
+            let f = facts_with(None, epoch, &["b", "c"], k);
+            let mut r = BTreeMap::new();
+            for o in [ob, oc].into_iter().flatten() {
+                r.insert(o.member.clone(), (o, 10u64));
+            }
+            let v = view(&f, &r, &m, 10, 0);
+            if let Ok(c) = choose_candidate(&v) {
+                let chosen = &r[&c].0;
+                let eligible: Vec<&Observation> = r.values().map(|(o, _)| o)
+                    .filter(|o| !o.streaming && o.epoch_seen >= epoch).collect();
+                // Enough standbys reported that any k-subset of the set meets the reporters.
+                prop_assert!(eligible.len() >= 2 - k as usize + 1);
+                // The candidate has the most WAL of all eligible reporters.
+                for o in &eligible {
+                    prop_assert!(chosen.flush_lsn >= o.flush_lsn);
+                }
+                prop_assert!(!chosen.streaming);
+            }
+        }
+
+        /// The leader never proposes a SetPrimary that the facts would reject, nor two primaries.
+        #[test]
+        fn proposals_apply(
+            primary in proptest::option::of(prop_oneof![Just("a"), Just("b"), Just("c")]),
+            epoch in 0u64..4,
+            ob in arb_obs("b"), oc in arb_obs("c"),
+            now in 0u64..3000, ra in 0u64..3000,
+        ) {
+            let m = members();
+            let f = facts_with(primary, epoch, &["b", "c"], 1);
+            let mut r = BTreeMap::new();
+            for o in [ob, oc].into_iter().flatten() {
+                r.insert(o.member.clone(), (o, now));
+            }
+            if let Decision::Propose(cmd) = decide(&view(&f, &r, &m, now, ra)) {
+                let mut facts = Facts::default();
+                facts.clusters.insert("g".into(), f.clone());
+                let out = facts.apply(99, &Proposal { command: cmd, at_ms: 0, by: "t".into() });
+                prop_assert!(!matches!(out, Outcome::Rejected { .. }), "{out:?}");
+            }
+        }
+    }
+}
