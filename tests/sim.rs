@@ -82,6 +82,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             grpc: format!("{n}:{PORT}"),
             http: format!("{n}:{}", PORT + 1),
             priority: 100,
+            postgres: None,
         })
         .collect();
     members
@@ -95,6 +96,8 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             raft: RaftConfig::default(),
             clusters: pgw_core::config::defaults::clusters(),
             log: LogConfig::default(),
+            postgres: None,
+            failover: Default::default(),
         })
         .collect()
 }

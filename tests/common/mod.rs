@@ -59,6 +59,7 @@ pub fn configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
             grpc: format!("127.0.0.1:{}", free_port()),
             http: format!("127.0.0.1:{}", free_port()),
             priority: 100,
+            postgres: None,
         })
         .collect();
     members
@@ -74,6 +75,8 @@ pub fn configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
             log: LogConfig {
                 level: "info".into(),
             },
+            postgres: None,
+            failover: Default::default(),
         })
         .collect()
 }

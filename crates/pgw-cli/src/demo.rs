@@ -179,6 +179,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             grpc: format!("127.0.0.1:{}", free_port()?),
             http: format!("127.0.0.1:{}", free_port()?),
             priority: 100,
+            postgres: None,
         });
     }
     let mut demo = DemoFile {
@@ -208,6 +209,8 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             raft: RaftConfig::default(),
             clusters: pgw_core::config::defaults::clusters(),
             log: LogConfig::default(),
+            postgres: None,
+            failover: Default::default(),
         };
         cfg.validate()?;
         let cpath = mdir.join("pg-watcher.toml");

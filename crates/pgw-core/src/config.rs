@@ -64,6 +64,9 @@ pub struct MemberConfig {
     /// Failover preference among equally safe candidates; higher wins.
     #[serde(default = "defaults::priority")]
     pub priority: u32,
+    /// `host:port` of this member's PostgreSQL (data members whose group manages postgres).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<String>,
 }
 
 /// Addresses this member binds. Default: the member's own `grpc` / `http` addresses.
@@ -109,6 +112,84 @@ pub struct PgClusterConfig {
     /// k in `synchronous_standby_names = 'ANY k (...)'`.
     #[serde(default = "defaults::sync_quorum")]
     pub sync_quorum: u32,
+    /// Member that becomes the first primary of a brand-new cluster (default: the highest
+    /// priority data member that reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_primary: Option<String>,
+}
+
+/// The local PostgreSQL this member manages (data members only; absent: no sidecar).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Which entry of `clusters` this server belongs to (default: the first).
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Directory with `initdb`, `pg_ctl`, `pg_basebackup`, `pg_rewind`.
+    #[serde(default = "defaults::pg_bin_dir")]
+    pub bin_dir: PathBuf,
+    /// The PostgreSQL data directory (created by the first primary's `initdb`, cloned elsewhere).
+    pub data_dir: PathBuf,
+    /// OS user that runs postgres when the watcher runs as root.
+    #[serde(default = "defaults::pg_os_user")]
+    pub os_user: String,
+    /// Database role the watcher and the replicas connect as (superuser, replication).
+    #[serde(default = "defaults::pg_user")]
+    pub user: String,
+    /// Extra libpq parameters for every connection (e.g. `passfile=/etc/pg-watcher/pgpass`).
+    #[serde(default)]
+    pub conninfo: String,
+    /// `pg_hba.conf` lines written at initdb. Default trusts loopback only: set your own.
+    #[serde(default = "defaults::pg_hba")]
+    pub hba: Vec<String>,
+    /// Extra `postgresql.conf` settings (`name = value` lines) for every server.
+    #[serde(default)]
+    pub settings: Vec<String>,
+    /// Allow commits to continue without any synchronous standby (RPO > 0). Default: strict.
+    #[serde(default)]
+    pub allow_degraded: bool,
+}
+
+/// Failure detection and lease timing (see `pgw_core::lease` for the rule).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// How often the sidecar checks postgres and reports to the leader.
+    pub report_interval_ms: u64,
+    /// Primary lease duration.
+    pub lease_ms: u64,
+    /// Time the primary's watcher allows itself to stop postgres before its lease ends.
+    pub fence_budget_ms: u64,
+    /// Maximum monotonic clock rate error assumed between members, parts per million.
+    pub clock_drift_ppm: u64,
+    /// Extra safety margin added to the leader's wait.
+    pub margin_ms: u64,
+    /// A postgres that does not answer for this long is treated as hung and stopped.
+    pub hung_after_ms: u64,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            report_interval_ms: defaults::REPORT_INTERVAL_MS,
+            lease_ms: defaults::LEASE_MS,
+            fence_budget_ms: defaults::FENCE_BUDGET_MS,
+            clock_drift_ppm: defaults::CLOCK_DRIFT_PPM,
+            margin_ms: defaults::MARGIN_MS,
+            hung_after_ms: defaults::HUNG_AFTER_MS,
+        }
+    }
+}
+
+impl FailoverConfig {
+    pub fn lease(&self) -> crate::lease::LeaseTiming {
+        crate::lease::LeaseTiming {
+            lease_ms: self.lease_ms,
+            fence_budget_ms: self.fence_budget_ms,
+            drift_ppm: self.clock_drift_ppm,
+            margin_ms: self.margin_ms,
+        }
+    }
 }
 
 /// Logging.
@@ -147,6 +228,10 @@ pub struct Config {
     pub clusters: Vec<PgClusterConfig>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresConfig>,
+    #[serde(default)]
+    pub failover: FailoverConfig,
 }
 
 /// Every default in one place.
@@ -173,10 +258,35 @@ pub mod defaults {
     pub fn sync_quorum() -> u32 {
         SYNC_QUORUM
     }
+    pub const REPORT_INTERVAL_MS: u64 = 100;
+    pub const LEASE_MS: u64 = 2000;
+    pub const FENCE_BUDGET_MS: u64 = 500;
+    pub const CLOCK_DRIFT_PPM: u64 = 10_000;
+    pub const MARGIN_MS: u64 = 100;
+    pub const HUNG_AFTER_MS: u64 = 1500;
+
+    pub fn pg_bin_dir() -> std::path::PathBuf {
+        std::path::PathBuf::from("/usr/lib/postgresql/15/bin")
+    }
+    pub fn pg_os_user() -> String {
+        "postgres".into()
+    }
+    pub fn pg_user() -> String {
+        "postgres".into()
+    }
+    pub fn pg_hba() -> Vec<String> {
+        vec![
+            "local all all trust".into(),
+            "host all all 127.0.0.0/8 trust".into(),
+            "host replication all 127.0.0.0/8 trust".into(),
+        ]
+    }
+
     pub fn clusters() -> Vec<PgClusterConfig> {
         vec![PgClusterConfig {
             name: CLUSTER_NAME.to_string(),
             sync_quorum: SYNC_QUORUM,
+            bootstrap_primary: None,
         }]
     }
 }
@@ -349,12 +459,69 @@ impl Config {
                     format!("duplicate cluster `{}`", c.name),
                 ));
             }
+            if let Some(b) = &c.bootstrap_primary {
+                if !self.data_members().any(|m| &m.name == b) {
+                    return Err(invalid(
+                        format!("clusters[{i}].bootstrap_primary"),
+                        format!("`{b}` is not a data member"),
+                    ));
+                }
+            }
             let standbys = (data - 1) as u32;
             if c.sync_quorum < 1 || c.sync_quorum > standbys {
                 return Err(invalid(
                     format!("clusters[{i}].sync_quorum"),
                     format!("must be between 1 and the number of standbys ({standbys})"),
                 ));
+            }
+        }
+        let fo = &self.failover;
+        if fo.report_interval_ms < 10 || fo.report_interval_ms > 5000 {
+            return Err(invalid("failover.report_interval_ms", "must be between 10 and 5000"));
+        }
+        if fo.fence_budget_ms == 0 || fo.fence_budget_ms >= fo.lease_ms {
+            return Err(invalid(
+                "failover.fence_budget_ms",
+                "must be > 0 and smaller than failover.lease_ms",
+            ));
+        }
+        if fo.lease_ms < fo.report_interval_ms * 4 {
+            return Err(invalid(
+                "failover.lease_ms",
+                "must be at least 4 x failover.report_interval_ms (several renewals per lease)",
+            ));
+        }
+        if fo.clock_drift_ppm > 100_000 {
+            return Err(invalid("failover.clock_drift_ppm", "must be <= 100000 (10 %)"));
+        }
+        if fo.hung_after_ms < fo.report_interval_ms * 2 {
+            return Err(invalid("failover.hung_after_ms", "must be at least 2 x failover.report_interval_ms"));
+        }
+        if let Some(pg) = &self.postgres {
+            let me = self.me();
+            if me.is_some_and(|m| m.role == Role::Arbiter) {
+                return Err(invalid("postgres", "an arbiter runs no database; remove [postgres]"));
+            }
+            if pg.data_dir.as_os_str().is_empty() {
+                return Err(invalid("postgres.data_dir", "must not be empty"));
+            }
+            if let Some(c) = &pg.cluster {
+                if !self.clusters.iter().any(|x| &x.name == c) {
+                    return Err(invalid("postgres.cluster", format!("`{c}` is not in clusters")));
+                }
+            }
+            for (i, m) in self.members.iter().enumerate() {
+                if m.role == Role::Data {
+                    match &m.postgres {
+                        Some(a) => check_addr(&format!("members[{i}].postgres"), a)?,
+                        None => {
+                            return Err(invalid(
+                                format!("members[{i}].postgres"),
+                                "every data member needs its PostgreSQL host:port when [postgres] is set",
+                            ))
+                        }
+                    }
+                }
             }
         }
         if self.log.level.trim().is_empty() {
@@ -381,7 +548,17 @@ impl Config {
         let mut ms: Vec<&MemberConfig> = self.members.iter().collect();
         ms.sort_by_key(|m| m.id);
         ms.iter()
-            .map(|m| format!("{}={}/{}/{}/{}", m.id, m.name, m.role, m.grpc, m.http))
+            .map(|m| {
+                format!(
+                    "{}={}/{}/{}/{}/{}",
+                    m.id,
+                    m.name,
+                    m.role,
+                    m.grpc,
+                    m.http,
+                    m.postgres.as_deref().unwrap_or("-")
+                )
+            })
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -397,6 +574,19 @@ impl Config {
             .clone()
             .or_else(|| self.me().map(|m| m.grpc.clone()))
             .unwrap_or_default()
+    }
+
+    /// Whether the group manages PostgreSQL (every data member has a `postgres` address).
+    pub fn manages_postgres(&self) -> bool {
+        self.data_members().all(|m| m.postgres.is_some())
+    }
+
+    /// The PostgreSQL cluster the local sidecar manages, if any.
+    pub fn local_pg_cluster(&self) -> Option<String> {
+        let pg = self.postgres.as_ref()?;
+        pg.cluster
+            .clone()
+            .or_else(|| self.clusters.first().map(|c| c.name.clone()))
     }
 
     pub fn http_listen(&self) -> String {

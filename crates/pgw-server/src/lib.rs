@@ -3,9 +3,11 @@
 pub mod daemon;
 pub mod durable;
 pub mod http;
+pub mod leader;
 pub mod network;
 pub mod node;
 pub mod service;
+pub mod sidecar;
 pub mod store;
 pub mod telemetry;
 pub mod types;

@@ -119,9 +119,18 @@ impl Node {
             reach,
             started: Instant::now(),
             channels: channels.clone(),
+            leader: crate::leader::LeaderState::new(),
         };
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));
+        tokio::spawn(crate::leader::decision_loop(shared.clone()));
+        match crate::sidecar::Sidecar::new(shared.clone()) {
+            Ok(Some(sc)) => {
+                tokio::spawn(sc.run());
+            }
+            Ok(None) => {}
+            Err(e) => return Err(NodeError::Raft(format!("postgres sidecar: {e}"))),
+        }
         Ok(Node {
             shared,
             health,

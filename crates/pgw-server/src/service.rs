@@ -9,8 +9,8 @@ use pgw_core::{Command, Config, Outcome, Proposal};
 use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{
     admin_server, raft_server, ClusterStatus, DecisionReply, HelloReply, HelloRequest,
-    HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, RaftReply, RaftRequest,
-    SetPausedRequest, StatusReply, StatusRequest,
+    HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, NodeStatus, RaftReply,
+    RaftRequest, ReportReply, ReportRequest, SetPausedRequest, StatusReply, StatusRequest,
 };
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -33,6 +33,8 @@ pub struct Shared {
     pub started: Instant,
     /// Opens channels to other members (TCP in the daemon, simulated in tests).
     pub channels: crate::node::ChannelMaker,
+    /// Observed state and leases, used while this member leads.
+    pub leader: crate::leader::LeaderState,
 }
 
 impl Shared {
@@ -235,8 +237,65 @@ impl AdminService {
     }
 }
 
+/// How status names a node: primary | sync_replica | replica | down | fenced.
+fn node_role(o: &pgw_core::failover::Observation, f: Option<&pgw_core::ClusterFacts>, primary_obs: Option<&pgw_core::failover::Observation>) -> &'static str {
+    use pgw_core::failover::PgRole;
+    match o.role {
+        PgRole::Primary if f.and_then(|f| f.primary.as_deref()) == Some(o.member.as_str()) => "primary",
+        PgRole::Primary => "fenced",
+        PgRole::Replica => {
+            let sync = primary_obs
+                .and_then(|p| p.standbys.get(&o.member))
+                .is_some_and(|st| st == "sync" || st == "quorum");
+            if sync {
+                "sync_replica"
+            } else {
+                "replica"
+            }
+        }
+        PgRole::Down if o.crashed => "fenced",
+        PgRole::Down | PgRole::Empty => "down",
+    }
+}
+
 #[tonic::async_trait]
 impl admin_server::Admin for AdminService {
+    async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
+        let req = request.into_inner();
+        self.0.check_identity(req.identity.as_ref())?;
+        let obs: pgw_core::failover::Observation = serde_json::from_slice(&req.observation)
+            .map_err(|e| Status::invalid_argument(format!("malformed observation: {e}")))?;
+        let m = self.0.raft.metrics().borrow().clone();
+        let me = self.0.cfg.me().map(|x| x.id);
+        if m.current_leader != me || m.state != ServerState::Leader {
+            let st = Status::unavailable("not the leader");
+            return Err(match m.current_leader {
+                Some(l) => st.with_leader(l),
+                None => st,
+            });
+        }
+        let facts = self.0.sm.applied().facts;
+        let f = facts.cluster(&obs.cluster);
+        let epoch = f.map(|f| f.epoch).unwrap_or(0);
+        let is_primary = f.and_then(|f| f.primary.as_deref()) == Some(obs.member.as_str());
+        let cluster = obs.cluster.clone();
+        self.0.leader.record_report(obs);
+        let mut lease_ok = false;
+        if is_primary {
+            // Renew only after a majority confirmed we still lead (a deposed leader cannot).
+            let limit = Duration::from_millis(self.0.cfg.raft.rpc_timeout_ms);
+            if let Ok(Ok(_)) = tokio::time::timeout(limit, self.0.raft.ensure_linearizable()).await {
+                self.0.leader.record_grant(&cluster);
+                lease_ok = true;
+            }
+        }
+        Ok(Response::new(ReportReply {
+            lease_ok,
+            epoch,
+            leader: self.0.cfg.member.clone(),
+        }))
+    }
+
     async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let req = request.into_inner();
         if let Some(id) = &req.identity {
@@ -292,7 +351,27 @@ impl admin_server::Admin for AdminService {
                         .map(|f| f.sync_standbys.iter().cloned().collect())
                         .unwrap_or_default(),
                     sync_quorum: f.map(|f| f.sync_quorum).unwrap_or(c.sync_quorum),
-                    nodes: Vec::new(),
+                    nodes: {
+                        let reports = s.leader.reports(&c.name);
+                        let primary_obs = f
+                            .and_then(|f| f.primary.as_ref())
+                            .and_then(|p| reports.get(p))
+                            .map(|(o, _)| o.clone());
+                        let now = s.leader.now_ms();
+                        let stale_ms = (s.cfg.failover.report_interval_ms * 5).max(500);
+                        reports
+                            .values()
+                            .map(|(o, at)| NodeStatus {
+                                member: o.member.clone(),
+                                role: if now.saturating_sub(*at) > stale_ms {
+                                    "down".to_string()
+                                } else {
+                                    node_role(o, f, primary_obs.as_ref()).to_string()
+                                },
+                                lsn: crate::sidecar::observe::format_lsn(o.flush_lsn),
+                            })
+                            .collect()
+                    },
                     history_len: f.map(|f| f.history.len() as u64).unwrap_or(0),
                 }
             })

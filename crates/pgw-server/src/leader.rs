@@ -1,0 +1,191 @@
+//! The leader's side of failover: it keeps the latest sidecar reports (observed state) beside
+//! the committed facts (intended state), grants primary leases, and runs the decision rule.
+//! Only decisions go through the Raft log; reports stay in the leader's memory.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgw_core::failover::{decide, Candidate, Decision, LeaderView, Observation};
+use pgw_core::Role;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::service::Shared;
+
+#[derive(Default)]
+struct Inner {
+    /// cluster -> member -> (latest report, leader-clock ms when it arrived)
+    reports: BTreeMap<String, BTreeMap<String, (Observation, u64)>>,
+    /// cluster -> leader-clock ms of the last lease grant to its primary
+    granted: BTreeMap<String, u64>,
+    /// Whether we were leader at the last check, and since when.
+    leader_since: Option<u64>,
+    /// cluster -> why the last decision had to wait (for logs and status)
+    waiting: BTreeMap<String, String>,
+}
+
+/// Shared leader-side failover state (empty on followers).
+#[derive(Clone)]
+pub struct LeaderState {
+    inner: Arc<Mutex<Inner>>,
+    base: Instant,
+    pub wake: Arc<Notify>,
+}
+
+impl Default for LeaderState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LeaderState {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::default(),
+            base: Instant::now(),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Leader monotonic clock in ms.
+    pub fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    pub fn record_report(&self, obs: Observation) {
+        let now = self.now_ms();
+        if let Ok(mut g) = self.inner.lock() {
+            g.reports
+                .entry(obs.cluster.clone())
+                .or_default()
+                .insert(obs.member.clone(), (obs, now));
+        }
+        self.wake.notify_one();
+    }
+
+    pub fn record_grant(&self, cluster: &str) {
+        let now = self.now_ms();
+        if let Ok(mut g) = self.inner.lock() {
+            g.granted.insert(cluster.to_string(), now);
+        }
+    }
+
+    /// Latest reports of one cluster (for status).
+    pub fn reports(&self, cluster: &str) -> BTreeMap<String, (Observation, u64)> {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|g| g.reports.get(cluster).cloned())
+            .unwrap_or_default()
+    }
+
+    pub fn waiting(&self, cluster: &str) -> Option<String> {
+        self.inner.lock().ok().and_then(|g| g.waiting.get(cluster).cloned())
+    }
+
+    /// Called on every leadership check; on becoming leader, forgets old reports and treats
+    /// "now" as the last possible lease grant of the predecessor (see `pgw_core::lease`).
+    fn leadership(&self, is_leader: bool, clusters: &[String]) {
+        let now = self.now_ms();
+        if let Ok(mut g) = self.inner.lock() {
+            match (is_leader, g.leader_since) {
+                (true, None) => {
+                    g.leader_since = Some(now);
+                    g.reports.clear();
+                    for c in clusters {
+                        g.granted.insert(c.clone(), now);
+                    }
+                }
+                (false, Some(_)) => {
+                    g.leader_since = None;
+                    g.reports.clear();
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs the decision rule while this member leads. Runs on every member (arbiters too).
+pub async fn decision_loop(s: Shared) {
+    if !s.cfg.manages_postgres() {
+        return;
+    }
+    let me = s.cfg.me().map(|m| m.id);
+    let clusters: Vec<String> = s.cfg.clusters.iter().map(|c| c.name.clone()).collect();
+    let candidates: Vec<Candidate> = s
+        .cfg
+        .members
+        .iter()
+        .filter(|m| m.role == Role::Data)
+        .map(|m| Candidate {
+            name: m.name.clone(),
+            priority: m.priority,
+        })
+        .collect();
+    let fo = s.cfg.failover.clone();
+    let lease = fo.lease();
+    let fresh_ms = (fo.report_interval_ms * 5).max(500);
+    let tick = Duration::from_millis((fo.report_interval_ms / 2).max(10));
+    loop {
+        let _ = tokio::time::timeout(tick, s.leader.wake.notified()).await;
+        let m = s.raft.metrics().borrow().clone();
+        if m.state == openraft::ServerState::Shutdown {
+            return;
+        }
+        let is_leader = m.current_leader == me && me.is_some() && m.state == openraft::ServerState::Leader;
+        s.leader.leadership(is_leader, &clusters);
+        if !is_leader {
+            continue;
+        }
+        let facts = s.sm.applied().facts;
+        for c in &s.cfg.clusters {
+            let Some(f) = facts.cluster(&c.name) else { continue };
+            let reports = s.leader.reports(&c.name);
+            let granted = s
+                .leader
+                .inner
+                .lock()
+                .ok()
+                .and_then(|g| g.granted.get(&c.name).copied())
+                .unwrap_or(0);
+            let view = LeaderView {
+                facts: f,
+                reports: &reports,
+                data_members: &candidates,
+                now: s.leader.now_ms(),
+                fresh_ms,
+                replace_after: lease.replace_after(granted),
+                bootstrap: c.bootstrap_primary.as_deref(),
+                sync_quorum: c.sync_quorum,
+            };
+            match decide(&view) {
+                Decision::Steady => {
+                    if let Ok(mut g) = s.leader.inner.lock() {
+                        g.waiting.remove(&c.name);
+                    }
+                }
+                Decision::Wait(why) => {
+                    let changed = s
+                        .leader
+                        .inner
+                        .lock()
+                        .ok()
+                        .map(|mut g| g.waiting.insert(c.name.clone(), why.clone()) != Some(why.clone()))
+                        .unwrap_or(false);
+                    if changed {
+                        tracing::warn!(cluster = %c.name, "waiting: {why}");
+                    }
+                }
+                Decision::Propose(cmd) => {
+                    tracing::info!(cluster = %c.name, ?cmd, "decision");
+                    match s.propose(cmd).await {
+                        Ok((idx, out, _)) => tracing::info!(cluster = %c.name, log_index = idx, ?out, "decision committed"),
+                        Err(e) => tracing::warn!(cluster = %c.name, "decision not committed: {}", e.message()),
+                    }
+                }
+            }
+        }
+    }
+}
