@@ -101,7 +101,97 @@ pub fn spawn(cfg: &Config, path: &Path, log: &Path) -> Child {
         .expect("spawn pg-watcher")
 }
 
+/// A free TCP port on `ip` (a loopback address).
+pub fn free_port_on(ip: &str) -> u16 {
+    let l = TcpListener::bind((ip, 0)).expect("bind an ephemeral loopback port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Configs for a group that manages PostgreSQL: member i lives on 127.0.0.(11+i), like a host of
+/// its own, with gRPC, HTTP and postgres ports there.
+pub fn pg_configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
+    let members: Vec<MemberConfig> = roles
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let ip = format!("127.0.0.{}", 11 + i);
+            MemberConfig {
+                name: match r {
+                    Role::Data => format!("room-{}", (b'a' + i as u8) as char),
+                    Role::Arbiter => "arbiter".to_string(),
+                },
+                id: i as u64 + 1,
+                role: *r,
+                grpc: format!("{ip}:{}", free_port_on(&ip)),
+                http: format!("{ip}:{}", free_port_on(&ip)),
+                priority: 100,
+                postgres: (*r == Role::Data).then(|| format!("{ip}:{}", free_port_on(&ip))),
+            }
+        })
+        .collect();
+    members
+        .iter()
+        .map(|m| Config {
+            cluster_id: cluster_id.to_string(),
+            member: m.name.clone(),
+            data_dir: dir.join(&m.name).join("data"),
+            members: members.clone(),
+            listen: ListenConfig::default(),
+            raft: RaftConfig::default(),
+            clusters: pgw_core::config::defaults::clusters(),
+            log: LogConfig {
+                level: "info,openraft=warn".into(),
+            },
+            postgres: (m.role == Role::Data).then(|| pgw_core::config::PostgresConfig {
+                cluster: None,
+                bin_dir: pgw_core::config::defaults::pg_bin_dir(),
+                data_dir: dir.join(&m.name).join("pg").join("data"),
+                os_user: "postgres".into(),
+                user: "postgres".into(),
+                conninfo: String::new(),
+                hba: pgw_core::config::defaults::pg_hba(),
+                settings: vec!["shared_buffers = '16MB'".into(), "max_connections = 40".into()],
+                allow_degraded: false,
+            }),
+            failover: Default::default(),
+        })
+        .collect()
+}
+
 impl Group {
+    /// A group whose data members manage real PostgreSQL servers.
+    pub fn with_postgres(roles: &[Role]) -> Group {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // postgres (another OS user) must be able to reach its directories.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let members = pg_configs(dir.path(), "pgtest", roles)
+            .into_iter()
+            .map(|cfg| {
+                let base = dir.path().join(&cfg.member);
+                Member {
+                    cfg_path: base.join("pg-watcher.toml"),
+                    log: base.join("pg-watcher.log"),
+                    cfg,
+                    child: None,
+                }
+            })
+            .collect();
+        Group { dir, members }
+    }
+
+    /// The postgres address of a data member.
+    pub fn pg_addr(&self, i: usize) -> String {
+        self.members[i].cfg.me().and_then(|m| m.postgres.clone()).unwrap_or_default()
+    }
+
+    /// The postmaster pid of a data member, from its pid file.
+    pub fn postmaster_pid(&self, i: usize) -> Option<i32> {
+        let d = &self.members[i].cfg.postgres.as_ref()?.data_dir;
+        let t = fs::read_to_string(d.join("postmaster.pid")).ok()?;
+        t.lines().next()?.trim().parse().ok()
+    }
+
     pub fn new(roles: &[Role]) -> Group {
         let dir = tempfile::tempdir().expect("tempdir");
         let members = configs(dir.path(), "itest", roles)
@@ -202,6 +292,15 @@ impl Drop for Group {
         }
         for i in 0..self.members.len() {
             self.kill9(i);
+        }
+        // Stop every postgres the group started (the watchers are gone).
+        for i in 0..self.members.len() {
+            if let Some(pid) = self.postmaster_pid(i) {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
         }
     }
 }

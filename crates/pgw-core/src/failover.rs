@@ -46,6 +46,9 @@ pub struct Observation {
     /// Set by a primary's sidecar that saw its postmaster die: it will not restart it as a
     /// primary, so the group need not wait for the lease.
     pub crashed: bool,
+    /// The facts epoch the sidecar saw when it made this report (`crashed` refers to it).
+    #[serde(default)]
+    pub epoch: u64,
     /// Primary only: standbys connected (application_name -> sync_state).
     pub standbys: BTreeMap<String, String>,
 }
@@ -148,18 +151,17 @@ pub fn decide(v: &LeaderView<'_>) -> Decision {
                 return Decision::Steady;
             }
             if let Some(o) = obs {
-                if o.crashed || o.role == PgRole::Down {
+                // A primary whose sidecar declared it crashed (it will not restart it) is
+                // released at once. A primary that is merely down is being (re)started by its
+                // sidecar, which keeps renewing the lease; if that sidecar goes silent, the
+                // lease rule below applies.
+                // (A primary still in recovery is being promoted; if that fails its sidecar
+                // declares it crashed.)
+                if o.crashed && o.epoch == f.epoch {
                     return Decision::Propose(Command::ClearPrimary {
                         cluster,
                         expected_epoch: f.epoch,
-                        reason: format!("{p}: postgres is down ({})", if o.crashed { "crashed" } else { "stopped" }),
-                    });
-                }
-                if o.role == PgRole::Replica {
-                    return Decision::Propose(Command::ClearPrimary {
-                        cluster,
-                        expected_epoch: f.epoch,
-                        reason: format!("{p}: postgres is in recovery, not a primary"),
+                        reason: format!("{p}: postgres crashed"),
                     });
                 }
             }
@@ -170,10 +172,7 @@ pub fn decide(v: &LeaderView<'_>) -> Decision {
                     reason: format!("{p}: lost (no report, lease expired)"),
                 })
             } else {
-                Decision::Wait(format!(
-                    "{p} is silent; its lease may still be held for {} ms",
-                    v.replace_after - v.now
-                ))
+                Decision::Wait(format!("{p} is silent; waiting for its lease to expire"))
             }
         }
     }
@@ -209,12 +208,26 @@ fn bootstrap(v: &LeaderView<'_>) -> Decision {
         alive.first().map(|c| c.name.clone())
     };
     match chosen {
-        Some(member) => Decision::Propose(Command::SetPrimary {
+        Some(member) => {
+            // Record the sync set before the first primary exists, so that it never runs
+            // without synchronous standbys (widen in Raft before postgres).
+            let want = desired_sync_set(v.data_members, &member);
+            if f.sync_standbys != want && !want.is_empty() {
+                let quorum = v.sync_quorum.min(want.len() as u32).max(1);
+                return Decision::Propose(Command::SetSyncSet {
+                    cluster: f.name.clone(),
+                    standbys: want,
+                    quorum,
+                    expected_epoch: 0,
+                });
+            }
+            Decision::Propose(Command::SetPrimary {
             cluster: f.name.clone(),
             member: member.clone(),
             expected_epoch: 0,
             reason: format!("bootstrap: {member} becomes the first primary"),
-        }),
+        })
+        }
         None => Decision::Wait("waiting for the bootstrap member's sidecar to report".into()),
     }
 }
@@ -331,6 +344,7 @@ mod tests {
             streaming,
             epoch_seen: epoch,
             crashed: false,
+            epoch,
             standbys: BTreeMap::new(),
         }
     }
@@ -420,6 +434,13 @@ mod tests {
         let mut r = BTreeMap::new();
         let mut o = obs("a", PgRole::Down, 100, false, 1);
         o.crashed = true;
+        let mut stale = o.clone();
+        stale.epoch = 0;
+        r.insert("a".to_string(), (stale, 100));
+        assert!(
+            matches!(decide(&view(&f, &r, &m, 100, 10_000)), Decision::Wait(_)),
+            "a crash report about an older epoch is ignored"
+        );
         r.insert("a".to_string(), (o, 100));
         assert!(matches!(
             decide(&view(&f, &r, &m, 100, 10_000)),
@@ -434,10 +455,19 @@ mod tests {
         let mut r = BTreeMap::new();
         r.insert("c".to_string(), (obs("c", PgRole::Empty, 0, false, 0), 10));
         r.insert("b".to_string(), (obs("b", PgRole::Empty, 0, false, 0), 10));
+        // First the sync set for the future primary b, then b itself.
+        match decide(&view(&f, &r, &m, 10, 0)) {
+            Decision::Propose(Command::SetSyncSet { standbys, .. }) => {
+                assert_eq!(standbys.into_iter().collect::<Vec<_>>(), vec!["a".to_string(), "c".to_string()])
+            }
+            d => panic!("{d:?}"),
+        }
+        let mut f = facts_with(None, 0, &["a", "c"], 1);
         match decide(&view(&f, &r, &m, 10, 0)) {
             Decision::Propose(Command::SetPrimary { member, .. }) => assert_eq!(member, "b"),
             d => panic!("{d:?}"),
         }
+        f.sync_standbys = ["a", "b"].iter().map(|s| s.to_string()).collect();
         r.insert("c".to_string(), (obs("c", PgRole::Primary, 9, false, 0), 10));
         match decide(&view(&f, &r, &m, 10, 0)) {
             Decision::Propose(Command::SetPrimary { member, .. }) => assert_eq!(member, "c"),

@@ -125,9 +125,7 @@ impl Node {
         tokio::spawn(ensure_clusters(shared.clone()));
         tokio::spawn(crate::leader::decision_loop(shared.clone()));
         match crate::sidecar::Sidecar::new(shared.clone()) {
-            Ok(Some(sc)) => {
-                tokio::spawn(sc.run());
-            }
+            Ok(Some(sc)) => sc.spawn(),
             Ok(None) => {}
             Err(e) => return Err(NodeError::Raft(format!("postgres sidecar: {e}"))),
         }

@@ -9,12 +9,14 @@ pub mod observe;
 pub mod pgctl;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgw_core::failover::{plan_local, LocalAction, Observation, PgRole};
 use pgw_core::ClusterFacts;
 use pgw_proto::admin_client::AdminClient;
 use pgw_proto::ReportRequest;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::service::Shared;
@@ -30,23 +32,34 @@ pub fn sync_names(f: &ClusterFacts) -> String {
     format!("ANY {} ({})", f.sync_quorum.max(1), names.join(", "))
 }
 
+/// State shared by the sidecar's reporter and actor tasks.
+#[derive(Default)]
+struct SideState {
+    /// Latest observation and its sequence number.
+    local: Local,
+    seq: u64,
+    /// The highest epoch of the facts the actor has brought postgres in line with.
+    epoch_seen: u64,
+    /// Our postgres died (or could not be started) while primary at this epoch: it is not
+    /// restarted as primary until the group decides again.
+    crashed_at_epoch: Option<u64>,
+    /// We killed postgres ourselves (lease lost, or hung) at this epoch.
+    fenced_at_epoch: Option<u64>,
+    /// When the last renewal that the leader acknowledged was sent.
+    lease_sent: Option<Instant>,
+    /// The actor is in the middle of an action (initdb, start, clone...): what the reporter
+    /// sees of postgres meanwhile is transitional, not a crash.
+    busy: bool,
+}
+
 pub struct Sidecar {
     s: Shared,
     ctl: PgCtl,
     cluster: String,
     members_pg: BTreeMap<String, PgAddr>,
-    observer: Observer,
-    epoch_seen: u64,
-    /// When the last renewal that the leader acknowledged was sent.
-    lease_sent: Option<Instant>,
-    unresponsive_since: Option<Instant>,
-    /// Our postgres died while we were primary at this epoch: do not restart it as primary
-    /// until the group decides again.
-    crashed_at_epoch: Option<u64>,
-    /// We stopped postgres ourselves (lease lost) at this epoch.
-    fenced_at_epoch: Option<u64>,
-    report_client: Option<(String, AdminClient<tonic::transport::Channel>)>,
-    last_error: Option<String>,
+    state: Arc<Mutex<SideState>>,
+    observed: Arc<Notify>,
+    acted: Arc<Notify>,
     started: Instant,
 }
 
@@ -73,26 +86,139 @@ impl Sidecar {
             ctl,
             cluster,
             members_pg,
-            observer: Observer::new(),
-            epoch_seen: 0,
-            lease_sent: None,
-            unresponsive_since: None,
-            crashed_at_epoch: None,
-            fenced_at_epoch: None,
-            report_client: None,
-            last_error: None,
+            state: Arc::default(),
+            observed: Arc::new(Notify::new()),
+            acted: Arc::new(Notify::new()),
             started: Instant::now(),
         }))
     }
 
+    /// Starts the reporter and the actor; returns at once.
+    pub fn spawn(self) {
+        tracing::info!(cluster = %self.cluster, data_dir = %self.ctl.data().display(), "sidecar started");
+        let me = Arc::new(self);
+        tokio::spawn(Arc::clone(&me).reporter());
+        tokio::spawn(me.actor());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SideState> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn facts(&self) -> Option<ClusterFacts> {
+        self.s.sm.applied().facts.cluster(&self.cluster).cloned()
+    }
+
+    fn lease_deadline(&self) -> Instant {
+        // A watcher that starts beside a running primary counts its own start as the last
+        // renewal: it must get a grant within the lease like everyone else.
+        let sent = self.lock().lease_sent.unwrap_or(self.started);
+        sent + Duration::from_millis(self.s.cfg.failover.lease().fence_at(0))
+    }
+
     fn lease_valid(&self) -> bool {
-        let lease = self.s.cfg.failover.lease();
-        match self.lease_sent {
-            Some(t) => {
-                let deadline = t + Duration::from_millis(lease.fence_at(0));
-                Instant::now() < deadline
+        self.lock().lease_sent.is_some() && Instant::now() < self.lease_deadline()
+    }
+
+    fn fence_now(&self, epoch: u64, why: &str) {
+        tracing::error!(epoch, "fencing local postgres: {why}");
+        self.ctl.kill_all();
+        self.lock().fenced_at_epoch = Some(epoch);
+    }
+
+    /// Observes postgres, enforces the lease and hang rules, reports to the leader.
+    async fn reporter(self: Arc<Self>) {
+        let interval = Duration::from_millis(self.s.cfg.failover.report_interval_ms);
+        let hung_after = Duration::from_millis(self.s.cfg.failover.hung_after_ms);
+        let mut observer = Observer::new();
+        let mut unresponsive_since: Option<Instant> = None;
+        let mut client: Option<(String, AdminClient<tonic::transport::Channel>)> = None;
+        loop {
+            let t0 = Instant::now();
+            let mut local = observer.observe(&self.ctl, &self.members_pg).await;
+            let facts = self.facts();
+            let me = self.s.cfg.member.as_str();
+            let (i_am_primary, epoch) = facts
+                .as_ref()
+                .map(|f| (f.primary.as_deref() == Some(me), f.epoch))
+                .unwrap_or((false, 0));
+            if local.unresponsive {
+                let since = *unresponsive_since.get_or_insert(t0);
+                if i_am_primary && since.elapsed() >= hung_after {
+                    self.fence_now(epoch, &format!("not answering for {} ms (hung)", since.elapsed().as_millis()));
+                    observer.reset();
+                    local = observer.observe(&self.ctl, &self.members_pg).await;
+                }
+            } else {
+                unresponsive_since = None;
             }
-            None => false,
+            if i_am_primary && local.role == Some(PgRole::Primary) && Instant::now() >= self.lease_deadline() {
+                self.fence_now(epoch, "primary lease not renewed in time");
+                observer.reset();
+                local = observer.observe(&self.ctl, &self.members_pg).await;
+            }
+            {
+                let mut st = self.lock();
+                if i_am_primary && local.died && !st.busy && st.crashed_at_epoch != Some(epoch) && st.fenced_at_epoch != Some(epoch) {
+                    tracing::error!(epoch, "our postgres died while primary; not restarting it, handing over");
+                    st.crashed_at_epoch = Some(epoch);
+                }
+                st.local = local.clone();
+                st.seq += 1;
+            }
+            self.observed.notify_one();
+            self.report(&local, epoch, &mut client).await;
+            let wait = interval.saturating_sub(t0.elapsed());
+            let _ = tokio::time::timeout(wait, self.acted.notified()).await;
+        }
+    }
+
+    async fn report(&self, local: &Local, epoch: u64, client: &mut Option<(String, AdminClient<tonic::transport::Channel>)>) {
+        let m = self.s.raft.metrics().borrow().clone();
+        let Some(leader) = m.current_leader else { return };
+        let Some(addr) = self.s.cfg.member_by_id(leader).map(|x| x.grpc.clone()) else { return };
+        let obs = {
+            let st = self.lock();
+            Observation {
+                member: self.s.cfg.member.clone(),
+                cluster: self.cluster.clone(),
+                role: local.role.unwrap_or(PgRole::Down),
+                timeline: local.timeline,
+                flush_lsn: local.flush_lsn,
+                replay_lsn: local.replay_lsn,
+                streaming: local.streaming,
+                epoch_seen: st.epoch_seen,
+                crashed: st.crashed_at_epoch == Some(epoch) || st.fenced_at_epoch == Some(epoch),
+                epoch,
+                standbys: local.standbys.clone(),
+            }
+        };
+        let Ok(bytes) = serde_json::to_vec(&obs) else { return };
+        if client.as_ref().is_none_or(|(a, _)| *a != addr) {
+            match (self.s.channels)(&addr) {
+                Ok(ch) => *client = Some((addr.clone(), AdminClient::new(ch))),
+                Err(_) => return,
+            }
+        }
+        let Some((_, c)) = client.as_mut() else { return };
+        let sent = Instant::now();
+        let mut req = tonic::Request::new(ReportRequest {
+            identity: Some(self.s.identity()),
+            observation: bytes,
+        });
+        let limit = Duration::from_millis(self.s.cfg.failover.report_interval_ms * 5).max(Duration::from_millis(500));
+        req.set_timeout(limit);
+        match tokio::time::timeout(limit, c.report(req)).await {
+            Ok(Ok(r)) => {
+                if r.into_inner().lease_ok {
+                    self.lock().lease_sent = Some(sent);
+                }
+            }
+            Ok(Err(e)) => tracing::debug!("report to leader: {}", e.message()),
+            Err(_) => tracing::debug!("report to leader timed out"),
         }
     }
 
@@ -109,130 +235,88 @@ impl Sidecar {
         }
     }
 
-    async fn apply_managed(&mut self, m: &Managed, running: bool) -> Result<(), PgError> {
+    async fn apply_managed(&self, m: &Managed, running: bool) -> Result<(), PgError> {
         if self.ctl.write_managed(m)? && running {
             self.ctl.reload().await?;
         }
         Ok(())
     }
 
-    /// Runs forever.
-    pub async fn run(mut self) {
+    /// Brings postgres in line with the committed facts, one action per fresh observation.
+    async fn actor(self: Arc<Self>) {
         let interval = Duration::from_millis(self.s.cfg.failover.report_interval_ms);
         let mut facts_rx = self.s.raft.metrics();
-        tracing::info!(cluster = %self.cluster, data_dir = %self.ctl.data().display(), "sidecar started");
-        loop {
-            let t0 = Instant::now();
-            let again = self.round().await;
-            if again {
-                continue;
-            }
-            let wait = interval.saturating_sub(t0.elapsed());
-            // Wake early when the committed state changes.
-            let _ = tokio::time::timeout(wait, facts_rx.changed()).await;
-        }
-    }
-
-    /// One observe-act-report round. Returns true when another round should follow at once.
-    async fn round(&mut self) -> bool {
+        let mut acted_on_seq = 0u64;
+        let mut last_error: Option<String> = None;
         let me = self.s.cfg.member.clone();
-        let facts = self.s.sm.applied().facts.cluster(&self.cluster).cloned();
-        let mut local = self.observer.observe(&self.ctl, &self.members_pg).await;
-        let Some(f) = facts else {
-            // Cluster not registered yet; report so the leader sees us.
-            self.report(&local, 0).await;
-            return false;
-        };
-        let i_am_primary = f.primary.as_deref() == Some(me.as_str());
-
-        // A hung postgres: fence it when we are (or think we are) primary.
-        if local.unresponsive {
-            let since = *self.unresponsive_since.get_or_insert_with(Instant::now);
-            let hung = since.elapsed() >= Duration::from_millis(self.s.cfg.failover.hung_after_ms);
-            if hung && i_am_primary {
-                tracing::error!("postgres has not answered for {} ms: killing it (fencing)", since.elapsed().as_millis());
-                self.ctl.kill_all();
-                self.crashed_at_epoch = Some(f.epoch);
-                self.observer.reset();
-                local = self.observer.observe(&self.ctl, &self.members_pg).await;
-            } else {
-                self.report(&local, f.epoch).await;
-                return false;
+        loop {
+            tokio::select! {
+                _ = self.observed.notified() => {}
+                _ = facts_rx.changed() => {}
+                _ = tokio::time::sleep(interval) => {}
             }
-        } else {
-            self.unresponsive_since = None;
-        }
-        if i_am_primary && local.died && self.crashed_at_epoch != Some(f.epoch) && self.fenced_at_epoch != Some(f.epoch) {
-            tracing::error!(epoch = f.epoch, "our postgres died while primary; not restarting it, handing over");
-            self.crashed_at_epoch = Some(f.epoch);
-        }
-
-        // Lease: a primary that has not renewed in time fences its own postgres.
-        // A watcher that starts beside a running primary counts its own start as the last
-        // renewal: it must get a grant within the lease like everyone else.
-        let lease_ref = self.lease_sent.unwrap_or(self.started);
-        let expired = Instant::now() >= lease_ref + Duration::from_millis(self.s.cfg.failover.lease().fence_at(0));
-        if i_am_primary && local.role == Some(PgRole::Primary) && expired {
-            tracing::error!("primary lease not renewed in time: fencing local postgres");
-            self.ctl.kill_all();
-            self.fenced_at_epoch = Some(f.epoch);
-            self.observer.reset();
-            local = self.observer.observe(&self.ctl, &self.members_pg).await;
-        }
-
-        let role = local.role.unwrap_or(PgRole::Down);
-        let action = plan_local(&me, &f, role, local.upstream.as_deref());
-        let mut acted = false;
-        let result = self.act(&f, &action, &local).await;
-        match result {
-            Ok(did) => {
-                acted = did;
-                if did || action == LocalAction::Nothing {
-                    self.epoch_seen = self.epoch_seen.max(f.epoch);
+            let Some(f) = self.facts() else { continue };
+            let (local, seq) = {
+                let st = self.lock();
+                (st.local.clone(), st.seq)
+            };
+            if seq <= acted_on_seq {
+                continue; // wait for an observation made after our last action
+            }
+            let Some(role) = local.role else { continue }; // unresponsive: the reporter handles it
+            let action = plan_local(&me, &f, role, local.upstream.as_deref());
+            self.lock().busy = action != LocalAction::Nothing;
+            let result = self.act(&f, &action, &local).await;
+            self.lock().busy = false;
+            match result {
+                Ok(did) => {
+                    if did || action == LocalAction::Nothing {
+                        let mut st = self.lock();
+                        st.epoch_seen = st.epoch_seen.max(f.epoch);
+                    }
+                    if did {
+                        acted_on_seq = self.lock().seq;
+                        self.acted.notify_one();
+                    }
+                    last_error = None;
                 }
-                self.last_error = None;
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if self.last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::error!(?action, "local action failed: {msg}");
+                Err(e) => {
+                    let msg = e.to_string();
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!(?action, "local action failed: {msg}");
+                    }
+                    if matches!(action, LocalAction::StartPrimary | LocalAction::InitPrimary | LocalAction::Promote) {
+                        // We cannot serve as primary: hand over rather than retry forever.
+                        self.lock().crashed_at_epoch = Some(f.epoch);
+                    }
+                    last_error = Some(msg);
+                    acted_on_seq = self.lock().seq;
                 }
-                self.last_error = Some(msg);
             }
         }
-        if acted {
-            self.observer.reset();
-            local = self.observer.observe(&self.ctl, &self.members_pg).await;
-        }
-        let lease_was_valid = self.lease_valid();
-        self.report(&local, f.epoch).await;
-        // A pending promotion / start waits only for the lease: go again at once when it came.
-        matches!(action, LocalAction::Promote | LocalAction::StartPrimary | LocalAction::InitPrimary)
-            && !lease_was_valid
-            && self.lease_valid()
     }
 
     /// Carries out one planned action. Returns whether anything was done.
-    async fn act(&mut self, f: &ClusterFacts, action: &LocalAction, local: &Local) -> Result<bool, PgError> {
+    async fn act(&self, f: &ClusterFacts, action: &LocalAction, local: &Local) -> Result<bool, PgError> {
         let running = matches!(local.role, Some(PgRole::Primary) | Some(PgRole::Replica));
         match action {
             LocalAction::Nothing => {
                 // Keep the owned settings current (sync names on the primary).
                 if running {
-                    let follow = local.upstream.clone();
-                    let m = self.managed_for(f, follow.as_deref());
+                    let m = self.managed_for(f, local.upstream.as_deref());
                     self.apply_managed(&m, true).await?;
                 }
                 Ok(false)
             }
             LocalAction::InitPrimary | LocalAction::StartPrimary | LocalAction::Promote => {
                 if !self.lease_valid() {
-                    return Ok(false); // renew first (the report below does it)
+                    return Ok(false); // the reporter renews it
                 }
-                if matches!(action, LocalAction::StartPrimary)
-                    && (self.crashed_at_epoch == Some(f.epoch) || self.fenced_at_epoch == Some(f.epoch))
                 {
-                    return Ok(false); // the group must decide again
+                    let st = self.lock();
+                    if st.crashed_at_epoch == Some(f.epoch) || st.fenced_at_epoch == Some(f.epoch) {
+                        return Ok(false); // the group must decide again
+                    }
                 }
                 let m = self.managed_for(f, None);
                 match action {
@@ -275,7 +359,9 @@ impl Sidecar {
             LocalAction::Follow { primary } => {
                 if local.role == Some(PgRole::Primary) {
                     tracing::warn!(%primary, "we run as primary but {primary} is: stopping to rejoin as replica");
-                    self.ctl.stop(false).await?;
+                    if self.ctl.stop(false).await.is_err() {
+                        self.ctl.kill_all();
+                    }
                     return Ok(true);
                 }
                 let m = self.managed_for(f, Some(primary));
@@ -307,53 +393,6 @@ impl Sidecar {
                 Ok(true)
             }
         }
-    }
-
-    async fn report(&mut self, local: &Local, _epoch: u64) {
-        let m = self.s.raft.metrics().borrow().clone();
-        let Some(leader) = m.current_leader else { return };
-        let Some(addr) = self.s.cfg.member_by_id(leader).map(|x| x.grpc.clone()) else { return };
-        let crashed = self.crashed_at_epoch.is_some_and(|e| Some(e) == self.current_epoch());
-        let obs = Observation {
-            member: self.s.cfg.member.clone(),
-            cluster: self.cluster.clone(),
-            role: local.role.unwrap_or(PgRole::Down),
-            timeline: local.timeline,
-            flush_lsn: local.flush_lsn,
-            replay_lsn: local.replay_lsn,
-            streaming: local.streaming,
-            epoch_seen: self.epoch_seen,
-            crashed: crashed || self.fenced_at_epoch.is_some_and(|e| Some(e) == self.current_epoch()),
-            standbys: local.standbys.clone(),
-        };
-        let Ok(bytes) = serde_json::to_vec(&obs) else { return };
-        if self.report_client.as_ref().is_none_or(|(a, _)| *a != addr) {
-            match (self.s.channels)(&addr) {
-                Ok(ch) => self.report_client = Some((addr.clone(), AdminClient::new(ch))),
-                Err(_) => return,
-            }
-        }
-        let Some((_, client)) = self.report_client.as_mut() else { return };
-        let sent = Instant::now();
-        let mut req = tonic::Request::new(ReportRequest {
-            identity: Some(self.s.identity()),
-            observation: bytes,
-        });
-        let limit = Duration::from_millis(self.s.cfg.failover.report_interval_ms * 5).max(Duration::from_millis(500));
-        req.set_timeout(limit);
-        match tokio::time::timeout(limit, client.report(req)).await {
-            Ok(Ok(r)) => {
-                if r.into_inner().lease_ok {
-                    self.lease_sent = Some(sent);
-                }
-            }
-            Ok(Err(e)) => tracing::debug!("report to leader: {}", e.message()),
-            Err(_) => tracing::debug!("report to leader timed out"),
-        }
-    }
-
-    fn current_epoch(&self) -> Option<u64> {
-        self.s.sm.applied().facts.cluster(&self.cluster).map(|c| c.epoch)
     }
 }
 

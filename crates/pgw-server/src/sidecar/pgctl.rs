@@ -357,7 +357,7 @@ impl PgCtl {
     pub async fn rewind(&self, source: &PgAddr) -> Result<(), PgError> {
         let d = self.data().display().to_string();
         let ci = self.conninfo(source, &self.member);
-        self.run("pg_rewind", &["-D", &d, "--source-server", &ci, "--no-ensure-shutdown"], Duration::from_secs(600))
+        self.run("pg_rewind", &["-D", &d, "--source-server", &ci], Duration::from_secs(600))
             .await?;
         self.install_base_config()
     }

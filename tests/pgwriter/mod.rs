@@ -1,0 +1,140 @@
+//! A bounded writer that records every acknowledged id and the server that acknowledged it, and
+//! the checks run after a fault.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+pub async fn connect(addr: &str) -> Option<Client> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let ci = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=1");
+    let (c, conn) = tokio::time::timeout(Duration::from_secs(2), tokio_postgres::connect(&ci, NoTls))
+        .await
+        .ok()?
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(c)
+}
+
+/// One acknowledged write.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub id: i64,
+    pub server: String,
+    pub at: Instant,
+}
+
+#[derive(Clone, Default)]
+pub struct Acks(pub Arc<Mutex<Vec<Ack>>>);
+
+impl Acks {
+    pub fn all(&self) -> Vec<Ack> {
+        self.0.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+    pub fn count_after(&self, t: Instant) -> usize {
+        self.all().iter().filter(|a| a.at > t).count()
+    }
+    pub fn first_after(&self, t: Instant) -> Option<Ack> {
+        self.all().into_iter().find(|a| a.at > t)
+    }
+}
+
+/// Creates the table on `primary`.
+pub async fn create_table(primary: &str) {
+    let c = connect(primary).await.expect("connect to primary");
+    c.batch_execute("CREATE TABLE IF NOT EXISTS acked (id bigint PRIMARY KEY, at timestamptz DEFAULT now())")
+        .await
+        .expect("create table");
+}
+
+/// Writes ids 1.. through whichever server accepts them, until `stop`, at most `max` ids or
+/// `limit` time. Each statement has a 2 s timeout so a hung server cannot stall it forever.
+pub fn spawn_writer(servers: Vec<String>, stop: Arc<AtomicBool>, max: i64, limit: Duration) -> (Acks, tokio::task::JoinHandle<()>) {
+    let acks = Acks::default();
+    let a2 = acks.clone();
+    let h = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let mut id = 1i64;
+        let mut conns: BTreeMap<String, Client> = BTreeMap::new();
+        let mut cursor = 0usize;
+        while !stop.load(Ordering::Relaxed) && id <= max && t0.elapsed() < limit {
+            let server = servers[cursor % servers.len()].clone();
+            if !conns.contains_key(&server) {
+                match connect(&server).await {
+                    Some(c) => {
+                        conns.insert(server.clone(), c);
+                    }
+                    None => {
+                        cursor += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conns.get(&server) else { continue };
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+            let q = c.execute("INSERT INTO acked (id) VALUES ($1)", &params);
+            match tokio::time::timeout(Duration::from_secs(2), q).await {
+                Ok(Ok(_)) => {
+                    if let Ok(mut g) = a2.0.lock() {
+                        g.push(Ack {
+                            id,
+                            server: server.clone(),
+                            at: Instant::now(),
+                        });
+                    }
+                    id += 1;
+                }
+                Ok(Err(e)) => {
+                    let dup = e.code().is_some_and(|c| c.code() == "23505");
+                    if dup {
+                        // Committed earlier but the ack was lost; the id is durable: move on.
+                        id += 1;
+                    } else {
+                        if c.is_closed() {
+                            conns.remove(&server);
+                        }
+                        cursor += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                Err(_) => {
+                    // Hung (e.g. waiting for a sync standby): the outcome is unknown, not acked.
+                    conns.remove(&server);
+                    cursor += 1;
+                }
+            }
+        }
+    });
+    (acks, h)
+}
+
+/// Ids present on `server`.
+pub async fn ids_on(server: &str) -> Vec<i64> {
+    let c = connect(server).await.expect("connect");
+    let rows = c.query("SELECT id FROM acked ORDER BY id", &[]).await.expect("select");
+    rows.iter().map(|r| r.get::<_, i64>(0)).collect()
+}
+
+/// Whether `server` answers as a writable primary.
+pub async fn is_primary(server: &str) -> Option<bool> {
+    let c = connect(server).await?;
+    let r = tokio::time::timeout(Duration::from_secs(2), c.query_one("SELECT pg_is_in_recovery()", &[]))
+        .await
+        .ok()?
+        .ok()?;
+    Some(!r.get::<_, bool>(0))
+}
+
+/// Checks that every acknowledged id is on `primary`; returns how many were missing.
+pub async fn missing_acks(acks: &Acks, primary: &str) -> Vec<i64> {
+    let have: std::collections::BTreeSet<i64> = ids_on(primary).await.into_iter().collect();
+    acks.all().iter().map(|a| a.id).filter(|id| !have.contains(id)).collect()
+}
