@@ -192,6 +192,47 @@ impl Group {
         t.lines().next()?.trim().parse().ok()
     }
 
+    /// The postmaster of member `i` and all its children.
+    pub fn pg_pids(&self, i: usize) -> Vec<i32> {
+        let Some(pm) = self.postmaster_pid(i) else { return Vec::new() };
+        let mut out = vec![pm];
+        if let Ok(rd) = fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+                let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+                let ppid = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<i32>().ok());
+                if ppid == Some(pm) {
+                    out.push(pid);
+                }
+            }
+        }
+        out
+    }
+
+    /// Sends `sig` to the postmaster of member `i` and all its children.
+    pub fn signal_pg(&self, i: usize, sig: i32) {
+        for pid in self.pg_pids(i) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
+    /// Sends `sig` to the watcher process of member `i`.
+    pub fn signal_watcher(&self, i: usize, sig: i32) {
+        if let Some(c) = &self.members[i].child {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     pub fn new(roles: &[Role]) -> Group {
         let dir = tempfile::tempdir().expect("tempdir");
         let members = configs(dir.path(), "itest", roles)
@@ -270,11 +311,29 @@ impl Group {
     }
 
     pub fn dump_logs(&self) {
+        // Keep the whole logs (watcher and postgres) of a failed test for inspection.
+        let keep = std::env::temp_dir().join("pgw-failed").join(
+            self.dir
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        );
+        let _ = fs::create_dir_all(&keep);
         for (i, m) in self.members.iter().enumerate() {
+            let _ = fs::copy(&m.log, keep.join(format!("{}.log", m.name())));
+            if let Some(pg) = &m.cfg.postgres {
+                let mut run = pg.data_dir.clone().into_os_string();
+                run.push(".run/postgres.log");
+                let _ = fs::copy(PathBuf::from(run), keep.join(format!("{}.postgres.log", m.name())));
+            }
+            let text = self.log_text(i);
+            let useful: Vec<&str> = text.lines().filter(|l| l.contains("pgw_server")).collect();
             eprintln!(
-                "===== log of {} =====\n{}",
+                "===== log of {} (pg-watcher lines; all logs kept in {}) =====\n{}",
                 m.name(),
-                tail(&self.log_text(i), 60)
+                keep.display(),
+                tail(&useful.join("\n"), 40)
             );
         }
     }
@@ -295,12 +354,8 @@ impl Drop for Group {
         }
         // Stop every postgres the group started (the watchers are gone).
         for i in 0..self.members.len() {
-            if let Some(pid) = self.postmaster_pid(i) {
-                // SAFETY: kill(2) has no memory-safety preconditions.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
+            self.signal_pg(i, libc::SIGCONT);
+            self.signal_pg(i, libc::SIGKILL);
         }
     }
 }

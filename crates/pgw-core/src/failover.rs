@@ -164,6 +164,8 @@ pub fn decide(v: &LeaderView<'_>) -> Decision {
                         reason: format!("{p}: postgres crashed"),
                     });
                 }
+                // Its sidecar is alive and working on it (starting, promoting).
+                return Decision::Wait(format!("{p} is not serving yet ({:?})", o.role));
             }
             if v.now >= v.replace_after {
                 Decision::Propose(Command::ClearPrimary {
@@ -425,6 +427,15 @@ mod tests {
             decide(&view(&f, &r, &m, 200, 200)),
             Decision::Propose(Command::ClearPrimary { expected_epoch: 1, .. })
         ));
+    }
+
+    #[test]
+    fn a_reporting_primary_is_not_replaced_on_lease_time() {
+        let m = members();
+        let f = facts_with(Some("b"), 3, &["c"], 1);
+        let mut r = BTreeMap::new();
+        r.insert("b".to_string(), (obs("b", PgRole::Replica, 100, false, 3), 100));
+        assert!(matches!(decide(&view(&f, &r, &m, 100, 0)), Decision::Wait(_)), "being promoted");
     }
 
     #[test]

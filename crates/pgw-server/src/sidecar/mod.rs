@@ -23,6 +23,9 @@ use crate::service::Shared;
 use observe::{Local, Observer};
 use pgctl::{Managed, PgAddr, PgCtl, PgError};
 
+/// How long a standby may point at the primary without streaming before it is rewound.
+const STUCK_REPLICA: Duration = Duration::from_secs(8);
+
 /// `ANY k ("a", "b")` for the recorded sync set, or empty.
 pub fn sync_names(f: &ClusterFacts) -> String {
     if f.sync_standbys.is_empty() {
@@ -50,6 +53,10 @@ struct SideState {
     /// The actor is in the middle of an action (initdb, start, clone...): what the reporter
     /// sees of postgres meanwhile is transitional, not a crash.
     busy: bool,
+    /// Since when our standby has been pointed at the primary without streaming.
+    stuck_since: Option<Instant>,
+    /// The next start as a replica must rewind first (the standby's history diverged).
+    force_rewind: bool,
 }
 
 pub struct Sidecar {
@@ -301,6 +308,7 @@ impl Sidecar {
         let running = matches!(local.role, Some(PgRole::Primary) | Some(PgRole::Replica));
         match action {
             LocalAction::Nothing => {
+                self.lock().stuck_since = None;
                 // Keep the owned settings current (sync names on the primary).
                 if running {
                     let m = self.managed_for(f, local.upstream.as_deref());
@@ -365,7 +373,26 @@ impl Sidecar {
                     return Ok(true);
                 }
                 let m = self.managed_for(f, Some(primary));
-                self.apply_managed(&m, true).await?;
+                if !self.ctl.write_managed(&m)? {
+                    // Already pointed there. A standby that still does not stream after a while
+                    // has diverged (it holds WAL the new primary never had): rewind it.
+                    let since = *self.lock().stuck_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > STUCK_REPLICA {
+                        tracing::warn!(%primary, "not streaming from {primary} for {} s: stopping to rewind", since.elapsed().as_secs());
+                        {
+                            let mut st = self.lock();
+                            st.force_rewind = true;
+                            st.stuck_since = None;
+                        }
+                        if self.ctl.stop(false).await.is_err() {
+                            self.ctl.kill_all();
+                        }
+                        return Ok(true);
+                    }
+                    return Ok(false);
+                }
+                self.lock().stuck_since = None;
+                self.ctl.reload().await?;
                 tracing::info!(%primary, "following");
                 Ok(true)
             }
@@ -376,7 +403,7 @@ impl Sidecar {
                 if local.role == Some(PgRole::Empty) {
                     tracing::info!(%primary, "cloning from the primary (pg_basebackup)");
                     self.ctl.basebackup(&src).await?;
-                } else if !self.ctl.is_standby_dir() {
+                } else if !self.ctl.is_standby_dir() || std::mem::take(&mut self.lock().force_rewind) {
                     tracing::info!(%primary, "former primary: rewinding onto {primary}'s timeline");
                     if let Err(e) = self.ctl.rewind(&src).await {
                         tracing::warn!("pg_rewind failed ({e}); moving the data directory aside and cloning afresh");

@@ -357,9 +357,35 @@ impl PgCtl {
     pub async fn rewind(&self, source: &PgAddr) -> Result<(), PgError> {
         let d = self.data().display().to_string();
         let ci = self.conninfo(source, &self.member);
+        // A freshly promoted source updates its control file's timeline only at its next
+        // checkpoint; without one pg_rewind may wrongly conclude no rewind is needed.
+        self.checkpoint(source).await?;
         self.run("pg_rewind", &["-D", &d, "--source-server", &ci], Duration::from_secs(600))
             .await?;
         self.install_base_config()
+    }
+
+    /// Runs CHECKPOINT on `addr`.
+    pub async fn checkpoint(&self, addr: &PgAddr) -> Result<(), PgError> {
+        let ci = self.conninfo(addr, "pg-watcher");
+        let err = |m: String| PgError::Tool {
+            what: format!("CHECKPOINT on {}:{}", addr.host, addr.port),
+            message: m,
+        };
+        let (client, conn) = tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(&ci, tokio_postgres::NoTls))
+            .await
+            .map_err(|_| err("connect timed out".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let r = tokio::time::timeout(Duration::from_secs(60), client.batch_execute("CHECKPOINT"))
+            .await
+            .map_err(|_| err("timed out".into()))
+            .and_then(|r| r.map_err(|e| err(e.to_string())));
+        drop(client);
+        task.abort();
+        r
     }
 
     /// Brings a crashed data directory to a clean shutdown state so pg_rewind accepts it.
