@@ -198,3 +198,128 @@ async fn hung_postgres_is_fenced_and_fails_over() {
 async fn hung_watcher_cannot_keep_a_writable_primary() {
     primary_fault(Fault::HungWatcher).await;
 }
+
+/// Acks after `t` on `server`.
+fn acks_on_after(acks: &Acks, server: &str, t: Instant) -> usize {
+    acks.all().iter().filter(|a| a.at > t && a.server == server).count()
+}
+
+async fn wait_acks(acks: &Acks, server: &str, after: Instant, n: usize, limit: Duration, what: &str) {
+    let t0 = Instant::now();
+    while acks_on_after(acks, server, after) < n {
+        assert!(t0.elapsed() < limit, "{what}: fewer than {n} writes acknowledged by {server}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_losses_writes_continue_then_wait_then_resume() {
+    let mut g = Group::with_postgres(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let p = primary_of(&s).expect("primary");
+    let e0 = epoch_of(&s);
+    let pi = g.index_of(&p);
+    let paddr = g.pg_addr(pi);
+    create_table(&paddr).await;
+    let replicas: Vec<usize> = (0..3).filter(|i| *i != pi).collect();
+    let (r1, r2) = (replicas[0], replicas[1]);
+    let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer(servers.clone(), stop.clone(), 1_000_000, Duration::from_secs(170));
+    wait_acks(&acks, &paddr, Instant::now() - Duration::from_secs(60), 10, Duration::from_secs(20), "before").await;
+
+    // One sync replica's postgres hangs: ANY 1 is still met by the other, writes continue.
+    g.signal_pg(r1, libc::SIGSTOP);
+    let t1 = Instant::now();
+    wait_acks(&acks, &paddr, t1, 50, Duration::from_secs(30), "one replica hung").await;
+
+    // Both hang: commits wait (strict synchronous mode); nothing is acknowledged.
+    g.signal_pg(r2, libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(3)).await; // in-flight commits settle
+    let t2 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(acks.count_after(t2), 0, "a commit was acknowledged with no sync standby");
+
+    // One comes back: writes resume on the same primary; no failover happened.
+    g.signal_pg(r1, libc::SIGCONT);
+    wait_acks(&acks, &paddr, t2, 20, Duration::from_secs(60), "after a replica returned").await;
+    g.signal_pg(r2, libc::SIGCONT);
+    let s2 = wait_healthy(&g, Duration::from_secs(60)).await;
+    assert_eq!(primary_of(&s2).as_deref(), Some(p.as_str()));
+    assert_eq!(epoch_of(&s2), e0);
+
+    // Both replica *nodes* lost: no majority, so the primary fences itself when its lease
+    // runs out. When one node returns, the group restarts the last primary in place (it holds
+    // every acknowledged commit; no replica can be proven complete) and writes resume.
+    g.kill9(r1);
+    g.signal_pg(r1, libc::SIGKILL);
+    g.kill9(r2);
+    g.signal_pg(r2, libc::SIGKILL);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(is_primary(&paddr).await, None, "the primary without a majority must be fenced");
+    let t3 = Instant::now();
+    g.start(r1);
+    let t0 = Instant::now();
+    while acks.count_after(t3) < 20 {
+        assert!(t0.elapsed() < Duration::from_secs(90), "writes did not resume after a node returned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    let s3 = wait_until(&g.endpoints_except(g.members[r2].name()), Duration::from_secs(10), "status", |s| {
+        primary_of(s).is_some()
+    })
+    .await;
+    let now_primary = primary_of(&s3).expect("primary");
+    let missing = missing_acks(&acks, &g.pg_addr(g.index_of(&now_primary))).await;
+    assert!(missing.is_empty(), "acknowledged ids lost: {missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_restart_keeps_primary_and_epoch_and_pause_stops_automation() {
+    let mut g = Group::with_postgres(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let p = primary_of(&s).expect("primary");
+    let e0 = epoch_of(&s);
+    let pi = g.index_of(&p);
+    create_table(&g.pg_addr(pi)).await;
+
+    // Stop every watcher and every postgres, then start the watchers again.
+    for i in 0..3 {
+        g.terminate(i);
+    }
+    for i in 0..3 {
+        g.signal_pg(i, libc::SIGINT); // fast shutdown
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    g.start_all();
+    let s2 = wait_healthy(&g, Duration::from_secs(120)).await;
+    assert_eq!(primary_of(&s2).as_deref(), Some(p.as_str()), "same primary after a full restart");
+    assert_eq!(epoch_of(&s2), e0, "same epoch after a full restart");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer(vec![g.pg_addr(pi)], stop.clone(), 50, Duration::from_secs(30));
+    let _ = writer.await;
+    assert_eq!(acks.all().len(), 50, "writes work after the restart");
+    drop(stop);
+
+    // Paused: a crashed primary is left alone.
+    pgw_cli::set_paused(&g.endpoints(), "global", true, "test").await.expect("pause");
+    let pid = g.postmaster_pid(pi).expect("pid");
+    kill_pid(pid, libc::SIGKILL);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let s3 = wait_until(&g.endpoints(), Duration::from_secs(10), "status", |_| true).await;
+    assert_eq!(primary_of(&s3).as_deref(), Some(p.as_str()), "no failover while paused");
+    assert_eq!(epoch_of(&s3), e0);
+    assert!(s3.clusters[0].paused);
+
+    // Resumed: automation acts on the crash.
+    pgw_cli::set_paused(&g.endpoints(), "global", false, "test").await.expect("resume");
+    let s4 = wait_until(&g.endpoints(), Duration::from_secs(60), "failover after resume", |s| {
+        primary_of(s).is_some_and(|x| x != p)
+    })
+    .await;
+    assert!(epoch_of(&s4) > e0);
+}

@@ -106,6 +106,10 @@ pub struct ClusterFacts {
     pub sync_quorum: u32,
     pub paused: bool,
     pub history: VecDeque<HistoryEntry>,
+    /// The last primary, while the cluster has none (set by ClearPrimary, cleared by
+    /// SetPrimary). It holds every commit it acknowledged, so it may be restarted in place.
+    #[serde(default)]
+    pub former_primary: Option<String>,
 }
 
 impl ClusterFacts {
@@ -118,6 +122,7 @@ impl ClusterFacts {
             sync_quorum,
             paused: false,
             history: VecDeque::new(),
+            former_primary: None,
         }
     }
 
@@ -194,6 +199,7 @@ impl Facts {
                 }
                 c.epoch += 1;
                 c.primary = Some(member.clone());
+                c.former_primary = None;
                 // The new primary cannot be its own standby.
                 c.sync_standbys.remove(member);
                 c.record(
@@ -215,7 +221,11 @@ impl Facts {
                     ));
                 }
                 c.epoch += 1;
-                let old = c.primary.take().unwrap_or_else(|| "-".into());
+                let was = c.primary.take();
+                if was.is_some() {
+                    c.former_primary = was.clone();
+                }
+                let old = was.unwrap_or_else(|| "-".into());
                 c.record(
                     log_index,
                     p,

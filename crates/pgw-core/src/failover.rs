@@ -132,7 +132,15 @@ pub fn decide(v: &LeaderView<'_>) -> Decision {
                 expected_epoch: f.epoch,
                 reason: format!("failover: {member} holds every acknowledged commit"),
             }),
-            Err(why) => Decision::Wait(why),
+            Err(why) => match restart_in_place(v) {
+                Some(former) => Decision::Propose(Command::SetPrimary {
+                    cluster,
+                    member: former.clone(),
+                    expected_epoch: f.epoch,
+                    reason: format!("restart in place: no replica is proven complete ({why}); {former} was the last primary"),
+                }),
+                None => Decision::Wait(why),
+            },
         },
         Some(p) => {
             let obs = v.fresh(p);
@@ -232,6 +240,16 @@ fn bootstrap(v: &LeaderView<'_>) -> Decision {
         }
         None => Decision::Wait("waiting for the bootstrap member's sidecar to report".into()),
     }
+}
+
+/// When no replica can be proven to hold every acknowledged commit, the last primary still
+/// can: every commit it acknowledged is in its own WAL, and no other primary has been
+/// appointed since (the facts say so). It qualifies when its sidecar reports its postgres
+/// stopped (not wiped) and has acted on the current epoch (so it is not running as primary).
+fn restart_in_place(v: &LeaderView<'_>) -> Option<String> {
+    let former = v.facts.former_primary.as_ref()?;
+    let o = v.fresh(former)?;
+    (o.role == PgRole::Down && o.epoch_seen >= v.facts.epoch).then(|| former.clone())
 }
 
 /// Invariant 2: with `ANY k (n standbys)`, at least `n - k + 1` standbys of the recorded sync
@@ -436,6 +454,29 @@ mod tests {
         let mut r = BTreeMap::new();
         r.insert("b".to_string(), (obs("b", PgRole::Replica, 100, false, 3), 100));
         assert!(matches!(decide(&view(&f, &r, &m, 100, 0)), Decision::Wait(_)), "being promoted");
+    }
+
+    #[test]
+    fn former_primary_restarts_in_place_only_without_a_proven_replica() {
+        let m = members();
+        let mut f = facts_with(None, 4, &["b", "c"], 1);
+        f.former_primary = Some("a".into());
+        let mut r = BTreeMap::new();
+        r.insert("a".to_string(), (obs("a", PgRole::Down, 0, false, 4), 10));
+        r.insert("b".to_string(), (obs("b", PgRole::Replica, 100, false, 4), 10));
+        match decide(&view(&f, &r, &m, 10, 0)) {
+            Decision::Propose(Command::SetPrimary { member, .. }) => assert_eq!(member, "a"),
+            d => panic!("{d:?}"),
+        }
+        r.insert("c".to_string(), (obs("c", PgRole::Replica, 90, false, 4), 10));
+        match decide(&view(&f, &r, &m, 10, 0)) {
+            Decision::Propose(Command::SetPrimary { member, .. }) => assert_eq!(member, "b"),
+            d => panic!("{d:?}"),
+        }
+        // A former primary that has not acted on this epoch (may still run) does not qualify.
+        r.remove("c");
+        r.insert("a".to_string(), (obs("a", PgRole::Down, 0, false, 3), 10));
+        assert!(matches!(decide(&view(&f, &r, &m, 10, 0)), Decision::Wait(_)));
     }
 
     #[test]
