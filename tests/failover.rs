@@ -15,6 +15,10 @@ use pgwriter::*;
 
 const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
 
+/// These tests run real clusters with second-scale timings; on a 2-core machine they run one
+/// at a time so that one test's load does not look like a fault to another.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn primary_of(s: &GroupStatus) -> Option<String> {
     s.clusters.first().and_then(|c| c.primary.clone())
 }
@@ -40,19 +44,20 @@ async fn wait_healthy(g: &Group, limit: Duration) -> GroupStatus {
         .filter(|m| m.cfg.me().is_some_and(|x| x.role == Role::Data))
         .map(|m| m.name().to_string())
         .collect();
-    wait_until(&g.endpoints(), limit, "a primary and all replicas in sync", |s| {
-        let Some(p) = primary_of(s) else { return false };
-        node_role(s, &p).as_deref() == Some("primary")
-            && names
-                .iter()
-                .filter(|n| **n != p)
-                .all(|n| node_role(s, n).as_deref() == Some("sync_replica"))
-    })
+    wait_until(
+        &g.endpoints(),
+        limit,
+        "a primary and all replicas in sync",
+        |s| {
+            let Some(p) = primary_of(s) else { return false };
+            node_role(s, &p).as_deref() == Some("primary")
+                && names
+                    .iter()
+                    .filter(|n| **n != p)
+                    .all(|n| node_role(s, n).as_deref() == Some("sync_replica"))
+        },
+    )
     .await
-}
-
-fn pg_index(g: &Group, name: &str) -> usize {
-    g.index_of(name)
 }
 
 fn kill_pid(pid: i32, sig: i32) {
@@ -79,6 +84,7 @@ enum Fault {
 /// writes resume on exactly one new primary, nothing is acknowledged by two servers at once,
 /// and every acknowledged id is on the new primary. Then checks that the old primary rejoins.
 async fn primary_fault(fault: Fault) {
+    let _serial = SERIAL.lock().await;
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
     let s = wait_healthy(&g, Duration::from_secs(120)).await;
@@ -89,7 +95,12 @@ async fn primary_fault(fault: Fault) {
 
     let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let (acks, writer) = spawn_writer(servers.clone(), stop.clone(), 1_000_000, Duration::from_secs(150));
+    let (acks, writer) = spawn_writer(
+        servers.clone(),
+        stop.clone(),
+        1_000_000,
+        Duration::from_secs(150),
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!acks.all().is_empty(), "writes flow before the fault");
 
@@ -120,8 +131,17 @@ async fn primary_fault(fault: Fault) {
     let ni = g.index_of(&new);
     let new_addr = g.pg_addr(ni);
     let t0 = Instant::now();
-    while acks.all().iter().filter(|a| a.at > fault_at && a.server == new_addr).count() < 20 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "writes did not resume on {new}");
+    while acks
+        .all()
+        .iter()
+        .filter(|a| a.at > fault_at && a.server == new_addr)
+        .count()
+        < 20
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "writes did not resume on {new}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let first = acks
@@ -139,11 +159,21 @@ async fn primary_fault(fault: Fault) {
     // One writer at a time: after the new primary's first ack, nobody else acknowledged.
     let all = acks.all();
     for a in all.iter().filter(|a| a.at >= first.at) {
-        assert_eq!(a.server, new_addr, "write {} acknowledged by {} after the new primary took over", a.id, a.server);
+        assert_eq!(
+            a.server, new_addr,
+            "write {} acknowledged by {} after the new primary took over",
+            a.id, a.server
+        );
     }
     // And before it, only the old primary did.
     for a in all.iter().filter(|a| a.at < first.at) {
-        assert_eq!(a.server, g.pg_addr(oi), "write {} acknowledged by {} before the failover", a.id, a.server);
+        assert_eq!(
+            a.server,
+            g.pg_addr(oi),
+            "write {} acknowledged by {} before the failover",
+            a.id,
+            a.server
+        );
     }
     let missing = missing_acks(&acks, &new_addr).await;
     assert!(missing.is_empty(), "acknowledged ids lost: {missing:?}");
@@ -155,9 +185,15 @@ async fn primary_fault(fault: Fault) {
         Fault::HungWatcher => g.signal_watcher(oi, libc::SIGCONT),
         Fault::PostmasterCrash => {}
     }
-    wait_until(&g.endpoints(), Duration::from_secs(90), "old primary rejoined as replica", |s| {
-        node_role(s, &old).as_deref() == Some("sync_replica") && primary_of(s).as_deref() == Some(new.as_str())
-    })
+    wait_until(
+        &g.endpoints(),
+        Duration::from_secs(90),
+        "old primary rejoined as replica",
+        |s| {
+            node_role(s, &old).as_deref() == Some("sync_replica")
+                && primary_of(s).as_deref() == Some(new.as_str())
+        },
+    )
     .await;
     let mut primaries = Vec::new();
     for srv in &servers {
@@ -165,7 +201,11 @@ async fn primary_fault(fault: Fault) {
             primaries.push(srv.clone());
         }
     }
-    assert_eq!(primaries, vec![new_addr.clone()], "exactly one writable server");
+    assert_eq!(
+        primaries,
+        vec![new_addr.clone()],
+        "exactly one writable server"
+    );
     // The rejoined old primary catches up with every acknowledged id too (ANY 1 acks may have
     // come from the other replica, so give replay a moment).
     let t1 = Instant::now();
@@ -174,7 +214,10 @@ async fn primary_fault(fault: Fault) {
         if missing.is_empty() {
             break;
         }
-        assert!(t1.elapsed() < Duration::from_secs(20), "rejoined replica lacks {missing:?}");
+        assert!(
+            t1.elapsed() < Duration::from_secs(20),
+            "rejoined replica lacks {missing:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -201,19 +244,33 @@ async fn hung_watcher_cannot_keep_a_writable_primary() {
 
 /// Acks after `t` on `server`.
 fn acks_on_after(acks: &Acks, server: &str, t: Instant) -> usize {
-    acks.all().iter().filter(|a| a.at > t && a.server == server).count()
+    acks.all()
+        .iter()
+        .filter(|a| a.at > t && a.server == server)
+        .count()
 }
 
-async fn wait_acks(acks: &Acks, server: &str, after: Instant, n: usize, limit: Duration, what: &str) {
+async fn wait_acks(
+    acks: &Acks,
+    server: &str,
+    after: Instant,
+    n: usize,
+    limit: Duration,
+    what: &str,
+) {
     let t0 = Instant::now();
     while acks_on_after(acks, server, after) < n {
-        assert!(t0.elapsed() < limit, "{what}: fewer than {n} writes acknowledged by {server}");
+        assert!(
+            t0.elapsed() < limit,
+            "{what}: fewer than {n} writes acknowledged by {server}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_losses_writes_continue_then_wait_then_resume() {
+    let _serial = SERIAL.lock().await;
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
     let s = wait_healthy(&g, Duration::from_secs(120)).await;
@@ -227,24 +284,57 @@ async fn replica_losses_writes_continue_then_wait_then_resume() {
     let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (acks, writer) = spawn_writer(servers.clone(), stop.clone(), 1_000_000, Duration::from_secs(170));
-    wait_acks(&acks, &paddr, Instant::now() - Duration::from_secs(60), 10, Duration::from_secs(20), "before").await;
+    let (acks, writer) = spawn_writer(
+        servers.clone(),
+        stop.clone(),
+        1_000_000,
+        Duration::from_secs(170),
+    );
+    wait_acks(
+        &acks,
+        &paddr,
+        Instant::now() - Duration::from_secs(60),
+        10,
+        Duration::from_secs(20),
+        "before",
+    )
+    .await;
 
     // One sync replica's postgres hangs: ANY 1 is still met by the other, writes continue.
     g.signal_pg(r1, libc::SIGSTOP);
     let t1 = Instant::now();
-    wait_acks(&acks, &paddr, t1, 50, Duration::from_secs(30), "one replica hung").await;
+    wait_acks(
+        &acks,
+        &paddr,
+        t1,
+        50,
+        Duration::from_secs(30),
+        "one replica hung",
+    )
+    .await;
 
     // Both hang: commits wait (strict synchronous mode); nothing is acknowledged.
     g.signal_pg(r2, libc::SIGSTOP);
     tokio::time::sleep(Duration::from_secs(3)).await; // in-flight commits settle
     let t2 = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(acks.count_after(t2), 0, "a commit was acknowledged with no sync standby");
+    assert_eq!(
+        acks.count_after(t2),
+        0,
+        "a commit was acknowledged with no sync standby"
+    );
 
     // One comes back: writes resume on the same primary; no failover happened.
     g.signal_pg(r1, libc::SIGCONT);
-    wait_acks(&acks, &paddr, t2, 20, Duration::from_secs(60), "after a replica returned").await;
+    wait_acks(
+        &acks,
+        &paddr,
+        t2,
+        20,
+        Duration::from_secs(60),
+        "after a replica returned",
+    )
+    .await;
     g.signal_pg(r2, libc::SIGCONT);
     let s2 = wait_healthy(&g, Duration::from_secs(60)).await;
     assert_eq!(primary_of(&s2).as_deref(), Some(p.as_str()));
@@ -258,19 +348,29 @@ async fn replica_losses_writes_continue_then_wait_then_resume() {
     g.kill9(r2);
     g.signal_pg(r2, libc::SIGKILL);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(is_primary(&paddr).await, None, "the primary without a majority must be fenced");
+    assert_eq!(
+        is_primary(&paddr).await,
+        None,
+        "the primary without a majority must be fenced"
+    );
     let t3 = Instant::now();
     g.start(r1);
     let t0 = Instant::now();
     while acks.count_after(t3) < 20 {
-        assert!(t0.elapsed() < Duration::from_secs(90), "writes did not resume after a node returned");
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "writes did not resume after a node returned"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
     let _ = writer.await;
-    let s3 = wait_until(&g.endpoints_except(g.members[r2].name()), Duration::from_secs(10), "status", |s| {
-        primary_of(s).is_some()
-    })
+    let s3 = wait_until(
+        &g.endpoints_except(g.members[r2].name()),
+        Duration::from_secs(10),
+        "status",
+        |s| primary_of(s).is_some(),
+    )
     .await;
     let now_primary = primary_of(&s3).expect("primary");
     let missing = missing_acks(&acks, &g.pg_addr(g.index_of(&now_primary))).await;
@@ -279,6 +379,7 @@ async fn replica_losses_writes_continue_then_wait_then_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_restart_keeps_primary_and_epoch_and_pause_stops_automation() {
+    let _serial = SERIAL.lock().await;
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
     let s = wait_healthy(&g, Duration::from_secs(120)).await;
@@ -297,29 +398,49 @@ async fn full_restart_keeps_primary_and_epoch_and_pause_stops_automation() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     g.start_all();
     let s2 = wait_healthy(&g, Duration::from_secs(120)).await;
-    assert_eq!(primary_of(&s2).as_deref(), Some(p.as_str()), "same primary after a full restart");
+    assert_eq!(
+        primary_of(&s2).as_deref(),
+        Some(p.as_str()),
+        "same primary after a full restart"
+    );
     assert_eq!(epoch_of(&s2), e0, "same epoch after a full restart");
     let stop = Arc::new(AtomicBool::new(false));
-    let (acks, writer) = spawn_writer(vec![g.pg_addr(pi)], stop.clone(), 50, Duration::from_secs(30));
+    let (acks, writer) = spawn_writer(
+        vec![g.pg_addr(pi)],
+        stop.clone(),
+        50,
+        Duration::from_secs(30),
+    );
     let _ = writer.await;
     assert_eq!(acks.all().len(), 50, "writes work after the restart");
     drop(stop);
 
     // Paused: a crashed primary is left alone.
-    pgw_cli::set_paused(&g.endpoints(), "global", true, "test").await.expect("pause");
+    pgw_cli::set_paused(&g.endpoints(), "global", true, "test")
+        .await
+        .expect("pause");
     let pid = g.postmaster_pid(pi).expect("pid");
     kill_pid(pid, libc::SIGKILL);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let s3 = wait_until(&g.endpoints(), Duration::from_secs(10), "status", |_| true).await;
-    assert_eq!(primary_of(&s3).as_deref(), Some(p.as_str()), "no failover while paused");
+    assert_eq!(
+        primary_of(&s3).as_deref(),
+        Some(p.as_str()),
+        "no failover while paused"
+    );
     assert_eq!(epoch_of(&s3), e0);
     assert!(s3.clusters[0].paused);
 
     // Resumed: automation acts on the crash.
-    pgw_cli::set_paused(&g.endpoints(), "global", false, "test").await.expect("resume");
-    let s4 = wait_until(&g.endpoints(), Duration::from_secs(60), "failover after resume", |s| {
-        primary_of(s).is_some_and(|x| x != p)
-    })
+    pgw_cli::set_paused(&g.endpoints(), "global", false, "test")
+        .await
+        .expect("resume");
+    let s4 = wait_until(
+        &g.endpoints(),
+        Duration::from_secs(60),
+        "failover after resume",
+        |s| primary_of(s).is_some_and(|x| x != p),
+    )
     .await;
     assert!(epoch_of(&s4) > e0);
 }

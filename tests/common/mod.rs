@@ -150,7 +150,10 @@ pub fn pg_configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
                 user: "postgres".into(),
                 conninfo: String::new(),
                 hba: pgw_core::config::defaults::pg_hba(),
-                settings: vec!["shared_buffers = '16MB'".into(), "max_connections = 40".into()],
+                settings: vec![
+                    "shared_buffers = '16MB'".into(),
+                    "max_connections = 40".into(),
+                ],
                 allow_degraded: false,
             }),
             failover: Default::default(),
@@ -182,7 +185,11 @@ impl Group {
 
     /// The postgres address of a data member.
     pub fn pg_addr(&self, i: usize) -> String {
-        self.members[i].cfg.me().and_then(|m| m.postgres.clone()).unwrap_or_default()
+        self.members[i]
+            .cfg
+            .me()
+            .and_then(|m| m.postgres.clone())
+            .unwrap_or_default()
     }
 
     /// The postmaster pid of a data member, from its pid file.
@@ -194,12 +201,18 @@ impl Group {
 
     /// The postmaster of member `i` and all its children.
     pub fn pg_pids(&self, i: usize) -> Vec<i32> {
-        let Some(pm) = self.postmaster_pid(i) else { return Vec::new() };
+        let Some(pm) = self.postmaster_pid(i) else {
+            return Vec::new();
+        };
         let mut out = vec![pm];
         if let Ok(rd) = fs::read_dir("/proc") {
             for e in rd.flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-                let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    continue;
+                };
                 let ppid = stat
                     .rsplit(')')
                     .next()
@@ -325,7 +338,10 @@ impl Group {
             if let Some(pg) = &m.cfg.postgres {
                 let mut run = pg.data_dir.clone().into_os_string();
                 run.push(".run/postgres.log");
-                let _ = fs::copy(PathBuf::from(run), keep.join(format!("{}.postgres.log", m.name())));
+                let _ = fs::copy(
+                    PathBuf::from(run),
+                    keep.join(format!("{}.postgres.log", m.name())),
+                );
             }
             let text = self.log_text(i);
             let useful: Vec<&str> = text.lines().filter(|l| l.contains("pgw_server")).collect();

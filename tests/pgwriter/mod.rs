@@ -13,10 +13,11 @@ use tokio_postgres::{Client, NoTls};
 pub async fn connect(addr: &str) -> Option<Client> {
     let (host, port) = addr.rsplit_once(':')?;
     let ci = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=1");
-    let (c, conn) = tokio::time::timeout(Duration::from_secs(2), tokio_postgres::connect(&ci, NoTls))
-        .await
-        .ok()?
-        .ok()?;
+    let (c, conn) =
+        tokio::time::timeout(Duration::from_secs(2), tokio_postgres::connect(&ci, NoTls))
+            .await
+            .ok()?
+            .ok()?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -49,14 +50,21 @@ impl Acks {
 /// Creates the table on `primary`.
 pub async fn create_table(primary: &str) {
     let c = connect(primary).await.expect("connect to primary");
-    c.batch_execute("CREATE TABLE IF NOT EXISTS acked (id bigint PRIMARY KEY, at timestamptz DEFAULT now())")
-        .await
-        .expect("create table");
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS acked (id bigint PRIMARY KEY, at timestamptz DEFAULT now())",
+    )
+    .await
+    .expect("create table");
 }
 
 /// Writes ids 1.. through whichever server accepts them, until `stop`, at most `max` ids or
 /// `limit` time. Each statement has a 2 s timeout so a hung server cannot stall it forever.
-pub fn spawn_writer(servers: Vec<String>, stop: Arc<AtomicBool>, max: i64, limit: Duration) -> (Acks, tokio::task::JoinHandle<()>) {
+pub fn spawn_writer(
+    servers: Vec<String>,
+    stop: Arc<AtomicBool>,
+    max: i64,
+    limit: Duration,
+) -> (Acks, tokio::task::JoinHandle<()>) {
     let acks = Acks::default();
     let a2 = acks.clone();
     let h = tokio::spawn(async move {
@@ -78,7 +86,9 @@ pub fn spawn_writer(servers: Vec<String>, stop: Arc<AtomicBool>, max: i64, limit
                     }
                 }
             }
-            let Some(c) = conns.get(&server) else { continue };
+            let Some(c) = conns.get(&server) else {
+                continue;
+            };
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
             let q = c.execute("INSERT INTO acked (id) VALUES ($1)", &params);
             match tokio::time::timeout(Duration::from_secs(2), q).await {
@@ -119,22 +129,32 @@ pub fn spawn_writer(servers: Vec<String>, stop: Arc<AtomicBool>, max: i64, limit
 /// Ids present on `server`.
 pub async fn ids_on(server: &str) -> Vec<i64> {
     let c = connect(server).await.expect("connect");
-    let rows = c.query("SELECT id FROM acked ORDER BY id", &[]).await.expect("select");
+    let rows = c
+        .query("SELECT id FROM acked ORDER BY id", &[])
+        .await
+        .expect("select");
     rows.iter().map(|r| r.get::<_, i64>(0)).collect()
 }
 
 /// Whether `server` answers as a writable primary.
 pub async fn is_primary(server: &str) -> Option<bool> {
     let c = connect(server).await?;
-    let r = tokio::time::timeout(Duration::from_secs(2), c.query_one("SELECT pg_is_in_recovery()", &[]))
-        .await
-        .ok()?
-        .ok()?;
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.query_one("SELECT pg_is_in_recovery()", &[]),
+    )
+    .await
+    .ok()?
+    .ok()?;
     Some(!r.get::<_, bool>(0))
 }
 
 /// Checks that every acknowledged id is on `primary`; returns how many were missing.
 pub async fn missing_acks(acks: &Acks, primary: &str) -> Vec<i64> {
     let have: std::collections::BTreeSet<i64> = ids_on(primary).await.into_iter().collect();
-    acks.all().iter().map(|a| a.id).filter(|id| !have.contains(id)).collect()
+    acks.all()
+        .iter()
+        .map(|a| a.id)
+        .filter(|id| !have.contains(id))
+        .collect()
 }

@@ -477,7 +477,10 @@ impl Config {
         }
         let fo = &self.failover;
         if fo.report_interval_ms < 10 || fo.report_interval_ms > 5000 {
-            return Err(invalid("failover.report_interval_ms", "must be between 10 and 5000"));
+            return Err(invalid(
+                "failover.report_interval_ms",
+                "must be between 10 and 5000",
+            ));
         }
         if fo.fence_budget_ms == 0 || fo.fence_budget_ms >= fo.lease_ms {
             return Err(invalid(
@@ -492,22 +495,34 @@ impl Config {
             ));
         }
         if fo.clock_drift_ppm > 100_000 {
-            return Err(invalid("failover.clock_drift_ppm", "must be <= 100000 (10 %)"));
+            return Err(invalid(
+                "failover.clock_drift_ppm",
+                "must be <= 100000 (10 %)",
+            ));
         }
         if fo.hung_after_ms < fo.report_interval_ms * 2 {
-            return Err(invalid("failover.hung_after_ms", "must be at least 2 x failover.report_interval_ms"));
+            return Err(invalid(
+                "failover.hung_after_ms",
+                "must be at least 2 x failover.report_interval_ms",
+            ));
         }
         if let Some(pg) = &self.postgres {
             let me = self.me();
             if me.is_some_and(|m| m.role == Role::Arbiter) {
-                return Err(invalid("postgres", "an arbiter runs no database; remove [postgres]"));
+                return Err(invalid(
+                    "postgres",
+                    "an arbiter runs no database; remove [postgres]",
+                ));
             }
             if pg.data_dir.as_os_str().is_empty() {
                 return Err(invalid("postgres.data_dir", "must not be empty"));
             }
             if let Some(c) = &pg.cluster {
                 if !self.clusters.iter().any(|x| &x.name == c) {
-                    return Err(invalid("postgres.cluster", format!("`{c}` is not in clusters")));
+                    return Err(invalid(
+                        "postgres.cluster",
+                        format!("`{c}` is not in clusters"),
+                    ));
                 }
             }
             for (i, m) in self.members.iter().enumerate() {

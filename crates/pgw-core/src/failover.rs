@@ -205,7 +205,11 @@ fn bootstrap(v: &LeaderView<'_>) -> Decision {
     }
     let chosen = if let Some(o) = primaries.first() {
         Some(o.member.clone())
-    } else if v.data_members.iter().any(|c| v.fresh(&c.name).is_some_and(|o| o.role != PgRole::Empty)) {
+    } else if v
+        .data_members
+        .iter()
+        .any(|c| v.fresh(&c.name).is_some_and(|o| o.role != PgRole::Empty))
+    {
         return Decision::Wait(
             "refusing to bootstrap: a member has an existing data directory but none runs as primary; start it or clear it"
                 .into(),
@@ -213,7 +217,11 @@ fn bootstrap(v: &LeaderView<'_>) -> Decision {
     } else if let Some(b) = v.bootstrap {
         v.fresh(b).map(|_| b.to_string())
     } else {
-        let mut alive: Vec<&Candidate> = v.data_members.iter().filter(|c| v.fresh(&c.name).is_some()).collect();
+        let mut alive: Vec<&Candidate> = v
+            .data_members
+            .iter()
+            .filter(|c| v.fresh(&c.name).is_some())
+            .collect();
         alive.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
         alive.first().map(|c| c.name.clone())
     };
@@ -232,11 +240,11 @@ fn bootstrap(v: &LeaderView<'_>) -> Decision {
                 });
             }
             Decision::Propose(Command::SetPrimary {
-            cluster: f.name.clone(),
-            member: member.clone(),
-            expected_epoch: 0,
-            reason: format!("bootstrap: {member} becomes the first primary"),
-        })
+                cluster: f.name.clone(),
+                member: member.clone(),
+                expected_epoch: 0,
+                reason: format!("bootstrap: {member} becomes the first primary"),
+            })
         }
         None => Decision::Wait("waiting for the bootstrap member's sidecar to report".into()),
     }
@@ -314,23 +322,36 @@ pub enum LocalAction {
     /// Stop following anyone (empty `primary_conninfo`).
     Detach,
     /// Follow `primary` (clone first if empty, rewind first if diverged).
-    Follow { primary: String },
+    Follow {
+        primary: String,
+    },
     /// Start postgres (as a standby) to follow `primary`.
-    StartReplica { primary: String },
+    StartReplica {
+        primary: String,
+    },
 }
 
 /// The local plan: a pure function of the committed facts and what postgres is doing.
 /// `upstream` is the member the local standby currently follows, if any.
-pub fn plan_local(me: &str, facts: &ClusterFacts, role: PgRole, upstream: Option<&str>) -> LocalAction {
+pub fn plan_local(
+    me: &str,
+    facts: &ClusterFacts,
+    role: PgRole,
+    upstream: Option<&str>,
+) -> LocalAction {
     match (&facts.primary, role) {
         (Some(p), PgRole::Empty) if p == me => LocalAction::InitPrimary,
         (Some(p), PgRole::Down) if p == me => LocalAction::StartPrimary,
         (Some(p), PgRole::Replica) if p == me => LocalAction::Promote,
         (Some(p), PgRole::Primary) if p == me => LocalAction::Nothing,
         (Some(p), PgRole::Primary) => LocalAction::Follow { primary: p.clone() },
-        (Some(p), PgRole::Replica) if upstream != Some(p.as_str()) => LocalAction::Follow { primary: p.clone() },
+        (Some(p), PgRole::Replica) if upstream != Some(p.as_str()) => {
+            LocalAction::Follow { primary: p.clone() }
+        }
         (Some(_), PgRole::Replica) => LocalAction::Nothing,
-        (Some(p), PgRole::Down) | (Some(p), PgRole::Empty) => LocalAction::StartReplica { primary: p.clone() },
+        (Some(p), PgRole::Down) | (Some(p), PgRole::Empty) => {
+            LocalAction::StartReplica { primary: p.clone() }
+        }
         (None, PgRole::Primary) if facts.epoch > 0 => LocalAction::Fence,
         (None, PgRole::Replica) if upstream.is_some() => LocalAction::Detach,
         (None, _) => LocalAction::Nothing,
@@ -371,8 +392,18 @@ mod tests {
 
     fn facts_with(primary: Option<&str>, epoch: u64, sync: &[&str], k: u32) -> ClusterFacts {
         let mut f = Facts::default();
-        let p = |c| Proposal { command: c, at_ms: 0, by: "t".into() };
-        f.apply(1, &p(Command::EnsureCluster { cluster: "g".into(), sync_quorum: k }));
+        let p = |c| Proposal {
+            command: c,
+            at_ms: 0,
+            by: "t".into(),
+        };
+        f.apply(
+            1,
+            &p(Command::EnsureCluster {
+                cluster: "g".into(),
+                sync_quorum: k,
+            }),
+        );
         let mut c = f.cluster("g").cloned().expect("g");
         c.primary = primary.map(str::to_string);
         c.epoch = epoch;
@@ -405,20 +436,38 @@ mod tests {
         let m = members();
         let f = facts_with(None, 3, &["b", "c"], 1);
         let mut r = BTreeMap::new();
-        r.insert("b".to_string(), (obs("b", PgRole::Replica, 100, false, 3), 10));
+        r.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Replica, 100, false, 3), 10),
+        );
         // Only one of two standbys: ANY 1 (b, c) needs both.
         assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err());
-        r.insert("c".to_string(), (obs("c", PgRole::Replica, 120, false, 3), 10));
-        assert_eq!(choose_candidate(&view(&f, &r, &m, 10, 0)), Ok("c".to_string()));
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Replica, 120, false, 3), 10),
+        );
+        assert_eq!(
+            choose_candidate(&view(&f, &r, &m, 10, 0)),
+            Ok("c".to_string())
+        );
         // Still streaming from the old primary: not final, not eligible.
-        r.insert("c".to_string(), (obs("c", PgRole::Replica, 120, true, 3), 10));
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Replica, 120, true, 3), 10),
+        );
         assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err());
         // A stale epoch_seen means it has not detached for this failover yet.
-        r.insert("c".to_string(), (obs("c", PgRole::Replica, 120, false, 2), 10));
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Replica, 120, false, 2), 10),
+        );
         assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err());
         // ANY 2 (b, c): one report is enough.
         let f2 = facts_with(None, 3, &["b", "c"], 2);
-        assert_eq!(choose_candidate(&view(&f2, &r, &m, 10, 0)), Ok("b".to_string()));
+        assert_eq!(
+            choose_candidate(&view(&f2, &r, &m, 10, 0)),
+            Ok("b".to_string())
+        );
     }
 
     #[test]
@@ -426,13 +475,25 @@ mod tests {
         let m = members();
         let f = facts_with(None, 3, &["b", "c"], 1);
         let mut r = BTreeMap::new();
-        r.insert("b".to_string(), (obs("b", PgRole::Replica, 100, false, 3), 10));
-        r.insert("c".to_string(), (obs("c", PgRole::Replica, 100, false, 3), 10));
-        assert_eq!(choose_candidate(&view(&f, &r, &m, 10, 0)), Ok("b".to_string()));
+        r.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Replica, 100, false, 3), 10),
+        );
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Replica, 100, false, 3), 10),
+        );
+        assert_eq!(
+            choose_candidate(&view(&f, &r, &m, 10, 0)),
+            Ok("b".to_string())
+        );
         let mut old_tli = obs("c", PgRole::Replica, 500, false, 3);
         old_tli.timeline = 0;
         r.insert("c".to_string(), (old_tli, 10));
-        assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err(), "more WAL on an old timeline: refuse");
+        assert!(
+            choose_candidate(&view(&f, &r, &m, 10, 0)).is_err(),
+            "more WAL on an old timeline: refuse"
+        );
     }
 
     #[test]
@@ -440,10 +501,16 @@ mod tests {
         let m = members();
         let f = facts_with(Some("a"), 1, &["b", "c"], 1);
         let r = BTreeMap::new();
-        assert!(matches!(decide(&view(&f, &r, &m, 100, 200)), Decision::Wait(_)));
+        assert!(matches!(
+            decide(&view(&f, &r, &m, 100, 200)),
+            Decision::Wait(_)
+        ));
         assert!(matches!(
             decide(&view(&f, &r, &m, 200, 200)),
-            Decision::Propose(Command::ClearPrimary { expected_epoch: 1, .. })
+            Decision::Propose(Command::ClearPrimary {
+                expected_epoch: 1,
+                ..
+            })
         ));
     }
 
@@ -452,8 +519,14 @@ mod tests {
         let m = members();
         let f = facts_with(Some("b"), 3, &["c"], 1);
         let mut r = BTreeMap::new();
-        r.insert("b".to_string(), (obs("b", PgRole::Replica, 100, false, 3), 100));
-        assert!(matches!(decide(&view(&f, &r, &m, 100, 0)), Decision::Wait(_)), "being promoted");
+        r.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Replica, 100, false, 3), 100),
+        );
+        assert!(
+            matches!(decide(&view(&f, &r, &m, 100, 0)), Decision::Wait(_)),
+            "being promoted"
+        );
     }
 
     #[test]
@@ -463,12 +536,18 @@ mod tests {
         f.former_primary = Some("a".into());
         let mut r = BTreeMap::new();
         r.insert("a".to_string(), (obs("a", PgRole::Down, 0, false, 4), 10));
-        r.insert("b".to_string(), (obs("b", PgRole::Replica, 100, false, 4), 10));
+        r.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Replica, 100, false, 4), 10),
+        );
         match decide(&view(&f, &r, &m, 10, 0)) {
             Decision::Propose(Command::SetPrimary { member, .. }) => assert_eq!(member, "a"),
             d => panic!("{d:?}"),
         }
-        r.insert("c".to_string(), (obs("c", PgRole::Replica, 90, false, 4), 10));
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Replica, 90, false, 4), 10),
+        );
         match decide(&view(&f, &r, &m, 10, 0)) {
             Decision::Propose(Command::SetPrimary { member, .. }) => assert_eq!(member, "b"),
             d => panic!("{d:?}"),
@@ -476,7 +555,10 @@ mod tests {
         // A former primary that has not acted on this epoch (may still run) does not qualify.
         r.remove("c");
         r.insert("a".to_string(), (obs("a", PgRole::Down, 0, false, 3), 10));
-        assert!(matches!(decide(&view(&f, &r, &m, 10, 0)), Decision::Wait(_)));
+        assert!(matches!(
+            decide(&view(&f, &r, &m, 10, 0)),
+            Decision::Wait(_)
+        ));
     }
 
     #[test]
@@ -510,7 +592,10 @@ mod tests {
         // First the sync set for the future primary b, then b itself.
         match decide(&view(&f, &r, &m, 10, 0)) {
             Decision::Propose(Command::SetSyncSet { standbys, .. }) => {
-                assert_eq!(standbys.into_iter().collect::<Vec<_>>(), vec!["a".to_string(), "c".to_string()])
+                assert_eq!(
+                    standbys.into_iter().collect::<Vec<_>>(),
+                    vec!["a".to_string(), "c".to_string()]
+                )
             }
             d => panic!("{d:?}"),
         }
@@ -520,35 +605,74 @@ mod tests {
             d => panic!("{d:?}"),
         }
         f.sync_standbys = ["a", "b"].iter().map(|s| s.to_string()).collect();
-        r.insert("c".to_string(), (obs("c", PgRole::Primary, 9, false, 0), 10));
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Primary, 9, false, 0), 10),
+        );
         match decide(&view(&f, &r, &m, 10, 0)) {
             Decision::Propose(Command::SetPrimary { member, .. }) => assert_eq!(member, "c"),
             d => panic!("{d:?}"),
         }
-        r.insert("b".to_string(), (obs("b", PgRole::Primary, 9, false, 0), 10));
-        assert!(matches!(decide(&view(&f, &r, &m, 10, 0)), Decision::Wait(_)));
+        r.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Primary, 9, false, 0), 10),
+        );
+        assert!(matches!(
+            decide(&view(&f, &r, &m, 10, 0)),
+            Decision::Wait(_)
+        ));
     }
 
     #[test]
     fn local_plan_table() {
         let f = facts_with(Some("a"), 2, &["b", "c"], 1);
-        assert_eq!(plan_local("a", &f, PgRole::Primary, None), LocalAction::Nothing);
-        assert_eq!(plan_local("a", &f, PgRole::Replica, Some("b")), LocalAction::Promote);
-        assert_eq!(plan_local("b", &f, PgRole::Replica, Some("a")), LocalAction::Nothing);
-        assert_eq!(plan_local("b", &f, PgRole::Replica, None), LocalAction::Follow { primary: "a".into() });
-        assert_eq!(plan_local("b", &f, PgRole::Primary, None), LocalAction::Follow { primary: "a".into() });
+        assert_eq!(
+            plan_local("a", &f, PgRole::Primary, None),
+            LocalAction::Nothing
+        );
+        assert_eq!(
+            plan_local("a", &f, PgRole::Replica, Some("b")),
+            LocalAction::Promote
+        );
+        assert_eq!(
+            plan_local("b", &f, PgRole::Replica, Some("a")),
+            LocalAction::Nothing
+        );
+        assert_eq!(
+            plan_local("b", &f, PgRole::Replica, None),
+            LocalAction::Follow {
+                primary: "a".into()
+            }
+        );
+        assert_eq!(
+            plan_local("b", &f, PgRole::Primary, None),
+            LocalAction::Follow {
+                primary: "a".into()
+            }
+        );
         let none = facts_with(None, 3, &["b", "c"], 1);
-        assert_eq!(plan_local("a", &none, PgRole::Primary, None), LocalAction::Fence);
-        assert_eq!(plan_local("b", &none, PgRole::Replica, Some("a")), LocalAction::Detach);
-        assert_eq!(plan_local("b", &none, PgRole::Replica, None), LocalAction::Nothing);
+        assert_eq!(
+            plan_local("a", &none, PgRole::Primary, None),
+            LocalAction::Fence
+        );
+        assert_eq!(
+            plan_local("b", &none, PgRole::Replica, Some("a")),
+            LocalAction::Detach
+        );
+        assert_eq!(
+            plan_local("b", &none, PgRole::Replica, None),
+            LocalAction::Nothing
+        );
     }
 
     fn arb_obs(m: &'static str) -> impl Strategy<Value = Option<Observation>> {
-        proptest::option::of((0u64..1000, any::<bool>(), 0u32..3, 0u64..6).prop_map(move |(lsn, streaming, tli, ep)| {
-            let mut o = obs(m, PgRole::Replica, lsn, streaming, ep);
-            o.timeline = tli;
-            o
-        }))
+        proptest::option::of((0u64..1000, any::<bool>(), 0u32..3, 0u64..6).prop_map(
+            move |(lsn, streaming, tli, ep)| {
+                let mut o = obs(m, PgRole::Replica, lsn, streaming, ep);
+                o.timeline = tli;
+                o
+            },
+        ))
     }
 
     proptest! {
@@ -572,7 +696,7 @@ mod tests {
                 let eligible: Vec<&Observation> = r.values().map(|(o, _)| o)
                     .filter(|o| !o.streaming && o.epoch_seen >= epoch).collect();
                 // Enough standbys reported that any k-subset of the set meets the reporters.
-                prop_assert!(eligible.len() >= 2 - k as usize + 1);
+                prop_assert!(eligible.len() > 2 - k as usize, "n - k + 1 reporters");
                 // The candidate has the most WAL of all eligible reporters.
                 for o in &eligible {
                     prop_assert!(chosen.flush_lsn >= o.flush_lsn);

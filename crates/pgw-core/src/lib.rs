@@ -2,10 +2,10 @@
 //! change them. Nothing here performs I/O or reads a clock; callers pass time in.
 
 pub mod config;
-pub mod failover;
-pub mod lease;
 pub mod facts;
+pub mod failover;
 pub mod fingerprint;
+pub mod lease;
 
 pub use config::{Config, ConfigError, MemberConfig, Role};
 pub use facts::{ClusterFacts, Command, Facts, HistoryEntry, Outcome, Proposal};

@@ -81,7 +81,10 @@ impl LeaderState {
     }
 
     pub fn waiting(&self, cluster: &str) -> Option<String> {
-        self.inner.lock().ok().and_then(|g| g.waiting.get(cluster).cloned())
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|g| g.waiting.get(cluster).cloned())
     }
 
     /// Called on every leadership check; on becoming leader, forgets old reports and treats
@@ -134,14 +137,17 @@ pub async fn decision_loop(s: Shared) {
         if m.state == openraft::ServerState::Shutdown {
             return;
         }
-        let is_leader = m.current_leader == me && me.is_some() && m.state == openraft::ServerState::Leader;
+        let is_leader =
+            m.current_leader == me && me.is_some() && m.state == openraft::ServerState::Leader;
         s.leader.leadership(is_leader, &clusters);
         if !is_leader {
             continue;
         }
         let facts = s.sm.applied().facts;
         for c in &s.cfg.clusters {
-            let Some(f) = facts.cluster(&c.name) else { continue };
+            let Some(f) = facts.cluster(&c.name) else {
+                continue;
+            };
             let reports = s.leader.reports(&c.name);
             let granted = s
                 .leader
@@ -172,7 +178,9 @@ pub async fn decision_loop(s: Shared) {
                         .inner
                         .lock()
                         .ok()
-                        .map(|mut g| g.waiting.insert(c.name.clone(), why.clone()) != Some(why.clone()))
+                        .map(|mut g| {
+                            g.waiting.insert(c.name.clone(), why.clone()) != Some(why.clone())
+                        })
                         .unwrap_or(false);
                     if changed {
                         tracing::warn!(cluster = %c.name, "waiting: {why}");
@@ -181,8 +189,12 @@ pub async fn decision_loop(s: Shared) {
                 Decision::Propose(cmd) => {
                     tracing::info!(cluster = %c.name, ?cmd, "decision");
                     match s.propose(cmd).await {
-                        Ok((idx, out, _)) => tracing::info!(cluster = %c.name, log_index = idx, ?out, "decision committed"),
-                        Err(e) => tracing::warn!(cluster = %c.name, "decision not committed: {}", e.message()),
+                        Ok((idx, out, _)) => {
+                            tracing::info!(cluster = %c.name, log_index = idx, ?out, "decision committed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(cluster = %c.name, "decision not committed: {}", e.message())
+                        }
                     }
                 }
             }

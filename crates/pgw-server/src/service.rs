@@ -238,10 +238,16 @@ impl AdminService {
 }
 
 /// How status names a node: primary | sync_replica | replica | down | fenced.
-fn node_role(o: &pgw_core::failover::Observation, f: Option<&pgw_core::ClusterFacts>, primary_obs: Option<&pgw_core::failover::Observation>) -> &'static str {
+fn node_role(
+    o: &pgw_core::failover::Observation,
+    f: Option<&pgw_core::ClusterFacts>,
+    primary_obs: Option<&pgw_core::failover::Observation>,
+) -> &'static str {
     use pgw_core::failover::PgRole;
     match o.role {
-        PgRole::Primary if f.and_then(|f| f.primary.as_deref()) == Some(o.member.as_str()) => "primary",
+        PgRole::Primary if f.and_then(|f| f.primary.as_deref()) == Some(o.member.as_str()) => {
+            "primary"
+        }
         PgRole::Primary => "fenced",
         PgRole::Replica => {
             let sync = primary_obs
@@ -260,7 +266,10 @@ fn node_role(o: &pgw_core::failover::Observation, f: Option<&pgw_core::ClusterFa
 
 #[tonic::async_trait]
 impl admin_server::Admin for AdminService {
-    async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
+    async fn report(
+        &self,
+        request: Request<ReportRequest>,
+    ) -> Result<Response<ReportReply>, Status> {
         let req = request.into_inner();
         self.0.check_identity(req.identity.as_ref())?;
         let obs: pgw_core::failover::Observation = serde_json::from_slice(&req.observation)
@@ -284,7 +293,8 @@ impl admin_server::Admin for AdminService {
         if is_primary {
             // Renew only after a majority confirmed we still lead (a deposed leader cannot).
             let limit = Duration::from_millis(self.0.cfg.raft.rpc_timeout_ms);
-            if let Ok(Ok(_)) = tokio::time::timeout(limit, self.0.raft.ensure_linearizable()).await {
+            if let Ok(Ok(_)) = tokio::time::timeout(limit, self.0.raft.ensure_linearizable()).await
+            {
                 self.0.leader.record_grant(&cluster);
                 lease_ok = true;
             }

@@ -82,10 +82,13 @@ impl Sidecar {
                 members_pg.insert(m.name.clone(), a);
             }
         }
-        let addr = members_pg.get(&s.cfg.member).cloned().ok_or_else(|| PgError::Tool {
-            what: "config".into(),
-            message: "this member has no postgres address".into(),
-        })?;
+        let addr = members_pg
+            .get(&s.cfg.member)
+            .cloned()
+            .ok_or_else(|| PgError::Tool {
+                what: "config".into(),
+                message: "this member has no postgres address".into(),
+            })?;
         let ctl = PgCtl::new(pg, &s.cfg.member, addr)?;
         ctl.prepare_dirs()?;
         Ok(Some(Sidecar {
@@ -155,22 +158,39 @@ impl Sidecar {
             if local.unresponsive {
                 let since = *unresponsive_since.get_or_insert(t0);
                 if i_am_primary && since.elapsed() >= hung_after {
-                    self.fence_now(epoch, &format!("not answering for {} ms (hung)", since.elapsed().as_millis()));
+                    self.fence_now(
+                        epoch,
+                        &format!(
+                            "not answering for {} ms (hung)",
+                            since.elapsed().as_millis()
+                        ),
+                    );
                     observer.reset();
                     local = observer.observe(&self.ctl, &self.members_pg).await;
                 }
             } else {
                 unresponsive_since = None;
             }
-            if i_am_primary && local.role == Some(PgRole::Primary) && Instant::now() >= self.lease_deadline() {
+            if i_am_primary
+                && local.role == Some(PgRole::Primary)
+                && Instant::now() >= self.lease_deadline()
+            {
                 self.fence_now(epoch, "primary lease not renewed in time");
                 observer.reset();
                 local = observer.observe(&self.ctl, &self.members_pg).await;
             }
             {
                 let mut st = self.lock();
-                if i_am_primary && local.died && !st.busy && st.crashed_at_epoch != Some(epoch) && st.fenced_at_epoch != Some(epoch) {
-                    tracing::error!(epoch, "our postgres died while primary; not restarting it, handing over");
+                if i_am_primary
+                    && local.died
+                    && !st.busy
+                    && st.crashed_at_epoch != Some(epoch)
+                    && st.fenced_at_epoch != Some(epoch)
+                {
+                    tracing::error!(
+                        epoch,
+                        "our postgres died while primary; not restarting it, handing over"
+                    );
                     st.crashed_at_epoch = Some(epoch);
                 }
                 st.local = local.clone();
@@ -183,10 +203,19 @@ impl Sidecar {
         }
     }
 
-    async fn report(&self, local: &Local, epoch: u64, client: &mut Option<(String, AdminClient<tonic::transport::Channel>)>) {
+    async fn report(
+        &self,
+        local: &Local,
+        epoch: u64,
+        client: &mut Option<(String, AdminClient<tonic::transport::Channel>)>,
+    ) {
         let m = self.s.raft.metrics().borrow().clone();
-        let Some(leader) = m.current_leader else { return };
-        let Some(addr) = self.s.cfg.member_by_id(leader).map(|x| x.grpc.clone()) else { return };
+        let Some(leader) = m.current_leader else {
+            return;
+        };
+        let Some(addr) = self.s.cfg.member_by_id(leader).map(|x| x.grpc.clone()) else {
+            return;
+        };
         let obs = {
             let st = self.lock();
             Observation {
@@ -203,20 +232,25 @@ impl Sidecar {
                 standbys: local.standbys.clone(),
             }
         };
-        let Ok(bytes) = serde_json::to_vec(&obs) else { return };
+        let Ok(bytes) = serde_json::to_vec(&obs) else {
+            return;
+        };
         if client.as_ref().is_none_or(|(a, _)| *a != addr) {
             match (self.s.channels)(&addr) {
                 Ok(ch) => *client = Some((addr.clone(), AdminClient::new(ch))),
                 Err(_) => return,
             }
         }
-        let Some((_, c)) = client.as_mut() else { return };
+        let Some((_, c)) = client.as_mut() else {
+            return;
+        };
         let sent = Instant::now();
         let mut req = tonic::Request::new(ReportRequest {
             identity: Some(self.s.identity()),
             observation: bytes,
         });
-        let limit = Duration::from_millis(self.s.cfg.failover.report_interval_ms * 5).max(Duration::from_millis(500));
+        let limit = Duration::from_millis(self.s.cfg.failover.report_interval_ms * 5)
+            .max(Duration::from_millis(500));
         req.set_timeout(limit);
         match tokio::time::timeout(limit, c.report(req)).await {
             Ok(Ok(r)) => {
@@ -292,7 +326,10 @@ impl Sidecar {
                     if last_error.as_deref() != Some(msg.as_str()) {
                         tracing::error!(?action, "local action failed: {msg}");
                     }
-                    if matches!(action, LocalAction::StartPrimary | LocalAction::InitPrimary | LocalAction::Promote) {
+                    if matches!(
+                        action,
+                        LocalAction::StartPrimary | LocalAction::InitPrimary | LocalAction::Promote
+                    ) {
                         // We cannot serve as primary: hand over rather than retry forever.
                         self.lock().crashed_at_epoch = Some(f.epoch);
                     }
@@ -304,7 +341,12 @@ impl Sidecar {
     }
 
     /// Carries out one planned action. Returns whether anything was done.
-    async fn act(&self, f: &ClusterFacts, action: &LocalAction, local: &Local) -> Result<bool, PgError> {
+    async fn act(
+        &self,
+        f: &ClusterFacts,
+        action: &LocalAction,
+        local: &Local,
+    ) -> Result<bool, PgError> {
         let running = matches!(local.role, Some(PgRole::Primary) | Some(PgRole::Replica));
         match action {
             LocalAction::Nothing => {
@@ -352,7 +394,10 @@ impl Sidecar {
                 Ok(true)
             }
             LocalAction::Fence => {
-                tracing::warn!(epoch = f.epoch, "the group has no primary: stopping our primary postgres (fence)");
+                tracing::warn!(
+                    epoch = f.epoch,
+                    "the group has no primary: stopping our primary postgres (fence)"
+                );
                 if self.ctl.stop(true).await.is_err() {
                     self.ctl.kill_all();
                 }
@@ -403,7 +448,9 @@ impl Sidecar {
                 if local.role == Some(PgRole::Empty) {
                     tracing::info!(%primary, "cloning from the primary (pg_basebackup)");
                     self.ctl.basebackup(&src).await?;
-                } else if !self.ctl.is_standby_dir() || std::mem::take(&mut self.lock().force_rewind) {
+                } else if !self.ctl.is_standby_dir()
+                    || std::mem::take(&mut self.lock().force_rewind)
+                {
                     tracing::info!(%primary, "former primary: rewinding onto {primary}'s timeline");
                     if let Err(e) = self.ctl.rewind(&src).await {
                         tracing::warn!("pg_rewind failed ({e}); moving the data directory aside and cloning afresh");

@@ -100,14 +100,17 @@ impl Observer {
             l.unresponsive = true;
             return l;
         };
-        let row = match tokio::time::timeout(Duration::from_millis(1000), client.query_one(QUERY, &[])).await {
-            Ok(Ok(r)) => r,
-            _ => {
-                self.client = None;
-                l.unresponsive = true;
-                return l;
-            }
-        };
+        let row =
+            match tokio::time::timeout(Duration::from_millis(1000), client.query_one(QUERY, &[]))
+                .await
+            {
+                Ok(Ok(r)) => r,
+                _ => {
+                    self.client = None;
+                    l.unresponsive = true;
+                    return l;
+                }
+            };
         let rec: bool = row.get(0);
         let flush: Option<String> = row.get(1);
         let replay: Option<String> = row.get(2);
@@ -117,7 +120,11 @@ impl Observer {
         let wr_tli: Option<i32> = row.get(6);
         let upstream: Option<String> = row.get(7);
         l.replay_lsn = replay.as_deref().and_then(parse_lsn).unwrap_or(0);
-        l.flush_lsn = flush.as_deref().and_then(parse_lsn).unwrap_or(0).max(l.replay_lsn);
+        l.flush_lsn = flush
+            .as_deref()
+            .and_then(parse_lsn)
+            .unwrap_or(0)
+            .max(l.replay_lsn);
         if rec {
             l.role = Some(PgRole::Replica);
             l.streaming = wr_status.as_deref() == Some("streaming");
@@ -128,7 +135,10 @@ impl Observer {
             if l.streaming {
                 l.upstream = upstream.and_then(|u| {
                     let a = PgAddr::parse(&u)?;
-                    members_pg.iter().find(|(_, x)| **x == a).map(|(m, _)| m.clone())
+                    members_pg
+                        .iter()
+                        .find(|(_, x)| **x == a)
+                        .map(|(m, _)| m.clone())
                 });
             }
         } else {
@@ -138,7 +148,9 @@ impl Observer {
                 .and_then(|t| u32::from_str_radix(t, 16).ok())
                 .unwrap_or(ckpt_tli.unwrap_or(0) as u32);
             let q = "SELECT application_name, sync_state FROM pg_stat_replication";
-            if let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_millis(1000), client.query(q, &[])).await {
+            if let Ok(Ok(rows)) =
+                tokio::time::timeout(Duration::from_millis(1000), client.query(q, &[])).await
+            {
                 for r in rows {
                     let name: Option<String> = r.get(0);
                     let st: Option<String> = r.get(1);

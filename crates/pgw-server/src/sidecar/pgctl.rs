@@ -93,7 +93,10 @@ impl PgCtl {
         let os_user = if running_as_root() {
             Some(lookup_user(&cfg.os_user).ok_or_else(|| PgError::Tool {
                 what: "postgres.os_user".into(),
-                message: format!("no OS user `{}` (postgres refuses to run as root)", cfg.os_user),
+                message: format!(
+                    "no OS user `{}` (postgres refuses to run as root)",
+                    cfg.os_user
+                ),
             })?)
         } else {
             None
@@ -219,10 +222,14 @@ impl PgCtl {
 
     /// Renders `pgw.conf`. Returns true when it changed.
     pub fn write_managed(&self, m: &Managed) -> Result<bool, PgError> {
-        let mut s = String::from("# Managed by pg-watcher: rewritten on every role change. Do not edit.\n");
+        let mut s =
+            String::from("# Managed by pg-watcher: rewritten on every role change. Do not edit.\n");
         s.push_str(&format!("listen_addresses = '{}'\n", self.addr.host));
         s.push_str(&format!("port = {}\n", self.addr.port));
-        s.push_str(&format!("unix_socket_directories = '{}'\n", self.run_dir().display()));
+        s.push_str(&format!(
+            "unix_socket_directories = '{}'\n",
+            self.run_dir().display()
+        ));
         s.push_str("wal_level = replica\nhot_standby = on\nwal_log_hints = on\n");
         s.push_str("max_wal_senders = 10\nmax_replication_slots = 10\nwal_keep_size = '256MB'\n");
         s.push_str("synchronous_commit = on\nrecovery_target_timeline = 'latest'\n");
@@ -234,7 +241,10 @@ impl PgCtl {
         }
         s.push_str(&format!(
             "primary_conninfo = '{}'\n",
-            m.primary_conninfo.as_deref().unwrap_or("").replace('\'', "''")
+            m.primary_conninfo
+                .as_deref()
+                .unwrap_or("")
+                .replace('\'', "''")
         ));
         s.push_str(&format!(
             "synchronous_standby_names = '{}'\n",
@@ -267,7 +277,10 @@ impl PgCtl {
         // postgresql.auto.conf must not override what we own.
         let auto = self.data().join("postgresql.auto.conf");
         if auto.exists() {
-            self.write_file(&auto, "# pg-watcher owns replication settings; see pgw.conf\n")?;
+            self.write_file(
+                &auto,
+                "# pg-watcher owns replication settings; see pgw.conf\n",
+            )?;
         }
         Ok(())
     }
@@ -278,7 +291,17 @@ impl PgCtl {
         let d = self.data().display().to_string();
         self.run(
             "initdb",
-            &["-D", &d, "-U", &self.cfg.user, "--data-checksums", "--auth=trust", "-E", "UTF8", "--locale=C"],
+            &[
+                "-D",
+                &d,
+                "-U",
+                &self.cfg.user,
+                "--data-checksums",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
             Duration::from_secs(120),
         )
         .await?;
@@ -307,16 +330,27 @@ impl PgCtl {
         self.prepare_dirs()?;
         let d = self.data().display().to_string();
         let log = self.log_file().display().to_string();
-        self.run("pg_ctl", &["start", "-D", &d, "-w", "-t", "60", "-l", &log], Duration::from_secs(90))
-            .await
-            .map(|_| ())
+        self.run(
+            "pg_ctl",
+            &["start", "-D", &d, "-w", "-t", "60", "-l", &log],
+            Duration::from_secs(90),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// `pg_ctl stop`; `immediate` skips the shutdown checkpoint (used for fencing).
     pub async fn stop(&self, immediate: bool) -> Result<(), PgError> {
         let d = self.data().display().to_string();
         let mode = if immediate { "immediate" } else { "fast" };
-        match self.run("pg_ctl", &["stop", "-D", &d, "-m", mode, "-w", "-t", "30"], Duration::from_secs(40)).await {
+        match self
+            .run(
+                "pg_ctl",
+                &["stop", "-D", &d, "-m", mode, "-w", "-t", "30"],
+                Duration::from_secs(40),
+            )
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if !self.postmaster_pid().is_some_and(pid_alive) => {
                 tracing::debug!("pg_ctl stop: {e} (server not running)");
@@ -328,14 +362,20 @@ impl PgCtl {
 
     pub async fn promote(&self) -> Result<(), PgError> {
         let d = self.data().display().to_string();
-        self.run("pg_ctl", &["promote", "-D", &d, "-w", "-t", "60"], Duration::from_secs(70))
-            .await
-            .map(|_| ())
+        self.run(
+            "pg_ctl",
+            &["promote", "-D", &d, "-w", "-t", "60"],
+            Duration::from_secs(70),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn reload(&self) -> Result<(), PgError> {
         let d = self.data().display().to_string();
-        self.run("pg_ctl", &["reload", "-D", &d], Duration::from_secs(10)).await.map(|_| ())
+        self.run("pg_ctl", &["reload", "-D", &d], Duration::from_secs(10))
+            .await
+            .map(|_| ())
     }
 
     /// Clones the data directory from `source` (the data directory must be absent).
@@ -345,7 +385,17 @@ impl PgCtl {
         let ci = self.conninfo(source, &self.member);
         self.run(
             "pg_basebackup",
-            &["-d", &ci, "-D", &d, "-X", "stream", "-c", "fast", "--no-password"],
+            &[
+                "-d",
+                &ci,
+                "-D",
+                &d,
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-password",
+            ],
             Duration::from_secs(600),
         )
         .await?;
@@ -360,8 +410,12 @@ impl PgCtl {
         // A freshly promoted source updates its control file's timeline only at its next
         // checkpoint; without one pg_rewind may wrongly conclude no rewind is needed.
         self.checkpoint(source).await?;
-        self.run("pg_rewind", &["-D", &d, "--source-server", &ci], Duration::from_secs(600))
-            .await?;
+        self.run(
+            "pg_rewind",
+            &["-D", &d, "--source-server", &ci],
+            Duration::from_secs(600),
+        )
+        .await?;
         self.install_base_config()
     }
 
@@ -372,10 +426,13 @@ impl PgCtl {
             what: format!("CHECKPOINT on {}:{}", addr.host, addr.port),
             message: m,
         };
-        let (client, conn) = tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(&ci, tokio_postgres::NoTls))
-            .await
-            .map_err(|_| err("connect timed out".into()))?
-            .map_err(|e| err(e.to_string()))?;
+        let (client, conn) = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_postgres::connect(&ci, tokio_postgres::NoTls),
+        )
+        .await
+        .map_err(|_| err("connect timed out".into()))?
+        .map_err(|e| err(e.to_string()))?;
         let task = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -445,12 +502,18 @@ impl PgCtl {
 
     /// SIGKILLs the postmaster and every process whose parent it is (fencing a hung server).
     pub fn kill_all(&self) {
-        let Some(pm) = self.postmaster_pid() else { return };
+        let Some(pm) = self.postmaster_pid() else {
+            return;
+        };
         let mut victims = vec![pm];
         if let Ok(rd) = std::fs::read_dir("/proc") {
             for e in rd.flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    continue;
+                };
                 let ppid = stat
                     .rsplit(')')
                     .next()
@@ -477,6 +540,10 @@ pub fn pid_alive(pid: i32) -> bool {
     let exists = r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
     exists
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
             .unwrap_or(false)
 }
