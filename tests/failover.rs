@@ -444,3 +444,158 @@ async fn full_restart_keeps_primary_and_epoch_and_pause_stops_automation() {
     .await;
     assert!(epoch_of(&s4) > e0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_both_ways_and_forced_failover_rules() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_postgres(&THREE);
+    g.start_all();
+    let eps = g.endpoints();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let a = primary_of(&s).expect("primary");
+    let e0 = epoch_of(&s);
+    let ai = g.index_of(&a);
+    create_table(&g.pg_addr(ai)).await;
+    let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
+    let b = g
+        .members
+        .iter()
+        .map(|m| m.name().to_string())
+        .find(|n| *n != a)
+        .expect("b");
+    let bi = g.index_of(&b);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer(
+        servers.clone(),
+        stop.clone(),
+        1_000_000,
+        Duration::from_secs(170),
+    );
+    wait_acks(
+        &acks,
+        &g.pg_addr(ai),
+        Instant::now() - Duration::from_secs(60),
+        10,
+        Duration::from_secs(20),
+        "before",
+    )
+    .await;
+
+    // A forced failover while the primary is healthy is refused.
+    let err = pgw_cli::failover(&eps, "global", &b, false)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("healthy primary"), "{err}");
+    // A switchover to a non-member is refused and changes nothing.
+    let err = pgw_cli::switchover(&eps, "global", Some("nobody"))
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("not a data member"), "{err}");
+
+    // Switchover a -> b.
+    let t1 = Instant::now();
+    let op = pgw_cli::switchover(&eps, "global", Some(&b))
+        .await
+        .expect("switchover starts");
+    let done = pgw_cli::wait_operation(&eps, op, Duration::from_secs(60), true)
+        .await
+        .expect("finishes");
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    let s1 = wait_healthy(&g, Duration::from_secs(60)).await;
+    assert_eq!(primary_of(&s1).as_deref(), Some(b.as_str()));
+    assert!(epoch_of(&s1) > e0);
+    wait_acks(
+        &acks,
+        &g.pg_addr(bi),
+        t1,
+        20,
+        Duration::from_secs(30),
+        "after switchover to b",
+    )
+    .await;
+    eprintln!("switchover {a} -> {b} took {} ms", t1.elapsed().as_millis());
+
+    // And back b -> a.
+    let t2 = Instant::now();
+    let op = pgw_cli::switchover(&eps, "global", Some(&a))
+        .await
+        .expect("switchover starts");
+    let done = pgw_cli::wait_operation(&eps, op, Duration::from_secs(60), true)
+        .await
+        .expect("finishes");
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    let s2 = wait_healthy(&g, Duration::from_secs(60)).await;
+    assert_eq!(primary_of(&s2).as_deref(), Some(a.as_str()));
+    wait_acks(
+        &acks,
+        &g.pg_addr(ai),
+        t2,
+        20,
+        Duration::from_secs(30),
+        "after switchover back",
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+
+    // Zero loss, and one writer at a time: acks are grouped a..., b..., a... with no overlap.
+    let all = acks.all();
+    let mut runs: Vec<String> = Vec::new();
+    for x in &all {
+        if runs.last() != Some(&x.server) {
+            runs.push(x.server.clone());
+        }
+    }
+    assert_eq!(
+        runs,
+        vec![g.pg_addr(ai), g.pg_addr(bi), g.pg_addr(ai)],
+        "acknowledgements interleaved between servers"
+    );
+    let missing = missing_acks(&acks, &g.pg_addr(ai)).await;
+    assert!(missing.is_empty(), "acknowledged ids lost: {missing:?}");
+
+    // Forced failover rules: automation paused, the primary crashes and one replica hangs, so
+    // no replica can be proven to hold every acknowledged commit.
+    pgw_cli::set_paused(&eps, "global", true, "test")
+        .await
+        .expect("pause");
+    let ci = (0..3).find(|i| *i != ai && *i != bi).expect("c");
+    g.signal_pg(ci, libc::SIGSTOP);
+    kill_pid(g.postmaster_pid(ai).expect("pid"), libc::SIGKILL);
+    wait_until(
+        &eps,
+        Duration::from_secs(20),
+        "the crash to be reported",
+        |s| node_role(s, &a).as_deref() != Some("primary"),
+    )
+    .await;
+    let op = pgw_cli::failover(&eps, "global", &b, false)
+        .await
+        .expect("starts");
+    let done = pgw_cli::wait_operation(&eps, op, Duration::from_secs(60), true)
+        .await
+        .expect("finishes");
+    assert_eq!(done.state, "failed", "{done:?}");
+    assert!(done.detail.contains("accept-data-loss"), "{done:?}");
+    let sx = wait_until(&eps, Duration::from_secs(10), "status", |_| true).await;
+    assert!(
+        primary_of(&sx).is_none(),
+        "nothing promoted after a refusal"
+    );
+    // With explicit acceptance it goes ahead.
+    let op = pgw_cli::failover(&eps, "global", &b, true)
+        .await
+        .expect("starts");
+    let done = pgw_cli::wait_operation(&eps, op, Duration::from_secs(60), true)
+        .await
+        .expect("finishes");
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    let s3 = wait_until(&eps, Duration::from_secs(30), "b primary", |s| {
+        primary_of(s).as_deref() == Some(b.as_str())
+    })
+    .await;
+    assert!(s3.clusters[0].paused, "still paused");
+    g.signal_pg(ci, libc::SIGCONT);
+    assert_eq!(is_primary(&g.pg_addr(bi)).await, Some(true));
+}

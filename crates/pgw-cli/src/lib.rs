@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pgw_proto::{DecisionReply, HistoryRequest, SetPausedRequest};
+use pgw_proto::{
+    DecisionReply, FailoverRequest, HistoryRequest, OperationReply, OperationRequest,
+    SetPausedRequest, SwitchoverRequest,
+};
 
 /// Errors of the CLI; each names what went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,40 @@ pub enum Cmd {
         cluster: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+    },
+    /// Planned, zero-loss change of primary: the old primary shuts down cleanly, the target
+    /// receives all its WAL, then the target is promoted.
+    Switchover {
+        #[arg(default_value = "global")]
+        cluster: String,
+        /// The new primary (default: the most advanced healthy sync replica).
+        #[arg(long)]
+        to: Option<String>,
+        /// Return the operation id at once instead of waiting for the outcome.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Operator-forced promotion while the primary is lost. Refused when the target cannot be
+    /// proven to hold every acknowledged commit, unless --accept-data-loss.
+    Failover {
+        #[arg(default_value = "global")]
+        cluster: String,
+        #[arg(long)]
+        to: String,
+        /// Required: confirms this is a manual intervention.
+        #[arg(long)]
+        force: bool,
+        /// Promote even if acknowledged commits could be lost.
+        #[arg(long)]
+        accept_data_loss: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show an operation's progress and outcome.
+    Operation {
+        id: u64,
+        #[arg(long, default_value = "global")]
+        cluster: String,
     },
     /// A local sandbox on loopback.
     Demo {
@@ -152,6 +189,144 @@ pub async fn set_paused(
     Err(CliError::NoEndpoint(errors.join("; ")))
 }
 
+fn print_op(o: &OperationReply) {
+    println!(
+        "operation {} ({} to {} in {}): {}{}",
+        o.id,
+        o.kind,
+        o.target,
+        o.cluster,
+        o.state,
+        if o.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" - {}", o.detail)
+        }
+    );
+    if o.state == "running" && !o.waiting_for.is_empty() {
+        println!("  waiting for: {}", o.waiting_for);
+    }
+}
+
+/// Asks the first reachable member for an operation.
+pub async fn get_operation(
+    endpoints: &[String],
+    cluster: &str,
+    id: u64,
+) -> Result<OperationReply, CliError> {
+    let mut last = String::new();
+    for e in endpoints {
+        match status::connect(e, Duration::from_secs(2)).await {
+            Ok(mut c) => match c
+                .get_operation(OperationRequest {
+                    cluster: cluster.to_string(),
+                    id,
+                })
+                .await
+            {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    return Err(CliError::Refused(s.message().to_string()))
+                }
+                Err(s) => last = s.message().to_string(),
+            },
+            Err(err) => last = err.to_string(),
+        }
+    }
+    Err(CliError::NoEndpoint(last))
+}
+
+/// Waits for an operation to finish (at most `limit`), printing progress changes.
+pub async fn wait_operation(
+    endpoints: &[String],
+    first: OperationReply,
+    limit: Duration,
+    quiet: bool,
+) -> Result<OperationReply, CliError> {
+    let t0 = std::time::Instant::now();
+    let mut last = first;
+    let mut shown = String::new();
+    while last.state == "running" {
+        if !quiet && last.waiting_for != shown && !last.waiting_for.is_empty() {
+            println!("  ... {}", last.waiting_for);
+            shown = last.waiting_for.clone();
+        }
+        if t0.elapsed() > limit {
+            return Err(CliError::Timeout(format!(
+                "operation {} still running; check `pgwctl operation {}`",
+                last.id, last.id
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(o) = get_operation(endpoints, &last.cluster, last.id).await {
+            last = o;
+        }
+    }
+    Ok(last)
+}
+
+/// Starts a switchover (first member that accepts; followers forward to the leader).
+pub async fn switchover(
+    endpoints: &[String],
+    cluster: &str,
+    to: Option<&str>,
+) -> Result<OperationReply, CliError> {
+    let mut errors = Vec::new();
+    for e in endpoints {
+        let mut c = match status::connect(e, Duration::from_secs(2)).await {
+            Ok(c) => c,
+            Err(err) => {
+                errors.push(err.to_string());
+                continue;
+            }
+        };
+        let req = SwitchoverRequest {
+            cluster: cluster.to_string(),
+            target: to.unwrap_or_default().to_string(),
+        };
+        match c.switchover(req).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                errors.push(format!("{e}: {}", s.message()))
+            }
+            Err(s) => return Err(CliError::Refused(s.message().to_string())),
+        }
+    }
+    Err(CliError::NoEndpoint(errors.join("; ")))
+}
+
+/// Starts a forced failover.
+pub async fn failover(
+    endpoints: &[String],
+    cluster: &str,
+    to: &str,
+    accept_data_loss: bool,
+) -> Result<OperationReply, CliError> {
+    let mut errors = Vec::new();
+    for e in endpoints {
+        let mut c = match status::connect(e, Duration::from_secs(2)).await {
+            Ok(c) => c,
+            Err(err) => {
+                errors.push(err.to_string());
+                continue;
+            }
+        };
+        let req = FailoverRequest {
+            cluster: cluster.to_string(),
+            target: to.to_string(),
+            accept_data_loss,
+        };
+        match c.failover(req).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                errors.push(format!("{e}: {}", s.message()))
+            }
+            Err(s) => return Err(CliError::Refused(s.message().to_string())),
+        }
+    }
+    Err(CliError::NoEndpoint(errors.join("; ")))
+}
+
 /// Runs one CLI invocation, writing its output to stdout.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let timeout = Duration::from_millis(cli.timeout_ms.max(1));
@@ -212,6 +387,49 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
             return Err(CliError::NoEndpoint(last));
+        }
+        Cmd::Switchover {
+            cluster,
+            to,
+            no_wait,
+        } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let op = switchover(&eps, &cluster, to.as_deref()).await?;
+            print_op(&op);
+            if !no_wait {
+                let done = wait_operation(&eps, op, Duration::from_secs(60), false).await?;
+                print_op(&done);
+                if done.state != "succeeded" {
+                    return Err(CliError::Refused(done.detail));
+                }
+            }
+        }
+        Cmd::Failover {
+            cluster,
+            to,
+            force,
+            accept_data_loss,
+            no_wait,
+        } => {
+            if !force {
+                return Err(CliError::Usage(
+                    "a manual failover bypasses the automation: pass --force to confirm (and see --accept-data-loss)".into(),
+                ));
+            }
+            let eps = need_endpoints(&cli.endpoints)?;
+            let op = failover(&eps, &cluster, &to, accept_data_loss).await?;
+            print_op(&op);
+            if !no_wait {
+                let done = wait_operation(&eps, op, Duration::from_secs(60), false).await?;
+                print_op(&done);
+                if done.state != "succeeded" {
+                    return Err(CliError::Refused(done.detail));
+                }
+            }
+        }
+        Cmd::Operation { id, cluster } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            print_op(&get_operation(&eps, &cluster, id).await?);
         }
         Cmd::Demo { action } => match action {
             DemoCmd::Up { dir } => {

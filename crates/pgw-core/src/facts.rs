@@ -55,7 +55,65 @@ pub enum Command {
         paused: bool,
         reason: String,
     },
+    /// Starts an operator operation (its id is this entry's log index). A switchover also
+    /// clears the primary (epoch + 1) and records the target the group will promote once the
+    /// old primary has shut down cleanly and the target has all its WAL.
+    BeginOperation {
+        cluster: String,
+        operation: OperationKind,
+        target: Option<String>,
+        expected_epoch: u64,
+        detail: String,
+        /// Forced failover only: promote the target even if it cannot be proven to hold
+        /// every acknowledged commit.
+        #[serde(default)]
+        accept_data_loss: bool,
+    },
+    /// Records how an operation ended.
+    FinishOperation {
+        cluster: String,
+        id: u64,
+        succeeded: bool,
+        detail: String,
+    },
 }
+
+/// Kinds of operator operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    /// Planned, zero-loss change of primary.
+    Switchover,
+    /// Operator-forced promotion of a target while the primary is lost.
+    Failover,
+}
+
+/// Progress of an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// An operator operation, as recorded in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: u64,
+    pub kind: OperationKind,
+    pub target: Option<String>,
+    pub state: OperationState,
+    pub detail: String,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub by: String,
+    #[serde(default)]
+    pub accept_data_loss: bool,
+}
+
+/// How many finished operations each cluster keeps.
+pub const OPERATIONS_LIMIT: usize = 64;
 
 impl Command {
     pub fn cluster(&self) -> &str {
@@ -64,7 +122,9 @@ impl Command {
             | Command::SetPrimary { cluster, .. }
             | Command::ClearPrimary { cluster, .. }
             | Command::SetSyncSet { cluster, .. }
-            | Command::SetPaused { cluster, .. } => cluster,
+            | Command::SetPaused { cluster, .. }
+            | Command::BeginOperation { cluster, .. }
+            | Command::FinishOperation { cluster, .. } => cluster,
         }
     }
 }
@@ -110,6 +170,21 @@ pub struct ClusterFacts {
     /// SetPrimary). It holds every commit it acknowledged, so it may be restarted in place.
     #[serde(default)]
     pub former_primary: Option<String>,
+    /// The member a running switchover will promote.
+    #[serde(default)]
+    pub switchover_target: Option<String>,
+    /// Operator operations by id (running ones and the most recent finished ones).
+    #[serde(default)]
+    pub operations: BTreeMap<u64, Operation>,
+}
+
+impl ClusterFacts {
+    /// The running operation, if any.
+    pub fn running_operation(&self) -> Option<&Operation> {
+        self.operations
+            .values()
+            .find(|o| o.state == OperationState::Running)
+    }
 }
 
 impl ClusterFacts {
@@ -123,6 +198,8 @@ impl ClusterFacts {
             paused: false,
             history: VecDeque::new(),
             former_primary: None,
+            switchover_target: None,
+            operations: BTreeMap::new(),
         }
     }
 
@@ -200,6 +277,7 @@ impl Facts {
                 c.epoch += 1;
                 c.primary = Some(member.clone());
                 c.former_primary = None;
+                c.switchover_target = None;
                 // The new primary cannot be its own standby.
                 c.sync_standbys.remove(member);
                 c.record(
@@ -264,6 +342,100 @@ impl Facts {
                     p,
                     format!("sync set := ANY {quorum} ({})", list.join(", ")),
                 );
+                Outcome::Applied { epoch: c.epoch }
+            }
+            Command::BeginOperation {
+                operation: kind,
+                target,
+                expected_epoch,
+                detail,
+                accept_data_loss,
+                ..
+            } => {
+                if let Some(r) = c.running_operation() {
+                    return reject(format!(
+                        "operation {} ({:?}) is still running",
+                        r.id, r.kind
+                    ));
+                }
+                if *expected_epoch != c.epoch {
+                    return reject(format!(
+                        "stale epoch: expected {expected_epoch}, current {}",
+                        c.epoch
+                    ));
+                }
+                if *kind == OperationKind::Switchover {
+                    let Some(old) = c.primary.take() else {
+                        return reject("no primary to switch over from");
+                    };
+                    if target.as_deref() == Some(old.as_str()) {
+                        c.primary = Some(old);
+                        return reject("the target is already the primary");
+                    }
+                    c.epoch += 1;
+                    c.former_primary = Some(old);
+                    c.switchover_target = target.clone();
+                }
+                let finished: Vec<u64> = c
+                    .operations
+                    .values()
+                    .filter(|o| o.state != OperationState::Running)
+                    .map(|o| o.id)
+                    .collect();
+                if finished.len() >= OPERATIONS_LIMIT {
+                    if let Some(oldest) = finished.first() {
+                        c.operations.remove(oldest);
+                    }
+                }
+                c.operations.insert(
+                    log_index,
+                    Operation {
+                        id: log_index,
+                        kind: *kind,
+                        target: target.clone(),
+                        state: OperationState::Running,
+                        detail: detail.clone(),
+                        started_ms: p.at_ms,
+                        finished_ms: None,
+                        by: p.by.clone(),
+                        accept_data_loss: *accept_data_loss,
+                    },
+                );
+                c.record(
+                    log_index,
+                    p,
+                    format!(
+                        "operation {log_index} started: {kind:?} to {} (epoch {}): {detail}",
+                        target.as_deref().unwrap_or("-"),
+                        c.epoch
+                    ),
+                );
+                Outcome::Applied { epoch: c.epoch }
+            }
+            Command::FinishOperation {
+                id,
+                succeeded,
+                detail,
+                ..
+            } => {
+                let Some(op) = c.operations.get_mut(id) else {
+                    return reject(format!("no operation {id}"));
+                };
+                if op.state != OperationState::Running {
+                    return Outcome::Unchanged { epoch: c.epoch };
+                }
+                op.state = if *succeeded {
+                    OperationState::Succeeded
+                } else {
+                    OperationState::Failed
+                };
+                op.detail = detail.clone();
+                op.finished_ms = Some(p.at_ms);
+                if !*succeeded {
+                    c.switchover_target = None;
+                }
+                let what = if *succeeded { "succeeded" } else { "failed" };
+                c.record(log_index, p, format!("operation {id} {what}: {detail}"));
                 Outcome::Applied { epoch: c.epoch }
             }
             Command::SetPaused { paused, reason, .. } => {
@@ -394,7 +566,7 @@ mod tests {
             }),
             (
                 cluster.clone(),
-                proptest::collection::btree_set(member, 0..3),
+                proptest::collection::btree_set(member.clone(), 0..3),
                 0u32..3,
                 0u64..6
             )
@@ -404,10 +576,36 @@ mod tests {
                     quorum,
                     expected_epoch: e
                 }),
-            (cluster, any::<bool>()).prop_map(|(cluster, paused)| Command::SetPaused {
+            (cluster.clone(), any::<bool>()).prop_map(|(cluster, paused)| Command::SetPaused {
                 cluster,
                 paused,
                 reason: "p".into()
+            }),
+            (
+                cluster.clone(),
+                any::<bool>(),
+                proptest::option::of(member.clone()),
+                0u64..6
+            )
+                .prop_map(|(cluster, sw, target, e)| Command::BeginOperation {
+                    cluster,
+                    operation: if sw {
+                        OperationKind::Switchover
+                    } else {
+                        OperationKind::Failover
+                    },
+                    target,
+                    expected_epoch: e,
+                    detail: "p".into(),
+                    accept_data_loss: false,
+                }),
+            (cluster, 0u64..40, any::<bool>()).prop_map(|(cluster, id, ok)| {
+                Command::FinishOperation {
+                    cluster,
+                    id,
+                    succeeded: ok,
+                    detail: "p".into(),
+                }
             }),
         ]
     }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::facts::{ClusterFacts, Command};
+use crate::facts::{ClusterFacts, Command, Operation, OperationKind};
 
 /// What the local PostgreSQL is doing, as its sidecar sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,10 +118,14 @@ pub fn desired_sync_set(data_members: &[Candidate], primary: &str) -> BTreeSet<S
 
 /// The leader's rule. Deterministic in its inputs.
 pub fn decide(v: &LeaderView<'_>) -> Decision {
-    let f = v.facts;
-    if f.paused {
+    if v.facts.paused {
         return Decision::Steady;
     }
+    decide_unpaused(v)
+}
+
+fn decide_unpaused(v: &LeaderView<'_>) -> Decision {
+    let f = v.facts;
     let cluster = f.name.clone();
     match &f.primary {
         None if f.epoch == 0 => bootstrap(v),
@@ -265,6 +269,14 @@ fn restart_in_place(v: &LeaderView<'_>) -> Option<String> {
 /// the candidate must have the highest flushed LSN among them, on the highest timeline. Ties
 /// go to the higher priority, then the smaller name.
 pub fn choose_candidate(v: &LeaderView<'_>) -> Result<String, String> {
+    choose_candidate_preferring(v, None)
+}
+
+/// [`choose_candidate`], where `preferred` wins ties on WAL position (a switchover target).
+pub fn choose_candidate_preferring(
+    v: &LeaderView<'_>,
+    preferred: Option<&str>,
+) -> Result<String, String> {
     let f = v.facts;
     let n = f.sync_standbys.len();
     if n == 0 {
@@ -293,6 +305,10 @@ pub fn choose_candidate(v: &LeaderView<'_>) -> Result<String, String> {
         .max_by(|a, b| {
             a.flush_lsn
                 .cmp(&b.flush_lsn)
+                .then(
+                    (Some(a.member.as_str()) == preferred)
+                        .cmp(&(Some(b.member.as_str()) == preferred)),
+                )
                 .then(v.priority(&a.member).cmp(&v.priority(&b.member)))
                 .then(b.member.cmp(&a.member))
         })
@@ -307,6 +323,134 @@ pub fn choose_candidate(v: &LeaderView<'_>) -> Result<String, String> {
     Ok(best.member.clone())
 }
 
+/// A forced failover whose target cannot be proven complete is refused after this long.
+pub const FORCED_REFUSAL_MS: u64 = 5_000;
+
+/// The leader's rule while an operator operation runs; it takes precedence over [`decide`]
+/// (and works while automation is paused: the operator asked for it). `age_ms` is how long the
+/// operation has run; after `timeout_ms` a switchover that could not complete is failed and
+/// ordinary failover rules take over.
+pub fn decide_operation(
+    v: &LeaderView<'_>,
+    op: &Operation,
+    age_ms: u64,
+    timeout_ms: u64,
+) -> Decision {
+    let f = v.facts;
+    let cluster = f.name.clone();
+    let finish = |ok: bool, detail: String| {
+        Decision::Propose(Command::FinishOperation {
+            cluster: cluster.clone(),
+            id: op.id,
+            succeeded: ok,
+            detail,
+        })
+    };
+    let Some(t) = op.target.clone() else {
+        return finish(false, "operation has no target".into());
+    };
+    let serving = |m: &str| v.fresh(m).is_some_and(|o| o.role == PgRole::Primary);
+    match (&f.primary, op.kind) {
+        (Some(p), _) if *p == t => {
+            if serving(p) {
+                finish(true, format!("{t} is primary (epoch {})", f.epoch))
+            } else {
+                Decision::Wait(format!("{t} is being promoted"))
+            }
+        }
+        (Some(p), OperationKind::Switchover) => {
+            finish(false, format!("{p} became primary instead of {t}"))
+        }
+        (Some(p), OperationKind::Failover) => {
+            if serving(p) && !v.fresh(p).is_some_and(|o| o.crashed) {
+                return finish(false, format!("{p} is a healthy primary; use a switchover"));
+            }
+            if age_ms > timeout_ms {
+                return finish(
+                    false,
+                    format!("{p} could not be released within {} s", timeout_ms / 1000),
+                );
+            }
+            // Release the lost primary under the usual rules (crash report or lease expiry).
+            match decide_unpaused(v) {
+                d @ Decision::Propose(Command::ClearPrimary { .. }) => d,
+                Decision::Wait(w) => Decision::Wait(w),
+                _ => Decision::Wait(format!("waiting to release {p}")),
+            }
+        }
+        (None, OperationKind::Switchover) => {
+            if age_ms > timeout_ms {
+                return finish(
+                    false,
+                    format!(
+                        "timed out after {} s; ordinary failover rules apply",
+                        timeout_ms / 1000
+                    ),
+                );
+            }
+            if let Some(old) = &f.former_primary {
+                match v.fresh(old).map(|o| o.role) {
+                    Some(PgRole::Down) => {}
+                    _ => return Decision::Wait(format!("waiting for {old} to shut down cleanly")),
+                }
+            }
+            match choose_candidate_preferring(v, Some(&t)) {
+                Ok(c) if c == t => Decision::Propose(Command::SetPrimary {
+                    cluster,
+                    member: t.clone(),
+                    expected_epoch: f.epoch,
+                    reason: format!(
+                        "switchover (operation {}): {t} has all WAL of the old primary",
+                        op.id
+                    ),
+                }),
+                Ok(c) => Decision::Wait(format!("{t} is behind {c}; waiting for it to catch up")),
+                Err(why) => Decision::Wait(why),
+            }
+        }
+        (None, OperationKind::Failover) => {
+            let forced = |why: String| {
+                let ok = v.fresh(&t).is_some_and(|o| {
+                    o.role == PgRole::Replica && !o.streaming && o.epoch_seen >= f.epoch
+                });
+                if ok {
+                    Decision::Propose(Command::SetPrimary {
+                        cluster: cluster.clone(),
+                        member: t.clone(),
+                        expected_epoch: f.epoch,
+                        reason: format!(
+                            "forced failover (operation {}), data loss accepted: {why}",
+                            op.id
+                        ),
+                    })
+                } else {
+                    Decision::Wait(format!("{t} has not reported as a detached replica yet"))
+                }
+            };
+            match choose_candidate(v) {
+                Ok(c) if c == t => Decision::Propose(Command::SetPrimary {
+                    cluster,
+                    member: t.clone(),
+                    expected_epoch: f.epoch,
+                    reason: format!("forced failover (operation {}): {t} holds every acknowledged commit", op.id),
+                }),
+                Ok(c) if op.accept_data_loss => forced(format!("{c} has more WAL")),
+                Ok(c) => finish(
+                    false,
+                    format!("refused: {c} has more WAL than {t}; promoting {t} could lose acknowledged commits (pass --accept-data-loss to do it anyway)"),
+                ),
+                Err(why) if op.accept_data_loss => forced(why),
+                // Reports need a moment after the detach; then refuse rather than hang.
+                Err(why) if age_ms > timeout_ms.min(FORCED_REFUSAL_MS) => finish(
+                    false,
+                    format!("refused: {t} cannot be proven to hold every acknowledged commit: {why} (pass --accept-data-loss to do it anyway)"),
+                ),
+                Err(why) => Decision::Wait(why),
+            }
+        }
+    }
+}
+
 /// What a data member's sidecar should do with its local postgres.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalAction {
@@ -317,8 +461,11 @@ pub enum LocalAction {
     StartPrimary,
     /// Promote the local standby.
     Promote,
-    /// Make postgres stop acting as primary (stop it).
+    /// Make postgres stop acting as primary (stop it at once).
     Fence,
+    /// Shut the primary down cleanly for a switchover: a fast shutdown sends all WAL to the
+    /// connected standbys before it completes.
+    Demote,
     /// Stop following anyone (empty `primary_conninfo`).
     Detach,
     /// Follow `primary` (clone first if empty, rewind first if diverged).
@@ -352,7 +499,19 @@ pub fn plan_local(
         (Some(p), PgRole::Down) | (Some(p), PgRole::Empty) => {
             LocalAction::StartReplica { primary: p.clone() }
         }
+        (None, PgRole::Primary) if facts.epoch > 0 && facts.switchover_target.is_some() => {
+            LocalAction::Demote
+        }
         (None, PgRole::Primary) if facts.epoch > 0 => LocalAction::Fence,
+        // During a switchover standbys keep streaming from the old primary until it is down,
+        // so they receive everything it wrote before its shutdown checkpoint.
+        (None, PgRole::Replica)
+            if facts.switchover_target.is_some()
+                && upstream.is_some()
+                && upstream == facts.former_primary.as_deref() =>
+        {
+            LocalAction::Nothing
+        }
         (None, PgRole::Replica) if upstream.is_some() => LocalAction::Detach,
         (None, _) => LocalAction::Nothing,
     }

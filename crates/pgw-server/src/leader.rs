@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgw_core::failover::{decide, Candidate, Decision, LeaderView, Observation};
+use pgw_core::failover::{decide, decide_operation, Candidate, Decision, LeaderView, Observation};
 use pgw_core::Role;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -110,6 +110,9 @@ impl LeaderState {
     }
 }
 
+/// How long a switchover or forced failover may take before it is failed.
+const OPERATION_TIMEOUT_MS: u64 = 30_000;
+
 /// Runs the decision rule while this member leads. Runs on every member (arbiters too).
 pub async fn decision_loop(s: Shared) {
     if !s.cfg.manages_postgres() {
@@ -166,7 +169,15 @@ pub async fn decision_loop(s: Shared) {
                 bootstrap: c.bootstrap_primary.as_deref(),
                 sync_quorum: c.sync_quorum,
             };
-            match decide(&view) {
+            // A running operator operation takes precedence (and works while paused).
+            let decision = match f.running_operation() {
+                Some(op) => {
+                    let age = crate::service::now_ms().saturating_sub(op.started_ms);
+                    decide_operation(&view, op, age, OPERATION_TIMEOUT_MS)
+                }
+                None => decide(&view),
+            };
+            match decision {
                 Decision::Steady => {
                     if let Ok(mut g) = s.leader.inner.lock() {
                         g.waiting.remove(&c.name);

@@ -8,9 +8,10 @@ use openraft::ServerState;
 use pgw_core::{Command, Config, Outcome, Proposal};
 use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{
-    admin_server, raft_server, ClusterStatus, DecisionReply, HelloReply, HelloRequest,
-    HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, NodeStatus, RaftReply,
-    RaftRequest, ReportReply, ReportRequest, SetPausedRequest, StatusReply, StatusRequest,
+    admin_server, raft_server, ClusterStatus, DecisionReply, FailoverRequest, HelloReply,
+    HelloRequest, HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, NodeStatus,
+    OperationReply, OperationRequest, RaftReply, RaftRequest, ReportReply, ReportRequest,
+    SetPausedRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -218,6 +219,210 @@ pub fn state_name(s: ServerState) -> &'static str {
 pub struct AdminService(pub Shared);
 
 impl AdminService {
+    /// A client to the leader for forwarding an operator call, or an error if we cannot.
+    fn leader_client(
+        &self,
+        forwarded: bool,
+    ) -> Result<AdminClient<tonic::transport::Channel>, Status> {
+        let m = self.0.raft.metrics().borrow().clone();
+        let Some(leader) = m.current_leader else {
+            return Err(Status::unavailable(
+                "no leader elected at the moment; retry",
+            ));
+        };
+        if forwarded {
+            return Err(Status::unavailable(
+                "leadership moved while forwarding; retry",
+            ));
+        }
+        let addr = self
+            .0
+            .leader_addr(leader)
+            .ok_or_else(|| Status::unavailable("leader address unknown"))?;
+        let ch = (self.0.channels)(&addr)
+            .map_err(|e| Status::unavailable(format!("cannot reach leader at {addr}: {e}")))?;
+        Ok(AdminClient::new(ch))
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.0.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && m.current_leader == self.0.cfg.me().map(|x| x.id)
+    }
+
+    fn operation_reply(&self, cluster: &str, id: u64) -> Result<OperationReply, Status> {
+        let facts = self.0.sm.applied().facts;
+        let c = facts
+            .cluster(cluster)
+            .ok_or_else(|| Status::not_found(format!("unknown cluster `{cluster}`")))?;
+        let op = c.operations.get(&id).ok_or_else(|| {
+            Status::not_found(format!(
+                "no operation {id} in cluster `{cluster}` (only the latest {} are kept)",
+                pgw_core::facts::OPERATIONS_LIMIT
+            ))
+        })?;
+        let running = op.state == pgw_core::facts::OperationState::Running;
+        Ok(OperationReply {
+            id: op.id,
+            cluster: cluster.to_string(),
+            kind: format!("{:?}", op.kind).to_lowercase(),
+            target: op.target.clone().unwrap_or_default(),
+            state: format!("{:?}", op.state).to_lowercase(),
+            detail: op.detail.clone(),
+            started_ms: op.started_ms,
+            finished_ms: op.finished_ms.unwrap_or(0),
+            waiting_for: if running {
+                self.0.leader.waiting(cluster).unwrap_or_default()
+            } else {
+                String::new()
+            },
+        })
+    }
+
+    /// Starts an operation after validation (on the leader, which has the observations).
+    async fn begin(
+        &self,
+        cluster: &str,
+        kind: pgw_core::facts::OperationKind,
+        target: String,
+        accept_data_loss: bool,
+    ) -> Result<OperationReply, Status> {
+        use pgw_core::facts::OperationKind;
+        use pgw_core::failover::PgRole;
+        self.cluster_known(cluster)?;
+        let facts = self.0.sm.applied().facts;
+        let f = facts.cluster(cluster).ok_or_else(|| {
+            Status::failed_precondition(format!("cluster `{cluster}` is not bootstrapped yet"))
+        })?;
+        if let Some(r) = f.running_operation() {
+            return Err(Status::failed_precondition(format!(
+                "operation {} ({:?}) is still running",
+                r.id, r.kind
+            )));
+        }
+        let reports = self.0.leader.reports(cluster);
+        let now = self.0.leader.now_ms();
+        let fresh_ms = (self.0.cfg.failover.report_interval_ms * 5).max(500);
+        let fresh = |m: &str| {
+            reports
+                .get(m)
+                .filter(|(_, at)| now.saturating_sub(*at) <= fresh_ms)
+                .map(|(o, _)| o.clone())
+        };
+        let data: Vec<&pgw_core::MemberConfig> = self.0.cfg.data_members().collect();
+        if !target.is_empty() && !data.iter().any(|m| m.name == target) {
+            return Err(Status::invalid_argument(format!(
+                "`{target}` is not a data member of this group"
+            )));
+        }
+        let target = match kind {
+            OperationKind::Switchover => {
+                let p = f.primary.clone().ok_or_else(|| {
+                    Status::failed_precondition("the cluster has no primary; a switchover needs a healthy one (use `pgwctl failover`)")
+                })?;
+                let po = fresh(&p)
+                    .filter(|o| o.role == PgRole::Primary)
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "the primary {p} is not healthy; a switchover needs a healthy one"
+                        ))
+                    })?;
+                // Healthy sync replicas of the current primary.
+                let healthy = |m: &str| -> Option<u64> {
+                    let o = fresh(m)?;
+                    let sync = po
+                        .standbys
+                        .get(m)
+                        .is_some_and(|s| s == "sync" || s == "quorum");
+                    (o.role == PgRole::Replica
+                        && o.streaming
+                        && sync
+                        && f.sync_standbys.contains(m))
+                    .then_some(o.flush_lsn)
+                };
+                if target.is_empty() {
+                    let mut best: Vec<(&pgw_core::MemberConfig, u64)> = data
+                        .iter()
+                        .filter(|m| m.name != p)
+                        .filter_map(|m| healthy(&m.name).map(|l| (*m, l)))
+                        .collect();
+                    best.sort_by(|a, b| {
+                        b.1.cmp(&a.1)
+                            .then(b.0.priority.cmp(&a.0.priority))
+                            .then(a.0.name.cmp(&b.0.name))
+                    });
+                    best.first().map(|(m, _)| m.name.clone()).ok_or_else(|| {
+                        Status::failed_precondition(
+                            "no healthy synchronous replica to switch over to",
+                        )
+                    })?
+                } else {
+                    if target == p {
+                        return Err(Status::failed_precondition(format!(
+                            "{target} is already the primary"
+                        )));
+                    }
+                    if healthy(&target).is_none() {
+                        return Err(Status::failed_precondition(format!(
+                            "{target} is not a healthy synchronous replica of {p} (it must be streaming and in sync); refusing"
+                        )));
+                    }
+                    target
+                }
+            }
+            OperationKind::Failover => {
+                if target.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "a forced failover needs --to MEMBER",
+                    ));
+                }
+                if let Some(p) = &f.primary {
+                    if fresh(p).is_some_and(|o| o.role == PgRole::Primary && !o.crashed) {
+                        return Err(Status::failed_precondition(format!(
+                            "{p} is a healthy primary; use `pgwctl switchover --to {target}` instead"
+                        )));
+                    }
+                }
+                if f.primary.as_deref() == Some(target.as_str()) {
+                    return Err(Status::failed_precondition(format!(
+                        "{target} is already the primary"
+                    )));
+                }
+                target
+            }
+        };
+        let detail = match kind {
+            OperationKind::Switchover => format!(
+                "switchover from {} to {target}",
+                f.primary.clone().unwrap_or_default()
+            ),
+            OperationKind::Failover => format!(
+                "forced failover to {target}{}",
+                if accept_data_loss {
+                    " (data loss accepted)"
+                } else {
+                    ""
+                }
+            ),
+        };
+        let cmd = Command::BeginOperation {
+            cluster: cluster.to_string(),
+            operation: kind,
+            target: Some(target),
+            expected_epoch: f.epoch,
+            detail,
+            accept_data_loss,
+        };
+        match self.0.propose(cmd).await? {
+            (_, Outcome::Rejected { reason }, _) => {
+                Err(Status::failed_precondition(format!("refused: {reason}")))
+            }
+            (idx, _, _) => {
+                self.0.leader.wake.notify_one();
+                self.operation_reply(cluster, idx)
+            }
+        }
+    }
+
     fn cluster_known(&self, name: &str) -> Result<(), Status> {
         if self.0.cfg.clusters.iter().any(|c| c.name == name) {
             Ok(())
@@ -304,6 +509,63 @@ impl admin_server::Admin for AdminService {
             epoch,
             leader: self.0.cfg.member.clone(),
         }))
+    }
+
+    async fn switchover(
+        &self,
+        request: Request<SwitchoverRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let req = request.into_inner();
+        if !self.is_leader() {
+            let mut fwd = Request::new(req);
+            fwd.metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            fwd.set_timeout(Duration::from_secs(10));
+            return self.leader_client(forwarded)?.switchover(fwd).await;
+        }
+        let r = self
+            .begin(
+                &req.cluster,
+                pgw_core::facts::OperationKind::Switchover,
+                req.target,
+                false,
+            )
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn failover(
+        &self,
+        request: Request<FailoverRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let req = request.into_inner();
+        if !self.is_leader() {
+            let mut fwd = Request::new(req);
+            fwd.metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            fwd.set_timeout(Duration::from_secs(10));
+            return self.leader_client(forwarded)?.failover(fwd).await;
+        }
+        let r = self
+            .begin(
+                &req.cluster,
+                pgw_core::facts::OperationKind::Failover,
+                req.target,
+                req.accept_data_loss,
+            )
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<OperationRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        let req = request.into_inner();
+        self.cluster_known(&req.cluster)?;
+        Ok(Response::new(self.operation_reply(&req.cluster, req.id)?))
     }
 
     async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {

@@ -403,6 +403,14 @@ impl Sidecar {
                 }
                 Ok(true)
             }
+            LocalAction::Demote => {
+                tracing::info!(
+                    epoch = f.epoch,
+                    "switchover: shutting down cleanly so the standbys receive all WAL"
+                );
+                self.ctl.stop(false).await?;
+                Ok(true)
+            }
             LocalAction::Detach => {
                 let m = self.managed_for(f, None);
                 self.apply_managed(&m, true).await?;
