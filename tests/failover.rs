@@ -2,7 +2,6 @@
 //! Needs the PostgreSQL 15 server binaries (`.ci/run` installs them).
 
 mod common;
-mod pgwriter;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pgw_cli::status::GroupStatus;
+use pgw_cli::writer::*;
 use pgw_core::Role;
-use pgwriter::*;
 
 const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
 
@@ -91,7 +90,7 @@ async fn primary_fault(fault: Fault) {
     let old = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let oi = g.index_of(&old);
-    create_table(&g.pg_addr(oi)).await;
+    create_table(&g.pg_addr(oi)).await.expect("table");
 
     let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -278,7 +277,7 @@ async fn replica_losses_writes_continue_then_wait_then_resume() {
     let e0 = epoch_of(&s);
     let pi = g.index_of(&p);
     let paddr = g.pg_addr(pi);
-    create_table(&paddr).await;
+    create_table(&paddr).await.expect("table");
     let replicas: Vec<usize> = (0..3).filter(|i| *i != pi).collect();
     let (r1, r2) = (replicas[0], replicas[1]);
     let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
@@ -386,7 +385,7 @@ async fn full_restart_keeps_primary_and_epoch_and_pause_stops_automation() {
     let p = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let pi = g.index_of(&p);
-    create_table(&g.pg_addr(pi)).await;
+    create_table(&g.pg_addr(pi)).await.expect("table");
 
     // Stop every watcher and every postgres, then start the watchers again.
     for i in 0..3 {
@@ -455,7 +454,7 @@ async fn switchover_both_ways_and_forced_failover_rules() {
     let a = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let ai = g.index_of(&a);
-    create_table(&g.pg_addr(ai)).await;
+    create_table(&g.pg_addr(ai)).await.expect("table");
     let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
     let b = g
         .members

@@ -22,8 +22,18 @@ pub struct DemoFile {
     pub cluster_id: String,
     pub endpoints: String,
     pub members: Vec<DemoMember>,
-    pub postgres: Vec<serde_json::Value>,
+    pub postgres: Vec<DemoPostgres>,
     pub pgpool: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoPostgres {
+    pub member: String,
+    pub host: String,
+    pub port: u16,
+    pub data_dir: String,
+    /// libpq connection string an application can write with (through this server).
+    pub dsn: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,12 +53,12 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     }
 }
 
-/// A free loopback port (the kernel picks it; we release it right away).
-fn free_port() -> Result<u16, CliError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io_err(Path::new("127.0.0.1:0")))?;
+/// A free port on a loopback address (the kernel picks it; we release it right away).
+fn free_port(ip: &str) -> Result<u16, CliError> {
+    let l = TcpListener::bind((ip, 0)).map_err(io_err(Path::new(ip)))?;
     l.local_addr()
         .map(|a| a.port())
-        .map_err(io_err(Path::new("127.0.0.1:0")))
+        .map_err(io_err(Path::new(ip)))
 }
 
 /// The `pg-watcher` binary: `$PGW_WATCHER_BIN`, else next to this `pgwctl`.
@@ -170,16 +180,30 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
     }
     let bin = watcher_bin()?;
     fs::create_dir_all(dir).map_err(io_err(dir))?;
+    // postgres runs as its own OS user when we are root: it must reach its directories.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
+    }
+    let pg_bin = pgw_core::config::defaults::pg_bin_dir();
+    if !pg_bin.join("initdb").exists() {
+        return Err(CliError::Usage(format!(
+            "PostgreSQL server binaries not found in {} (Debian: apt-get install postgresql-15)",
+            pg_bin.display()
+        )));
+    }
+    // Each room is a host of its own on loopback: 127.0.0.11, .12, .13.
     let mut members = Vec::new();
     for (i, room) in ROOMS.iter().enumerate() {
+        let ip = format!("127.0.0.{}", 11 + i);
         members.push(MemberConfig {
             name: room.to_string(),
             id: i as u64 + 1,
             role: Role::Data,
-            grpc: format!("127.0.0.1:{}", free_port()?),
-            http: format!("127.0.0.1:{}", free_port()?),
+            grpc: format!("{ip}:{}", free_port(&ip)?),
+            http: format!("{ip}:{}", free_port(&ip)?),
             priority: 100,
-            postgres: None,
+            postgres: Some(format!("{ip}:{}", free_port(&ip)?)),
         });
     }
     let mut demo = DemoFile {
@@ -196,10 +220,26 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
     for m in &members {
         let mdir = dir.join(&m.name);
         let data = mdir.join("data");
-        if data.exists() {
-            fs::remove_dir_all(&data).map_err(io_err(&data))?;
+        for old in [data.clone(), mdir.join("pg")] {
+            if old.exists() {
+                fs::remove_dir_all(&old).map_err(io_err(&old))?;
+            }
         }
         fs::create_dir_all(&mdir).map_err(io_err(&mdir))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&mdir, fs::Permissions::from_mode(0o755)).map_err(io_err(&mdir))?;
+        }
+        let pg_data = mdir.join("pg").join("data");
+        let pg_addr = m.postgres.clone().unwrap_or_default();
+        let (host, port) = pg_addr.rsplit_once(':').unwrap_or(("127.0.0.1", "5432"));
+        demo.postgres.push(DemoPostgres {
+            member: m.name.clone(),
+            host: host.to_string(),
+            port: port.parse().unwrap_or(5432),
+            data_dir: pg_data.display().to_string(),
+            dsn: format!("host={host} port={port} user=postgres dbname=postgres"),
+        });
         let cfg = Config {
             cluster_id: demo.cluster_id.clone(),
             member: m.name.clone(),
@@ -209,7 +249,17 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             raft: RaftConfig::default(),
             clusters: pgw_core::config::defaults::clusters(),
             log: LogConfig::default(),
-            postgres: None,
+            postgres: Some(pgw_core::config::PostgresConfig {
+                cluster: None,
+                bin_dir: pg_bin.clone(),
+                data_dir: pg_data,
+                os_user: pgw_core::config::defaults::pg_os_user(),
+                user: pgw_core::config::defaults::pg_user(),
+                conninfo: String::new(),
+                hba: pgw_core::config::defaults::pg_hba(),
+                settings: vec!["shared_buffers = '32MB'".into()],
+                allow_degraded: false,
+            }),
             failover: Default::default(),
         };
         cfg.validate()?;
@@ -229,7 +279,37 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
     write_demo(dir, &demo)?;
     let eps: Vec<String> = members.iter().map(|m| m.grpc.clone()).collect();
     wait_leader(&eps, None, Duration::from_secs(30)).await?;
+    wait_healthy(&eps, Duration::from_secs(120)).await?;
     Ok(demo)
+}
+
+/// Waits until the cluster has a primary and every other member is a sync replica.
+pub async fn wait_healthy(eps: &[String], limit: Duration) -> Result<GroupStatus, CliError> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = gather(eps, Duration::from_millis(500)).await {
+            if let Some(c) = s.clusters.first() {
+                if let Some(p) = &c.primary {
+                    let ok = c
+                        .nodes
+                        .iter()
+                        .any(|n| &n.member == p && n.role == "primary")
+                        && c.nodes.iter().filter(|n| n.role == "sync_replica").count() + 1
+                            == ROOMS.len();
+                    if ok {
+                        return Ok(s);
+                    }
+                }
+            }
+        }
+        if t0.elapsed() > limit {
+            return Err(CliError::Timeout(format!(
+                "the PostgreSQL cluster did not become healthy within {} s (see the pg-watcher.log files)",
+                limit.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 pub fn down(dir: &Path) -> Result<Vec<String>, CliError> {
@@ -249,101 +329,215 @@ pub fn down(dir: &Path) -> Result<Vec<String>, CliError> {
             signal(m.pid, libc::SIGKILL);
         }
     }
+    // Then every postgres the demo's watchers started (fast shutdown).
+    for pg in &d.postgres {
+        if let Some(pid) = postmaster_pid(Path::new(&pg.data_dir)) {
+            if signal(pid, libc::SIGINT) {
+                stopped.push(format!("postgres of {}", pg.member));
+            }
+        }
+    }
+    let t0 = Instant::now();
+    while d
+        .postgres
+        .iter()
+        .any(|pg| postmaster_pid(Path::new(&pg.data_dir)).is_some_and(alive))
+        && t0.elapsed() < Duration::from_secs(15)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(stopped)
+}
+
+fn postmaster_pid(data_dir: &Path) -> Option<u32> {
+    let t = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    t.lines().next()?.trim().parse().ok()
+}
+
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Faults `demo failover` can inject into the primary's room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DemoFault {
+    /// kill -9 of the primary's postmaster.
+    Crash,
+    /// kill -9 of the primary's watcher and postgres together (the machine is gone).
+    NodeLoss,
+    /// SIGSTOP of the primary's postgres (a hung server).
+    Hang,
 }
 
 /// Result of `demo failover`.
 #[derive(Debug, Serialize)]
 pub struct FailoverReport {
-    pub killed: String,
-    pub new_leader: String,
-    pub elected_ms: u64,
-    pub committed_ms: u64,
-    pub rejoined_ms: u64,
+    pub fault: DemoFault,
+    pub old_primary: String,
+    pub new_primary: String,
+    /// Fault to the first write acknowledged by the new primary.
+    pub first_write_ms: u64,
+    pub acknowledged_writes: usize,
+    pub lost_writes: usize,
+    /// Heal (restart / continue) to the old primary serving as a sync replica again.
+    pub rejoined_ms: Option<u64>,
 }
 
-/// Kills the Raft leader with SIGKILL, waits for a new leader to commit a decision, then
-/// restarts the killed member and waits for it to catch up.
-pub async fn failover(dir: &Path) -> Result<FailoverReport, CliError> {
+/// Injects `fault` into the primary's room while a writer runs, measures the time to the first
+/// acknowledged write on the new primary, checks nothing acknowledged was lost, heals the room
+/// and waits for the old primary to rejoin as a replica.
+pub async fn failover(dir: &Path, fault: DemoFault) -> Result<FailoverReport, CliError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
     let mut d = read_demo(dir)?;
     let eps: Vec<String> = d.members.iter().map(|m| m.grpc.clone()).collect();
-    let before = wait_leader(&eps, None, Duration::from_secs(10)).await?;
-    let old = before.leader.clone().unwrap_or_default();
-    let idx = d
+    let before = wait_healthy(&eps, Duration::from_secs(60)).await?;
+    let old = before
+        .clusters
+        .first()
+        .and_then(|c| c.primary.clone())
+        .ok_or_else(|| CliError::Timeout("no primary".into()))?;
+    let pg_of = |m: &str| d.postgres.iter().find(|p| p.member == m).cloned();
+    let old_pg = pg_of(&old)
+        .ok_or_else(|| CliError::Usage(format!("{old} has no postgres in demo.json")))?;
+    let addr = |p: &DemoPostgres| format!("{}:{}", p.host, p.port);
+    let servers: Vec<String> = d.postgres.iter().map(addr).collect();
+    let old_addr = addr(&old_pg);
+    crate::writer::create_table(&old_addr)
+        .await
+        .map_err(CliError::Refused)?;
+    let first_id = crate::writer::next_id(&old_addr).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = crate::writer::spawn_writer_from(
+        servers,
+        stop.clone(),
+        first_id,
+        10_000_000,
+        Duration::from_secs(120),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let oi = d
         .members
         .iter()
         .position(|m| m.name == old)
-        .ok_or_else(|| CliError::Usage(format!("leader `{old}` is not in demo.json")))?;
-    let pid = d.members[idx].pid;
-    if !is_watcher(pid) {
-        return Err(CliError::Usage(format!(
-            "pid {pid} of {old} is not a running pg-watcher"
-        )));
-    }
+        .ok_or_else(|| CliError::Usage(format!("{old} is not in demo.json")))?;
+    let pg_pid = postmaster_pid(Path::new(&old_pg.data_dir));
     let t0 = Instant::now();
-    signal(pid, libc::SIGKILL);
-    let others: Vec<String> = d
-        .members
-        .iter()
-        .filter(|m| m.name != old)
-        .map(|m| m.grpc.clone())
-        .collect();
-    let after = wait_leader(&others, Some(&old), Duration::from_secs(30)).await?;
-    let elected_ms = t0.elapsed().as_millis() as u64;
-    let new_leader = after.leader.clone().unwrap_or_default();
-    let cluster = after
-        .clusters
-        .first()
-        .map(|c| c.name.clone())
-        .unwrap_or_else(|| "global".into());
-    // A decision committed by the new leader (a no-op resume).
-    let mut committed = false;
-    while t0.elapsed() < Duration::from_secs(30) {
-        if crate::set_paused(&others, &cluster, false, "demo failover probe")
-            .await
-            .is_ok()
-        {
-            committed = true;
-            break;
+    match fault {
+        DemoFault::Crash => {
+            if let Some(p) = pg_pid {
+                signal(p, libc::SIGKILL);
+            }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if !committed {
-        return Err(CliError::Timeout(
-            "new leader did not commit within 30 s".into(),
-        ));
-    }
-    let committed_ms = t0.elapsed().as_millis() as u64;
-    // Restart the killed member and wait until it has caught up.
-    let m = d.members[idx].clone();
-    let bin = watcher_bin()?;
-    let new_pid = spawn_member(&bin, Path::new(&m.config), Path::new(&m.log))?;
-    d.members[idx].pid = new_pid;
-    write_demo(dir, &d)?;
-    let t1 = Instant::now();
-    let mut rejoined_ms = 0;
-    while t1.elapsed() < Duration::from_secs(30) {
-        if let Ok(s) = gather(&eps, Duration::from_millis(500)).await {
-            let leader_applied = s
-                .members
-                .iter()
-                .find(|x| Some(&x.name) == s.leader.as_ref())
-                .and_then(|x| x.last_applied);
-            let mine = s.members.iter().find(|x| x.name == old);
-            if let (Some(la), Some(me)) = (leader_applied, mine) {
-                if me.raft == "follower" && me.last_applied >= Some(la) {
-                    rejoined_ms = t1.elapsed().as_millis() as u64;
-                    break;
+        DemoFault::NodeLoss => {
+            signal(d.members[oi].pid, libc::SIGKILL);
+            if let Some(p) = pg_pid {
+                for c in children(p).into_iter().chain([p]) {
+                    signal(c, libc::SIGKILL);
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        DemoFault::Hang => {
+            if let Some(p) = pg_pid {
+                for c in children(p).into_iter().chain([p]) {
+                    signal(c, libc::SIGSTOP);
+                }
+            }
+        }
     }
+    // The first write acknowledged by another server.
+    let first = loop {
+        if let Some(a) = acks
+            .all()
+            .into_iter()
+            .find(|a| a.at > t0 && a.server != old_addr)
+        {
+            break a;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            stop.store(true, Ordering::Relaxed);
+            return Err(CliError::Timeout(
+                "writes did not resume within 60 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let first_write_ms = (first.at - t0).as_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    let new_primary = d
+        .postgres
+        .iter()
+        .find(|p| addr(p) == first.server)
+        .map(|p| p.member.clone())
+        .unwrap_or_default();
+    let lost = crate::writer::missing_acks(&acks, &first.server)
+        .await
+        .len();
+
+    // Heal the room.
+    match fault {
+        DemoFault::Crash => {}
+        DemoFault::NodeLoss => {
+            let bin = watcher_bin()?;
+            let m = d.members[oi].clone();
+            d.members[oi].pid = spawn_member(&bin, Path::new(&m.config), Path::new(&m.log))?;
+            write_demo(dir, &d)?;
+        }
+        DemoFault::Hang => {
+            if let Some(p) = pg_pid {
+                for c in children(p).into_iter().chain([p]) {
+                    signal(c, libc::SIGCONT);
+                }
+            }
+        }
+    }
+    let t1 = Instant::now();
+    let rejoined_ms = wait_healthy(&eps, Duration::from_secs(90))
+        .await
+        .ok()
+        .map(|_| t1.elapsed().as_millis() as u64);
     Ok(FailoverReport {
-        killed: old,
-        new_leader,
-        elected_ms,
-        committed_ms,
+        fault,
+        old_primary: old,
+        new_primary,
+        first_write_ms,
+        acknowledged_writes: acks.all().len(),
+        lost_writes: lost,
         rejoined_ms,
     })
+}
+
+/// Direct children of `pid` (a postmaster's backends and auxiliary processes).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1))
+                .and_then(|x| x.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

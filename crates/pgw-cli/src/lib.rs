@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod status;
+pub mod writer;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -131,10 +132,13 @@ pub enum DemoCmd {
         #[arg(long, default_value = demo::DEFAULT_DIR)]
         dir: PathBuf,
     },
-    /// Kill -9 the Raft leader, show the new leader committing, restart the killed member.
+    /// Inject a fault into the primary's room while a writer runs; show the failover, the
+    /// lost writes (none), and the old primary rejoining.
     Failover {
         #[arg(long, default_value = demo::DEFAULT_DIR)]
         dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = demo::DemoFault::Crash)]
+        fault: demo::DemoFault,
     },
 }
 
@@ -445,13 +449,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         m.name, m.grpc, m.http, m.pid, m.log
                     );
                 }
+                for p in &d.postgres {
+                    println!("  postgres of {:<8} {}", p.member, p.dsn);
+                }
                 let pgwctl = std::env::current_exe()
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|_| "pgwctl".into());
                 println!("\nquery it:");
                 println!("  {pgwctl} --endpoints {} status", d.endpoints);
                 println!("  curl -s http://{}/health", d.members[0].http);
-                println!("  {pgwctl} demo failover --dir {}", dir.display());
+                println!(
+                    "  {pgwctl} demo failover --dir {} [--fault crash|node-loss|hang]",
+                    dir.display()
+                );
+                println!("  {pgwctl} --endpoints {} switchover", d.endpoints);
                 println!("  {pgwctl} demo down --dir {}", dir.display());
             }
             DemoCmd::Down { dir } => {
@@ -465,21 +476,28 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     }
                 );
             }
-            DemoCmd::Failover { dir } => {
-                let r = demo::failover(&dir).await?;
-                println!("killed leader {} with SIGKILL", r.killed);
+            DemoCmd::Failover { dir, fault } => {
+                println!("injecting {fault:?} into the primary's room while a writer runs...");
+                let r = demo::failover(&dir, fault).await?;
+                println!("  primary {} -> {}", r.old_primary, r.new_primary);
                 println!(
-                    "  new leader {} elected after {} ms",
-                    r.new_leader, r.elected_ms
+                    "  first write acknowledged by {} {} ms after the fault",
+                    r.new_primary, r.first_write_ms
                 );
                 println!(
-                    "  first decision committed by it after {} ms",
-                    r.committed_ms
+                    "  acknowledged writes: {}, lost: {}",
+                    r.acknowledged_writes, r.lost_writes
                 );
-                println!(
-                    "  {} restarted and caught up after {} ms",
-                    r.killed, r.rejoined_ms
-                );
+                match r.rejoined_ms {
+                    Some(ms) => println!(
+                        "  {} rejoined as a sync replica {} ms after healing",
+                        r.old_primary, ms
+                    ),
+                    None => println!(
+                        "  {} has not rejoined yet (see its pg-watcher.log)",
+                        r.old_primary
+                    ),
+                }
                 let eps: Vec<String> = demo_endpoints(&dir)?;
                 let s = status::gather(&eps, timeout).await?;
                 print!("\n{}", status::render_table(&s));

@@ -1,7 +1,5 @@
 //! A bounded writer that records every acknowledged id and the server that acknowledged it, and
-//! the checks run after a fault.
-
-#![allow(dead_code)]
+//! the checks run after a fault. Used by `pgwctl demo failover`, the tests and the benchmarks.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,13 +46,26 @@ impl Acks {
 }
 
 /// Creates the table on `primary`.
-pub async fn create_table(primary: &str) {
-    let c = connect(primary).await.expect("connect to primary");
+pub async fn create_table(primary: &str) -> Result<(), String> {
+    let c = connect(primary)
+        .await
+        .ok_or_else(|| format!("cannot connect to {primary}"))?;
     c.batch_execute(
         "CREATE TABLE IF NOT EXISTS acked (id bigint PRIMARY KEY, at timestamptz DEFAULT now())",
     )
     .await
-    .expect("create table");
+    .map_err(|e| format!("{primary}: {e}"))
+}
+
+/// The id after the largest one already in the table on `primary`.
+pub async fn next_id(primary: &str) -> i64 {
+    let Some(c) = connect(primary).await else {
+        return 1;
+    };
+    c.query_one("SELECT coalesce(max(id), 0) + 1 FROM acked", &[])
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(1)
 }
 
 /// Writes ids 1.. through whichever server accepts them, until `stop`, at most `max` ids or
@@ -65,14 +76,25 @@ pub fn spawn_writer(
     max: i64,
     limit: Duration,
 ) -> (Acks, tokio::task::JoinHandle<()>) {
+    spawn_writer_from(servers, stop, 1, max, limit)
+}
+
+/// [`spawn_writer`] starting at id `first`.
+pub fn spawn_writer_from(
+    servers: Vec<String>,
+    stop: Arc<AtomicBool>,
+    first: i64,
+    max: i64,
+    limit: Duration,
+) -> (Acks, tokio::task::JoinHandle<()>) {
     let acks = Acks::default();
     let a2 = acks.clone();
     let h = tokio::spawn(async move {
         let t0 = Instant::now();
-        let mut id = 1i64;
+        let mut id = first;
         let mut conns: BTreeMap<String, Client> = BTreeMap::new();
         let mut cursor = 0usize;
-        while !stop.load(Ordering::Relaxed) && id <= max && t0.elapsed() < limit {
+        while !stop.load(Ordering::Relaxed) && id < first + max && t0.elapsed() < limit {
             let server = servers[cursor % servers.len()].clone();
             if !conns.contains_key(&server) {
                 match connect(&server).await {
@@ -128,12 +150,13 @@ pub fn spawn_writer(
 
 /// Ids present on `server`.
 pub async fn ids_on(server: &str) -> Vec<i64> {
-    let c = connect(server).await.expect("connect");
-    let rows = c
-        .query("SELECT id FROM acked ORDER BY id", &[])
-        .await
-        .expect("select");
-    rows.iter().map(|r| r.get::<_, i64>(0)).collect()
+    let Some(c) = connect(server).await else {
+        return Vec::new();
+    };
+    match c.query("SELECT id FROM acked ORDER BY id", &[]).await {
+        Ok(rows) => rows.iter().map(|r| r.get::<_, i64>(0)).collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Whether `server` answers as a writable primary.
