@@ -39,6 +39,9 @@ pub struct NodeView {
     pub member: String,
     pub role: String,
     pub lsn: String,
+    /// Bytes of WAL behind the primary.
+    pub lag_bytes: u64,
+    pub timeline: u32,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -163,6 +166,8 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
                     member: n.member.clone(),
                     role: n.role.clone(),
                     lsn: n.lsn.clone(),
+                    lag_bytes: n.lag_bytes,
+                    timeline: n.timeline,
                 })
                 .collect(),
             pgpool: Vec::new(),
@@ -236,6 +241,21 @@ pub fn render_table(s: &GroupStatus) -> String {
             c.sync_quorum,
             c.sync_standbys.join(", ")
         ));
+    }
+    for c in &s.clusters {
+        if c.nodes.is_empty() {
+            continue;
+        }
+        out.push_str(&format!(
+            "\n{:<12} {:<14} {:<13} {:>4} {:>14} {:>12}\n",
+            "PG CLUSTER", "NODE", "ROLE", "TLI", "LSN", "LAG (bytes)"
+        ));
+        for n in &c.nodes {
+            out.push_str(&format!(
+                "{:<12} {:<14} {:<13} {:>4} {:>14} {:>12}\n",
+                c.name, n.member, n.role, n.timeline, n.lsn, n.lag_bytes
+            ));
+        }
     }
     out
 }

@@ -641,6 +641,12 @@ impl admin_server::Admin for AdminService {
                                     node_role(o, f, primary_obs.as_ref()).to_string()
                                 },
                                 lsn: crate::sidecar::observe::format_lsn(o.flush_lsn),
+                                lag_bytes: primary_obs
+                                    .as_ref()
+                                    .filter(|p| p.member != o.member)
+                                    .map(|p| p.flush_lsn.saturating_sub(o.flush_lsn))
+                                    .unwrap_or(0),
+                                timeline: o.timeline,
                             })
                             .collect()
                     },

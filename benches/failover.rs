@@ -1,0 +1,237 @@
+//! Failover benchmark against real PostgreSQL servers managed by real watchers on loopback.
+//!
+//! `cargo bench --bench failover -- [--runs N] [--fault crash|node-loss]`
+//!
+//! For each fault kind, N runs on one three-room cluster: a writer goes through every server,
+//! the fault hits the primary, and we measure the time from the fault to the first write
+//! acknowledged by the new primary, the acknowledged writes missing from it afterwards, the
+//! writes acknowledged by the old primary after the new one took over (split-brain windows),
+//! and epoch changes beyond the two a failover needs (spurious decisions). The room is healed
+//! and the cluster is back to full health before the next run. Prints a table, then one JSON
+//! object as the last line. Not a pass/fail test.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgw_cli::status::GroupStatus;
+use pgw_cli::writer::*;
+use pgw_core::Role;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Crash,
+    NodeLoss,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Crash => "crash",
+            Fault::NodeLoss => "node-loss",
+        }
+    }
+}
+
+fn args() -> (usize, Vec<Fault>) {
+    let a: Vec<String> = std::env::args().collect();
+    let get = |n: &str| {
+        a.iter()
+            .position(|x| x == n)
+            .and_then(|i| a.get(i + 1))
+            .cloned()
+    };
+    let runs = get("--runs")
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("--runs takes a number, got `{v}`"))
+        })
+        .unwrap_or(10);
+    let faults = match get("--fault").as_deref() {
+        None => vec![Fault::Crash, Fault::NodeLoss],
+        Some("crash") => vec![Fault::Crash],
+        Some("node-loss") => vec![Fault::NodeLoss],
+        Some(other) => panic!("unknown --fault `{other}`; this version measures: crash, node-loss"),
+    };
+    (runs, faults)
+}
+
+fn primary_of(s: &GroupStatus) -> Option<String> {
+    s.clusters.first().and_then(|c| c.primary.clone())
+}
+
+fn epoch_of(s: &GroupStatus) -> u64 {
+    s.clusters.first().map(|c| c.epoch).unwrap_or(0)
+}
+
+async fn healthy(g: &Group) -> GroupStatus {
+    wait_until(
+        &g.endpoints(),
+        Duration::from_secs(120),
+        "healthy cluster",
+        |s| {
+            let Some(c) = s.clusters.first() else {
+                return false;
+            };
+            let Some(p) = &c.primary else { return false };
+            c.nodes
+                .iter()
+                .any(|n| &n.member == p && n.role == "primary")
+                && c.nodes.iter().filter(|n| n.role == "sync_replica").count() == 2
+        },
+    )
+    .await
+}
+
+#[derive(Default)]
+struct Stats {
+    rto_ms: Vec<f64>,
+    lost: usize,
+    split_brain: usize,
+    spurious: u64,
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[((s.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn run_fault(fault: Fault, runs: usize) -> Stats {
+    let mut g = Group::with_postgres(&[Role::Data, Role::Data, Role::Data]);
+    g.start_all();
+    let s = healthy(&g).await;
+    let p = primary_of(&s).expect("primary");
+    create_table(&g.pg_addr(g.index_of(&p)))
+        .await
+        .expect("table");
+    let mut st = Stats::default();
+    for run in 0..runs {
+        let s = healthy(&g).await;
+        let old = primary_of(&s).expect("primary");
+        let e0 = epoch_of(&s);
+        let oi = g.index_of(&old);
+        let old_addr = g.pg_addr(oi);
+        let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
+        let first_id = next_id(&old_addr).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (acks, writer) = spawn_writer_from(
+            servers,
+            stop.clone(),
+            first_id,
+            10_000_000,
+            Duration::from_secs(120),
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let t0 = Instant::now();
+        match fault {
+            Fault::Crash => {
+                if let Some(pid) = g.postmaster_pid(oi) {
+                    // SAFETY: kill(2) has no memory-safety preconditions.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            Fault::NodeLoss => {
+                g.kill9(oi);
+                g.signal_pg(oi, libc::SIGKILL);
+            }
+        }
+        let first = loop {
+            if let Some(a) = acks
+                .all()
+                .into_iter()
+                .find(|a| a.at > t0 && a.server != old_addr)
+            {
+                break a;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "run {run}: writes did not resume"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let rto = (first.at - t0).as_secs_f64() * 1000.0;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        let _ = writer.await;
+        let lost = missing_acks(&acks, &first.server).await.len();
+        let split = acks
+            .all()
+            .iter()
+            .filter(|a| a.at >= first.at && a.server != first.server)
+            .count();
+        if fault == Fault::NodeLoss {
+            g.start(oi);
+        }
+        let s2 = healthy(&g).await;
+        // A failover takes exactly two decisions (release, promote); more means a spurious one.
+        let spurious = epoch_of(&s2).saturating_sub(e0).saturating_sub(2);
+        eprintln!(
+            "{} run {:>2}: {old} -> {}: first write after {rto:.0} ms, lost {lost}, split-brain acks {split}",
+            fault.name(),
+            run + 1,
+            primary_of(&s2).unwrap_or_default()
+        );
+        st.rto_ms.push(rto);
+        st.lost += lost;
+        st.split_brain += usize::from(split > 0);
+        st.spurious += spurious;
+    }
+    st
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let (runs, faults) = args();
+    let mut results = BTreeMap::new();
+    for f in faults {
+        results.insert(f.name(), run_fault(f, runs).await);
+    }
+    println!();
+    println!("pg-watcher failover (3 rooms on loopback, default settings): fault -> first write on the new primary");
+    println!(
+        "{:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>9}",
+        "fault", "runs", "min ms", "p50 ms", "p95 ms", "max ms", "lost", "split-brain", "spurious"
+    );
+    let mut json = serde_json::Map::new();
+    for (name, st) in &results {
+        let min = st.rto_ms.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = st.rto_ms.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{:<10} {:>5} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>6} {:>12} {:>9}",
+            name,
+            st.rto_ms.len(),
+            min,
+            pct(&st.rto_ms, 0.5),
+            pct(&st.rto_ms, 0.95),
+            max,
+            st.lost,
+            st.split_brain,
+            st.spurious
+        );
+        json.insert(
+            name.to_string(),
+            serde_json::json!({
+                "runs": st.rto_ms.len(),
+                "rto_ms": {"min": min, "p50": pct(&st.rto_ms, 0.5), "p95": pct(&st.rto_ms, 0.95), "max": max},
+                "lost_writes": st.lost,
+                "split_brain_windows": st.split_brain,
+                "spurious_failovers": st.spurious,
+            }),
+        );
+    }
+    println!("{}", serde_json::Value::Object(json));
+}
