@@ -598,3 +598,79 @@ async fn switchover_both_ways_and_forced_failover_rules() {
     g.signal_pg(ci, libc::SIGCONT);
     assert_eq!(is_primary(&g.pg_addr(bi)).await, Some(true));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degraded_mode_is_explicit_and_visible() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_postgres(&THREE);
+    g.allow_degraded(2000);
+    g.start_all();
+    let eps = g.endpoints();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let p = primary_of(&s).expect("primary");
+    let e0 = epoch_of(&s);
+    let pi = g.index_of(&p);
+    let paddr = g.pg_addr(pi);
+    create_table(&paddr).await.expect("table");
+    assert!(!s.clusters[0].degraded);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer(
+        vec![paddr.clone()],
+        stop.clone(),
+        1_000_000,
+        Duration::from_secs(120),
+    );
+    wait_acks(
+        &acks,
+        &paddr,
+        Instant::now() - Duration::from_secs(60),
+        10,
+        Duration::from_secs(20),
+        "before",
+    )
+    .await;
+
+    // Both standbys hang: after the configured delay the primary stops waiting for them.
+    for i in (0..3).filter(|i| *i != pi) {
+        g.signal_pg(i, libc::SIGSTOP);
+    }
+    let t1 = Instant::now();
+    wait_acks(
+        &acks,
+        &paddr,
+        t1 + Duration::from_secs(1),
+        20,
+        Duration::from_secs(30),
+        "degraded writes",
+    )
+    .await;
+    let sd = wait_until(&eps, Duration::from_secs(20), "degraded shown", |s| {
+        s.clusters[0].degraded
+    })
+    .await;
+    assert!(
+        sd.clusters[0].sync_standbys.is_empty(),
+        "the empty sync set is recorded in Raft"
+    );
+    assert_eq!(primary_of(&sd).as_deref(), Some(p.as_str()), "no failover");
+
+    // Standbys return: synchronous again, with the full sync set.
+    for i in (0..3).filter(|i| *i != pi) {
+        g.signal_pg(i, libc::SIGCONT);
+    }
+    let s2 = wait_healthy(&g, Duration::from_secs(60)).await;
+    let s2 = if s2.clusters[0].degraded {
+        wait_until(&eps, Duration::from_secs(20), "not degraded", |s| {
+            !s.clusters[0].degraded
+        })
+        .await
+    } else {
+        s2
+    };
+    assert_eq!(s2.clusters[0].sync_standbys.len(), 2);
+    assert_eq!(epoch_of(&s2), e0);
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    let missing = missing_acks(&acks, &paddr).await;
+    assert!(missing.is_empty(), "acknowledged ids lost: {missing:?}");
+}

@@ -154,7 +154,6 @@ pub fn pg_configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
                     "shared_buffers = '16MB'".into(),
                     "max_connections = 40".into(),
                 ],
-                allow_degraded: false,
             }),
             failover: Default::default(),
         })
@@ -181,6 +180,16 @@ impl Group {
             })
             .collect();
         Group { dir, members }
+    }
+
+    /// Lets the cluster run without synchronous standbys after `after_ms` (allow_degraded).
+    pub fn allow_degraded(&mut self, after_ms: u64) {
+        for m in &mut self.members {
+            for c in &mut m.cfg.clusters {
+                c.allow_degraded = true;
+                c.degrade_after_ms = after_ms;
+            }
+        }
     }
 
     /// The postgres address of a data member.

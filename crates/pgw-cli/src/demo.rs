@@ -258,7 +258,6 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
                 conninfo: String::new(),
                 hba: pgw_core::config::defaults::pg_hba(),
                 settings: vec!["shared_buffers = '32MB'".into()],
-                allow_degraded: false,
             }),
             failover: Default::default(),
         };

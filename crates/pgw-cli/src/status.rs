@@ -60,6 +60,10 @@ pub struct ClusterView {
     pub sync_quorum: u32,
     pub nodes: Vec<NodeView>,
     pub pgpool: Vec<PgpoolView>,
+    /// Commits do not wait for a synchronous standby (allow_degraded): RPO > 0 meanwhile.
+    pub degraded: bool,
+    /// What automation is waiting for, if anything.
+    pub waiting_for: Option<String>,
 }
 
 pub async fn connect(
@@ -171,6 +175,8 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
                 })
                 .collect(),
             pgpool: Vec::new(),
+            degraded: c.degraded,
+            waiting_for: (!c.waiting_for.is_empty()).then(|| c.waiting_for.clone()),
         })
         .collect();
     Ok(GroupStatus {
@@ -241,6 +247,17 @@ pub fn render_table(s: &GroupStatus) -> String {
             c.sync_quorum,
             c.sync_standbys.join(", ")
         ));
+    }
+    for c in &s.clusters {
+        if c.degraded {
+            out.push_str(&format!(
+                "\n{}: DEGRADED - commits do not wait for a synchronous standby (RPO > 0)\n",
+                c.name
+            ));
+        }
+        if let Some(w) = &c.waiting_for {
+            out.push_str(&format!("\n{}: waiting: {w}\n", c.name));
+        }
     }
     for c in &s.clusters {
         if c.nodes.is_empty() {

@@ -116,6 +116,13 @@ pub struct PgClusterConfig {
     /// priority data member that reports).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap_primary: Option<String>,
+    /// Let commits continue asynchronously when no synchronous standby has been connected for
+    /// `degrade_after_ms` (RPO > 0 while degraded; no automatic failover then). Default: strict
+    /// (commits wait for a standby).
+    #[serde(default)]
+    pub allow_degraded: bool,
+    #[serde(default = "defaults::degrade_after_ms")]
+    pub degrade_after_ms: u64,
 }
 
 /// The local PostgreSQL this member manages (data members only; absent: no sidecar).
@@ -145,9 +152,6 @@ pub struct PostgresConfig {
     /// Extra `postgresql.conf` settings (`name = value` lines) for every server.
     #[serde(default)]
     pub settings: Vec<String>,
-    /// Allow commits to continue without any synchronous standby (RPO > 0). Default: strict.
-    #[serde(default)]
-    pub allow_degraded: bool,
 }
 
 /// Failure detection and lease timing (see `pgw_core::lease` for the rule).
@@ -264,6 +268,11 @@ pub mod defaults {
     pub const CLOCK_DRIFT_PPM: u64 = 10_000;
     pub const MARGIN_MS: u64 = 100;
     pub const HUNG_AFTER_MS: u64 = 1500;
+    pub const DEGRADE_AFTER_MS: u64 = 3000;
+
+    pub fn degrade_after_ms() -> u64 {
+        DEGRADE_AFTER_MS
+    }
 
     pub fn pg_bin_dir() -> std::path::PathBuf {
         std::path::PathBuf::from("/usr/lib/postgresql/15/bin")
@@ -287,6 +296,8 @@ pub mod defaults {
             name: CLUSTER_NAME.to_string(),
             sync_quorum: SYNC_QUORUM,
             bootstrap_primary: None,
+            allow_degraded: false,
+            degrade_after_ms: DEGRADE_AFTER_MS,
         }]
     }
 }

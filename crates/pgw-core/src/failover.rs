@@ -49,6 +49,9 @@ pub struct Observation {
     /// The facts epoch the sidecar saw when it made this report (`crashed` refers to it).
     #[serde(default)]
     pub epoch: u64,
+    /// Primary only: it has stopped waiting for synchronous standbys (degraded mode).
+    #[serde(default)]
+    pub degraded: bool,
     /// Primary only: standbys connected (application_name -> sync_state).
     pub standbys: BTreeMap<String, String>,
 }
@@ -77,6 +80,8 @@ pub struct LeaderView<'a> {
     /// Preferred member for the very first primary, if configured.
     pub bootstrap: Option<&'a str>,
     pub sync_quorum: u32,
+    /// The cluster may run without synchronous standbys (see `allow_degraded`).
+    pub allow_degraded: bool,
 }
 
 /// What the leader should do about one cluster now.
@@ -150,7 +155,24 @@ fn decide_unpaused(v: &LeaderView<'_>) -> Decision {
             let obs = v.fresh(p);
             let healthy = obs.is_some_and(|o| o.role == PgRole::Primary && !o.crashed);
             if healthy {
+                let o = obs.cloned().unwrap_or_else(|| unreachable_obs(p));
+                // Degraded mode: the primary stopped waiting for standbys (narrowed in postgres
+                // first); record the empty set. It is widened again only once a standby streams.
+                if o.degraded {
+                    if f.sync_standbys.is_empty() {
+                        return Decision::Steady;
+                    }
+                    return Decision::Propose(Command::SetSyncSet {
+                        cluster,
+                        standbys: BTreeSet::new(),
+                        quorum: f.sync_quorum.max(1),
+                        expected_epoch: f.epoch,
+                    });
+                }
                 let want = desired_sync_set(v.data_members, p);
+                if f.sync_standbys.is_empty() && !want.is_empty() && f.epoch > 0 && o.standbys.is_empty() && v.allow_degraded {
+                    return Decision::Wait(format!("{p} runs degraded (no standby connected)"));
+                }
                 if want != f.sync_standbys || (f.sync_quorum != v.sync_quorum && !want.is_empty()) {
                     let quorum = v.sync_quorum.min(want.len() as u32).max(1);
                     return Decision::Propose(Command::SetSyncSet {
@@ -189,6 +211,23 @@ fn decide_unpaused(v: &LeaderView<'_>) -> Decision {
                 Decision::Wait(format!("{p} is silent; waiting for its lease to expire"))
             }
         }
+    }
+}
+
+fn unreachable_obs(member: &str) -> Observation {
+    Observation {
+        member: member.to_string(),
+        cluster: String::new(),
+        role: PgRole::Down,
+        timeline: 0,
+        flush_lsn: 0,
+        replay_lsn: 0,
+        streaming: false,
+        epoch_seen: 0,
+        crashed: false,
+        epoch: 0,
+        degraded: false,
+        standbys: BTreeMap::new(),
     }
 }
 
@@ -545,6 +584,7 @@ mod tests {
             epoch_seen: epoch,
             crashed: false,
             epoch,
+            degraded: false,
             standbys: BTreeMap::new(),
         }
     }
@@ -587,6 +627,7 @@ mod tests {
             replace_after,
             bootstrap: None,
             sync_quorum: 1,
+            allow_degraded: false,
         }
     }
 

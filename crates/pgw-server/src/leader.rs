@@ -168,6 +168,7 @@ pub async fn decision_loop(s: Shared) {
                 replace_after: lease.replace_after(granted),
                 bootstrap: c.bootstrap_primary.as_deref(),
                 sync_quorum: c.sync_quorum,
+                allow_degraded: c.allow_degraded,
             };
             // A running operator operation takes precedence (and works while paused).
             let decision = match f.running_operation() {

@@ -651,6 +651,14 @@ impl admin_server::Admin for AdminService {
                             .collect()
                     },
                     history_len: f.map(|f| f.history.len() as u64).unwrap_or(0),
+                    degraded: f
+                        .and_then(|f| f.primary.as_ref())
+                        .and_then(|p| s.leader.reports(&c.name).get(p).map(|(o, _)| o.degraded))
+                        .unwrap_or(false)
+                        || f.is_some_and(|f| {
+                            f.primary.is_some() && f.sync_standbys.is_empty() && f.epoch > 0
+                        }),
+                    waiting_for: s.leader.waiting(&c.name).unwrap_or_default(),
                 }
             })
             .collect();

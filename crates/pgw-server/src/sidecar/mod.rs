@@ -57,6 +57,10 @@ struct SideState {
     stuck_since: Option<Instant>,
     /// The next start as a replica must rewind first (the standby's history diverged).
     force_rewind: bool,
+    /// Primary in degraded mode: not waiting for synchronous standbys.
+    degraded: bool,
+    /// Since when the primary has had no standby connected.
+    no_standby_since: Option<Instant>,
 }
 
 pub struct Sidecar {
@@ -179,6 +183,7 @@ impl Sidecar {
                 observer.reset();
                 local = observer.observe(&self.ctl, &self.members_pg).await;
             }
+            self.track_degraded(i_am_primary, &local);
             {
                 let mut st = self.lock();
                 if i_am_primary
@@ -200,6 +205,37 @@ impl Sidecar {
             self.report(&local, epoch, &mut client).await;
             let wait = interval.saturating_sub(t0.elapsed());
             let _ = tokio::time::timeout(wait, self.acted.notified()).await;
+        }
+    }
+
+    /// Degraded mode (only if the cluster allows it): a primary with no standby connected for
+    /// `degrade_after_ms` stops waiting for synchronous standbys; it narrows in postgres first,
+    /// the leader then records the empty sync set. A returning standby ends it.
+    fn track_degraded(&self, i_am_primary: bool, local: &Local) {
+        let Some(cc) = self.s.cfg.clusters.iter().find(|c| c.name == self.cluster) else {
+            return;
+        };
+        let mut st = self.lock();
+        if !cc.allow_degraded || !i_am_primary || local.role != Some(PgRole::Primary) {
+            st.degraded = false;
+            st.no_standby_since = None;
+            return;
+        }
+        if local.standbys.is_empty() {
+            let since = *st.no_standby_since.get_or_insert_with(Instant::now);
+            if !st.degraded && since.elapsed() >= Duration::from_millis(cc.degrade_after_ms) {
+                tracing::warn!(
+                    "no standby for {} ms: degraded mode, commits no longer wait for a standby (RPO > 0)",
+                    since.elapsed().as_millis()
+                );
+                st.degraded = true;
+            }
+        } else {
+            st.no_standby_since = None;
+            if st.degraded {
+                tracing::info!("a standby is back: leaving degraded mode");
+                st.degraded = false;
+            }
         }
     }
 
@@ -229,6 +265,7 @@ impl Sidecar {
                 epoch_seen: st.epoch_seen,
                 crashed: st.crashed_at_epoch == Some(epoch) || st.fenced_at_epoch == Some(epoch),
                 epoch,
+                degraded: st.degraded,
                 standbys: local.standbys.clone(),
             }
         };
@@ -268,7 +305,9 @@ impl Sidecar {
             primary_conninfo: follow
                 .and_then(|p| self.members_pg.get(p))
                 .map(|a| self.ctl.conninfo(a, &self.s.cfg.member)),
-            synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg.member.as_str()) {
+            synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg.member.as_str())
+                && !self.lock().degraded
+            {
                 sync_names(f)
             } else {
                 String::new()

@@ -147,7 +147,9 @@ impl Observer {
                 .as_deref()
                 .and_then(|t| u32::from_str_radix(t, 16).ok())
                 .unwrap_or(ckpt_tli.unwrap_or(0) as u32);
-            let q = "SELECT application_name, sync_state FROM pg_stat_replication";
+            // Only standbys that answered recently count (status every 1 s, see pgw.conf).
+            let q = "SELECT application_name, sync_state FROM pg_stat_replication \
+                     WHERE reply_time > now() - interval '3 seconds'";
             if let Ok(Ok(rows)) =
                 tokio::time::timeout(Duration::from_millis(1000), client.query(q, &[])).await
             {
