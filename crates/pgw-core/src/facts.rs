@@ -35,6 +35,10 @@ pub enum Command {
         member: String,
         expected_epoch: u64,
         reason: String,
+        /// The sync set the new primary will replicate to, recorded in the same entry so that
+        /// the set never shrinks to exclude standbys that may be needed to prove a commit.
+        #[serde(default)]
+        sync_standbys: Option<BTreeSet<String>>,
     },
     /// Records that the cluster has no primary (e.g. while one is fenced), bumping the epoch.
     ClearPrimary {
@@ -69,6 +73,12 @@ pub enum Command {
         #[serde(default)]
         accept_data_loss: bool,
     },
+    /// The first primary is up: from now on an empty data directory on the primary is a lost
+    /// disk, never a reason to run initdb.
+    MarkBootstrapped { cluster: String },
+    /// The primary has applied a widened sync set after degraded mode: commits from `lsn` on
+    /// are synchronous again; a failover candidate must have at least this much WAL.
+    ResyncDone { cluster: String, lsn: u64 },
     /// Records how an operation ended.
     FinishOperation {
         cluster: String,
@@ -124,6 +134,8 @@ impl Command {
             | Command::SetSyncSet { cluster, .. }
             | Command::SetPaused { cluster, .. }
             | Command::BeginOperation { cluster, .. }
+            | Command::MarkBootstrapped { cluster }
+            | Command::ResyncDone { cluster, .. }
             | Command::FinishOperation { cluster, .. } => cluster,
         }
     }
@@ -176,6 +188,16 @@ pub struct ClusterFacts {
     /// Operator operations by id (running ones and the most recent finished ones).
     #[serde(default)]
     pub operations: BTreeMap<u64, Operation>,
+    /// The first primary has run (see `MarkBootstrapped`).
+    #[serde(default)]
+    pub bootstrapped: bool,
+    /// The sync set was widened after degraded mode and the primary has not yet confirmed
+    /// that commits are synchronous again: no replica is proven complete meanwhile.
+    #[serde(default)]
+    pub resync_pending: bool,
+    /// WAL position from which commits are synchronous again after degraded mode.
+    #[serde(default)]
+    pub resync_lsn: u64,
 }
 
 impl ClusterFacts {
@@ -200,6 +222,9 @@ impl ClusterFacts {
             former_primary: None,
             switchover_target: None,
             operations: BTreeMap::new(),
+            bootstrapped: false,
+            resync_pending: false,
+            resync_lsn: 0,
         }
     }
 
@@ -266,6 +291,7 @@ impl Facts {
                 member,
                 expected_epoch,
                 reason,
+                sync_standbys,
                 ..
             } => {
                 if *expected_epoch != c.epoch {
@@ -278,6 +304,11 @@ impl Facts {
                 c.primary = Some(member.clone());
                 c.former_primary = None;
                 c.switchover_target = None;
+                if let Some(set) = sync_standbys {
+                    if !c.sync_standbys.is_empty() {
+                        c.sync_standbys = set.clone();
+                    }
+                }
                 // The new primary cannot be its own standby.
                 c.sync_standbys.remove(member);
                 c.record(
@@ -333,6 +364,13 @@ impl Facts {
                         "quorum {quorum} does not fit {} standbys",
                         standbys.len()
                     ));
+                }
+                if c.sync_standbys.is_empty() && !standbys.is_empty() && c.bootstrapped {
+                    // Widening after degraded mode: not proven until the primary confirms.
+                    c.resync_pending = true;
+                }
+                if standbys.is_empty() {
+                    c.resync_pending = false;
                 }
                 c.sync_standbys = standbys.clone();
                 c.sync_quorum = *quorum;
@@ -412,6 +450,23 @@ impl Facts {
                 );
                 Outcome::Applied { epoch: c.epoch }
             }
+            Command::MarkBootstrapped { .. } => {
+                if c.bootstrapped {
+                    return Outcome::Unchanged { epoch: c.epoch };
+                }
+                c.bootstrapped = true;
+                c.record(log_index, p, "cluster bootstrapped".into());
+                Outcome::Applied { epoch: c.epoch }
+            }
+            Command::ResyncDone { lsn, .. } => {
+                if !c.resync_pending {
+                    return Outcome::Unchanged { epoch: c.epoch };
+                }
+                c.resync_pending = false;
+                c.resync_lsn = *lsn;
+                c.record(log_index, p, format!("synchronous again from LSN {lsn:X}"));
+                Outcome::Applied { epoch: c.epoch }
+            }
             Command::FinishOperation {
                 id,
                 succeeded,
@@ -481,6 +536,7 @@ mod tests {
                 member: m.into(),
                 expected_epoch: e,
                 reason: "test".into(),
+                sync_standbys: None,
             })
         };
         assert_eq!(f.apply(2, &set("a", 0)), Outcome::Applied { epoch: 1 });
@@ -551,14 +607,22 @@ mod tests {
                 cluster,
                 sync_quorum
             }),
-            (cluster.clone(), member.clone(), 0u64..6).prop_map(|(cluster, member, e)| {
-                Command::SetPrimary {
-                    cluster,
-                    member,
-                    expected_epoch: e,
-                    reason: "p".into(),
+            (cluster.clone(), member.clone(), 0u64..6, any::<bool>()).prop_map(
+                |(cluster, member, e, with_set)| {
+                    Command::SetPrimary {
+                        cluster,
+                        member,
+                        expected_epoch: e,
+                        reason: "p".into(),
+                        sync_standbys: with_set
+                            .then(|| ["a", "b", "c"].iter().map(|s| s.to_string()).collect()),
+                    }
                 }
-            }),
+            ),
+            (cluster.clone(), 0u64..6)
+                .prop_map(|(cluster, _)| Command::MarkBootstrapped { cluster }),
+            (cluster.clone(), 0u64..1000)
+                .prop_map(|(cluster, lsn)| Command::ResyncDone { cluster, lsn }),
             (cluster.clone(), 0u64..6).prop_map(|(cluster, e)| Command::ClearPrimary {
                 cluster,
                 expected_epoch: e,

@@ -27,6 +27,9 @@ pub enum PgRole {
     Down,
     /// No data directory yet.
     Empty,
+    /// The postmaster is alive but does not answer (starting, shutting down, hung, or out of
+    /// connections). Never treated as stopped.
+    Unknown,
 }
 
 /// One sidecar report about its local PostgreSQL of one cluster.
@@ -49,9 +52,14 @@ pub struct Observation {
     /// The facts epoch the sidecar saw when it made this report (`crashed` refers to it).
     #[serde(default)]
     pub epoch: u64,
-    /// Primary only: it has stopped waiting for synchronous standbys (degraded mode).
+    /// Primary only: it has had no standby for `degrade_after_ms` and asks to run degraded
+    /// (the group records the empty sync set first; only then does postgres stop waiting).
     #[serde(default)]
     pub degraded: bool,
+    /// Primary only, after degraded mode: its flushed LSN right after it applied the widened
+    /// sync set (commits from here on are synchronous again).
+    #[serde(default)]
+    pub sync_since: Option<u64>,
     /// Primary only: standbys connected (application_name -> sync_state).
     pub standbys: BTreeMap<String, String>,
 }
@@ -138,6 +146,7 @@ fn decide_unpaused(v: &LeaderView<'_>) -> Decision {
             Ok(member) => Decision::Propose(Command::SetPrimary {
                 cluster,
                 member: member.clone(),
+                    sync_standbys: Some(desired_sync_set(v.data_members, &member)),
                 expected_epoch: f.epoch,
                 reason: format!("failover: {member} holds every acknowledged commit"),
             }),
@@ -145,6 +154,7 @@ fn decide_unpaused(v: &LeaderView<'_>) -> Decision {
                 Some(former) => Decision::Propose(Command::SetPrimary {
                     cluster,
                     member: former.clone(),
+                    sync_standbys: Some(desired_sync_set(v.data_members, &former)),
                     expected_epoch: f.epoch,
                     reason: format!("restart in place: no replica is proven complete ({why}); {former} was the last primary"),
                 }),
@@ -156,6 +166,14 @@ fn decide_unpaused(v: &LeaderView<'_>) -> Decision {
             let healthy = obs.is_some_and(|o| o.role == PgRole::Primary && !o.crashed);
             if healthy {
                 let o = obs.cloned().unwrap_or_else(|| unreachable_obs(p));
+                if !f.bootstrapped {
+                    return Decision::Propose(Command::MarkBootstrapped { cluster });
+                }
+                if f.resync_pending {
+                    if let Some(lsn) = o.sync_since {
+                        return Decision::Propose(Command::ResyncDone { cluster, lsn });
+                    }
+                }
                 // Degraded mode: the primary stopped waiting for standbys (narrowed in postgres
                 // first); record the empty set. It is widened again only once a standby streams.
                 if o.degraded {
@@ -227,6 +245,7 @@ fn unreachable_obs(member: &str) -> Observation {
         crashed: false,
         epoch: 0,
         degraded: false,
+        sync_since: None,
         standbys: BTreeMap::new(),
     }
 }
@@ -285,6 +304,7 @@ fn bootstrap(v: &LeaderView<'_>) -> Decision {
             Decision::Propose(Command::SetPrimary {
                 cluster: f.name.clone(),
                 member: member.clone(),
+                sync_standbys: Some(desired_sync_set(v.data_members, &member)),
                 expected_epoch: 0,
                 reason: format!("bootstrap: {member} becomes the first primary"),
             })
@@ -317,6 +337,9 @@ pub fn choose_candidate_preferring(
     preferred: Option<&str>,
 ) -> Result<String, String> {
     let f = v.facts;
+    if f.resync_pending {
+        return Err("the sync set is being re-established after degraded mode; no replica is proven complete yet".into());
+    }
     let n = f.sync_standbys.len();
     if n == 0 {
         return Err("no synchronous standby is recorded; no replica is proven to hold every acknowledged commit".into());
@@ -328,6 +351,11 @@ pub fn choose_candidate_preferring(
         .iter()
         .filter_map(|m| v.fresh(m))
         .filter(|o| o.role == PgRole::Replica && !o.streaming && o.epoch_seen >= f.epoch)
+        .collect();
+    // After degraded mode only standbys past the resync point can hold every acked commit.
+    let reporters: Vec<&Observation> = reporters
+        .into_iter()
+        .filter(|o| o.flush_lsn >= f.resync_lsn)
         .collect();
     if reporters.len() < need {
         let names: Vec<&str> = reporters.iter().map(|o| o.member.as_str()).collect();
@@ -437,6 +465,7 @@ pub fn decide_operation(
                 Ok(c) if c == t => Decision::Propose(Command::SetPrimary {
                     cluster,
                     member: t.clone(),
+                    sync_standbys: Some(desired_sync_set(v.data_members, &t)),
                     expected_epoch: f.epoch,
                     reason: format!(
                         "switchover (operation {}): {t} has all WAL of the old primary",
@@ -456,6 +485,7 @@ pub fn decide_operation(
                     Decision::Propose(Command::SetPrimary {
                         cluster: cluster.clone(),
                         member: t.clone(),
+                        sync_standbys: Some(desired_sync_set(v.data_members, &t)),
                         expected_epoch: f.epoch,
                         reason: format!(
                             "forced failover (operation {}), data loss accepted: {why}",
@@ -470,6 +500,7 @@ pub fn decide_operation(
                 Ok(c) if c == t => Decision::Propose(Command::SetPrimary {
                     cluster,
                     member: t.clone(),
+                    sync_standbys: Some(desired_sync_set(v.data_members, &t)),
                     expected_epoch: f.epoch,
                     reason: format!("forced failover (operation {}): {t} holds every acknowledged commit", op.id),
                 }),
@@ -515,6 +546,11 @@ pub enum LocalAction {
     StartReplica {
         primary: String,
     },
+    /// Start a stopped standby without an upstream (only standby data directories).
+    StartDetached,
+    /// We are the recorded primary but our data directory is empty after bootstrap: a lost
+    /// disk. Never initdb over it; hand over.
+    DataDirLost,
 }
 
 /// The local plan: a pure function of the committed facts and what postgres is doing.
@@ -526,7 +562,9 @@ pub fn plan_local(
     upstream: Option<&str>,
 ) -> LocalAction {
     match (&facts.primary, role) {
-        (Some(p), PgRole::Empty) if p == me => LocalAction::InitPrimary,
+        (Some(p), PgRole::Empty) if p == me && !facts.bootstrapped => LocalAction::InitPrimary,
+        (Some(p), PgRole::Empty) if p == me => LocalAction::DataDirLost,
+        (_, PgRole::Unknown) => LocalAction::Nothing,
         (Some(p), PgRole::Down) if p == me => LocalAction::StartPrimary,
         (Some(p), PgRole::Replica) if p == me => LocalAction::Promote,
         (Some(p), PgRole::Primary) if p == me => LocalAction::Nothing,
@@ -552,6 +590,8 @@ pub fn plan_local(
             LocalAction::Nothing
         }
         (None, PgRole::Replica) if upstream.is_some() => LocalAction::Detach,
+        // A stopped standby is started detached so that it can report its WAL position.
+        (None, PgRole::Down) if facts.epoch > 0 => LocalAction::StartDetached,
         (None, _) => LocalAction::Nothing,
     }
 }
@@ -585,6 +625,7 @@ mod tests {
             crashed: false,
             epoch,
             degraded: false,
+            sync_since: None,
             standbys: BTreeMap::new(),
         }
     }
@@ -759,6 +800,90 @@ mod tests {
             decide(&view(&f, &r, &m, 10, 0)),
             Decision::Wait(_)
         ));
+    }
+
+    #[test]
+    fn promotion_records_the_full_sync_set_so_a_second_failure_waits() {
+        // a failed, b is promoted from {b, c}: the recorded set must become {a, c}, not {c},
+        // so that if b fails before c caught up, c alone is not "proven" complete.
+        let m = members();
+        let f = facts_with(None, 2, &["b", "c"], 1);
+        let mut r = BTreeMap::new();
+        r.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Replica, 100, false, 2), 10),
+        );
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Replica, 90, false, 2), 10),
+        );
+        let cmd = match decide(&view(&f, &r, &m, 10, 0)) {
+            Decision::Propose(c @ Command::SetPrimary { .. }) => c,
+            d => panic!("{d:?}"),
+        };
+        let mut facts = Facts::default();
+        facts.clusters.insert("g".into(), f.clone());
+        facts.apply(
+            9,
+            &Proposal {
+                command: cmd,
+                at_ms: 0,
+                by: "t".into(),
+            },
+        );
+        let g = facts.cluster("g").expect("g");
+        assert_eq!(
+            g.sync_standbys.iter().cloned().collect::<Vec<_>>(),
+            vec!["a".to_string(), "c".to_string()]
+        );
+        // b fails; only c reports: not enough for ANY 1 (a, c).
+        let mut f2 = g.clone();
+        f2.primary = None;
+        f2.epoch += 1;
+        let mut r2 = BTreeMap::new();
+        r2.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Replica, 95, false, f2.epoch), 10),
+        );
+        assert!(choose_candidate(&view(&f2, &r2, &m, 10, 0)).is_err());
+    }
+
+    #[test]
+    fn an_empty_primary_after_bootstrap_is_a_lost_disk_not_a_new_cluster() {
+        let mut f = facts_with(Some("a"), 1, &["b", "c"], 1);
+        assert_eq!(
+            plan_local("a", &f, PgRole::Empty, None),
+            LocalAction::InitPrimary
+        );
+        f.bootstrapped = true;
+        assert_eq!(
+            plan_local("a", &f, PgRole::Empty, None),
+            LocalAction::DataDirLost
+        );
+    }
+
+    #[test]
+    fn no_candidate_while_resync_is_pending_or_behind_the_resync_point() {
+        let m = members();
+        let mut f = facts_with(None, 5, &["b", "c"], 2);
+        let mut r = BTreeMap::new();
+        r.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Replica, 100, false, 5), 10),
+        );
+        f.resync_pending = true;
+        assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err());
+        f.resync_pending = false;
+        f.resync_lsn = 200;
+        assert!(
+            choose_candidate(&view(&f, &r, &m, 10, 0)).is_err(),
+            "b lacks commits acked while degraded"
+        );
+        f.resync_lsn = 100;
+        assert_eq!(
+            choose_candidate(&view(&f, &r, &m, 10, 0)),
+            Ok("b".to_string())
+        );
     }
 
     #[test]

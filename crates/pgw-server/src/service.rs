@@ -465,7 +465,7 @@ fn node_role(
             }
         }
         PgRole::Down if o.crashed => "fenced",
-        PgRole::Down | PgRole::Empty => "down",
+        PgRole::Down | PgRole::Empty | PgRole::Unknown => "down",
     }
 }
 
@@ -491,7 +491,10 @@ impl admin_server::Admin for AdminService {
         let facts = self.0.sm.applied().facts;
         let f = facts.cluster(&obs.cluster);
         let epoch = f.map(|f| f.epoch).unwrap_or(0);
-        let is_primary = f.and_then(|f| f.primary.as_deref()) == Some(obs.member.as_str());
+        // Only a report about the current epoch renews: a primary that was just cleared (or
+        // replaced) must not get a lease from a report made before it knew.
+        let is_primary =
+            f.and_then(|f| f.primary.as_deref()) == Some(obs.member.as_str()) && obs.epoch == epoch;
         let cluster = obs.cluster.clone();
         self.0.leader.record_report(obs);
         let mut lease_ok = false;

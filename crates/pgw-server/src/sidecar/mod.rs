@@ -61,6 +61,11 @@ struct SideState {
     degraded: bool,
     /// Since when the primary has had no standby connected.
     no_standby_since: Option<Instant>,
+    /// The epoch at which we last saw our postgres running as primary (a dead postmaster at
+    /// another epoch is an old crash, not a new one).
+    running_seen_epoch: Option<u64>,
+    /// When the actor applied a widened sync set while the group waits for resync.
+    sync_applied_at: Option<Instant>,
 }
 
 pub struct Sidecar {
@@ -186,8 +191,12 @@ impl Sidecar {
             self.track_degraded(i_am_primary, &local);
             {
                 let mut st = self.lock();
+                if i_am_primary && local.role == Some(PgRole::Primary) {
+                    st.running_seen_epoch = Some(epoch);
+                }
                 if i_am_primary
                     && local.died
+                    && st.running_seen_epoch == Some(epoch)
                     && !st.busy
                     && st.crashed_at_epoch != Some(epoch)
                     && st.fenced_at_epoch != Some(epoch)
@@ -206,6 +215,24 @@ impl Sidecar {
             let wait = interval.saturating_sub(t0.elapsed());
             let _ = tokio::time::timeout(wait, self.acted.notified()).await;
         }
+    }
+
+    /// After degraded mode: once the widened set has been applied for a second and a standby is
+    /// synchronous, our flushed LSN marks where commits are synchronous again.
+    fn sync_since(&self, local: &Local, st: &SideState) -> Option<u64> {
+        let f = self.facts()?;
+        let me = self.s.cfg.member.as_str();
+        let applied = st.sync_applied_at?;
+        let sync = local
+            .standbys
+            .values()
+            .any(|v| v == "sync" || v == "quorum");
+        (f.resync_pending
+            && f.primary.as_deref() == Some(me)
+            && local.role == Some(PgRole::Primary)
+            && applied.elapsed() >= Duration::from_secs(1)
+            && sync)
+            .then_some(local.flush_lsn)
     }
 
     /// Degraded mode (only if the cluster allows it): a primary with no standby connected for
@@ -257,7 +284,7 @@ impl Sidecar {
             Observation {
                 member: self.s.cfg.member.clone(),
                 cluster: self.cluster.clone(),
-                role: local.role.unwrap_or(PgRole::Down),
+                role: local.role.unwrap_or(PgRole::Unknown),
                 timeline: local.timeline,
                 flush_lsn: local.flush_lsn,
                 replay_lsn: local.replay_lsn,
@@ -266,6 +293,7 @@ impl Sidecar {
                 crashed: st.crashed_at_epoch == Some(epoch) || st.fenced_at_epoch == Some(epoch),
                 epoch,
                 degraded: st.degraded,
+                sync_since: self.sync_since(local, &st),
                 standbys: local.standbys.clone(),
             }
         };
@@ -305,9 +333,8 @@ impl Sidecar {
             primary_conninfo: follow
                 .and_then(|p| self.members_pg.get(p))
                 .map(|a| self.ctl.conninfo(a, &self.s.cfg.member)),
-            synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg.member.as_str())
-                && !self.lock().degraded
-            {
+            // Always the set recorded in Raft: degraded mode is recorded there first.
+            synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg.member.as_str()) {
                 sync_names(f)
             } else {
                 String::new()
@@ -318,6 +345,9 @@ impl Sidecar {
     async fn apply_managed(&self, m: &Managed, running: bool) -> Result<(), PgError> {
         if self.ctl.write_managed(m)? && running {
             self.ctl.reload().await?;
+            if !m.synchronous_standby_names.is_empty() {
+                self.lock().sync_applied_at = Some(Instant::now());
+            }
         }
         Ok(())
     }
@@ -350,7 +380,9 @@ impl Sidecar {
             self.lock().busy = false;
             match result {
                 Ok(did) => {
-                    if did || action == LocalAction::Nothing {
+                    // StartDetached does nothing for a former primary: it stays down, which is
+                    // what this epoch asks of it.
+                    if did || matches!(action, LocalAction::Nothing | LocalAction::StartDetached) {
                         let mut st = self.lock();
                         st.epoch_seen = st.epoch_seen.max(f.epoch);
                     }
@@ -440,6 +472,31 @@ impl Sidecar {
                 if self.ctl.stop(true).await.is_err() {
                     self.ctl.kill_all();
                 }
+                Ok(true)
+            }
+            LocalAction::DataDirLost => {
+                let e = self.lock().crashed_at_epoch;
+                if e != Some(f.epoch) {
+                    tracing::error!(
+                        epoch = f.epoch,
+                        data_dir = %self.ctl.data().display(),
+                        "we are the primary but our data directory is empty (lost disk?): not running initdb over an existing cluster; handing over"
+                    );
+                    self.lock().crashed_at_epoch = Some(f.epoch);
+                }
+                Ok(false)
+            }
+            LocalAction::StartDetached => {
+                if !self.ctl.is_standby_dir() {
+                    return Ok(false); // a former primary waits for the group's decision
+                }
+                let m = self.managed_for(f, None);
+                self.ctl.write_managed(&m)?;
+                self.ctl.start().await?;
+                tracing::info!(
+                    epoch = f.epoch,
+                    "started as a detached standby to report its WAL position"
+                );
                 Ok(true)
             }
             LocalAction::Demote => {

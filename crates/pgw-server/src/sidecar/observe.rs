@@ -89,7 +89,7 @@ impl Observer {
         if !alive {
             self.client = None;
             l.role = Some(PgRole::Down);
-            l.died = pm.is_some();
+            l.died = ctl.has_pid_file();
             return l;
         }
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {

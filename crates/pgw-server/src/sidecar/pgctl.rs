@@ -494,10 +494,21 @@ impl PgCtl {
         }
     }
 
-    /// PID of the running postmaster according to `postmaster.pid`.
+    /// PID in `postmaster.pid`, if that process is a postgres (a stale file whose pid was
+    /// reused by another program yields `None`).
     pub fn postmaster_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        match std::fs::read(format!("/proc/{pid}/cmdline")) {
+            Ok(c) if !String::from_utf8_lossy(&c).contains("postgres") => None,
+            _ => Some(pid),
+        }
+    }
+
+    /// Whether a `postmaster.pid` file exists (a server ran and did not shut down cleanly, or
+    /// still runs).
+    pub fn has_pid_file(&self) -> bool {
+        self.data().join("postmaster.pid").exists()
     }
 
     /// SIGKILLs the postmaster and every process whose parent it is (fencing a hung server).
