@@ -157,6 +157,21 @@ impl Sidecar {
         let mut client: Option<(String, AdminClient<tonic::transport::Channel>)> = None;
         loop {
             let t0 = Instant::now();
+            // What the actor had done before this observation: reported with it, so that a
+            // WAL position is never paired with an epoch acted on after it was read.
+            let epoch_seen_before = self.lock().epoch_seen;
+            // The lease is checked before observing too: a slow observation must not delay
+            // fencing past the deadline.
+            if let Some(f) = self.facts() {
+                let was_primary = self.lock().local.role == Some(PgRole::Primary);
+                if f.primary.as_deref() == Some(self.s.cfg.member.as_str())
+                    && was_primary
+                    && Instant::now() >= self.lease_deadline()
+                {
+                    self.fence_now(f.epoch, "primary lease not renewed in time");
+                    observer.reset();
+                }
+            }
             let mut local = observer.observe(&self.ctl, &self.members_pg).await;
             let facts = self.facts();
             let me = self.s.cfg.member.as_str();
@@ -211,7 +226,8 @@ impl Sidecar {
                 st.seq += 1;
             }
             self.observed.notify_one();
-            self.report(&local, epoch, &mut client).await;
+            self.report(&local, epoch, epoch_seen_before, &mut client)
+                .await;
             let wait = interval.saturating_sub(t0.elapsed());
             let _ = tokio::time::timeout(wait, self.acted.notified()).await;
         }
@@ -270,6 +286,7 @@ impl Sidecar {
         &self,
         local: &Local,
         epoch: u64,
+        epoch_seen_before: u64,
         client: &mut Option<(String, AdminClient<tonic::transport::Channel>)>,
     ) {
         let m = self.s.raft.metrics().borrow().clone();
@@ -289,7 +306,7 @@ impl Sidecar {
                 flush_lsn: local.flush_lsn,
                 replay_lsn: local.replay_lsn,
                 streaming: local.streaming,
-                epoch_seen: st.epoch_seen,
+                epoch_seen: epoch_seen_before.min(st.epoch_seen),
                 crashed: st.crashed_at_epoch == Some(epoch) || st.fenced_at_epoch == Some(epoch),
                 epoch,
                 degraded: st.degraded,
@@ -526,7 +543,15 @@ impl Sidecar {
                     // Already pointed there. A standby that still does not stream after a while
                     // has diverged (it holds WAL the new primary never had): rewind it.
                     let since = *self.lock().stuck_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > STUCK_REPLICA {
+                    // Only when the primary answers: an unreachable primary is not divergence.
+                    if since.elapsed() > STUCK_REPLICA
+                        && !local.streaming
+                        && self
+                            .ctl
+                            .checkpoint(&self.members_pg[primary.as_str()])
+                            .await
+                            .is_ok()
+                    {
                         tracing::warn!(%primary, "not streaming from {primary} for {} s: stopping to rewind", since.elapsed().as_secs());
                         {
                             let mut st = self.lock();
@@ -556,6 +581,8 @@ impl Sidecar {
                     || std::mem::take(&mut self.lock().force_rewind)
                 {
                     tracing::info!(%primary, "former primary: rewinding onto {primary}'s timeline");
+                    // A source we cannot reach is no reason to give up our data: retry later.
+                    self.ctl.checkpoint(&src).await?;
                     if let Err(e) = self.ctl.rewind(&src).await {
                         tracing::warn!("pg_rewind failed ({e}); moving the data directory aside and cloning afresh");
                         let old = self.ctl.move_aside()?;
