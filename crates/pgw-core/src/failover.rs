@@ -320,7 +320,15 @@ fn bootstrap(v: &LeaderView<'_>) -> Decision {
 fn restart_in_place(v: &LeaderView<'_>) -> Option<String> {
     let former = v.facts.former_primary.as_ref()?;
     let o = v.fresh(former)?;
-    (o.role == PgRole::Down && o.epoch_seen >= v.facts.epoch).then(|| former.clone())
+    // Give the standbys the chance first: every one that is reporting must have acted on this
+    // epoch (detached) before we conclude that none of them can be proven complete.
+    let standbys_acted = v
+        .facts
+        .sync_standbys
+        .iter()
+        .all(|m| v.fresh(m).is_none_or(|s| s.epoch_seen >= v.facts.epoch));
+    (o.role == PgRole::Down && o.epoch_seen >= v.facts.epoch && standbys_acted)
+        .then(|| former.clone())
 }
 
 /// Invariant 2: with `ANY k (n standbys)`, at least `n - k + 1` standbys of the recorded sync
