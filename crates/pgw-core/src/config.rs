@@ -244,11 +244,11 @@ pub mod defaults {
 
     // openraft 0.9 makes a follower of a live leader wait `election_timeout_max` (the leader
     // lease) plus a random election timeout before it campaigns: with these defaults a lost
-    // leader is replaced after 1.2-1.6 s, while a heartbeat delayed by up to ~1 s (a latency
-    // spike between rooms) causes no election.
+    // leader is replaced after 0.9-1.2 s, while heartbeats delayed by several hundred ms (a
+    // latency spike between rooms) cause no election.
     pub const HEARTBEAT_MS: u64 = 100;
-    pub const ELECTION_MIN_MS: u64 = 400;
-    pub const ELECTION_MAX_MS: u64 = 800;
+    pub const ELECTION_MIN_MS: u64 = 300;
+    pub const ELECTION_MAX_MS: u64 = 600;
     pub const RPC_TIMEOUT_MS: u64 = 1000;
     pub const SNAPSHOT_LOGS: u64 = 1000;
     pub const PRIORITY: u32 = 100;
@@ -263,7 +263,9 @@ pub mod defaults {
         SYNC_QUORUM
     }
     pub const REPORT_INTERVAL_MS: u64 = 100;
-    pub const LEASE_MS: u64 = 2000;
+    // A silent primary is replaced ~1.6 s after its last renewal (L(1+rho)/(1-rho) + margin);
+    // it fences itself 1.0 s after the last renewal it sent that was acknowledged.
+    pub const LEASE_MS: u64 = 1500;
     pub const FENCE_BUDGET_MS: u64 = 500;
     pub const CLOCK_DRIFT_PPM: u64 = 10_000;
     pub const MARGIN_MS: u64 = 100;
