@@ -91,6 +91,14 @@ async fn primary_fault(fault: Fault) {
     let e0 = epoch_of(&s);
     let oi = g.index_of(&old);
     create_table(&g.pg_addr(oi)).await.expect("table");
+    // HAProxy-style checks answer for the local server.
+    if fault == Fault::PostmasterCrash {
+        let ri = (0..3).find(|i| *i != oi).expect("a replica");
+        assert_eq!(http_get(&g.members[oi].http(), "/primary").await.0, 200);
+        assert_eq!(http_get(&g.members[oi].http(), "/replica").await.0, 503);
+        assert_eq!(http_get(&g.members[ri].http(), "/primary").await.0, 503);
+        assert_eq!(http_get(&g.members[ri].http(), "/replica").await.0, 200);
+    }
 
     let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
     let stop = Arc::new(AtomicBool::new(false));

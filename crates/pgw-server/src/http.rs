@@ -9,6 +9,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
+use pgw_core::failover::PgRole;
 use pgw_core::Role;
 use tokio::net::TcpListener;
 
@@ -63,10 +64,21 @@ pub fn handle(
         };
         reply(code, "application/json", format!("{body}\n"))
     };
+    // With a sidecar, the local server must also be doing what the group decided.
+    let local = s.local_role.read().ok().and_then(|r| *r);
+    let managed = s.cfg.postgres.is_some();
+    let local_is = |want: PgRole| !managed || local == Some(want);
     match path {
         "/health" => json(m.state != openraft::ServerState::Shutdown),
-        "/primary" => json(has_leader && primary.as_deref() == Some(me.as_str())),
-        "/replica" => json(has_leader && is_data && primary.as_ref().is_some_and(|p| p != me)),
+        "/primary" => {
+            json(has_leader && primary.as_deref() == Some(me.as_str()) && local_is(PgRole::Primary))
+        }
+        "/replica" => json(
+            has_leader
+                && is_data
+                && primary.as_ref().is_some_and(|p| p != me)
+                && local_is(PgRole::Replica),
+        ),
         "/metrics" => match metrics {
             Some(h) => reply(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
             None => reply(

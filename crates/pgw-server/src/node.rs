@@ -120,6 +120,7 @@ impl Node {
             started: Instant::now(),
             channels: channels.clone(),
             leader: crate::leader::LeaderState::new(),
+            local_role: Default::default(),
         };
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));

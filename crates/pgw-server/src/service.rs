@@ -36,6 +36,8 @@ pub struct Shared {
     pub channels: crate::node::ChannelMaker,
     /// Observed state and leases, used while this member leads.
     pub leader: crate::leader::LeaderState,
+    /// What the local sidecar last saw its postgres doing (`None` without a sidecar).
+    pub local_role: std::sync::Arc<std::sync::RwLock<Option<pgw_core::failover::PgRole>>>,
 }
 
 impl Shared {

@@ -224,6 +224,9 @@ impl Sidecar {
                 }
                 st.local = local.clone();
                 st.seq += 1;
+                if let Ok(mut r) = self.s.local_role.write() {
+                    *r = local.role;
+                }
             }
             self.observed.notify_one();
             self.report(&local, epoch, epoch_seen_before, &mut client)
