@@ -214,24 +214,7 @@ impl Group {
             return Vec::new();
         };
         let mut out = vec![pm];
-        if let Ok(rd) = fs::read_dir("/proc") {
-            for e in rd.flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                    continue;
-                };
-                let ppid = stat
-                    .rsplit(')')
-                    .next()
-                    .and_then(|r| r.split_whitespace().nth(1))
-                    .and_then(|p| p.parse::<i32>().ok());
-                if ppid == Some(pm) {
-                    out.push(pid);
-                }
-            }
-        }
+        out.extend(pgw_server::sidecar::pgctl::children_of(pm));
         out
     }
 

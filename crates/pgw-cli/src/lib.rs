@@ -164,33 +164,17 @@ pub async fn set_paused(
     paused: bool,
     reason: &str,
 ) -> Result<DecisionReply, CliError> {
-    let mut errors = Vec::new();
-    for e in endpoints {
-        let mut c = match status::connect(e, Duration::from_secs(2)).await {
-            Ok(c) => c,
-            Err(err) => {
-                errors.push(err.to_string());
-                continue;
-            }
-        };
-        let mut req = tonic::Request::new(SetPausedRequest {
-            cluster: cluster.to_string(),
-            paused,
-            reason: reason.to_string(),
-        });
-        req.set_timeout(Duration::from_secs(10));
-        match c.set_paused(req).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s)
-                if s.code() == tonic::Code::NotFound
-                    || s.code() == tonic::Code::InvalidArgument =>
-            {
-                return Err(CliError::Refused(s.message().to_string()))
-            }
-            Err(s) => errors.push(format!("{e}: {}", s.message())),
-        }
-    }
-    Err(CliError::NoEndpoint(errors.join("; ")))
+    let req = SetPausedRequest {
+        cluster: cluster.to_string(),
+        paused,
+        reason: reason.to_string(),
+    };
+    first_accepting(endpoints, |mut c| {
+        let mut r = tonic::Request::new(req.clone());
+        r.set_timeout(Duration::from_secs(10));
+        async move { c.set_paused(r).await }
+    })
+    .await
 }
 
 fn print_op(o: &OperationReply) {
@@ -269,26 +253,23 @@ pub async fn wait_operation(
     Ok(last)
 }
 
-/// Starts a switchover (first member that accepts; followers forward to the leader).
-pub async fn switchover(
-    endpoints: &[String],
-    cluster: &str,
-    to: Option<&str>,
-) -> Result<OperationReply, CliError> {
+/// Sends an operator call to the first member that takes it: unreachable members and
+/// "unavailable" answers (no leader yet) move on to the next; any other refusal is final.
+async fn first_accepting<T, F, Fut>(endpoints: &[String], call: F) -> Result<T, CliError>
+where
+    F: Fn(pgw_proto::admin_client::AdminClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let mut errors = Vec::new();
     for e in endpoints {
-        let mut c = match status::connect(e, Duration::from_secs(2)).await {
+        let c = match status::connect(e, Duration::from_secs(2)).await {
             Ok(c) => c,
             Err(err) => {
                 errors.push(err.to_string());
                 continue;
             }
         };
-        let req = SwitchoverRequest {
-            cluster: cluster.to_string(),
-            target: to.unwrap_or_default().to_string(),
-        };
-        match c.switchover(req).await {
+        match call(c).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(s) if s.code() == tonic::Code::Unavailable => {
                 errors.push(format!("{e}: {}", s.message()))
@@ -299,6 +280,23 @@ pub async fn switchover(
     Err(CliError::NoEndpoint(errors.join("; ")))
 }
 
+/// Starts a switchover (followers forward to the leader).
+pub async fn switchover(
+    endpoints: &[String],
+    cluster: &str,
+    to: Option<&str>,
+) -> Result<OperationReply, CliError> {
+    let req = SwitchoverRequest {
+        cluster: cluster.to_string(),
+        target: to.unwrap_or_default().to_string(),
+    };
+    first_accepting(endpoints, |mut c| {
+        let req = req.clone();
+        async move { c.switchover(req).await }
+    })
+    .await
+}
+
 /// Starts a forced failover.
 pub async fn failover(
     endpoints: &[String],
@@ -306,29 +304,16 @@ pub async fn failover(
     to: &str,
     accept_data_loss: bool,
 ) -> Result<OperationReply, CliError> {
-    let mut errors = Vec::new();
-    for e in endpoints {
-        let mut c = match status::connect(e, Duration::from_secs(2)).await {
-            Ok(c) => c,
-            Err(err) => {
-                errors.push(err.to_string());
-                continue;
-            }
-        };
-        let req = FailoverRequest {
-            cluster: cluster.to_string(),
-            target: to.to_string(),
-            accept_data_loss,
-        };
-        match c.failover(req).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                errors.push(format!("{e}: {}", s.message()))
-            }
-            Err(s) => return Err(CliError::Refused(s.message().to_string())),
-        }
-    }
-    Err(CliError::NoEndpoint(errors.join("; ")))
+    let req = FailoverRequest {
+        cluster: cluster.to_string(),
+        target: to.to_string(),
+        accept_data_loss,
+    };
+    first_accepting(endpoints, |mut c| {
+        let req = req.clone();
+        async move { c.failover(req).await }
+    })
+    .await
 }
 
 /// Runs one CLI invocation, writing its output to stdout.

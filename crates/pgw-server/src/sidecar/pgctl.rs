@@ -516,32 +516,37 @@ impl PgCtl {
         let Some(pm) = self.postmaster_pid() else {
             return;
         };
-        let mut victims = vec![pm];
-        if let Ok(rd) = std::fs::read_dir("/proc") {
-            for e in rd.flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                    continue;
-                };
-                let ppid = stat
-                    .rsplit(')')
-                    .next()
-                    .and_then(|r| r.split_whitespace().nth(1))
-                    .and_then(|p| p.parse::<i32>().ok());
-                if ppid == Some(pm) {
-                    victims.push(pid);
-                }
-            }
-        }
-        for pid in victims {
+        for pid in children_of(pm).into_iter().chain([pm]) {
             // SAFETY: kill(2) has no memory-safety preconditions.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
         }
     }
+}
+
+/// Direct children of `pid`, from /proc (a postmaster's backends and auxiliary processes).
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1))
+                .and_then(|x| x.parse::<i32>().ok());
+            if ppid == Some(pid) {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// Whether a process exists and is not a zombie.
