@@ -39,11 +39,21 @@ pub enum NodeError {
 pub type ChannelMaker = Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>;
 
 /// The default channel maker: lazily connected TCP channels.
+/// One long-lived channel per peer address, shared by Raft replication, sidecar reports,
+/// forwarded operator calls and bootstrap (tonic multiplexes them over one HTTP/2 connection).
 pub fn tcp_channels(connect_timeout: Duration) -> ChannelMaker {
+    let cache: std::sync::Mutex<BTreeMap<String, Channel>> = Default::default();
     Arc::new(move |addr: &str| {
-        endpoint(addr, connect_timeout)
+        if let Some(ch) = cache.lock().ok().and_then(|c| c.get(addr).cloned()) {
+            return Ok(ch);
+        }
+        let ch = endpoint(addr, connect_timeout)
             .map(|ep| ep.connect_lazy())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if let Ok(mut c) = cache.lock() {
+            c.insert(addr.to_string(), ch.clone());
+        }
+        Ok(ch)
     })
 }
 
