@@ -46,20 +46,38 @@ pub struct Group {
 
 /// Member configs for `roles`, with fresh loopback ports and data dirs under `dir`.
 pub fn configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
+    make_configs(dir, cluster_id, roles, false)
+}
+
+/// Configs for a group that manages PostgreSQL: member i lives on 127.0.0.(11+i), like a host of
+/// its own, with gRPC, HTTP and postgres ports there.
+pub fn pg_configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
+    make_configs(dir, cluster_id, roles, true)
+}
+
+fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> Vec<Config> {
     let members: Vec<MemberConfig> = roles
         .iter()
         .enumerate()
-        .map(|(i, r)| MemberConfig {
-            name: match r {
-                Role::Data => format!("room-{}", (b'a' + i as u8) as char),
-                Role::Arbiter => "arbiter".to_string(),
-            },
-            id: i as u64 + 1,
-            role: *r,
-            grpc: format!("127.0.0.1:{}", free_port()),
-            http: format!("127.0.0.1:{}", free_port()),
-            priority: 100,
-            postgres: None,
+        .map(|(i, r)| {
+            let ip = if with_pg {
+                format!("127.0.0.{}", 11 + i)
+            } else {
+                "127.0.0.1".to_string()
+            };
+            MemberConfig {
+                name: match r {
+                    Role::Data => format!("room-{}", (b'a' + i as u8) as char),
+                    Role::Arbiter => "arbiter".to_string(),
+                },
+                id: i as u64 + 1,
+                role: *r,
+                grpc: format!("{ip}:{}", free_port_on(&ip)),
+                http: format!("{ip}:{}", free_port_on(&ip)),
+                priority: 100,
+                postgres: (with_pg && *r == Role::Data)
+                    .then(|| format!("{ip}:{}", free_port_on(&ip))),
+            }
         })
         .collect();
     members
@@ -73,9 +91,21 @@ pub fn configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
             raft: RaftConfig::default(),
             clusters: pgw_core::config::defaults::clusters(),
             log: LogConfig {
-                level: "info".into(),
+                level: "info,openraft=warn".into(),
             },
-            postgres: None,
+            postgres: (with_pg && m.role == Role::Data).then(|| pgw_core::config::PostgresConfig {
+                cluster: None,
+                bin_dir: pgw_core::config::defaults::pg_bin_dir(),
+                data_dir: dir.join(&m.name).join("pg").join("data"),
+                os_user: "postgres".into(),
+                user: "postgres".into(),
+                conninfo: String::new(),
+                hba: pgw_core::config::defaults::pg_hba(),
+                settings: vec![
+                    "shared_buffers = '16MB'".into(),
+                    "max_connections = 40".into(),
+                ],
+            }),
             failover: Default::default(),
         })
         .collect()
@@ -105,59 +135,6 @@ pub fn spawn(cfg: &Config, path: &Path, log: &Path) -> Child {
 pub fn free_port_on(ip: &str) -> u16 {
     let l = TcpListener::bind((ip, 0)).expect("bind an ephemeral loopback port");
     l.local_addr().expect("local addr").port()
-}
-
-/// Configs for a group that manages PostgreSQL: member i lives on 127.0.0.(11+i), like a host of
-/// its own, with gRPC, HTTP and postgres ports there.
-pub fn pg_configs(dir: &Path, cluster_id: &str, roles: &[Role]) -> Vec<Config> {
-    let members: Vec<MemberConfig> = roles
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let ip = format!("127.0.0.{}", 11 + i);
-            MemberConfig {
-                name: match r {
-                    Role::Data => format!("room-{}", (b'a' + i as u8) as char),
-                    Role::Arbiter => "arbiter".to_string(),
-                },
-                id: i as u64 + 1,
-                role: *r,
-                grpc: format!("{ip}:{}", free_port_on(&ip)),
-                http: format!("{ip}:{}", free_port_on(&ip)),
-                priority: 100,
-                postgres: (*r == Role::Data).then(|| format!("{ip}:{}", free_port_on(&ip))),
-            }
-        })
-        .collect();
-    members
-        .iter()
-        .map(|m| Config {
-            cluster_id: cluster_id.to_string(),
-            member: m.name.clone(),
-            data_dir: dir.join(&m.name).join("data"),
-            members: members.clone(),
-            listen: ListenConfig::default(),
-            raft: RaftConfig::default(),
-            clusters: pgw_core::config::defaults::clusters(),
-            log: LogConfig {
-                level: "info,openraft=warn".into(),
-            },
-            postgres: (m.role == Role::Data).then(|| pgw_core::config::PostgresConfig {
-                cluster: None,
-                bin_dir: pgw_core::config::defaults::pg_bin_dir(),
-                data_dir: dir.join(&m.name).join("pg").join("data"),
-                os_user: "postgres".into(),
-                user: "postgres".into(),
-                conninfo: String::new(),
-                hba: pgw_core::config::defaults::pg_hba(),
-                settings: vec![
-                    "shared_buffers = '16MB'".into(),
-                    "max_connections = 40".into(),
-                ],
-            }),
-            failover: Default::default(),
-        })
-        .collect()
 }
 
 impl Group {

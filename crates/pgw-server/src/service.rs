@@ -142,6 +142,16 @@ impl WithLeader for Status {
     }
 }
 
+/// A request handed on to the leader: marked as forwarded (so it is never forwarded twice)
+/// and with a deadline.
+fn forward_request<T>(req: T) -> Request<T> {
+    let mut fwd = Request::new(req);
+    fwd.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    fwd.set_timeout(Duration::from_secs(10));
+    fwd
+}
+
 fn leader_hint(s: &Status) -> Option<u64> {
     s.metadata()
         .get("x-pgw-leader")?
@@ -523,11 +533,10 @@ impl admin_server::Admin for AdminService {
         let forwarded = request.metadata().contains_key(FORWARDED);
         let req = request.into_inner();
         if !self.is_leader() {
-            let mut fwd = Request::new(req);
-            fwd.metadata_mut()
-                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-            fwd.set_timeout(Duration::from_secs(10));
-            return self.leader_client(forwarded)?.switchover(fwd).await;
+            return self
+                .leader_client(forwarded)?
+                .switchover(forward_request(req))
+                .await;
         }
         let r = self
             .begin(
@@ -547,11 +556,10 @@ impl admin_server::Admin for AdminService {
         let forwarded = request.metadata().contains_key(FORWARDED);
         let req = request.into_inner();
         if !self.is_leader() {
-            let mut fwd = Request::new(req);
-            fwd.metadata_mut()
-                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-            fwd.set_timeout(Duration::from_secs(10));
-            return self.leader_client(forwarded)?.failover(fwd).await;
+            return self
+                .leader_client(forwarded)?
+                .failover(forward_request(req))
+                .await;
         }
         let r = self
             .begin(
@@ -717,11 +725,7 @@ impl admin_server::Admin for AdminService {
                 let ch = (self.0.channels)(&addr).map_err(|e| {
                     Status::unavailable(format!("cannot reach leader at {addr}: {e}"))
                 })?;
-                let mut fwd = Request::new(req);
-                fwd.metadata_mut()
-                    .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-                fwd.set_timeout(Duration::from_secs(10));
-                AdminClient::new(ch).set_paused(fwd).await
+                AdminClient::new(ch).set_paused(forward_request(req)).await
             }
             Err(status) => Err(status),
         }
