@@ -200,6 +200,11 @@ pub async fn decision_loop(s: Shared) {
                 }
                 Decision::Propose(cmd) => {
                     tracing::info!(cluster = %c.name, ?cmd, "decision");
+                    let kind = serde_json::to_value(&cmd)
+                        .ok()
+                        .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string))
+                        .unwrap_or_default();
+                    metrics::counter!(crate::telemetry::DECISIONS, "cluster" => c.name.clone(), "kind" => kind).increment(1);
                     match s.propose(cmd).await {
                         Ok((idx, out, _)) => {
                             tracing::info!(cluster = %c.name, log_index = idx, ?out, "decision committed")

@@ -297,6 +297,12 @@ async fn watch_metrics(s: Shared, health: HealthReporter) {
         // has a leader (i.e. a majority is alive and in contact).
         let facts = s.sm.applied().facts;
         for c in &s.cfg.clusters {
+            if let Some(f) = facts.cluster(&c.name) {
+                metrics::gauge!(telemetry::CLUSTER_EPOCH, "cluster" => c.name.clone())
+                    .set(f.epoch as f64);
+                metrics::gauge!(telemetry::CLUSTER_HAS_PRIMARY, "cluster" => c.name.clone())
+                    .set(if f.primary.is_some() { 1.0 } else { 0.0 });
+            }
             let ok = m.current_leader.is_some()
                 && facts.cluster(&c.name).is_some_and(|f| f.primary.is_some());
             if serving.get(&c.name) != Some(&ok) {

@@ -22,6 +22,12 @@ pub const RAFT_COMMIT_LATENCY: &str = "pgwatcher_raft_commit_latency_seconds";
 pub const RAFT_LAST_APPLIED: &str = "pgwatcher_raft_last_applied_index";
 /// 1 when the last RPC to `peer` succeeded, else 0 (gauge, label `peer`).
 pub const PEER_REACHABLE: &str = "pgwatcher_peer_reachable";
+/// Epoch (fencing token) of a PostgreSQL cluster's primary record (gauge, label `cluster`).
+pub const CLUSTER_EPOCH: &str = "pgwatcher_cluster_epoch";
+/// 1 while a PostgreSQL cluster has a recorded primary (gauge, label `cluster`).
+pub const CLUSTER_HAS_PRIMARY: &str = "pgwatcher_cluster_has_primary";
+/// Decisions this member proposed as leader, by cluster and kind (counter).
+pub const DECISIONS: &str = "pgwatcher_decisions_total";
 
 /// Installs the process-wide Prometheus recorder. Returns `None` when one is already installed
 /// (several members in one test process share the first).
@@ -45,6 +51,12 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
     );
     metrics::describe_gauge!(RAFT_LAST_APPLIED, "Last applied Raft log index");
     metrics::describe_gauge!(PEER_REACHABLE, "1 when the last RPC to the peer succeeded");
+    metrics::describe_gauge!(CLUSTER_EPOCH, "Epoch of the cluster's primary record");
+    metrics::describe_gauge!(
+        CLUSTER_HAS_PRIMARY,
+        "1 while the cluster has a recorded primary"
+    );
+    metrics::describe_counter!(DECISIONS, "Decisions proposed by this member as leader");
     Some(handle)
 }
 
