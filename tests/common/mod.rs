@@ -144,7 +144,13 @@ impl Group {
         let dir = tempfile::tempdir().expect("tempdir");
         // postgres (another OS user) must be able to reach its directories.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
-        let members = pg_configs(dir.path(), "pgtest", roles)
+        let cfgs = pg_configs(dir.path(), "pgtest", roles);
+        Group::from_configs(dir, cfgs)
+    }
+
+    /// A group of members (not started yet) with their files under `dir`.
+    fn from_configs(dir: tempfile::TempDir, cfgs: Vec<Config>) -> Group {
+        let members = cfgs
             .into_iter()
             .map(|cfg| {
                 let base = dir.path().join(&cfg.member);
@@ -217,19 +223,8 @@ impl Group {
 
     pub fn new(roles: &[Role]) -> Group {
         let dir = tempfile::tempdir().expect("tempdir");
-        let members = configs(dir.path(), "itest", roles)
-            .into_iter()
-            .map(|cfg| {
-                let base = dir.path().join(&cfg.member);
-                Member {
-                    cfg_path: base.join("pg-watcher.toml"),
-                    log: base.join("pg-watcher.log"),
-                    cfg,
-                    child: None,
-                }
-            })
-            .collect();
-        Group { dir, members }
+        let cfgs = configs(dir.path(), "itest", roles);
+        Group::from_configs(dir, cfgs)
     }
 
     pub fn start_all(&mut self) {
