@@ -172,6 +172,8 @@ async fn mismatching_config_is_refused_and_group_unharmed() {
         http: format!("127.0.0.1:{}", free_port()),
         priority: 1,
         postgres: None,
+        pgpool: None,
+        pcp: None,
     });
     bad.data_dir = g.dir.path().join("bad3").join("data");
     let dir = g.dir.path().join("bad3");

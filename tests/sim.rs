@@ -83,6 +83,8 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             http: format!("{n}:{}", PORT + 1),
             priority: 100,
             postgres: None,
+            pgpool: None,
+            pcp: None,
         })
         .collect();
     members
@@ -98,6 +100,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             log: LogConfig::default(),
             postgres: None,
             failover: Default::default(),
+            pgpool: None,
         })
         .collect()
 }

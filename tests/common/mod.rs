@@ -77,6 +77,8 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
                 priority: 100,
                 postgres: (with_pg && *r == Role::Data)
                     .then(|| format!("{ip}:{}", free_port_on(&ip))),
+                pgpool: None,
+                pcp: None,
             }
         })
         .collect();
@@ -107,6 +109,7 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
                 ],
             }),
             failover: Default::default(),
+            pgpool: None,
         })
         .collect()
 }
@@ -146,6 +149,63 @@ impl Group {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
         let cfgs = pg_configs(dir.path(), "pgtest", roles);
         Group::from_configs(dir, cfgs)
+    }
+
+    /// Like `with_postgres`, and every data member's watcher runs its room's pgpool-II (on the
+    /// member's own loopback address), repointed by the leader through PCP.
+    pub fn with_pgpool(roles: &[Role]) -> Group {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut cfgs = pg_configs(dir.path(), "pgtest", roles);
+        let pass = dir.path().join("pcp.pass");
+        fs::write(&pass, "pcp-test-secret\n").expect("write pcp password");
+        fs::set_permissions(&pass, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let mut members = cfgs[0].members.clone();
+        for m in members.iter_mut().filter(|m| m.role == Role::Data) {
+            let ip = m
+                .grpc
+                .rsplit_once(':')
+                .map(|x| x.0.to_string())
+                .unwrap_or_default();
+            m.pgpool = Some(format!("{ip}:{}", free_port_on(&ip)));
+            m.pcp = Some(format!("{ip}:{}", free_port_on(&ip)));
+        }
+        for c in &mut cfgs {
+            c.members = members.clone();
+            c.pgpool = Some(pgw_core::config::PgpoolConfig {
+                manage: true,
+                bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),
+                work_dir: Some(dir.path().join(&c.member).join("pgpool")),
+                os_user: "postgres".into(),
+                pcp_user: "pgwatcher".into(),
+                pcp_password_file: pass.clone(),
+                check_interval_ms: 1000,
+                settings: vec![],
+            });
+        }
+        Group::from_configs(dir, cfgs)
+    }
+
+    /// The pgpool work directory of member `i`.
+    pub fn pgpool_dir(&self, i: usize) -> Option<PathBuf> {
+        let m = self.members[i].cfg.me()?;
+        m.pgpool.as_ref()?;
+        self.members[i].cfg.pgpool_work_dir()
+    }
+
+    /// The client address of member `i`'s pgpool.
+    pub fn pgpool_addr(&self, i: usize) -> String {
+        self.members[i]
+            .cfg
+            .me()
+            .and_then(|m| m.pgpool.clone())
+            .unwrap_or_default()
+    }
+
+    /// The pid of member `i`'s pgpool.
+    pub fn pgpool_pid(&self, i: usize) -> Option<i32> {
+        pgw_server::pgpool::managed::pgpool_pid(&self.pgpool_dir(i)?)
     }
 
     /// A group of members (not started yet) with their files under `dir`.
@@ -307,6 +367,12 @@ impl Group {
                     keep.join(format!("{}.postgres.log", m.name())),
                 );
             }
+            if let Some(d) = self.pgpool_dir(i) {
+                let _ = fs::copy(
+                    d.join("pgpool.log"),
+                    keep.join(format!("{}.pgpool.log", m.name())),
+                );
+            }
             let text = self.log_text(i);
             let useful: Vec<&str> = text.lines().filter(|l| l.contains("pgw_server")).collect();
             eprintln!(
@@ -332,10 +398,19 @@ impl Drop for Group {
         for i in 0..self.members.len() {
             self.kill9(i);
         }
-        // Stop every postgres the group started (the watchers are gone).
+        // Stop every postgres and pgpool the group started (the watchers are gone).
         for i in 0..self.members.len() {
             self.signal_pg(i, libc::SIGCONT);
             self.signal_pg(i, libc::SIGKILL);
+            if let Some(d) = self.pgpool_dir(i) {
+                if let Some(pid) = self.pgpool_pid(i) {
+                    // SAFETY: kill(2) has no memory-safety preconditions.
+                    unsafe {
+                        libc::kill(-pid, libc::SIGCONT);
+                    }
+                }
+                pgw_server::pgpool::managed::stop_pgpool(&d);
+            }
         }
     }
 }

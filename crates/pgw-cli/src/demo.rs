@@ -204,6 +204,8 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             http: format!("{ip}:{}", free_port(&ip)?),
             priority: 100,
             postgres: Some(format!("{ip}:{}", free_port(&ip)?)),
+            pgpool: None,
+            pcp: None,
         });
     }
     let mut demo = DemoFile {
@@ -260,6 +262,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
                 settings: vec!["shared_buffers = '32MB'".into()],
             }),
             failover: Default::default(),
+            pgpool: None,
         };
         cfg.validate()?;
         let cpath = mdir.join("pg-watcher.toml");

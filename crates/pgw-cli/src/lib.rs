@@ -107,6 +107,19 @@ pub enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Rejoin a failed member: rebuild it from the primary (a fresh base backup; its old data
+    /// directory is kept aside, never deleted), wait until it streams again, and until every
+    /// reachable pgpool has it attached.
+    Recover {
+        member: String,
+        #[arg(long, default_value = "global")]
+        cluster: String,
+        /// Give up waiting after this many seconds (the rebuild itself goes on).
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Show an operation's progress and outcome.
     Operation {
         id: u64,
@@ -316,6 +329,62 @@ pub async fn failover(
     .await
 }
 
+/// Starts the recovery of a member.
+pub async fn recover(
+    endpoints: &[String],
+    cluster: &str,
+    member: &str,
+) -> Result<OperationReply, CliError> {
+    let req = pgw_proto::RecoverRequest {
+        cluster: cluster.to_string(),
+        member: member.to_string(),
+    };
+    first_accepting(endpoints, |mut c| {
+        let req = req.clone();
+        async move { c.recover(req).await }
+    })
+    .await
+}
+
+/// Waits until every reachable pgpool of `cluster` has `member` attached. Returns the rooms.
+pub async fn wait_attached(
+    endpoints: &[String],
+    cluster: &str,
+    member: &str,
+    limit: Duration,
+) -> Result<Vec<String>, CliError> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut last = String::new();
+        if let Ok(s) = status::gather(endpoints, Duration::from_secs(2)).await {
+            if let Some(c) = s.clusters.iter().find(|c| c.name == cluster) {
+                let reachable: Vec<_> = c.pgpool.iter().filter(|p| p.reachable).collect();
+                let attached = |p: &status::PgpoolView| {
+                    p.nodes
+                        .iter()
+                        .any(|n| n.member == member && (n.status == "up" || n.status == "waiting"))
+                };
+                if reachable.iter().all(|p| attached(p)) {
+                    return Ok(reachable.iter().map(|p| p.room.clone()).collect());
+                }
+                last = reachable
+                    .iter()
+                    .filter(|p| !attached(p))
+                    .map(|p| p.room.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+            }
+        }
+        if t0.elapsed() > limit {
+            return Err(CliError::Refused(format!(
+                "{member} is not attached in the pgpool of: {last} (after {} s)",
+                limit.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs one CLI invocation, writing its output to stdout.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let timeout = Duration::from_millis(cli.timeout_ms.max(1));
@@ -413,6 +482,33 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 print_op(&done);
                 if done.state != "succeeded" {
                     return Err(CliError::Refused(done.detail));
+                }
+            }
+        }
+        Cmd::Recover {
+            member,
+            cluster,
+            wait_secs,
+            no_wait,
+        } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let op = recover(&eps, &cluster, &member).await?;
+            print_op(&op);
+            if !no_wait {
+                let limit = Duration::from_secs(wait_secs.max(1));
+                let done = wait_operation(&eps, op, limit, false).await?;
+                print_op(&done);
+                if done.state != "succeeded" {
+                    return Err(CliError::Refused(done.detail));
+                }
+                let rooms = wait_attached(&eps, &cluster, &member, Duration::from_secs(60)).await?;
+                if rooms.is_empty() {
+                    println!("{member} is back (no pgpool is configured or reachable)");
+                } else {
+                    println!(
+                        "{member} is attached in the pgpool of: {}",
+                        rooms.join(", ")
+                    );
                 }
             }
         }

@@ -47,7 +47,28 @@ pub struct NodeView {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct PgpoolView {
     pub room: String,
+    /// The member this pgpool sends writes to (`None`: none, or unreachable).
     pub primary: Option<String>,
+    /// host:port applications of the room connect to.
+    pub address: String,
+    /// The leader could read it through PCP at its last check.
+    pub reachable: bool,
+    /// It routes exactly as the group decided.
+    pub agrees: bool,
+    /// Why it is unreachable or not repointed.
+    pub error: Option<String>,
+    /// How long it has disagreed with the group.
+    pub disagreeing_ms: u64,
+    pub nodes: Vec<PgpoolNodeView>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PgpoolNodeView {
+    pub member: String,
+    /// up | waiting | down (pgpool's backend status)
+    pub status: String,
+    /// primary | standby (where pgpool routes writes)
+    pub role: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -174,7 +195,28 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
                     timeline: n.timeline,
                 })
                 .collect(),
-            pgpool: Vec::new(),
+            pgpool: c
+                .pgpool
+                .iter()
+                .map(|p| PgpoolView {
+                    room: p.room.clone(),
+                    primary: (!p.primary.is_empty()).then(|| p.primary.clone()),
+                    address: p.address.clone(),
+                    reachable: p.reachable,
+                    agrees: p.agrees,
+                    error: (!p.error.is_empty()).then(|| p.error.clone()),
+                    disagreeing_ms: p.disagreeing_ms,
+                    nodes: p
+                        .nodes
+                        .iter()
+                        .map(|n| PgpoolNodeView {
+                            member: n.member.clone(),
+                            status: n.status.clone(),
+                            role: n.role.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
             degraded: c.degraded,
             waiting_for: (!c.waiting_for.is_empty()).then(|| c.waiting_for.clone()),
         })
@@ -272,6 +314,51 @@ pub fn render_table(s: &GroupStatus) -> String {
                 "{:<12} {:<14} {:<13} {:>4} {:>14} {:>12}\n",
                 c.name, n.member, n.role, n.timeline, n.lsn, n.lag_bytes
             ));
+        }
+    }
+    for c in &s.clusters {
+        if c.pgpool.is_empty() {
+            continue;
+        }
+        out.push_str(&format!(
+            "\n{:<14} {:<22} {:<14} {:<7} {}\n",
+            "PGPOOL (room)", "ADDRESS", "WRITES TO", "AGREES", "BACKENDS"
+        ));
+        for p in &c.pgpool {
+            let backends = if p.reachable {
+                p.nodes
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "{}={}{}",
+                            n.member,
+                            n.status,
+                            if n.role == "primary" { "*" } else { "" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            } else {
+                format!("UNREACHABLE: {}", p.error.as_deref().unwrap_or(""))
+            };
+            let agrees = if p.agrees {
+                "yes".to_string()
+            } else {
+                format!("NO {:.1}s", p.disagreeing_ms as f64 / 1000.0)
+            };
+            out.push_str(&format!(
+                "{:<14} {:<22} {:<14} {:<7} {}\n",
+                p.room,
+                p.address,
+                p.primary.as_deref().unwrap_or("(none)"),
+                agrees,
+                backends
+            ));
+            if p.reachable {
+                if let Some(e) = &p.error {
+                    out.push_str(&format!("{:<14} not repointed: {e}\n", ""));
+                }
+            }
         }
     }
     out

@@ -26,14 +26,49 @@ pub async fn connect(addr: &str) -> Option<Client> {
 #[derive(Debug, Clone)]
 pub struct Ack {
     pub id: i64,
+    /// The address the write was sent to (a postgres server or a pgpool).
+    pub server: String,
+    /// The postgres server that acknowledged it (`host:port`, from the server itself: through
+    /// a pgpool this is the backend pgpool chose).
+    pub backend: String,
+    pub at: Instant,
+    /// Wall-clock milliseconds since the epoch (to compare with the group's history).
+    pub wall_ms: u64,
+}
+
+/// A failed write attempt (the session saw an error or a timeout).
+#[derive(Debug, Clone)]
+pub struct WriteError {
     pub server: String,
     pub at: Instant,
+    pub message: String,
+}
+
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Clone, Default)]
-pub struct Acks(pub Arc<Mutex<Vec<Ack>>>);
+pub struct Acks(pub Arc<Mutex<Vec<Ack>>>, pub Arc<Mutex<Vec<WriteError>>>);
 
 impl Acks {
+    pub fn errors(&self) -> Vec<WriteError> {
+        self.1.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+    fn error(&self, server: &str, message: String) {
+        if let Ok(mut g) = self.1.lock() {
+            if g.len() < 10_000 {
+                g.push(WriteError {
+                    server: server.to_string(),
+                    at: Instant::now(),
+                    message,
+                });
+            }
+        }
+    }
     pub fn all(&self) -> Vec<Ack> {
         self.0.lock().map(|g| g.clone()).unwrap_or_default()
     }
@@ -112,19 +147,26 @@ pub fn spawn_writer_from(
                 continue;
             };
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-            let q = c.execute("INSERT INTO acked (id) VALUES ($1)", &params);
+            let q = c.query_one(
+                "INSERT INTO acked (id) VALUES ($1) RETURNING host(inet_server_addr()) || ':' || inet_server_port()",
+                &params,
+            );
             match tokio::time::timeout(Duration::from_secs(2), q).await {
-                Ok(Ok(_)) => {
+                Ok(Ok(row)) => {
+                    let backend: String = row.try_get(0).unwrap_or_default();
                     if let Ok(mut g) = a2.0.lock() {
                         g.push(Ack {
                             id,
                             server: server.clone(),
+                            backend,
                             at: Instant::now(),
+                            wall_ms: wall_ms(),
                         });
                     }
                     id += 1;
                 }
                 Ok(Err(e)) => {
+                    a2.error(&server, e.to_string());
                     let dup = e.code().is_some_and(|c| c.code() == "23505");
                     if dup {
                         // Committed earlier but the ack was lost; the id is durable: move on.
@@ -138,6 +180,7 @@ pub fn spawn_writer_from(
                     }
                 }
                 Err(_) => {
+                    a2.error(&server, "no answer within 2 s".into());
                     // Hung (e.g. waiting for a sync standby): the outcome is unknown, not acked.
                     conns.remove(&server);
                     cursor += 1;

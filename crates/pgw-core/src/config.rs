@@ -67,6 +67,12 @@ pub struct MemberConfig {
     /// `host:port` of this member's PostgreSQL (data members whose group manages postgres).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<String>,
+    /// `host:port` applications of this room connect to: the room's pgpool-II (data members).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgpool: Option<String>,
+    /// `host:port` of that pgpool's PCP port; the Raft leader repoints it through PCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcp: Option<String>,
 }
 
 /// Addresses this member binds. Default: the member's own `grpc` / `http` addresses.
@@ -154,6 +160,40 @@ pub struct PostgresConfig {
     pub settings: Vec<String>,
 }
 
+/// The rooms' pgpool-II (present on every member when any member lists a `pcp` address: the
+/// leader, arbiter or not, repoints every pgpool).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgpoolConfig {
+    /// This watcher starts and supervises its room's pgpool (`pgpool.conf` rendered from
+    /// `deploy/pgpool/pgpool.conf.template`). `false`: the pgpool is run by someone else and is
+    /// only repointed.
+    #[serde(default = "defaults::pgpool_manage")]
+    pub manage: bool,
+    /// Directory with the `pgpool` binary.
+    #[serde(default = "defaults::pgpool_bin_dir")]
+    pub bin_dir: PathBuf,
+    /// Where a managed pgpool's config, pid file, sockets and log live (default:
+    /// `<data_dir>/pgpool`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<PathBuf>,
+    /// OS user that runs a managed pgpool when the watcher runs as root.
+    #[serde(default = "defaults::pg_os_user")]
+    pub os_user: String,
+    /// PCP user name (the same on every pgpool of the group).
+    #[serde(default = "defaults::pcp_user")]
+    pub pcp_user: String,
+    /// File holding the PCP password (one line). Must not be readable by group or others.
+    pub pcp_password_file: PathBuf,
+    /// How often the leader reads each pgpool's node list while it agrees with the group
+    /// (while it disagrees: every `failover.report_interval_ms`).
+    #[serde(default = "defaults::pgpool_check_interval_ms")]
+    pub check_interval_ms: u64,
+    /// Extra `pgpool.conf` lines for a managed pgpool (`name = value`), after the template's.
+    #[serde(default)]
+    pub settings: Vec<String>,
+}
+
 /// Failure detection and lease timing (see `pgw_core::lease` for the rule).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -236,6 +276,8 @@ pub struct Config {
     pub postgres: Option<PostgresConfig>,
     #[serde(default)]
     pub failover: FailoverConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgpool: Option<PgpoolConfig>,
 }
 
 /// Every default in one place.
@@ -291,6 +333,20 @@ pub mod defaults {
             "host all all 127.0.0.0/8 trust".into(),
             "host replication all 127.0.0.0/8 trust".into(),
         ]
+    }
+
+    pub fn pgpool_manage() -> bool {
+        true
+    }
+    pub fn pgpool_bin_dir() -> std::path::PathBuf {
+        std::path::PathBuf::from("/usr/sbin")
+    }
+    pub fn pcp_user() -> String {
+        "pgwatcher".into()
+    }
+    pub const PGPOOL_CHECK_INTERVAL_MS: u64 = 1000;
+    pub fn pgpool_check_interval_ms() -> u64 {
+        PGPOOL_CHECK_INTERVAL_MS
     }
 
     pub fn clusters() -> Vec<PgClusterConfig> {
@@ -552,6 +608,7 @@ impl Config {
                 }
             }
         }
+        self.validate_pgpool()?;
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
@@ -559,6 +616,104 @@ impl Config {
     }
 
     /// This process's own member entry. Valid only after `validate()`.
+    fn validate_pgpool(&self) -> Result<(), ConfigError> {
+        let mut any = false;
+        for (i, m) in self.members.iter().enumerate() {
+            let f = |x: &str| format!("members[{i}].{x}");
+            for (what, a) in [("pgpool", &m.pgpool), ("pcp", &m.pcp)] {
+                let Some(a) = a else { continue };
+                any = true;
+                if m.role == Role::Arbiter {
+                    return Err(invalid(f(what), "an arbiter runs no pgpool"));
+                }
+                check_addr(&f(what), a)?;
+                if m.postgres.is_none() {
+                    return Err(invalid(
+                        f(what),
+                        "pgpool needs every data member's `postgres` address (its backends)",
+                    ));
+                }
+            }
+            if m.pgpool.is_some() != m.pcp.is_some() {
+                return Err(invalid(
+                    f(if m.pcp.is_none() { "pcp" } else { "pgpool" }),
+                    "a room's pgpool needs both its client address (`pgpool`) and its PCP address (`pcp`)",
+                ));
+            }
+        }
+        let Some(pp) = &self.pgpool else {
+            if any {
+                return Err(invalid(
+                    "pgpool",
+                    "members list pgpool addresses: a [pgpool] section with pcp_password_file is required on every member",
+                ));
+            }
+            return Ok(());
+        };
+        if pp.pcp_password_file.as_os_str().is_empty() {
+            return Err(invalid("pgpool.pcp_password_file", "must not be empty"));
+        }
+        if !valid_name(&pp.pcp_user) {
+            return Err(invalid(
+                "pgpool.pcp_user",
+                format!(
+                    "`{}` must be 1-63 characters of [A-Za-z0-9._-]",
+                    pp.pcp_user
+                ),
+            ));
+        }
+        if !(50..=60_000).contains(&pp.check_interval_ms) {
+            return Err(invalid(
+                "pgpool.check_interval_ms",
+                "must be between 50 and 60000",
+            ));
+        }
+        for (i, l) in pp.settings.iter().enumerate() {
+            if !l.contains('=') || l.contains('\n') {
+                return Err(invalid(
+                    format!("pgpool.settings[{i}]"),
+                    format!("`{l}` is not a `name = value` line"),
+                ));
+            }
+        }
+        if pp.manage {
+            if let Some(me) = self.me() {
+                if me.role == Role::Data && me.pgpool.is_none() {
+                    return Err(invalid(
+                        "pgpool.manage",
+                        format!("member `{}` has no `pgpool`/`pcp` address to run its pgpool on (set them, or manage = false)", me.name),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// pgpool backends in backend order: every data member with a postgres address.
+    pub fn pgpool_backends(&self) -> Vec<(String, String)> {
+        self.data_members()
+            .filter_map(|m| m.postgres.clone().map(|a| (m.name.clone(), a)))
+            .collect()
+    }
+
+    /// Whether this member runs its room's pgpool.
+    pub fn manages_pgpool(&self) -> bool {
+        self.pgpool.as_ref().is_some_and(|p| p.manage)
+            && self
+                .me()
+                .is_some_and(|m| m.role == Role::Data && m.pgpool.is_some())
+    }
+
+    /// The managed pgpool's work directory.
+    pub fn pgpool_work_dir(&self) -> Option<PathBuf> {
+        let p = self.pgpool.as_ref()?;
+        Some(
+            p.work_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("pgpool")),
+        )
+    }
+
     pub fn me(&self) -> Option<&MemberConfig> {
         self.members.iter().find(|m| m.name == self.member)
     }

@@ -96,6 +96,8 @@ pub enum OperationKind {
     Switchover,
     /// Operator-forced promotion of a target while the primary is lost.
     Failover,
+    /// Rebuild a (failed) non-primary member from the primary; automation keeps running.
+    Recover,
 }
 
 /// Progress of an operation.
@@ -401,6 +403,16 @@ impl Facts {
                         "stale epoch: expected {expected_epoch}, current {}",
                         c.epoch
                     ));
+                }
+                if *kind == OperationKind::Recover {
+                    match (&c.primary, target) {
+                        (_, None) => return reject("a recovery needs a target member"),
+                        (None, _) => return reject("no primary to rebuild from"),
+                        (Some(p), Some(t)) if p == t => {
+                            return reject(format!("{t} is the primary; switch over first"))
+                        }
+                        _ => {}
+                    }
                 }
                 if *kind == OperationKind::Switchover {
                     let Some(old) = c.primary.take() else {

@@ -62,6 +62,9 @@ pub struct Observation {
     pub sync_since: Option<u64>,
     /// Primary only: standbys connected (application_name -> sync_state).
     pub standbys: BTreeMap<String, String>,
+    /// The highest recovery operation (`pgwctl recover`) this member has carried out.
+    #[serde(default)]
+    pub recovered: u64,
 }
 
 /// A data member as the decision rule needs it.
@@ -247,6 +250,7 @@ fn unreachable_obs(member: &str) -> Observation {
         degraded: false,
         sync_since: None,
         standbys: BTreeMap::new(),
+        recovered: 0,
     }
 }
 
@@ -426,6 +430,42 @@ pub fn decide_operation(
     };
     let serving = |m: &str| v.fresh(m).is_some_and(|o| o.role == PgRole::Primary);
     match (&f.primary, op.kind) {
+        (_, OperationKind::Recover) => {
+            // A rebuild never holds up automation: failover rules keep running meanwhile.
+            if f.primary.as_deref() == Some(t.as_str()) {
+                return finish(false, format!("{t} became the primary during its recovery"));
+            }
+            let done = v.fresh(&t).is_some_and(|o| {
+                o.recovered >= op.id
+                    && o.role == PgRole::Replica
+                    && o.streaming
+                    && o.epoch_seen >= f.epoch
+            });
+            if done {
+                return finish(
+                    true,
+                    format!(
+                        "{t} rebuilt and streaming from {}",
+                        f.primary.clone().unwrap_or_default()
+                    ),
+                );
+            }
+            if age_ms > timeout_ms {
+                return finish(
+                    false,
+                    format!(
+                        "{t} did not come back as a streaming replica within {} s",
+                        timeout_ms / 1000
+                    ),
+                );
+            }
+            return match decide(v) {
+                Decision::Steady | Decision::Wait(_) => {
+                    Decision::Wait(format!("{t} is being rebuilt from the primary"))
+                }
+                d => d,
+            };
+        }
         (Some(p), _) if *p == t => {
             if serving(p) {
                 finish(true, format!("{t} is primary (epoch {})", f.epoch))
@@ -635,6 +675,7 @@ mod tests {
             degraded: false,
             sync_since: None,
             standbys: BTreeMap::new(),
+            recovered: 0,
         }
     }
 

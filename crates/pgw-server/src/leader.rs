@@ -112,6 +112,8 @@ impl LeaderState {
 
 /// How long a switchover or forced failover may take before it is failed.
 const OPERATION_TIMEOUT_MS: u64 = 30_000;
+/// How long a recovery (a fresh base backup) may take before it is failed.
+const RECOVER_TIMEOUT_MS: u64 = 600_000;
 
 /// Runs the decision rule while this member leads. Runs on every member (arbiters too).
 pub async fn decision_loop(s: Shared) {
@@ -174,7 +176,11 @@ pub async fn decision_loop(s: Shared) {
             let decision = match f.running_operation() {
                 Some(op) => {
                     let age = crate::service::now_ms().saturating_sub(op.started_ms);
-                    decide_operation(&view, op, age, OPERATION_TIMEOUT_MS)
+                    let limit = match op.kind {
+                        pgw_core::facts::OperationKind::Recover => RECOVER_TIMEOUT_MS,
+                        _ => OPERATION_TIMEOUT_MS,
+                    };
+                    decide_operation(&view, op, age, limit)
                 }
                 None => decide(&view),
             };

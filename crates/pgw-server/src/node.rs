@@ -23,6 +23,8 @@ use crate::types::Raft;
 /// Why a member could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    #[error("pgpool: {0}")]
+    Pgpool(String),
     #[error(transparent)]
     Config(#[from] pgw_core::ConfigError),
     #[error("data directory: {0}")]
@@ -131,6 +133,7 @@ impl Node {
             channels: channels.clone(),
             leader: crate::leader::LeaderState::new(),
             local_role: Default::default(),
+            pgpool: Default::default(),
         };
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));
@@ -140,6 +143,7 @@ impl Node {
             Ok(None) => {}
             Err(e) => return Err(NodeError::Raft(format!("postgres sidecar: {e}"))),
         }
+        crate::pgpool::spawn(&shared).map_err(|e| NodeError::Pgpool(e.to_string()))?;
         Ok(Node {
             shared,
             health,

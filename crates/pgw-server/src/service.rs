@@ -10,8 +10,8 @@ use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{
     admin_server, raft_server, ClusterStatus, DecisionReply, FailoverRequest, HelloReply,
     HelloRequest, HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, NodeStatus,
-    OperationReply, OperationRequest, RaftReply, RaftRequest, ReportReply, ReportRequest,
-    SetPausedRequest, StatusReply, StatusRequest, SwitchoverRequest,
+    OperationReply, OperationRequest, RaftReply, RaftRequest, RecoverRequest, ReportReply,
+    ReportRequest, SetPausedRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -38,6 +38,8 @@ pub struct Shared {
     pub leader: crate::leader::LeaderState,
     /// What the local sidecar last saw its postgres doing (`None` without a sidecar).
     pub local_role: std::sync::Arc<std::sync::RwLock<Option<pgw_core::failover::PgRole>>>,
+    /// What the leader last saw of every room's pgpool (empty on followers).
+    pub pgpool: crate::pgpool::PoolViews,
 }
 
 impl Shared {
@@ -401,10 +403,35 @@ impl AdminService {
                 }
                 target
             }
+            OperationKind::Recover => {
+                if target.is_empty() {
+                    return Err(Status::invalid_argument("a recovery needs a MEMBER"));
+                }
+                let p = f.primary.clone().ok_or_else(|| {
+                    Status::failed_precondition(
+                        "the cluster has no primary to rebuild from; wait for the failover (or force one)",
+                    )
+                })?;
+                if p == target {
+                    return Err(Status::failed_precondition(format!(
+                        "{target} is the primary; switch over first (`pgwctl switchover`)"
+                    )));
+                }
+                if !fresh(&p).is_some_and(|o| o.role == PgRole::Primary) {
+                    return Err(Status::failed_precondition(format!(
+                        "the primary {p} is not healthy; a recovery needs it as the source"
+                    )));
+                }
+                target
+            }
         };
         let detail = match kind {
             OperationKind::Switchover => format!(
                 "switchover from {} to {target}",
+                f.primary.clone().unwrap_or_default()
+            ),
+            OperationKind::Recover => format!(
+                "recover {target} from {}",
                 f.primary.clone().unwrap_or_default()
             ),
             OperationKind::Failover => format!(
@@ -455,6 +482,31 @@ impl AdminService {
 }
 
 /// How status names a node: primary | sync_replica | replica | down | fenced.
+fn pgpool_status(r: crate::pgpool::PoolReport) -> pgw_proto::PgpoolStatus {
+    pgw_proto::PgpoolStatus {
+        room: r.room,
+        address: r.address,
+        reachable: r.reachable,
+        primary: r.primary.unwrap_or_default(),
+        agrees: r.agrees,
+        error: r.error,
+        nodes: r
+            .nodes
+            .into_iter()
+            .map(|(member, n)| pgw_proto::PgpoolNode {
+                member,
+                status: n.status.as_str().to_string(),
+                role: if n.primary { "primary" } else { "standby" }.to_string(),
+            })
+            .collect(),
+        disagreeing_ms: r
+            .disagreeing_since
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(0),
+        last_command: r.last_command,
+    }
+}
+
 fn node_role(
     o: &pgw_core::failover::Observation,
     f: Option<&pgw_core::ClusterFacts>,
@@ -572,6 +624,29 @@ impl admin_server::Admin for AdminService {
         Ok(Response::new(r))
     }
 
+    async fn recover(
+        &self,
+        request: Request<RecoverRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let req = request.into_inner();
+        if !self.is_leader() {
+            return self
+                .leader_client(forwarded)?
+                .recover(forward_request(req))
+                .await;
+        }
+        let r = self
+            .begin(
+                &req.cluster,
+                pgw_core::facts::OperationKind::Recover,
+                req.member,
+                false,
+            )
+            .await?;
+        Ok(Response::new(r))
+    }
+
     async fn get_operation(
         &self,
         request: Request<OperationRequest>,
@@ -672,6 +747,13 @@ impl admin_server::Admin for AdminService {
                             f.primary.is_some() && f.sync_standbys.is_empty() && f.epoch > 0
                         }),
                     waiting_for: s.leader.waiting(&c.name).unwrap_or_default(),
+                    pgpool: if crate::pgpool::pgpool_cluster(&s.cfg).as_deref()
+                        == Some(c.name.as_str())
+                    {
+                        s.pgpool.all().into_iter().map(pgpool_status).collect()
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect();

@@ -28,6 +28,12 @@ pub const CLUSTER_EPOCH: &str = "pgwatcher_cluster_epoch";
 pub const CLUSTER_HAS_PRIMARY: &str = "pgwatcher_cluster_has_primary";
 /// Decisions this member proposed as leader, by cluster and kind (counter).
 pub const DECISIONS: &str = "pgwatcher_decisions_total";
+/// 1 while the leader can read a room's pgpool through PCP (gauge, label `room`).
+pub const PGPOOL_REACHABLE: &str = "pgwatcher_pgpool_reachable";
+/// 1 while a room's pgpool routes exactly as the group decided (gauge, label `room`).
+pub const PGPOOL_AGREES: &str = "pgwatcher_pgpool_agrees";
+/// PCP commands sent to a room's pgpool, by command (counter, labels `room`, `command`).
+pub const PGPOOL_COMMANDS: &str = "pgwatcher_pgpool_commands_total";
 
 /// Installs the process-wide Prometheus recorder. Returns `None` when one is already installed
 /// (several members in one test process share the first).
@@ -57,6 +63,15 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         "1 while the cluster has a recorded primary"
     );
     metrics::describe_counter!(DECISIONS, "Decisions proposed by this member as leader");
+    metrics::describe_gauge!(
+        PGPOOL_REACHABLE,
+        "1 while the leader reads the room's pgpool"
+    );
+    metrics::describe_gauge!(
+        PGPOOL_AGREES,
+        "1 while the room's pgpool routes as the group decided"
+    );
+    metrics::describe_counter!(PGPOOL_COMMANDS, "PCP commands sent to the room's pgpool");
     Some(handle)
 }
 

@@ -66,6 +66,8 @@ struct SideState {
     running_seen_epoch: Option<u64>,
     /// When the actor applied a widened sync set while the group waits for resync.
     sync_applied_at: Option<Instant>,
+    /// The highest recovery operation (`pgwctl recover`) carried out here.
+    recovered: u64,
 }
 
 pub struct Sidecar {
@@ -315,6 +317,7 @@ impl Sidecar {
                 degraded: st.degraded,
                 sync_since: self.sync_since(local, &st),
                 standbys: local.standbys.clone(),
+                recovered: st.recovered,
             }
         };
         let Ok(bytes) = serde_json::to_vec(&obs) else {
@@ -393,6 +396,30 @@ impl Sidecar {
             if seq <= acted_on_seq {
                 continue; // wait for an observation made after our last action
             }
+            if let Some((id, primary)) = self.recovery_due(&f) {
+                self.lock().busy = true;
+                let r = self.rebuild(&f, &primary).await;
+                let mut st = self.lock();
+                st.busy = false;
+                acted_on_seq = st.seq;
+                match r {
+                    Ok(()) => {
+                        st.recovered = id;
+                        st.epoch_seen = st.epoch_seen.max(f.epoch);
+                        drop(st);
+                        self.acted.notify_one();
+                        last_error = None;
+                    }
+                    Err(e) => {
+                        let msg = format!("recovery (operation {id}) failed: {e}; retrying");
+                        if last_error.as_deref() != Some(msg.as_str()) {
+                            tracing::error!("{msg}");
+                        }
+                        last_error = Some(msg);
+                    }
+                }
+                continue;
+            }
             let Some(role) = local.role else { continue }; // unresponsive: the reporter handles it
             let action = plan_local(&me, &f, role, local.upstream.as_deref());
             self.lock().busy = action != LocalAction::Nothing;
@@ -429,6 +456,56 @@ impl Sidecar {
                 }
             }
         }
+    }
+
+    /// A running `pgwctl recover` of this member not carried out yet: (operation id, primary).
+    fn recovery_due(&self, f: &ClusterFacts) -> Option<(u64, String)> {
+        let me = &self.s.cfg.member;
+        let op = f.running_operation().filter(|o| {
+            o.kind == pgw_core::facts::OperationKind::Recover && o.target.as_ref() == Some(me)
+        })?;
+        if op.id <= self.lock().recovered {
+            return None;
+        }
+        let p = f.primary.clone().filter(|p| p != me)?;
+        Some((op.id, p))
+    }
+
+    /// `pgwctl recover`: stop postgres, move its data directory aside (never deleted), clone
+    /// afresh from the primary and start as its replica.
+    async fn rebuild(&self, f: &ClusterFacts, primary: &str) -> Result<(), PgError> {
+        let src = self
+            .members_pg
+            .get(primary)
+            .cloned()
+            .ok_or_else(|| PgError::Tool {
+                what: "recover".into(),
+                message: format!("no postgres address for {primary}"),
+            })?;
+        // The source must answer before anything here is touched.
+        self.ctl.checkpoint(&src).await?;
+        tracing::warn!(%primary, epoch = f.epoch, "recovery: rebuilding from {primary}");
+        if self.ctl.postmaster_pid().is_some() && self.ctl.stop(false).await.is_err() {
+            self.ctl.kill_all();
+        }
+        if self.ctl.data().exists()
+            && std::fs::read_dir(self.ctl.data()).is_ok_and(|mut d| d.next().is_some())
+        {
+            let old = self.ctl.move_aside()?;
+            tracing::warn!(moved_to = %old.display(), "recovery: old data directory kept");
+        }
+        self.ctl.basebackup(&src).await?;
+        self.ctl.set_standby(true)?;
+        let m = self.managed_for(f, Some(primary));
+        self.ctl.write_managed(&m)?;
+        self.ctl.start().await?;
+        {
+            let mut st = self.lock();
+            st.force_rewind = false;
+            st.stuck_since = None;
+        }
+        tracing::info!(%primary, "recovery: started as replica of {primary}");
+        Ok(())
     }
 
     /// Carries out one planned action. Returns whether anything was done.

@@ -48,7 +48,7 @@ pub fn lookup_user(name: &str) -> Option<OsUser> {
     })
 }
 
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }

@@ -1,0 +1,383 @@
+//! What every room's pgpool-II should believe, and the next PCP command that brings a pgpool's
+//! belief in line. Pure: the leader feeds it the committed facts, the sidecars' reports and
+//! what a pgpool answered to `pcp_node_info`; an I/O task carries out the returned command.
+//!
+//! pgpool's own failover is switched off (see `deploy/pgpool/pgpool.conf.template`): the Raft
+//! group is the only authority on who is primary, and pgpool is told through PCP:
+//!
+//! 1. A node pgpool treats as primary that is not the committed primary is **detached first**,
+//!    before anything else is done: from then on no new pgpool session can write to it, even
+//!    while the new primary is not promoted yet (a detached old primary is the "no primary,
+//!    epoch g" state of the log, mirrored in pgpool). Detaching the primary makes pgpool look
+//!    for a node that is not in recovery; if the new primary is already promoted, pgpool finds it
+//!    and nothing else is needed. One exception: an old primary whose postgres is reported
+//!    stopped cannot take writes, so while a new primary is committed it is left for step 2,
+//!    whose promote detaches it without making pgpool search (see `Target::hold`).
+//! 2. The committed primary is attached and promoted in pgpool only once its sidecar reports it
+//!    running as primary at the current epoch: pgpool checks `pg_is_in_recovery()` itself, and a
+//!    promote of a node that still replays WAL would leave pgpool without a writable backend.
+//!    Promoting marks every other node down in pgpool (and drops existing sessions).
+//! 3. Unhealthy non-primaries are detached (no reads are balanced to a dead or fenced server);
+//!    replicas that stream from the primary at the current epoch are (re-)attached.
+//!
+//! One command per round: PCP requests are asynchronous in pgpool, so the caller re-reads the
+//! node list before deciding again.
+
+use std::collections::BTreeMap;
+
+use crate::failover::{Observation, PgRole};
+use crate::ClusterFacts;
+
+/// A backend's status as pgpool reports it (`backend_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolStatus {
+    /// Slot not configured.
+    Unused,
+    /// Attached, no connection made yet.
+    Waiting,
+    /// Attached and in use.
+    Up,
+    /// Detached: pgpool sends nothing to it.
+    Down,
+}
+
+impl PoolStatus {
+    /// From pgpool's numeric `backend_status` (0 unused, 1 waiting, 2 up, 3 down, 4 quarantine).
+    pub fn from_code(code: i64) -> PoolStatus {
+        match code {
+            1 => PoolStatus::Waiting,
+            2 => PoolStatus::Up,
+            // Quarantine (a watchdog state) is treated as down: pgpool does not use the node.
+            3 | 4 => PoolStatus::Down,
+            _ => PoolStatus::Unused,
+        }
+    }
+
+    pub fn attached(self) -> bool {
+        matches!(self, PoolStatus::Waiting | PoolStatus::Up)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolStatus::Unused => "unused",
+            PoolStatus::Waiting => "waiting",
+            PoolStatus::Up => "up",
+            PoolStatus::Down => "down",
+        }
+    }
+}
+
+/// One backend as a pgpool sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolNode {
+    pub status: PoolStatus,
+    /// pgpool routes writes to this node.
+    pub primary: bool,
+}
+
+/// The health of one data member's postgres as the group knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Primary running at the current epoch, or a replica streaming at the current epoch.
+    Serving,
+    /// Its postgres is not running (reported stopped or crashed): it cannot take writes.
+    Down,
+    /// Fenced, hung, running as primary without the role, or its reports stopped: pgpool
+    /// must not use it.
+    Failed,
+    /// Not known yet, or in transition: leave pgpool's view of it alone.
+    Unknown,
+}
+
+/// What pgpools should believe, backend by backend (index = pgpool backend number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The committed primary's backend, if the cluster has one.
+    pub primary: Option<usize>,
+    pub health: Vec<Health>,
+}
+
+/// One PCP command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PcpAction {
+    Detach(usize),
+    Attach(usize),
+    Promote(usize),
+}
+
+impl Target {
+    /// The target for one cluster. `backends[i]` is the member behind pgpool backend `i`;
+    /// `reports` are the leader's latest sidecar reports with their arrival time, `now` and
+    /// `fresh_ms` on the leader's clock. A member that has not reported to this leader yet is
+    /// `Unknown`; one whose reports stopped is `Failed`.
+    pub fn compute(
+        backends: &[String],
+        facts: &ClusterFacts,
+        reports: &BTreeMap<String, (Observation, u64)>,
+        now: u64,
+        fresh_ms: u64,
+    ) -> Target {
+        let primary = facts
+            .primary
+            .as_ref()
+            .and_then(|p| backends.iter().position(|b| b == p));
+        let health = backends
+            .iter()
+            .map(|m| {
+                let Some((o, at)) = reports.get(m) else {
+                    return Health::Unknown;
+                };
+                if now.saturating_sub(*at) > fresh_ms {
+                    return Health::Failed;
+                }
+                let is_primary = facts.primary.as_deref() == Some(m.as_str());
+                let current = o.epoch_seen >= facts.epoch;
+                match o.role {
+                    PgRole::Primary if is_primary && current && !o.crashed => Health::Serving,
+                    // The committed primary not running yet: a restart in place or a promotion
+                    // is under way; the decision rule deals with it.
+                    _ if is_primary => Health::Unknown,
+                    PgRole::Primary => Health::Failed, // fenced or a zombie: never a backend
+                    PgRole::Replica if facts.primary.is_some() && current && o.streaming => {
+                        Health::Serving
+                    }
+                    PgRole::Replica => Health::Unknown,
+                    PgRole::Down | PgRole::Empty => Health::Down,
+                    PgRole::Unknown => Health::Failed,
+                }
+            })
+            .collect();
+        Target { primary, health }
+    }
+
+    fn health(&self, i: usize) -> Health {
+        self.health.get(i).copied().unwrap_or(Health::Unknown)
+    }
+
+    /// pgpool's old primary is left alone while a new primary is committed and its postgres is
+    /// reported stopped: it cannot take writes, and the new primary's promotion in pgpool
+    /// detaches it anyway. (Detaching a primary makes pgpool search for another one, which
+    /// blocks pgpool for `search_primary_node_timeout` while the new one is still promoting.)
+    fn hold(&self, i: usize, n: &PoolNode) -> bool {
+        n.primary && self.health(i) == Health::Down && self.primary.is_some_and(|p| p != i)
+    }
+
+    /// The next PCP command for a pgpool whose backends look like `view`, or `None` when it
+    /// agrees with the target. See the module documentation for the order.
+    pub fn next_action(&self, view: &[PoolNode]) -> Option<PcpAction> {
+        // 1. No writes to anything but the committed primary.
+        for (i, n) in view.iter().enumerate() {
+            if n.primary && n.status.attached() && Some(i) != self.primary && !self.hold(i, n) {
+                return Some(PcpAction::Detach(i));
+            }
+        }
+        // 2. The committed primary, once it runs as primary.
+        if let Some(p) = self.primary {
+            if self.health(p) == Health::Serving {
+                if let Some(n) = view.get(p) {
+                    if !n.status.attached() {
+                        return Some(PcpAction::Attach(p));
+                    }
+                    if !n.primary {
+                        return Some(PcpAction::Promote(p));
+                    }
+                }
+            }
+        }
+        // 3. Standbys: detach the failed, attach the serving.
+        for (i, n) in view.iter().enumerate() {
+            let failed = matches!(self.health(i), Health::Failed | Health::Down);
+            if Some(i) != self.primary && failed && n.status.attached() && !self.hold(i, n) {
+                return Some(PcpAction::Detach(i));
+            }
+        }
+        for (i, n) in view.iter().enumerate() {
+            if Some(i) != self.primary
+                && self.health(i) == Health::Serving
+                && n.status == PoolStatus::Down
+            {
+                return Some(PcpAction::Attach(i));
+            }
+        }
+        None
+    }
+
+    /// Whether a pgpool with this view routes exactly as the group decided.
+    pub fn agrees(&self, view: &[PoolNode]) -> bool {
+        self.next_action(view).is_none()
+    }
+}
+
+/// The backend pgpool currently sends writes to (attached and primary), if any.
+pub fn pool_primary(view: &[PoolNode]) -> Option<usize> {
+    view.iter().position(|n| n.primary && n.status.attached())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(status: PoolStatus, primary: bool) -> PoolNode {
+        PoolNode { status, primary }
+    }
+
+    /// Applies a PCP command the way pgpool 4.3 does with its failover commands disabled:
+    /// detaching the primary or attaching any node makes pgpool search the attached nodes for
+    /// one that is not in recovery (`really_primary`); promoting marks every other node down.
+    fn pgpool_applies(view: &mut [PoolNode], a: PcpAction, really_primary: Option<usize>) {
+        let search = |view: &mut [PoolNode]| {
+            for n in view.iter_mut() {
+                n.primary = false;
+            }
+            if let Some(r) = really_primary.filter(|&r| view[r].status.attached()) {
+                view[r].primary = true;
+            }
+        };
+        match a {
+            PcpAction::Detach(i) => {
+                view[i].status = PoolStatus::Down;
+                if view[i].primary {
+                    search(view);
+                }
+            }
+            PcpAction::Attach(i) => {
+                view[i].status = PoolStatus::Waiting;
+                search(view);
+            }
+            PcpAction::Promote(i) => {
+                for (j, n) in view.iter_mut().enumerate() {
+                    n.primary = j == i;
+                    if j != i {
+                        n.status = PoolStatus::Down;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn old_primary_is_detached_before_anything_else() {
+        let t = Target {
+            primary: Some(1),
+            health: vec![Health::Failed, Health::Unknown, Health::Serving],
+        };
+        let stopped = Target {
+            primary: Some(1),
+            health: vec![Health::Down, Health::Serving, Health::Serving],
+        };
+        let view = [
+            node(PoolStatus::Up, true),
+            node(PoolStatus::Up, false),
+            node(PoolStatus::Up, false),
+        ];
+        assert_eq!(t.next_action(&view), Some(PcpAction::Detach(0)));
+        // A crashed old primary is replaced by promoting the new one directly.
+        assert_eq!(stopped.next_action(&view), Some(PcpAction::Promote(1)));
+        // Even with no primary committed at all.
+        let t = Target {
+            primary: None,
+            health: vec![Health::Unknown; 3],
+        };
+        assert_eq!(t.next_action(&view), Some(PcpAction::Detach(0)));
+    }
+
+    #[test]
+    fn new_primary_is_promoted_only_when_it_serves() {
+        let view = [
+            node(PoolStatus::Down, false),
+            node(PoolStatus::Up, false),
+            node(PoolStatus::Up, false),
+        ];
+        let waiting = Target {
+            primary: Some(1),
+            health: vec![Health::Failed, Health::Unknown, Health::Serving],
+        };
+        assert_eq!(waiting.next_action(&view), None);
+        let ready = Target {
+            primary: Some(1),
+            health: vec![Health::Failed, Health::Serving, Health::Serving],
+        };
+        assert_eq!(ready.next_action(&view), Some(PcpAction::Promote(1)));
+    }
+
+    #[test]
+    fn an_operator_detach_is_undone_when_the_node_is_healthy() {
+        let t = Target {
+            primary: Some(0),
+            health: vec![Health::Serving, Health::Serving, Health::Serving],
+        };
+        let view = [
+            node(PoolStatus::Up, true),
+            node(PoolStatus::Down, false),
+            node(PoolStatus::Up, false),
+        ];
+        assert_eq!(t.next_action(&view), Some(PcpAction::Attach(1)));
+        let mut t2 = t.clone();
+        t2.health[1] = Health::Unknown;
+        assert!(t2.agrees(&view), "a node in transition is left alone");
+    }
+
+    fn health() -> impl Strategy<Value = Health> {
+        prop_oneof![
+            Just(Health::Serving),
+            Just(Health::Down),
+            Just(Health::Failed),
+            Just(Health::Unknown)
+        ]
+    }
+    fn status() -> impl Strategy<Value = PoolStatus> {
+        prop_oneof![
+            Just(PoolStatus::Waiting),
+            Just(PoolStatus::Up),
+            Just(PoolStatus::Down)
+        ]
+    }
+
+    proptest! {
+        /// From any pgpool state, following the plan converges in a few commands; the result
+        /// sends writes only to the committed primary (and to it once it serves), and no
+        /// command on the way ever makes a non-primary pgpool's write target.
+        #[test]
+        fn converges_and_never_routes_writes_elsewhere(
+            n in 2usize..5,
+            primary_pick in proptest::option::of(0usize..5),
+            healths in proptest::collection::vec(health(), 5),
+            statuses in proptest::collection::vec(status(), 5),
+            flagged in proptest::option::of(0usize..5),
+        ) {
+            let primary = primary_pick.filter(|&p| p < n);
+            let t = Target { primary, health: healths[..n].to_vec() };
+            let mut view: Vec<PoolNode> = (0..n)
+                .map(|i| node(statuses[i], flagged == Some(i)))
+                .collect();
+            let really = primary.filter(|&p| t.health[p] == Health::Serving);
+            let mut steps = 0;
+            while let Some(a) = t.next_action(&view) {
+                pgpool_applies(&mut view, a, really);
+                if let Some(w) = pool_primary(&view) {
+                    // Only the committed primary, or a held old primary that cannot write.
+                    prop_assert!(Some(w) == primary || t.health[w] == Health::Down,
+                        "writes routed to a live non-primary after {:?}", a);
+                }
+                steps += 1;
+                prop_assert!(steps <= 2 * n + 2, "no convergence: {:?}", view);
+            }
+            if let Some(p) = really {
+                prop_assert_eq!(pool_primary(&view), Some(p));
+            }
+            for i in 0..n {
+                if Some(i) != primary && t.health[i] == Health::Serving {
+                    prop_assert!(view[i].status.attached());
+                }
+                if Some(i) != primary && t.health[i] == Health::Failed {
+                    prop_assert!(!view[i].status.attached());
+                }
+                // A stopped old primary may stay flagged only until the new one serves.
+                if Some(i) != primary && t.health[i] == Health::Down && view[i].status.attached() {
+                    prop_assert!(view[i].primary && primary.is_some() && really.is_none());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Every room's real pgpool-II 4.3, repointed by the group through PCP. Needs the PostgreSQL 15
+//! server binaries and Debian's pgpool2 (`.ci/run` installs both).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgw_cli::status::GroupStatus;
+use pgw_cli::writer::*;
+use pgw_core::Role;
+
+const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
+
+/// Real clusters with second-scale timings: one test at a time on 2 cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn primary_of(s: &GroupStatus) -> Option<String> {
+    s.clusters.first().and_then(|c| c.primary.clone())
+}
+
+fn node_role(s: &GroupStatus, member: &str) -> Option<String> {
+    s.clusters
+        .first()?
+        .nodes
+        .iter()
+        .find(|n| n.member == member)
+        .map(|n| n.role.clone())
+}
+
+/// A primary, every other member a sync replica, and every pgpool agreeing with the group.
+fn healthy(s: &GroupStatus, rooms: usize) -> bool {
+    let Some(c) = s.clusters.first() else {
+        return false;
+    };
+    let Some(p) = &c.primary else { return false };
+    node_role(s, p).as_deref() == Some("primary")
+        && c.nodes
+            .iter()
+            .filter(|n| &n.member != p)
+            .all(|n| n.role == "sync_replica")
+        && c.nodes.len() == rooms
+        && c.pgpool.len() == rooms
+        && c.pgpool.iter().all(|pp| {
+            pp.agrees
+                && pp.primary.as_deref() == Some(p.as_str())
+                && pp
+                    .nodes
+                    .iter()
+                    .all(|n| n.status == "up" || n.status == "waiting")
+        })
+}
+
+async fn wait_healthy(g: &Group, limit: Duration) -> GroupStatus {
+    wait_until(
+        &g.endpoints(),
+        limit,
+        "a primary, sync replicas, every pgpool agreeing",
+        |s| healthy(s, 3),
+    )
+    .await
+}
+
+/// The wall-clock time (ms) at which the entry that made `member` primary was committed.
+async fn promoted_at_ms(g: &Group, member: &str, after_index: u64) -> u64 {
+    let mut c = pgw_cli::status::connect(
+        &g.members[g.index_of(member)].grpc(),
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("connect");
+    let h = c
+        .history(pgw_proto::HistoryRequest {
+            cluster: String::new(),
+            limit: 50,
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    h.entries
+        .iter()
+        .filter(|e| {
+            e.log_index > after_index && e.event.starts_with(&format!("primary := {member} "))
+        })
+        .map(|e| e.at_ms)
+        .next_back()
+        .unwrap_or_else(|| panic!("no history entry making {member} primary: {:#?}", h.entries))
+}
+
+struct PoolWriters {
+    stop: Arc<AtomicBool>,
+    /// pgpool address -> its writer's acks
+    acks: BTreeMap<String, Acks>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// One bounded writer per room's pgpool, with disjoint id ranges.
+fn pool_writers(g: &Group, first_id: i64) -> PoolWriters {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut acks = BTreeMap::new();
+    let mut handles = Vec::new();
+    for i in 0..g.members.len() {
+        let addr = g.pgpool_addr(i);
+        let (a, h) = spawn_writer_from(
+            vec![addr.clone()],
+            stop.clone(),
+            first_id + i as i64 * 1_000_000,
+            200_000,
+            Duration::from_secs(120),
+        );
+        acks.insert(addr, a);
+        handles.push(h);
+    }
+    PoolWriters {
+        stop,
+        acks,
+        handles,
+    }
+}
+
+impl PoolWriters {
+    async fn finish(self) -> BTreeMap<String, Acks> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            let _ = h.await;
+        }
+        self.acks
+    }
+
+    /// Waits until every pgpool's writer had `n` writes acknowledged by `backend` after `t`.
+    async fn wait_on(&self, backend: &str, t: Instant, n: usize, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let done = self.acks.iter().all(|(_, a)| {
+                a.all()
+                    .iter()
+                    .filter(|x| x.at > t && x.backend == backend)
+                    .count()
+                    >= n
+            });
+            if done {
+                return;
+            }
+            let counts: Vec<(String, usize)> = self
+                .acks
+                .iter()
+                .map(|(p, a)| {
+                    (
+                        p.clone(),
+                        a.all()
+                            .iter()
+                            .filter(|x| x.at > t && x.backend == backend)
+                            .count(),
+                    )
+                })
+                .collect();
+            assert!(
+                t0.elapsed() < limit,
+                "writes through every pgpool did not resume on {backend}: {counts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Per pgpool: no write acknowledged by `old` after the first one acknowledged by `new`, and
+/// (globally) none by `old` after `fenced_wall_ms`. Returns, per pgpool, the ms from
+/// `since_wall_ms` to the first write acknowledged by `new`, and from `fault` to the first error
+/// its existing session saw.
+fn check_switch(
+    all: &BTreeMap<String, Acks>,
+    old: &str,
+    new: &str,
+    since_wall_ms: u64,
+    fault: Instant,
+) -> Vec<(String, i64, Option<u128>)> {
+    let mut out = Vec::new();
+    for (pool, acks) in all {
+        let v = acks.all();
+        let first_new = v
+            .iter()
+            .find(|a| a.backend == new && a.at > fault)
+            .unwrap_or_else(|| panic!("no write through {pool} reached {new}"));
+        for a in v.iter().filter(|a| a.at >= first_new.at) {
+            assert_eq!(
+                a.backend, new,
+                "write {} through {pool} acknowledged by {} after {new} took over",
+                a.id, a.backend
+            );
+        }
+        for a in v.iter().filter(|a| a.backend == old) {
+            assert!(
+                a.wall_ms <= since_wall_ms,
+                "write {} through {pool} acknowledged by the old primary {old} after the new one was committed",
+                a.id
+            );
+        }
+        let err = acks
+            .errors()
+            .iter()
+            .find(|e| e.at > fault)
+            .map(|e| (e.at - fault).as_millis());
+        out.push((
+            pool.clone(),
+            first_new.wall_ms as i64 - since_wall_ms as i64,
+            err,
+        ));
+    }
+    out
+}
+
+async fn check_no_loss(all: &BTreeMap<String, Acks>, primary: &str) {
+    for (pool, acks) in all {
+        let missing = missing_acks(acks, primary).await;
+        assert!(
+            missing.is_empty(),
+            "ids acknowledged through {pool} missing on {primary}: {missing:?}"
+        );
+    }
+}
+
+fn last_applied(s: &GroupStatus) -> u64 {
+    s.members
+        .iter()
+        .filter_map(|m| m.last_applied)
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_every_pgpool_follow_a_crash_and_a_switchover() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_pgpool(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let old = primary_of(&s).expect("primary");
+    let oi = g.index_of(&old);
+    create_table(&g.pg_addr(oi)).await.expect("table");
+
+    // 1. Crash of the primary's postmaster.
+    let w = pool_writers(&g, 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (p, a) in &w.acks {
+        assert!(
+            !a.all().is_empty(),
+            "writes flow through {p} before the fault"
+        );
+        assert!(a.all().iter().all(|x| x.backend == g.pg_addr(oi)));
+    }
+    let idx0 = last_applied(&s);
+    let fault = Instant::now();
+    let pid = g.postmaster_pid(oi).expect("postmaster pid");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let s2 = wait_until(
+        &g.endpoints(),
+        Duration::from_secs(60),
+        "a new primary",
+        |s| primary_of(s).is_some_and(|p| p != old),
+    )
+    .await;
+    let new = primary_of(&s2).expect("new primary");
+    let ni = g.index_of(&new);
+    w.wait_on(&g.pg_addr(ni), fault, 20, Duration::from_secs(60))
+        .await;
+    let committed = promoted_at_ms(&g, &new, idx0).await;
+    let all = w.finish().await;
+    let figures = check_switch(&all, &g.pg_addr(oi), &g.pg_addr(ni), committed, fault);
+    for (p, ms, err) in &figures {
+        eprintln!("crash: through {p}: first write on {new} {ms} ms after the promotion was committed; existing session saw an error after {err:?} ms");
+    }
+    check_no_loss(&all, &g.pg_addr(ni)).await;
+
+    // The old primary rejoins and every pgpool attaches it again.
+    let s3 = wait_healthy(&g, Duration::from_secs(90)).await;
+    assert_eq!(primary_of(&s3).as_deref(), Some(new.as_str()));
+
+    // 2. Switchover back to the old primary.
+    let next = next_id(&g.pg_addr(ni)).await;
+    let w = pool_writers(&g, next + 10_000_000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idx1 = last_applied(&s3);
+    let fault = Instant::now();
+    let op = pgw_cli::switchover(&g.endpoints(), "global", Some(&old))
+        .await
+        .expect("switchover accepted");
+    eprintln!("switchover operation {}", op.id);
+    w.wait_on(&g.pg_addr(oi), fault, 20, Duration::from_secs(60))
+        .await;
+    let committed = promoted_at_ms(&g, &old, idx1).await;
+    let all = w.finish().await;
+    let figures = check_switch(&all, &g.pg_addr(ni), &g.pg_addr(oi), committed, fault);
+    for (p, ms, err) in &figures {
+        eprintln!("switchover: through {p}: first write on {old} {ms} ms after the promotion was committed; existing session saw an error after {err:?} ms");
+    }
+    check_no_loss(&all, &g.pg_addr(oi)).await;
+    wait_healthy(&g, Duration::from_secs(90)).await;
+}
