@@ -11,8 +11,8 @@
 //!    epoch g" state of the log, mirrored in pgpool). Detaching the primary makes pgpool look
 //!    for a node that is not in recovery; if the new primary is already promoted, pgpool finds it
 //!    and nothing else is needed. One exception: an old primary whose postgres is reported
-//!    stopped cannot take writes, so while a new primary is committed it is left for step 2,
-//!    whose promote detaches it without making pgpool search (see `Target::hold`).
+//!    stopped cannot take writes, so it is left for step 2, whose promote detaches it without
+//!    making pgpool search (see `Target::hold`).
 //! 2. The committed primary is attached and promoted in pgpool only once its sidecar reports it
 //!    running as primary at the current epoch: pgpool checks `pg_is_in_recovery()` itself, and a
 //!    promote of a node that still replays WAL would leave pgpool without a writable backend.
@@ -154,12 +154,11 @@ impl Target {
         self.health.get(i).copied().unwrap_or(Health::Unknown)
     }
 
-    /// pgpool's old primary is left alone while a new primary is committed and its postgres is
-    /// reported stopped: it cannot take writes, and the new primary's promotion in pgpool
-    /// detaches it anyway. (Detaching a primary makes pgpool search for another one, which
+    /// pgpool's old primary is left alone while its postgres is reported stopped: it cannot
+    /// take writes, and the new primary's promotion in pgpool detaches it anyway. (Detaching a primary makes pgpool search for another one, which
     /// blocks pgpool for `search_primary_node_timeout` while the new one is still promoting.)
     fn hold(&self, i: usize, n: &PoolNode) -> bool {
-        n.primary && self.health(i) == Health::Down && self.primary.is_some_and(|p| p != i)
+        n.primary && self.health(i) == Health::Down && self.primary != Some(i)
     }
 
     /// The next PCP command for a pgpool whose backends look like `view`, or `None` when it
@@ -375,7 +374,7 @@ mod tests {
                 }
                 // A stopped old primary may stay flagged only until the new one serves.
                 if Some(i) != primary && t.health[i] == Health::Down && view[i].status.attached() {
-                    prop_assert!(view[i].primary && primary.is_some() && really.is_none());
+                    prop_assert!(view[i].primary && really.is_none());
                 }
             }
         }
