@@ -301,3 +301,285 @@ async fn writes_through_every_pgpool_follow_a_crash_and_a_switchover() {
     check_no_loss(&all, &g.pg_addr(oi)).await;
     wait_healthy(&g, Duration::from_secs(90)).await;
 }
+
+/// Runs the real `pcp_*` tool an operator would use, with a private PCPPASSFILE.
+fn pcp_tool(g: &Group, tool: &str, room: usize, args: &[&str]) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let pcp = g.members[room]
+        .cfg
+        .me()
+        .and_then(|m| m.pcp.clone())
+        .expect("pcp address");
+    let (host, port) = pcp.rsplit_once(':').expect("host:port");
+    let passfile = g.dir.path().join(format!("pcppass-{room}"));
+    std::fs::write(
+        &passfile,
+        format!("{host}:{port}:pgwatcher:pcp-test-secret\n"),
+    )
+    .expect("passfile");
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = std::process::Command::new(format!("/usr/sbin/{tool}"))
+        .args(["-h", host, "-p", port, "-U", "pgwatcher", "-w"])
+        .args(args)
+        .env("PCPPASSFILE", &passfile)
+        .output()
+        .expect("run pcp tool");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn pool_of<'a>(s: &'a GroupStatus, room: &str) -> Option<&'a pgw_cli::status::PgpoolView> {
+    s.clusters.first()?.pgpool.iter().find(|p| p.room == room)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_in_line() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_pgpool(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let old = primary_of(&s).expect("primary");
+    let oi = g.index_of(&old);
+    create_table(&g.pg_addr(oi)).await.expect("table");
+    // The pgpool of a replica's room is frozen (SIGSTOP of its whole process group) while the
+    // primary crashes: it cannot be told anything during the failover.
+    let fi = (0..3).find(|i| *i != oi).expect("a replica room");
+    let frozen_room = g.members[fi].name().to_string();
+    let ppid = g.pgpool_pid(fi).expect("pgpool pid");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(-ppid, libc::SIGSTOP);
+    }
+    let pid = g.postmaster_pid(oi).expect("postmaster pid");
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let s2 = wait_until(
+        &g.endpoints(),
+        Duration::from_secs(60),
+        "a new primary, and the frozen pgpool shown as unreachable",
+        |s| {
+            primary_of(s).is_some_and(|p| p != old)
+                && pool_of(s, &frozen_room).is_some_and(|p| !p.reachable && !p.agrees)
+        },
+    )
+    .await;
+    let new = primary_of(&s2).expect("new primary");
+    let ni = g.index_of(&new);
+    // The others are repointed meanwhile.
+    wait_until(
+        &g.endpoints(),
+        Duration::from_secs(30),
+        "the reachable pgpools repointed",
+        |s| {
+            s.clusters.first().is_some_and(|c| {
+                c.pgpool
+                    .iter()
+                    .filter(|p| p.room != frozen_room)
+                    .all(|p| p.agrees && p.primary.as_deref() == Some(new.as_str()))
+            })
+        },
+    )
+    .await;
+    let table = pgw_cli::status::render_table(&s2);
+    assert!(
+        table.contains("UNREACHABLE"),
+        "status shows the unreachable pgpool:\n{table}"
+    );
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(-ppid, libc::SIGCONT);
+    }
+    wait_until(
+        &g.endpoints(),
+        Duration::from_secs(30),
+        "the thawed pgpool repointed",
+        |s| {
+            pool_of(s, &frozen_room)
+                .is_some_and(|p| p.reachable && p.primary.as_deref() == Some(new.as_str()))
+        },
+    )
+    .await;
+    // Writes through it land on the new primary.
+    let (acks, h) = spawn_writer_from(
+        vec![g.pgpool_addr(fi)],
+        Arc::new(AtomicBool::new(false)),
+        next_id(&g.pg_addr(ni)).await,
+        20,
+        Duration::from_secs(30),
+    );
+    let _ = h.await;
+    let a = acks.all();
+    assert_eq!(
+        a.len(),
+        20,
+        "writes through the thawed pgpool: {:?}",
+        acks.errors()
+    );
+    assert!(
+        a.iter().all(|x| x.backend == g.pg_addr(ni)),
+        "all on {new}: {a:?}"
+    );
+
+    // An operator detaches a healthy replica by hand in some pgpool: it is re-attached.
+    let s3 = wait_healthy(&g, Duration::from_secs(90)).await;
+    let replica = s3.clusters[0]
+        .nodes
+        .iter()
+        .find(|n| n.role == "sync_replica")
+        .map(|n| n.member.clone())
+        .expect("a replica");
+    let node = g
+        .members
+        .iter()
+        .position(|m| m.name() == replica)
+        .expect("index");
+    let out = pcp_tool(&g, "pcp_detach_node", oi, &["-n", &node.to_string()]);
+    assert!(out.contains("Successful"), "pcp_detach_node: {out}");
+    let t0 = Instant::now();
+    let mut seen_down = false;
+    loop {
+        let info = pcp_tool(&g, "pcp_node_info", oi, &["-n", &node.to_string()]);
+        let status = info
+            .split_whitespace()
+            .nth(4)
+            .unwrap_or_default()
+            .to_string();
+        if status == "down" {
+            seen_down = true;
+        } else if seen_down && (status == "up" || status == "waiting") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{replica} not re-attached in {old}'s pgpool (seen down: {seen_down}): {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "{replica} re-attached in {old}'s pgpool {} ms after the manual detach",
+        t0.elapsed().as_millis()
+    );
+    wait_healthy(&g, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_rebuilds_a_failed_old_primary_and_pgpool_reads_reach_it_again() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_pgpool(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let old = primary_of(&s).expect("primary");
+    let oi = g.index_of(&old);
+    create_table(&g.pg_addr(oi)).await.expect("table");
+    // Node loss of the primary (watcher and postgres); its pgpool keeps running.
+    g.kill9(oi);
+    g.signal_pg(oi, libc::SIGKILL);
+    let eps = g.endpoints_except(&old);
+    let s2 = wait_until(
+        &eps,
+        Duration::from_secs(60),
+        "a new primary, old one detached everywhere",
+        |s| {
+            let Some(p) = primary_of(s) else { return false };
+            p != old
+                && s.clusters[0]
+                    .pgpool
+                    .iter()
+                    .all(|pp| pp.agrees && pp.primary.as_deref() == Some(p.as_str()))
+        },
+    )
+    .await;
+    let new = primary_of(&s2).expect("new primary");
+
+    // Bad requests are refused, naming the problem, and change nothing.
+    let cli = env!("CARGO_BIN_EXE_pgwctl");
+    let eps_arg = eps.join(",");
+    let out = std::process::Command::new(cli)
+        .args(["--endpoints", &eps_arg, "recover", &new])
+        .output()
+        .expect("pgwctl");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is the primary"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(cli)
+        .args(["--endpoints", &eps_arg, "recover", "room-z"])
+        .output()
+        .expect("pgwctl");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("room-z"));
+
+    // The operator recovers the failed node: the command waits while its machine comes back.
+    let child = std::process::Command::new(cli)
+        .args([
+            "--endpoints",
+            &eps_arg,
+            "recover",
+            &old,
+            "--wait-secs",
+            "120",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgwctl recover");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    g.start(oi);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("pgwctl output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgwctl recover failed: {text}");
+    assert!(text.contains("attached in the pgpool of"), "{text}");
+    // Its old data directory was kept aside, not deleted.
+    let pg_data = g.members[oi]
+        .cfg
+        .postgres
+        .as_ref()
+        .expect("pg")
+        .data_dir
+        .clone();
+    let mut aside = pg_data.clone().into_os_string();
+    aside.push(".old0");
+    assert!(
+        std::path::Path::new(&aside).exists(),
+        "old data kept at {aside:?}"
+    );
+
+    // Reads through every pgpool reach the recovered server again (load balancing).
+    let want = g.pg_addr(oi);
+    for i in 0..3 {
+        let pool = g.pgpool_addr(i);
+        let mut hit = false;
+        for _ in 0..200 {
+            if let Some(c) = connect(&pool).await {
+                if let Ok(r) = c
+                    .query_one(
+                        "SELECT host(inet_server_addr()) || ':' || inet_server_port(), count(*) FROM acked",
+                        &[],
+                    )
+                    .await
+                {
+                    if r.get::<_, String>(0) == want {
+                        hit = true;
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(hit, "no read through {pool} reached the recovered {old}");
+    }
+    wait_healthy(&g, Duration::from_secs(30)).await;
+}
