@@ -23,7 +23,18 @@ pub struct DemoFile {
     pub endpoints: String,
     pub members: Vec<DemoMember>,
     pub postgres: Vec<DemoPostgres>,
-    pub pgpool: Vec<serde_json::Value>,
+    pub pgpool: Vec<DemoPgpool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoPgpool {
+    pub room: String,
+    pub host: String,
+    pub port: u16,
+    pub pcp_port: u16,
+    /// libpq connection string an application of this room writes with (through pgpool).
+    pub dsn: String,
+    pub work_dir: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +154,32 @@ fn write_demo(dir: &Path, d: &DemoFile) -> Result<(), CliError> {
     fs::rename(&tmp, &p).map_err(io_err(&p))
 }
 
+/// A random hex secret from the kernel.
+fn random_secret() -> Result<String, CliError> {
+    let p = Path::new("/dev/urandom");
+    let mut buf = [0u8; 16];
+    use std::io::Read;
+    fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(io_err(p))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a file readable by its owner only.
+fn write_private(p: &Path, text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(p);
+    let mut f = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(io_err(p))?;
+    f.write_all(format!("{text}\n").as_bytes())
+        .map_err(io_err(p))
+}
+
 /// Polls until some member reports itself leader (and, if `not`, a different one).
 pub async fn wait_leader(
     endpoints: &[String],
@@ -177,6 +214,10 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
                 dir.display()
             )));
         }
+        // pgpools outlive their watchers: stop those of an earlier demo in this directory.
+        for p in &d.pgpool {
+            pgw_server::pgpool::managed::stop_pgpool(Path::new(&p.work_dir));
+        }
     }
     let bin = watcher_bin()?;
     fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -204,8 +245,8 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             http: format!("{ip}:{}", free_port(&ip)?),
             priority: 100,
             postgres: Some(format!("{ip}:{}", free_port(&ip)?)),
-            pgpool: None,
-            pcp: None,
+            pgpool: Some(format!("{ip}:{}", free_port(&ip)?)),
+            pcp: Some(format!("{ip}:{}", free_port(&ip)?)),
         });
     }
     let mut demo = DemoFile {
@@ -219,6 +260,9 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
         postgres: Vec::new(),
         pgpool: Vec::new(),
     };
+    // The PCP password every member uses to repoint the rooms' pgpools (private file).
+    let pcp_pass = dir.join("pcp.pass");
+    write_private(&pcp_pass, &random_secret()?)?;
     for m in &members {
         let mdir = dir.join(&m.name);
         let data = mdir.join("data");
@@ -262,8 +306,35 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
                 settings: vec!["shared_buffers = '32MB'".into()],
             }),
             failover: Default::default(),
-            pgpool: None,
+            pgpool: Some(pgw_core::config::PgpoolConfig {
+                manage: true,
+                bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),
+                work_dir: Some(mdir.join("pgpool")),
+                os_user: pgw_core::config::defaults::pg_os_user(),
+                pcp_user: pgw_core::config::defaults::pcp_user(),
+                pcp_password_file: pcp_pass.clone(),
+                check_interval_ms: pgw_core::config::defaults::PGPOOL_CHECK_INTERVAL_MS,
+                settings: vec![],
+            }),
         };
+        {
+            let pa = m.pgpool.clone().unwrap_or_default();
+            let (host, port) = pa.rsplit_once(':').unwrap_or(("127.0.0.1", "9999"));
+            let pcp_port = m
+                .pcp
+                .as_deref()
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(0);
+            demo.pgpool.push(DemoPgpool {
+                room: m.name.clone(),
+                host: host.to_string(),
+                port: port.parse().unwrap_or(9999),
+                pcp_port,
+                dsn: format!("host={host} port={port} user=postgres dbname=postgres"),
+                work_dir: mdir.join("pgpool").display().to_string(),
+            });
+        }
         cfg.validate()?;
         let cpath = mdir.join("pg-watcher.toml");
         fs::write(&cpath, cfg.to_toml()?).map_err(io_err(&cpath))?;
@@ -297,7 +368,11 @@ pub async fn wait_healthy(eps: &[String], limit: Duration) -> Result<GroupStatus
                         .iter()
                         .any(|n| &n.member == p && n.role == "primary")
                         && c.nodes.iter().filter(|n| n.role == "sync_replica").count() + 1
-                            == ROOMS.len();
+                            == ROOMS.len()
+                        && c.pgpool.len() == ROOMS.len()
+                        && c.pgpool
+                            .iter()
+                            .all(|pp| pp.agrees && pp.primary.as_ref() == Some(p));
                     if ok {
                         return Ok(s);
                     }
@@ -337,6 +412,12 @@ pub fn down(dir: &Path) -> Result<Vec<String>, CliError> {
             if signal(pid, libc::SIGINT) {
                 stopped.push(format!("postgres of {}", pg.member));
             }
+        }
+    }
+    // And the rooms' pgpools.
+    for p in &d.pgpool {
+        if pgw_server::pgpool::managed::stop_pgpool(Path::new(&p.work_dir)) {
+            stopped.push(format!("pgpool of {}", p.room));
         }
     }
     let t0 = Instant::now();

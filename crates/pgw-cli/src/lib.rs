@@ -533,6 +533,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 for p in &d.postgres {
                     println!("  postgres of {:<8} {}", p.member, p.dsn);
                 }
+                for p in &d.pgpool {
+                    println!(
+                        "  pgpool of {:<10} {}   (PCP port {})",
+                        p.room, p.dsn, p.pcp_port
+                    );
+                }
                 let pgwctl = std::env::current_exe()
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|_| "pgwctl".into());

@@ -174,7 +174,7 @@ pub struct PgpoolConfig {
     #[serde(default = "defaults::pgpool_bin_dir")]
     pub bin_dir: PathBuf,
     /// Where a managed pgpool's config, pid file, sockets and log live (default:
-    /// `<data_dir>/pgpool`).
+    /// `<data_dir>-pgpool`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_dir: Option<PathBuf>,
     /// OS user that runs a managed pgpool when the watcher runs as root.
@@ -707,11 +707,13 @@ impl Config {
     /// The managed pgpool's work directory.
     pub fn pgpool_work_dir(&self) -> Option<PathBuf> {
         let p = self.pgpool.as_ref()?;
-        Some(
-            p.work_dir
-                .clone()
-                .unwrap_or_else(|| self.data_dir.join("pgpool")),
-        )
+        Some(p.work_dir.clone().unwrap_or_else(|| {
+            // A sibling of the Raft data directory, like postgres's `.run` directory: pgpool runs
+            // as another OS user and must not need access to the watcher's own files.
+            let mut d = self.data_dir.clone().into_os_string();
+            d.push("-pgpool");
+            PathBuf::from(d)
+        }))
     }
 
     pub fn me(&self) -> Option<&MemberConfig> {
