@@ -2,9 +2,10 @@
 //!
 //! `cargo bench --bench failover -- [--runs N] [--fault crash|node-loss]`
 //!
-//! For each fault kind, N runs on one three-room cluster: a writer goes through every server,
-//! the fault hits the primary, and we measure the time from the fault to the first write
-//! acknowledged by the new primary, the acknowledged writes missing from it afterwards, the
+//! For each fault kind, N runs on one three-room cluster (postgres + pgpool + watcher per room):
+//! a writer goes straight to the servers and one through each room's pgpool, the fault hits the
+//! primary, and we measure the time from the fault to the first write acknowledged by the new
+//! primary through a surviving room's pgpool, the acknowledged writes missing from it afterwards, the
 //! writes acknowledged by the old primary after the new one took over (split-brain windows),
 //! and epoch changes beyond the two a failover needs (spurious decisions). The room is healed
 //! and the cluster is back to full health before the next run. Prints a table, then one JSON
@@ -83,6 +84,10 @@ async fn healthy(g: &Group) -> GroupStatus {
                 .iter()
                 .any(|n| &n.member == p && n.role == "primary")
                 && c.nodes.iter().filter(|n| n.role == "sync_replica").count() == 2
+                && c.pgpool.len() == 3
+                && c.pgpool
+                    .iter()
+                    .all(|pp| pp.agrees && pp.primary.as_ref() == Some(p))
         },
     )
     .await
@@ -94,6 +99,10 @@ struct Stats {
     lost: usize,
     split_brain: usize,
     spurious: u64,
+    /// Per surviving room's pgpool: promotion committed -> first write through it on the new primary.
+    after_commit_ms: Vec<f64>,
+    /// Per pgpool: fault -> first error seen by the session that was open at the fault.
+    session_error_ms: Vec<f64>,
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -105,8 +114,36 @@ fn pct(v: &[f64], p: f64) -> f64 {
     s[((s.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Wall-clock ms at which `member` was last made primary (after log index `after`).
+async fn promoted_at_ms(g: &Group, member: &str, after: u64) -> Option<u64> {
+    for ep in g.endpoints() {
+        let Ok(mut c) = pgw_cli::status::connect(&ep, Duration::from_secs(1)).await else {
+            continue;
+        };
+        let Ok(h) = c
+            .history(pgw_proto::HistoryRequest {
+                cluster: String::new(),
+                limit: 50,
+            })
+            .await
+        else {
+            continue;
+        };
+        return h
+            .into_inner()
+            .entries
+            .iter()
+            .filter(|e| {
+                e.log_index > after && e.event.starts_with(&format!("primary := {member} "))
+            })
+            .map(|e| e.at_ms)
+            .next_back();
+    }
+    None
+}
+
 async fn run_fault(fault: Fault, runs: usize) -> Stats {
-    let mut g = Group::with_postgres(&[Role::Data, Role::Data, Role::Data]);
+    let mut g = Group::with_pgpool(&[Role::Data, Role::Data, Role::Data]);
     g.start_all();
     let s = healthy(&g).await;
     let p = primary_of(&s).expect("primary");
@@ -118,18 +155,40 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
         let s = healthy(&g).await;
         let old = primary_of(&s).expect("primary");
         let e0 = epoch_of(&s);
+        let idx0 = s
+            .members
+            .iter()
+            .filter_map(|m| m.last_applied)
+            .max()
+            .unwrap_or(0);
         let oi = g.index_of(&old);
         let old_addr = g.pg_addr(oi);
-        let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
         let first_id = next_id(&old_addr).await;
         let stop = Arc::new(AtomicBool::new(false));
-        let (acks, writer) = spawn_writer_from(
-            servers,
-            stop.clone(),
-            first_id,
-            10_000_000,
-            Duration::from_secs(120),
-        );
+        // One writer straight to the servers, one through each room's pgpool.
+        let mut writers = Vec::new();
+        let direct: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
+        writers.push((
+            String::new(),
+            spawn_writer_from(
+                direct,
+                stop.clone(),
+                first_id,
+                1_000_000,
+                Duration::from_secs(120),
+            ),
+        ));
+        for i in 0..3 {
+            let pool = g.pgpool_addr(i);
+            let w = spawn_writer_from(
+                vec![pool.clone()],
+                stop.clone(),
+                first_id + (i as i64 + 1) * 1_000_000,
+                1_000_000,
+                Duration::from_secs(120),
+            );
+            writers.push((g.members[i].name().to_string(), w));
+        }
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let t0 = Instant::now();
         match fault {
@@ -142,34 +201,81 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
                 }
             }
             Fault::NodeLoss => {
+                // The whole node: watcher, postgres and the room's pgpool.
                 g.kill9(oi);
                 g.signal_pg(oi, libc::SIGKILL);
+                if let Some(pid) = g.pgpool_pid(oi) {
+                    // SAFETY: as above.
+                    unsafe {
+                        libc::kill(-pid, libc::SIGKILL);
+                    }
+                }
             }
         }
+        let surviving: Vec<&(String, (Acks, tokio::task::JoinHandle<()>))> = writers
+            .iter()
+            .filter(|(room, _)| !room.is_empty() && *room != old)
+            .collect();
+        // RTO: the first write acknowledged by another server through a surviving room's pgpool.
         let first = loop {
-            if let Some(a) = acks
-                .all()
-                .into_iter()
-                .find(|a| a.at > t0 && a.server != old_addr)
-            {
+            let hit = surviving
+                .iter()
+                .filter_map(|(_, (a, _))| {
+                    a.all()
+                        .into_iter()
+                        .find(|x| x.at > t0 && x.backend != old_addr)
+                })
+                .min_by_key(|x| x.at);
+            if let Some(a) = hit {
                 break a;
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
-                "run {run}: writes did not resume"
+                "run {run}: writes through the surviving pgpools did not resume"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let rto = (first.at - t0).as_secs_f64() * 1000.0;
+        let new_addr = first.backend.clone();
+        // Let every surviving pgpool's writer get through too (bounded).
+        let tw = Instant::now();
+        while tw.elapsed() < Duration::from_secs(20)
+            && !surviving
+                .iter()
+                .all(|(_, (a, _))| a.all().iter().any(|x| x.at > t0 && x.backend == new_addr))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.store(true, Ordering::Relaxed);
-        let _ = writer.await;
-        let lost = missing_acks(&acks, &first.server).await.len();
-        let split = acks
-            .all()
-            .iter()
-            .filter(|a| a.at >= first.at && a.server != first.server)
-            .count();
+        let new_name = (0..3)
+            .find(|i| g.pg_addr(*i) == new_addr)
+            .map(|i| g.members[i].name().to_string())
+            .unwrap_or_default();
+        let committed = promoted_at_ms(&g, &new_name, idx0).await;
+        let mut lost = 0;
+        let mut split = 0;
+        for (room, (acks, h)) in writers {
+            let _ = h.await;
+            lost += missing_acks(&acks, &new_addr).await.len();
+            let all = acks.all();
+            if let Some(fa) = all.iter().find(|x| x.at > t0 && x.backend == new_addr) {
+                split += all
+                    .iter()
+                    .filter(|x| x.at >= fa.at && x.backend != new_addr)
+                    .count();
+                if !room.is_empty() && room != old {
+                    if let Some(c) = committed {
+                        st.after_commit_ms.push(fa.wall_ms as f64 - c as f64);
+                    }
+                }
+            }
+            if !room.is_empty() && room != old {
+                if let Some(e) = acks.errors().iter().find(|e| e.at > t0) {
+                    st.session_error_ms.push((e.at - t0).as_secs_f64() * 1000.0);
+                }
+            }
+        }
         if fault == Fault::NodeLoss {
             g.start(oi);
         }
@@ -177,10 +283,9 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
         // A failover takes exactly two decisions (release, promote); more means a spurious one.
         let spurious = epoch_of(&s2).saturating_sub(e0).saturating_sub(2);
         eprintln!(
-            "{} run {:>2}: {old} -> {}: first write after {rto:.0} ms, lost {lost}, split-brain acks {split}",
+            "{} run {:>2}: {old} -> {new_name}: first write through a surviving pgpool after {rto:.0} ms, lost {lost}, split-brain acks {split}",
             fault.name(),
             run + 1,
-            primary_of(&s2).unwrap_or_default()
         );
         st.rto_ms.push(rto);
         st.lost += lost;
@@ -201,7 +306,7 @@ async fn main() {
         results.insert(f.name(), run_fault(f, runs).await);
     }
     println!();
-    println!("pg-watcher failover (3 rooms on loopback, default settings): fault -> first write on the new primary");
+    println!("pg-watcher failover (3 rooms on loopback, default settings): fault -> first write on the new primary through a surviving room's pgpool");
     println!(
         "{:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>9}",
         "fault", "runs", "min ms", "p50 ms", "p95 ms", "max ms", "lost", "split-brain", "spurious"
@@ -232,6 +337,33 @@ async fn main() {
                 "spurious_failovers": st.spurious,
             }),
         );
+    }
+    println!();
+    println!("pgpool repointing: promotion committed -> first write through each surviving room's pgpool; fault -> first error in a session open at the fault");
+    println!(
+        "{:<10} {:>8} {:>16} {:>16} {:>8} {:>16}",
+        "fault", "samples", "commit->pgpool p50", "p95", "samples", "session error p50"
+    );
+    for (name, st) in &results {
+        println!(
+            "{:<10} {:>8} {:>16.0} {:>16.0} {:>8} {:>16.0}",
+            name,
+            st.after_commit_ms.len(),
+            pct(&st.after_commit_ms, 0.5),
+            pct(&st.after_commit_ms, 0.95),
+            st.session_error_ms.len(),
+            pct(&st.session_error_ms, 0.5)
+        );
+        if let Some(serde_json::Value::Object(o)) = json.get_mut(*name) {
+            o.insert(
+                "pgpool_after_commit_ms".into(),
+                serde_json::json!({"samples": st.after_commit_ms.len(), "p50": pct(&st.after_commit_ms, 0.5), "p95": pct(&st.after_commit_ms, 0.95)}),
+            );
+            o.insert(
+                "session_error_ms".into(),
+                serde_json::json!({"samples": st.session_error_ms.len(), "p50": pct(&st.session_error_ms, 0.5)}),
+            );
+        }
     }
     println!("{}", serde_json::Value::Object(json));
 }

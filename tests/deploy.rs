@@ -56,10 +56,18 @@ fn two_rooms_plus_arbiter_layout_is_valid() {
 fn every_data_member_has_a_pgpool_and_the_rendered_config_disables_pgpool_failover() {
     for layout in ["three-rooms", "two-rooms-arbiter"] {
         for c in load_dir(layout) {
-            assert_eq!(c.members, load_dir(layout)[0].members, "{layout}: same [[members]]");
+            assert_eq!(
+                c.members,
+                load_dir(layout)[0].members,
+                "{layout}: same [[members]]"
+            );
             assert!(c.pgpool.is_some(), "{layout}/{}: [pgpool]", c.member);
             for m in c.data_members() {
-                assert!(m.pgpool.is_some() && m.pcp.is_some(), "{layout}: {} has no pgpool", m.name);
+                assert!(
+                    m.pgpool.is_some() && m.pcp.is_some(),
+                    "{layout}: {} has no pgpool",
+                    m.name
+                );
             }
             if !c.manages_pgpool() {
                 continue;
@@ -75,9 +83,20 @@ fn every_data_member_has_a_pgpool_and_the_rendered_config_disables_pgpool_failov
                 "backend_flag0 = 'ALLOW_TO_FAILOVER'",
                 "backend_application_name1 = 'room-",
             ] {
-                assert!(conf.contains(line), "{layout}/{}: missing `{line}`", c.member);
+                assert!(
+                    conf.contains(line),
+                    "{layout}/{}: missing `{line}`",
+                    c.member
+                );
             }
-            for ph in ["sr_check_user", "listen_host", "port", "pcp_host", "pcp_port", "work_dir"] {
+            for ph in [
+                "sr_check_user",
+                "listen_host",
+                "port",
+                "pcp_host",
+                "pcp_port",
+                "work_dir",
+            ] {
                 assert!(!conf.contains(&format!("{{{{{ph}}}}}")), "unrendered {ph}");
             }
         }
