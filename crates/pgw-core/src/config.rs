@@ -872,6 +872,74 @@ http = "127.0.0.1:7103"
         assert_eq!(field_of(c.validate().unwrap_err()), "cluster_id");
     }
 
+    fn with_pgpool() -> Config {
+        let mut c = good();
+        for (i, m) in c.members.iter_mut().enumerate().take(2) {
+            m.postgres = Some(format!("127.0.0.1:{}", 5500 + i));
+            m.pgpool = Some(format!("127.0.0.1:{}", 9900 + i));
+            m.pcp = Some(format!("127.0.0.1:{}", 9800 + i));
+        }
+        c.pgpool = Some(PgpoolConfig {
+            manage: true,
+            bin_dir: defaults::pgpool_bin_dir(),
+            work_dir: None,
+            os_user: defaults::pg_os_user(),
+            pcp_user: defaults::pcp_user(),
+            pcp_password_file: "/etc/pg-watcher/pcp.pass".into(),
+            check_interval_ms: defaults::PGPOOL_CHECK_INTERVAL_MS,
+            settings: vec![],
+        });
+        c
+    }
+
+    #[test]
+    fn pgpool_settings_are_checked_and_named() {
+        let c = with_pgpool();
+        c.validate().expect("valid");
+        assert_eq!(c.pgpool_backends().len(), 2);
+        assert_eq!(
+            c.pgpool_work_dir(),
+            Some(PathBuf::from("/var/lib/pg-watcher-pgpool"))
+        );
+
+        let mut c = with_pgpool();
+        c.pgpool = None;
+        assert_eq!(field_of(c.validate().unwrap_err()), "pgpool");
+
+        let mut c = with_pgpool();
+        c.members[2].pcp = Some("127.0.0.1:9000".into());
+        assert_eq!(field_of(c.validate().unwrap_err()), "members[2].pcp");
+
+        let mut c = with_pgpool();
+        c.members[1].pcp = None;
+        assert_eq!(field_of(c.validate().unwrap_err()), "members[1].pcp");
+
+        let mut c = with_pgpool();
+        c.members[0].pgpool = Some("nohost".into());
+        assert_eq!(field_of(c.validate().unwrap_err()), "members[0].pgpool");
+
+        let mut c = with_pgpool();
+        if let Some(p) = c.pgpool.as_mut() {
+            p.check_interval_ms = 10;
+        }
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "pgpool.check_interval_ms"
+        );
+
+        let mut c = with_pgpool();
+        if let Some(p) = c.pgpool.as_mut() {
+            p.settings = vec!["no equals sign".into()];
+        }
+        assert_eq!(field_of(c.validate().unwrap_err()), "pgpool.settings[0]");
+
+        // The arbiter holds the credentials but runs no pgpool.
+        let mut c = with_pgpool();
+        c.member = "arbiter".into();
+        c.validate().expect("arbiter with [pgpool] is valid");
+        assert!(!c.manages_pgpool());
+    }
+
     #[test]
     fn unknown_field_is_a_parse_error_naming_it() {
         let text = GOOD.replace("data_dir", "dta_dir");

@@ -10,9 +10,12 @@
 //!    while the new primary is not promoted yet (a detached old primary is the "no primary,
 //!    epoch g" state of the log, mirrored in pgpool). Detaching the primary makes pgpool look
 //!    for a node that is not in recovery; if the new primary is already promoted, pgpool finds it
-//!    and nothing else is needed. One exception: an old primary whose postgres is reported
-//!    stopped cannot take writes, so it is left for step 2, whose promote detaches it without
-//!    making pgpool search (see `Target::hold`).
+//!    and nothing else is needed. Two exceptions, both for an old primary that can no longer
+//!    acknowledge anything: one reported stopped, and any old primary in the seconds after the
+//!    primary record changed (the protocol fenced it: its lease ran out or it reported its own
+//!    crash, and its synchronous standbys detached). It is left to step 2, whose promote moves
+//!    pgpool's writes in one request; detaching it first would make pgpool search for a
+//!    primary and stall it for a second while the new one is still promoting.
 //! 2. The committed primary is attached and promoted in pgpool only once its sidecar reports it
 //!    running as primary at the current epoch: pgpool checks `pg_is_in_recovery()` itself, and a
 //!    promote of a node that still replays WAL would leave pgpool without a writable backend.
@@ -95,6 +98,11 @@ pub struct Target {
     /// The committed primary's backend, if the cluster has one.
     pub primary: Option<usize>,
     pub health: Vec<Health>,
+    /// The primary record changed moments ago (a failover or switchover is under way): the
+    /// old primary is already fenced by the protocol (its lease ran out or it reported its own
+    /// crash, and its synchronous standbys detached), so pgpool is left pointing at it until the
+    /// new primary serves and can be promoted in one step.
+    pub transition: bool,
 }
 
 /// One PCP command.
@@ -147,18 +155,24 @@ impl Target {
                 }
             })
             .collect();
-        Target { primary, health }
+        Target {
+            primary,
+            health,
+            transition: false,
+        }
     }
 
     fn health(&self, i: usize) -> Health {
         self.health.get(i).copied().unwrap_or(Health::Unknown)
     }
 
-    /// pgpool's old primary is left alone while its postgres is reported stopped: it cannot
-    /// take writes, and the new primary's promotion in pgpool detaches it anyway. (Detaching a primary makes pgpool search for another one, which
-    /// blocks pgpool for `search_primary_node_timeout` while the new one is still promoting.)
+    /// pgpool's old primary is left alone while its postgres is reported stopped (it cannot
+    /// take writes) or during a transition (see `transition`): the new primary's promotion in
+    /// pgpool detaches it anyway. Detaching a primary makes pgpool search for another one, which
+    /// blocks pgpool for `search_primary_node_timeout` (1 s) while the new one is still
+    /// promoting.
     fn hold(&self, i: usize, n: &PoolNode) -> bool {
-        n.primary && self.health(i) == Health::Down && self.primary != Some(i)
+        n.primary && self.primary != Some(i) && (self.health(i) == Health::Down || self.transition)
     }
 
     /// The next PCP command for a pgpool whose backends look like `view`, or `None` when it
@@ -260,10 +274,12 @@ mod tests {
         let t = Target {
             primary: Some(1),
             health: vec![Health::Failed, Health::Unknown, Health::Serving],
+            transition: false,
         };
         let stopped = Target {
             primary: Some(1),
             health: vec![Health::Down, Health::Serving, Health::Serving],
+            transition: false,
         };
         let view = [
             node(PoolStatus::Up, true),
@@ -277,7 +293,29 @@ mod tests {
         let t = Target {
             primary: None,
             health: vec![Health::Unknown; 3],
+            transition: false,
         };
+        assert_eq!(t.next_action(&view), Some(PcpAction::Detach(0)));
+    }
+
+    #[test]
+    fn during_a_transition_the_old_primary_waits_for_the_promote() {
+        let view = [
+            node(PoolStatus::Up, true),
+            node(PoolStatus::Up, false),
+            node(PoolStatus::Up, false),
+        ];
+        let mut t = Target {
+            primary: Some(1),
+            health: vec![Health::Failed, Health::Unknown, Health::Serving],
+            transition: true,
+        };
+        assert_eq!(t.next_action(&view), None);
+        t.health[1] = Health::Serving;
+        assert_eq!(t.next_action(&view), Some(PcpAction::Promote(1)));
+        // Once the transition is over, an unpromotable primary no longer protects the old one.
+        t.health[1] = Health::Unknown;
+        t.transition = false;
         assert_eq!(t.next_action(&view), Some(PcpAction::Detach(0)));
     }
 
@@ -291,11 +329,13 @@ mod tests {
         let waiting = Target {
             primary: Some(1),
             health: vec![Health::Failed, Health::Unknown, Health::Serving],
+            transition: false,
         };
         assert_eq!(waiting.next_action(&view), None);
         let ready = Target {
             primary: Some(1),
             health: vec![Health::Failed, Health::Serving, Health::Serving],
+            transition: false,
         };
         assert_eq!(ready.next_action(&view), Some(PcpAction::Promote(1)));
     }
@@ -305,6 +345,7 @@ mod tests {
         let t = Target {
             primary: Some(0),
             health: vec![Health::Serving, Health::Serving, Health::Serving],
+            transition: false,
         };
         let view = [
             node(PoolStatus::Up, true),
@@ -344,9 +385,10 @@ mod tests {
             healths in proptest::collection::vec(health(), 5),
             statuses in proptest::collection::vec(status(), 5),
             flagged in proptest::option::of(0usize..5),
+            transition in any::<bool>(),
         ) {
             let primary = primary_pick.filter(|&p| p < n);
-            let t = Target { primary, health: healths[..n].to_vec() };
+            let t = Target { primary, health: healths[..n].to_vec(), transition };
             let mut view: Vec<PoolNode> = (0..n)
                 .map(|i| node(statuses[i], flagged == Some(i)))
                 .collect();
@@ -355,8 +397,8 @@ mod tests {
             while let Some(a) = t.next_action(&view) {
                 pgpool_applies(&mut view, a, really);
                 if let Some(w) = pool_primary(&view) {
-                    // Only the committed primary, or a held old primary that cannot write.
-                    prop_assert!(Some(w) == primary || t.health[w] == Health::Down,
+                    // Only the committed primary, or a held old primary (fenced meanwhile).
+                    prop_assert!(Some(w) == primary || t.health[w] == Health::Down || transition,
                         "writes routed to a live non-primary after {:?}", a);
                 }
                 steps += 1;
@@ -370,10 +412,10 @@ mod tests {
                     prop_assert!(view[i].status.attached());
                 }
                 if Some(i) != primary && t.health[i] == Health::Failed {
-                    prop_assert!(!view[i].status.attached());
+                    prop_assert!(!view[i].status.attached() || (transition && view[i].primary && really.is_none()));
                 }
                 // A stopped old primary may stay flagged only until the new one serves.
-                if Some(i) != primary && t.health[i] == Health::Down && view[i].status.attached() {
+                if Some(i) != primary && t.health[i] == Health::Down && view[i].status.attached() && !transition {
                     prop_assert!(view[i].primary && really.is_none());
                 }
             }

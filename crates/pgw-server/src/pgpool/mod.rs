@@ -139,6 +139,11 @@ fn check_backends(nodes: &[NodeInfo], backends: &[(String, String)]) -> Result<(
     Ok(())
 }
 
+/// How long after a change of the primary record an old primary is left to the promote (it is
+/// fenced by the protocol meanwhile; see `Target::transition`). A promotion takes a few hundred
+/// ms; after this, a pgpool still writing to the old primary has it detached.
+const TRANSITION_HOLD: Duration = Duration::from_millis(2000);
+
 async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, creds: Credentials) {
     let Some(cluster) = pgpool_cluster(&s.cfg) else {
         return;
@@ -168,6 +173,8 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         ..Default::default()
     };
     let mut last_error = String::new();
+    // When the primary record last changed (a failover or switchover under way).
+    let mut epoch_at: Option<(u64, Instant)> = None;
     loop {
         tokio::time::sleep(fast).await;
         let m = s.raft.metrics().borrow().clone();
@@ -181,6 +188,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
                 s.pgpool.clear(&room);
                 last_target = None;
             }
+            epoch_at = None;
             continue;
         }
         let facts = s.sm.applied().facts;
@@ -188,7 +196,14 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
             continue;
         };
         let reports = s.leader.reports(&cluster);
-        let target = Target::compute(&names, f, &reports, s.leader.now_ms(), fresh_ms);
+        let mut target = Target::compute(&names, f, &reports, s.leader.now_ms(), fresh_ms);
+        match epoch_at {
+            Some((e, _)) if e == f.epoch => {}
+            // First sight as leader: not a transition.
+            None => epoch_at = Some((f.epoch, Instant::now() - TRANSITION_HOLD)),
+            Some(_) => epoch_at = Some((f.epoch, Instant::now())),
+        }
+        target.transition = epoch_at.is_some_and(|(_, t)| t.elapsed() < TRANSITION_HOLD);
         // Talk to pgpool when the target moved, while it disagrees, or every check interval.
         let due =
             last_target.as_ref() != Some(&target) || !report.agrees || last_check.elapsed() >= slow;
