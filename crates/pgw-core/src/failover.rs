@@ -459,12 +459,12 @@ pub fn decide_operation(
                     ),
                 );
             }
-            return match decide(v) {
+            match decide(v) {
                 Decision::Steady | Decision::Wait(_) => {
                     Decision::Wait(format!("{t} is being rebuilt from the primary"))
                 }
                 d => d,
-            };
+            }
         }
         (Some(p), _) if *p == t => {
             if serving(p) {
