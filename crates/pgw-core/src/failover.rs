@@ -44,6 +44,11 @@ pub struct Observation {
     pub replay_lsn: u64,
     /// Whether a walreceiver is streaming (replicas).
     pub streaming: bool,
+    /// Whether a walreceiver process exists at all, in any state (replicas). Only a replica
+    /// without one has a final WAL position: a walreceiver that is shutting down may still
+    /// flush WAL after it stopped `streaming`.
+    #[serde(default)]
+    pub receiving: bool,
     /// The highest epoch of the cluster facts the sidecar has acted on.
     pub epoch_seen: u64,
     /// Set by a primary's sidecar that saw its postmaster die: it will not restart it as a
@@ -251,6 +256,7 @@ fn unreachable_obs(member: &str) -> Observation {
         sync_since: None,
         standbys: BTreeMap::new(),
         recovered: 0,
+        receiving: false,
     }
 }
 
@@ -362,7 +368,9 @@ pub fn choose_candidate_preferring(
         .sync_standbys
         .iter()
         .filter_map(|m| v.fresh(m))
-        .filter(|o| o.role == PgRole::Replica && !o.streaming && o.epoch_seen >= f.epoch)
+        .filter(|o| {
+            o.role == PgRole::Replica && !o.streaming && !o.receiving && o.epoch_seen >= f.epoch
+        })
         .collect();
     // After degraded mode only standbys past the resync point can hold every acked commit.
     let reporters: Vec<&Observation> = reporters
@@ -527,7 +535,10 @@ pub fn decide_operation(
         (None, OperationKind::Failover) => {
             let forced = |why: String| {
                 let ok = v.fresh(&t).is_some_and(|o| {
-                    o.role == PgRole::Replica && !o.streaming && o.epoch_seen >= f.epoch
+                    o.role == PgRole::Replica
+                        && !o.streaming
+                        && !o.receiving
+                        && o.epoch_seen >= f.epoch
                 });
                 if ok {
                     Decision::Propose(Command::SetPrimary {
@@ -676,6 +687,7 @@ mod tests {
             sync_since: None,
             standbys: BTreeMap::new(),
             recovered: 0,
+            receiving: false,
         }
     }
 
@@ -745,6 +757,12 @@ mod tests {
             "c".to_string(),
             (obs("c", PgRole::Replica, 120, true, 3), 10),
         );
+        assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err());
+        // Not streaming any more, but its walreceiver is still shutting down (and may flush
+        // more WAL): its position is not final either.
+        let mut stopping = obs("c", PgRole::Replica, 120, false, 3);
+        stopping.receiving = true;
+        r.insert("c".to_string(), (stopping, 10));
         assert!(choose_candidate(&view(&f, &r, &m, 10, 0)).is_err());
         // A stale epoch_seen means it has not detached for this failover yet.
         r.insert(

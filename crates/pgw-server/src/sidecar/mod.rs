@@ -311,6 +311,7 @@ impl Sidecar {
                 flush_lsn: local.flush_lsn,
                 replay_lsn: local.replay_lsn,
                 streaming: local.streaming,
+                receiving: local.receiving,
                 epoch_seen: epoch_seen_before.min(st.epoch_seen),
                 crashed: st.crashed_at_epoch == Some(epoch) || st.fenced_at_epoch == Some(epoch),
                 epoch,

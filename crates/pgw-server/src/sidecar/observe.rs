@@ -16,6 +16,8 @@ pub struct Local {
     pub flush_lsn: u64,
     pub replay_lsn: u64,
     pub streaming: bool,
+    /// A walreceiver process exists (in any state): the received LSN may still grow.
+    pub receiving: bool,
     /// Member the walreceiver streams from, if any.
     pub upstream: Option<String>,
     pub standbys: BTreeMap<String, String>,
@@ -128,6 +130,7 @@ impl Observer {
         if rec {
             l.role = Some(PgRole::Replica);
             l.streaming = wr_status.as_deref() == Some("streaming");
+            l.receiving = wr_status.is_some();
             if let Some(t) = wr_tli {
                 self.last_rx_tli = self.last_rx_tli.max(t as u32);
             }
