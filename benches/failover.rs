@@ -62,14 +62,6 @@ fn args() -> (usize, Vec<Fault>) {
     (runs, faults)
 }
 
-fn primary_of(s: &GroupStatus) -> Option<String> {
-    s.clusters.first().and_then(|c| c.primary.clone())
-}
-
-fn epoch_of(s: &GroupStatus) -> u64 {
-    s.clusters.first().map(|c| c.epoch).unwrap_or(0)
-}
-
 async fn healthy(g: &Group) -> GroupStatus {
     wait_until(
         &g.endpoints(),

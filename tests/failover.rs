@@ -18,23 +18,6 @@ const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
 /// at a time so that one test's load does not look like a fault to another.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn primary_of(s: &GroupStatus) -> Option<String> {
-    s.clusters.first().and_then(|c| c.primary.clone())
-}
-
-fn epoch_of(s: &GroupStatus) -> u64 {
-    s.clusters.first().map(|c| c.epoch).unwrap_or(0)
-}
-
-fn node_role(s: &GroupStatus, member: &str) -> Option<String> {
-    s.clusters
-        .first()?
-        .nodes
-        .iter()
-        .find(|n| n.member == member)
-        .map(|n| n.role.clone())
-}
-
 /// Waits until there is a primary and every other data member is a sync replica.
 async fn wait_healthy(g: &Group, limit: Duration) -> GroupStatus {
     let names: Vec<String> = g

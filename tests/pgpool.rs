@@ -18,19 +18,6 @@ const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
 /// Real clusters with second-scale timings: one test at a time on 2 cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn primary_of(s: &GroupStatus) -> Option<String> {
-    s.clusters.first().and_then(|c| c.primary.clone())
-}
-
-fn node_role(s: &GroupStatus, member: &str) -> Option<String> {
-    s.clusters
-        .first()?
-        .nodes
-        .iter()
-        .find(|n| n.member == member)
-        .map(|n| n.role.clone())
-}
-
 /// A primary, every other member a sync replica, and every pgpool agreeing with the group.
 fn healthy(s: &GroupStatus, rooms: usize) -> bool {
     let Some(c) = s.clusters.first() else {

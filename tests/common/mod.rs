@@ -415,6 +415,26 @@ impl Drop for Group {
     }
 }
 
+/// The first PostgreSQL cluster's primary.
+pub fn primary_of(s: &GroupStatus) -> Option<String> {
+    s.clusters.first().and_then(|c| c.primary.clone())
+}
+
+/// The first PostgreSQL cluster's epoch.
+pub fn epoch_of(s: &GroupStatus) -> u64 {
+    s.clusters.first().map(|c| c.epoch).unwrap_or(0)
+}
+
+/// How status names `member` in the first PostgreSQL cluster.
+pub fn node_role(s: &GroupStatus, member: &str) -> Option<String> {
+    s.clusters
+        .first()?
+        .nodes
+        .iter()
+        .find(|n| n.member == member)
+        .map(|n| n.role.clone())
+}
+
 /// Polls until a leader is known (other than `not`), within `limit`.
 pub async fn wait_leader(eps: &[String], not: Option<&str>, limit: Duration) -> GroupStatus {
     let t0 = Instant::now();
