@@ -360,6 +360,29 @@ pub mod defaults {
     }
 }
 
+/// pgpool.conf settings pg-watcher owns: `[pgpool] settings` may not override them.
+const PGPOOL_OWNED: &[&str] = &[
+    "failover_on_backend_error",
+    "failover_on_backend_shutdown",
+    "failover_command",
+    "follow_primary_command",
+    "failback_command",
+    "health_check_period",
+    "auto_failback",
+    "detach_false_primary",
+    "search_primary_node_timeout",
+    "use_watchdog",
+    "listen_addresses",
+    "port",
+    "pcp_listen_addresses",
+    "pcp_port",
+    "unix_socket_directories",
+    "pcp_socket_dir",
+    "pid_file_name",
+    "logdir",
+    "sr_check_user",
+];
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -669,10 +692,20 @@ impl Config {
             ));
         }
         for (i, l) in pp.settings.iter().enumerate() {
-            if !l.contains('=') || l.contains('\n') {
+            let Some((name, _)) = l.split_once('=').filter(|_| !l.contains('\n')) else {
                 return Err(invalid(
                     format!("pgpool.settings[{i}]"),
                     format!("`{l}` is not a `name = value` line"),
+                ));
+            };
+            let name = name.trim();
+            if PGPOOL_OWNED
+                .iter()
+                .any(|k| name == *k || name.starts_with("backend_"))
+            {
+                return Err(invalid(
+                    format!("pgpool.settings[{i}]"),
+                    format!("`{name}` is set by pg-watcher (it keeps pgpool's own failover off and the backends in member order); remove it"),
                 ));
             }
         }
@@ -932,6 +965,14 @@ http = "127.0.0.1:7103"
             p.settings = vec!["no equals sign".into()];
         }
         assert_eq!(field_of(c.validate().unwrap_err()), "pgpool.settings[0]");
+        let mut c = with_pgpool();
+        if let Some(p) = c.pgpool.as_mut() {
+            p.settings = vec![
+                "num_init_children = 8".into(),
+                "health_check_period = 5".into(),
+            ];
+        }
+        assert_eq!(field_of(c.validate().unwrap_err()), "pgpool.settings[1]");
 
         // The arbiter holds the credentials but runs no pgpool.
         let mut c = with_pgpool();

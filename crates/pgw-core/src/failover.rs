@@ -448,7 +448,11 @@ pub fn decide_operation(
                     && o.role == PgRole::Replica
                     && o.streaming
                     && o.epoch_seen >= f.epoch
-            });
+            }) && f
+                .primary
+                .as_deref()
+                .and_then(|p| v.fresh(p))
+                .is_some_and(|p| p.standbys.contains_key(&t));
             if done {
                 return finish(
                     true,

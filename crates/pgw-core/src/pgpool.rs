@@ -117,14 +117,22 @@ impl Target {
     /// The target for one cluster. `backends[i]` is the member behind pgpool backend `i`;
     /// `reports` are the leader's latest sidecar reports with their arrival time, `now` and
     /// `fresh_ms` on the leader's clock. A member that has not reported to this leader yet is
-    /// `Unknown`; one whose reports stopped is `Failed`.
+    /// `Unknown` for two report windows after `leader_since`, then `Failed`; one whose reports
+    /// stopped is `Failed`.
     pub fn compute(
         backends: &[String],
         facts: &ClusterFacts,
         reports: &BTreeMap<String, (Observation, u64)>,
         now: u64,
         fresh_ms: u64,
+        leader_since: u64,
     ) -> Target {
+        let primary_obs = facts
+            .primary
+            .as_ref()
+            .and_then(|p| reports.get(p))
+            .filter(|(_, at)| now.saturating_sub(*at) <= fresh_ms)
+            .map(|(o, _)| o);
         let primary = facts
             .primary
             .as_ref()
@@ -133,7 +141,12 @@ impl Target {
             .iter()
             .map(|m| {
                 let Some((o, at)) = reports.get(m) else {
-                    return Health::Unknown;
+                    // Silent since this leader took over (plus two report windows): gone.
+                    return if now.saturating_sub(leader_since) > 2 * fresh_ms {
+                        Health::Failed
+                    } else {
+                        Health::Unknown
+                    };
                 };
                 if now.saturating_sub(*at) > fresh_ms {
                     return Health::Failed;
@@ -146,7 +159,12 @@ impl Target {
                     // is under way; the decision rule deals with it.
                     _ if is_primary => Health::Unknown,
                     PgRole::Primary => Health::Failed, // fenced or a zombie: never a backend
-                    PgRole::Replica if facts.primary.is_some() && current && o.streaming => {
+                    // Streaming from the committed primary (it lists the member), not elsewhere.
+                    PgRole::Replica
+                        if current
+                            && o.streaming
+                            && primary_obs.is_some_and(|p| p.standbys.contains_key(m)) =>
+                    {
                         Health::Serving
                     }
                     PgRole::Replica => Health::Unknown,
@@ -184,7 +202,15 @@ impl Target {
                 return Some(PcpAction::Detach(i));
             }
         }
-        // 2. The committed primary, once it runs as primary.
+        // 2. Failed servers out before anything is attached: an attach makes pgpool search the
+        //    attached nodes for one not in recovery, and a live zombie must not be among them.
+        for (i, n) in view.iter().enumerate() {
+            let failed = matches!(self.health(i), Health::Failed | Health::Down);
+            if Some(i) != self.primary && failed && n.status.attached() && !self.hold(i, n) {
+                return Some(PcpAction::Detach(i));
+            }
+        }
+        // 3. The committed primary, once it runs as primary.
         if let Some(p) = self.primary {
             if self.health(p) == Health::Serving {
                 if let Some(n) = view.get(p) {
@@ -197,13 +223,7 @@ impl Target {
                 }
             }
         }
-        // 3. Standbys: detach the failed, attach the serving.
-        for (i, n) in view.iter().enumerate() {
-            let failed = matches!(self.health(i), Health::Failed | Health::Down);
-            if Some(i) != self.primary && failed && n.status.attached() && !self.hold(i, n) {
-                return Some(PcpAction::Detach(i));
-            }
-        }
+        // 4. Replicas streaming from the primary back in.
         for (i, n) in view.iter().enumerate() {
             if Some(i) != self.primary
                 && self.health(i) == Health::Serving

@@ -80,6 +80,11 @@ impl LeaderState {
             .unwrap_or_default()
     }
 
+    /// Leader-clock ms since which this member leads (`None`: not leading, or not noticed yet).
+    pub fn leader_since(&self) -> Option<u64> {
+        self.inner.lock().ok().and_then(|g| g.leader_since)
+    }
+
     pub fn waiting(&self, cluster: &str) -> Option<String> {
         self.inner
             .lock()

@@ -169,17 +169,32 @@ impl ManagedPgpool {
         Ok(())
     }
 
+    /// Writes `name` in the work directory (owned by pgpool's OS user) without following
+    /// symlinks anyone may have planted there: the temp file is created fresh with O_NOFOLLOW
+    /// and its mode and owner are set on the open file.
     fn write(&self, name: &str, text: &str, mode: u32) -> Result<bool, PgpoolError> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.work_dir.join(name);
         if std::fs::read_to_string(&path).ok().as_deref() == Some(text) {
             return Ok(false);
         }
         let tmp = self.work_dir.join(format!("{name}.pgwtmp"));
-        std::fs::write(&tmp, text).map_err(|e| ferr(&tmp, e))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
             .map_err(|e| ferr(&tmp, e))?;
-        self.chown(&tmp)?;
+        f.write_all(text.as_bytes()).map_err(|e| ferr(&tmp, e))?;
+        f.sync_all().map_err(|e| ferr(&tmp, e))?;
+        if let Some(u) = self.os_user {
+            std::os::unix::fs::fchown(&f, Some(u.uid), Some(u.gid)).map_err(|e| ferr(&tmp, e))?;
+        }
+        drop(f);
+        // rename(2) replaces a symlink at `path` itself, never its target.
         std::fs::rename(&tmp, &path).map_err(|e| ferr(&path, e))?;
         Ok(true)
     }
@@ -209,11 +224,15 @@ impl ManagedPgpool {
         }
         let _ = std::fs::remove_file(self.work_dir.join("pgpool.pid"));
         let log = self.work_dir.join("pgpool.log");
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| ferr(&log, e))?;
+        let out = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&log)
+        }
+        .map_err(|e| ferr(&log, e))?;
         let err = out.try_clone().map_err(|e| ferr(&log, e))?;
         let mut cmd = tokio::process::Command::new(&self.bin);
         cmd.arg("-n")

@@ -196,7 +196,10 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
             continue;
         };
         let reports = s.leader.reports(&cluster);
-        let mut target = Target::compute(&names, f, &reports, s.leader.now_ms(), fresh_ms);
+        let now = s.leader.now_ms();
+        // Leadership not noticed by the decision loop yet: everyone counts as just heard of.
+        let since = s.leader.leader_since().unwrap_or(now);
+        let mut target = Target::compute(&names, f, &reports, now, fresh_ms, since);
         match epoch_at {
             Some((e, _)) if e == f.epoch => {}
             // First sight as leader: not a transition.
@@ -264,8 +267,9 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
             continue;
         }
         // Only a leader confirmed by a quorum may repoint (no writes from a minority side).
-        if s.raft.ensure_linearizable().await.is_err() {
-            continue;
+        match tokio::time::timeout(timeout, s.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => {}
+            _ => continue,
         }
         let epoch_now =
             s.sm.applied()
