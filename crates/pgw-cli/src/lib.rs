@@ -385,6 +385,26 @@ pub async fn wait_attached(
     }
 }
 
+/// Prints a started operation and, unless `no_wait`, waits for its outcome: an error unless it
+/// succeeded.
+async fn follow(
+    eps: &[String],
+    op: OperationReply,
+    limit: Duration,
+    no_wait: bool,
+) -> Result<(), CliError> {
+    print_op(&op);
+    if no_wait {
+        return Ok(());
+    }
+    let done = wait_operation(eps, op, limit, false).await?;
+    print_op(&done);
+    if done.state != "succeeded" {
+        return Err(CliError::Refused(done.detail));
+    }
+    Ok(())
+}
+
 /// Runs one CLI invocation, writing its output to stdout.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let timeout = Duration::from_millis(cli.timeout_ms.max(1));
@@ -453,14 +473,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         } => {
             let eps = need_endpoints(&cli.endpoints)?;
             let op = switchover(&eps, &cluster, to.as_deref()).await?;
-            print_op(&op);
-            if !no_wait {
-                let done = wait_operation(&eps, op, Duration::from_secs(60), false).await?;
-                print_op(&done);
-                if done.state != "succeeded" {
-                    return Err(CliError::Refused(done.detail));
-                }
-            }
+            follow(&eps, op, Duration::from_secs(60), no_wait).await?;
         }
         Cmd::Failover {
             cluster,
@@ -476,14 +489,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             let eps = need_endpoints(&cli.endpoints)?;
             let op = failover(&eps, &cluster, &to, accept_data_loss).await?;
-            print_op(&op);
-            if !no_wait {
-                let done = wait_operation(&eps, op, Duration::from_secs(60), false).await?;
-                print_op(&done);
-                if done.state != "succeeded" {
-                    return Err(CliError::Refused(done.detail));
-                }
-            }
+            follow(&eps, op, Duration::from_secs(60), no_wait).await?;
         }
         Cmd::Recover {
             member,
@@ -493,14 +499,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         } => {
             let eps = need_endpoints(&cli.endpoints)?;
             let op = recover(&eps, &cluster, &member).await?;
-            print_op(&op);
+            let limit = Duration::from_secs(wait_secs.max(1));
+            follow(&eps, op, limit, no_wait).await?;
             if !no_wait {
-                let limit = Duration::from_secs(wait_secs.max(1));
-                let done = wait_operation(&eps, op, limit, false).await?;
-                print_op(&done);
-                if done.state != "succeeded" {
-                    return Err(CliError::Refused(done.detail));
-                }
                 let rooms = wait_attached(&eps, &cluster, &member, Duration::from_secs(60)).await?;
                 if rooms.is_empty() {
                     println!("{member} is back (no pgpool is configured or reachable)");

@@ -292,6 +292,19 @@ impl AdminService {
         })
     }
 
+    /// [`Self::begin`] as a gRPC answer.
+    async fn begin_reply(
+        &self,
+        cluster: &str,
+        kind: pgw_core::facts::OperationKind,
+        target: String,
+        accept_data_loss: bool,
+    ) -> Result<Response<OperationReply>, Status> {
+        self.begin(cluster, kind, target, accept_data_loss)
+            .await
+            .map(Response::new)
+    }
+
     /// Starts an operation after validation (on the leader, which has the observations).
     async fn begin(
         &self,
@@ -590,15 +603,13 @@ impl admin_server::Admin for AdminService {
                 .switchover(forward_request(req))
                 .await;
         }
-        let r = self
-            .begin(
-                &req.cluster,
-                pgw_core::facts::OperationKind::Switchover,
-                req.target,
-                false,
-            )
-            .await?;
-        Ok(Response::new(r))
+        self.begin_reply(
+            &req.cluster,
+            pgw_core::facts::OperationKind::Switchover,
+            req.target,
+            false,
+        )
+        .await
     }
 
     async fn failover(
@@ -613,15 +624,13 @@ impl admin_server::Admin for AdminService {
                 .failover(forward_request(req))
                 .await;
         }
-        let r = self
-            .begin(
-                &req.cluster,
-                pgw_core::facts::OperationKind::Failover,
-                req.target,
-                req.accept_data_loss,
-            )
-            .await?;
-        Ok(Response::new(r))
+        self.begin_reply(
+            &req.cluster,
+            pgw_core::facts::OperationKind::Failover,
+            req.target,
+            req.accept_data_loss,
+        )
+        .await
     }
 
     async fn recover(
@@ -636,15 +645,13 @@ impl admin_server::Admin for AdminService {
                 .recover(forward_request(req))
                 .await;
         }
-        let r = self
-            .begin(
-                &req.cluster,
-                pgw_core::facts::OperationKind::Recover,
-                req.member,
-                false,
-            )
-            .await?;
-        Ok(Response::new(r))
+        self.begin_reply(
+            &req.cluster,
+            pgw_core::facts::OperationKind::Recover,
+            req.member,
+            false,
+        )
+        .await
     }
 
     async fn get_operation(
