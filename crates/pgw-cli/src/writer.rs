@@ -31,6 +31,10 @@ pub struct Ack {
     /// The postgres server that acknowledged it (`host:port`, from the server itself: through
     /// a pgpool this is the backend pgpool chose).
     pub backend: String,
+    /// When the statement was sent (the server committed it between `sent` and `at`).
+    pub sent: Instant,
+    /// `sent` as wall-clock milliseconds since the epoch.
+    pub sent_wall_ms: u64,
     pub at: Instant,
     /// Wall-clock milliseconds since the epoch (to compare with the group's history).
     pub wall_ms: u64,
@@ -122,6 +126,18 @@ pub fn spawn_writer_from(
     max: i64,
     limit: Duration,
 ) -> (Acks, tokio::task::JoinHandle<()>) {
+    spawn_writer_paced(servers, stop, first, max, limit, Duration::ZERO)
+}
+
+/// [`spawn_writer_from`] that waits `pace` after every acknowledged write (bounds the load).
+pub fn spawn_writer_paced(
+    servers: Vec<String>,
+    stop: Arc<AtomicBool>,
+    first: i64,
+    max: i64,
+    limit: Duration,
+    pace: Duration,
+) -> (Acks, tokio::task::JoinHandle<()>) {
     let acks = Acks::default();
     let a2 = acks.clone();
     let h = tokio::spawn(async move {
@@ -147,6 +163,7 @@ pub fn spawn_writer_from(
                 continue;
             };
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+            let (sent, sent_wall_ms) = (Instant::now(), wall_ms());
             let q = c.query_one(
                 "INSERT INTO acked (id) VALUES ($1) RETURNING host(inet_server_addr()) || ':' || inet_server_port()",
                 &params,
@@ -159,11 +176,16 @@ pub fn spawn_writer_from(
                             id,
                             server: server.clone(),
                             backend,
+                            sent,
+                            sent_wall_ms,
                             at: Instant::now(),
                             wall_ms: wall_ms(),
                         });
                     }
                     id += 1;
+                    if !pace.is_zero() {
+                        tokio::time::sleep(pace).await;
+                    }
                 }
                 Ok(Err(e)) => {
                     a2.error(&server, e.to_string());

@@ -1,0 +1,750 @@
+//! Network test bed: every room, the arbiter and the clients are hosts of their own, each a
+//! network namespace joined by a veth pair to a bridge that lives in a namespace of its own.
+//!
+//! ```text
+//!   ns <p>-room-a        ns <p>-room-b        ns <p>-room-c / <p>-arbiter     ns <p>-client
+//!   watcher+pg+pgpool    watcher+pg+pgpool    watcher(+pg+pgpool)             the test's writers
+//!   eth0 10.99.0.11      eth0 10.99.0.12      eth0 10.99.0.13                 eth0 10.99.0.100
+//!        |                    |                    |                               |
+//!   -----h0-------------------h1-------------------h2---------------------------hc-----
+//!                       ns <p>-sw: bridge br0 + nftables (bridge family) for cuts
+//! ```
+//!
+//! Faults: a room (or the arbiter) cut off from the other members, with or without its own
+//! clients; the link between two hosts cut both ways or one way; latency and jitter between
+//! members; kill, pause and restart of any process; a whole room restarted. The kernel here has no
+//! `sch_netem`, so latency is added by a small userspace switch (`switch.rs`) that takes the
+//! bridge's place while latency is on. Nothing is routed out of the namespaces: they have no
+//! default route and no link to the root namespace, so every packet stays inside the bed.
+//!
+//! Everything (processes, namespaces) is torn down when the `Bed` is dropped, also when a test
+//! panics; namespaces left by a test process that was killed are removed by the next bed.
+//! Needs root (namespaces, nftables): `Bed::start` says so and panics otherwise; CI runs as root.
+
+#![allow(dead_code)]
+
+pub mod checker;
+pub mod switch;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgw_cli::status::{gather, GroupStatus};
+use pgw_core::config::{ListenConfig, LogConfig, MemberConfig, PgpoolConfig, RaftConfig};
+use pgw_core::{Config, Role};
+
+use crate::common::WATCHER;
+
+pub const SUBNET: &str = "10.99.0.0/24";
+pub const CLIENT_IP: &str = "10.99.0.100";
+const GRPC_PORT: u16 = 7400;
+const HTTP_PORT: u16 = 7401;
+const PG_PORT: u16 = 25432;
+const PGPOOL_PORT: u16 = 29999;
+const PCP_PORT: u16 = 29898;
+const NS_PREFIX: &str = "pgwt-";
+
+static BEDS: AtomicUsize = AtomicUsize::new(0);
+
+/// The two production layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    ThreeRooms,
+    TwoRoomsArbiter,
+}
+
+impl Layout {
+    pub fn roles(self) -> Vec<Role> {
+        match self {
+            Layout::ThreeRooms => vec![Role::Data, Role::Data, Role::Data],
+            Layout::TwoRoomsArbiter => vec![Role::Data, Role::Data, Role::Arbiter],
+        }
+    }
+}
+
+/// One member: a host (namespace) with its watcher, and for data members postgres + pgpool.
+pub struct Host {
+    pub ns: String,
+    pub ip: String,
+    pub port: String,
+    pub cfg: Config,
+    pub cfg_path: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Host {
+    pub fn name(&self) -> &str {
+        &self.cfg.member
+    }
+    pub fn is_data(&self) -> bool {
+        self.cfg.postgres.is_some()
+    }
+    pub fn grpc(&self) -> String {
+        format!("{}:{GRPC_PORT}", self.ip)
+    }
+    pub fn pg_addr(&self) -> String {
+        format!("{}:{PG_PORT}", self.ip)
+    }
+    pub fn pgpool_addr(&self) -> String {
+        format!("{}:{PGPOOL_PORT}", self.ip)
+    }
+    pub fn pgpool_dir(&self) -> Option<PathBuf> {
+        self.is_data().then(|| self.cfg.pgpool_work_dir()).flatten()
+    }
+}
+
+/// Who may talk to whom: directed (from, to) host pairs whose frames the switch drops.
+/// Host index `hosts.len()` is the client namespace.
+pub type Blocked = Arc<Mutex<BTreeSet<(usize, usize)>>>;
+
+pub struct Bed {
+    pub dir: tempfile::TempDir,
+    pub layout: Layout,
+    pub prefix: String,
+    pub sw_ns: String,
+    pub client_ns: String,
+    pub hosts: Vec<Host>,
+    children: Mutex<Vec<Option<Child>>>,
+    blocked: Blocked,
+    latency: Mutex<Option<switch::DelaySwitch>>,
+    namespaces: Vec<String>,
+}
+
+/// Runs `ip ARGS`; panics with its stderr when it fails (test set-up must not half-succeed).
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `ip`: {e} (install iproute2)"));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// Runs `nft -f -` inside namespace `ns` with `script` on stdin.
+fn nft(ns: &str, script: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run nft: {e} (install nftables)"));
+    child
+        .stdin
+        .take()
+        .expect("nft stdin")
+        .write_all(script.as_bytes())
+        .expect("write nft script");
+    let out = child.wait_with_output().expect("nft");
+    assert!(
+        out.status.success(),
+        "nft in {ns}: {}\nscript:\n{script}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// Removes namespaces left behind by bed processes that no longer exist.
+fn remove_stale_namespaces() {
+    let Ok(rd) = fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
+/// Moves the calling thread into network namespace `ns`.
+pub fn enter_ns(ns: &str) {
+    let f = fs::File::open(format!("/run/netns/{ns}"))
+        .unwrap_or_else(|e| panic!("open namespace {ns}: {e}"));
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) on a valid namespace fd; it only changes this thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns({ns}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+impl Bed {
+    /// Builds the namespaces, the bridge and the configs, and starts every member.
+    pub fn start(layout: Layout) -> Bed {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "the network fault tests need root (network namespaces, veth, nftables); run them as root, as CI does"
+        );
+        remove_stale_namespaces();
+        let n = BEDS.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("{NS_PREFIX}{}-{n}", std::process::id());
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let cfgs = configs(dir.path(), layout);
+        let sw_ns = format!("{prefix}-sw");
+        let client_ns = format!("{prefix}-client");
+        let hosts: Vec<Host> = cfgs
+            .into_iter()
+            .enumerate()
+            .map(|(i, cfg)| {
+                let base = dir.path().join(&cfg.member);
+                Host {
+                    ns: format!("{prefix}-{}", cfg.member),
+                    ip: format!("10.99.0.{}", 11 + i),
+                    port: format!("h{i}"),
+                    cfg_path: base.join("pg-watcher.toml"),
+                    log: base.join("pg-watcher.log"),
+                    cfg,
+                }
+            })
+            .collect();
+        let mut namespaces = vec![sw_ns.clone(), client_ns.clone()];
+        namespaces.extend(hosts.iter().map(|h| h.ns.clone()));
+        let children = Mutex::new(hosts.iter().map(|_| None).collect());
+        let bed = Bed {
+            dir,
+            layout,
+            prefix,
+            sw_ns,
+            client_ns,
+            hosts,
+            children,
+            blocked: Arc::new(Mutex::new(BTreeSet::new())),
+            latency: Mutex::new(None),
+            namespaces,
+        };
+        bed.build_network();
+        for i in 0..bed.hosts.len() {
+            bed.start_watcher(i);
+        }
+        bed
+    }
+
+    fn build_network(&self) {
+        for ns in &self.namespaces {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let sw = self.sw_ns.as_str();
+        ip(&["-n", sw, "link", "add", "br0", "type", "bridge", "stp_state", "0"]);
+        ip(&["-n", sw, "link", "set", "br0", "up"]);
+        let mut ends: Vec<(String, String, String)> = self
+            .hosts
+            .iter()
+            .map(|h| (h.ns.clone(), h.port.clone(), h.ip.clone()))
+            .collect();
+        ends.push((self.client_ns.clone(), "hc".into(), CLIENT_IP.into()));
+        for (ns, port, addr) in &ends {
+            ip(&[
+                "-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ]);
+            ip(&["-n", sw, "link", "set", port, "master", "br0", "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+        }
+        nft(
+            sw,
+            "table bridge pgwfault {\n  chain cuts {\n    type filter hook forward priority 0; policy accept;\n  }\n}\n",
+        );
+    }
+
+    /// The switch port name of host `i` (`hosts.len()` = the client namespace).
+    fn port_of(&self, i: usize) -> String {
+        if i == self.hosts.len() {
+            "hc".into()
+        } else {
+            self.hosts[i].port.clone()
+        }
+    }
+
+    /// The index of the client namespace in `block`/`unblock`.
+    pub fn client(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn index_of(&self, name: &str) -> usize {
+        self.hosts
+            .iter()
+            .position(|h| h.name() == name)
+            .unwrap_or_else(|| panic!("no member {name}"))
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        self.hosts[i].name()
+    }
+
+    pub fn data_members(&self) -> Vec<usize> {
+        (0..self.hosts.len())
+            .filter(|i| self.hosts[*i].is_data())
+            .collect()
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.grpc()).collect()
+    }
+
+    /// The member whose postgres listens on `addr` (`ip:port`).
+    pub fn member_at(&self, addr: &str) -> Option<String> {
+        self.hosts
+            .iter()
+            .find(|h| h.is_data() && h.pg_addr() == addr)
+            .map(|h| h.name().to_string())
+    }
+
+    fn apply_rules(&self) {
+        let set = self.blocked.lock().expect("blocked").clone();
+        let mut s = String::from("flush chain bridge pgwfault cuts\n");
+        for (a, b) in &set {
+            s.push_str(&format!(
+                "add rule bridge pgwfault cuts iifname \"{}\" oifname \"{}\" drop\n",
+                self.port_of(*a),
+                self.port_of(*b)
+            ));
+        }
+        nft(&self.sw_ns, &s);
+    }
+
+    /// Drops every frame from `a` to `b` (one way).
+    pub fn block_one_way(&self, a: usize, b: usize) {
+        self.blocked.lock().expect("blocked").insert((a, b));
+        self.apply_rules();
+    }
+
+    /// Cuts the link between `a` and `b` (both ways).
+    pub fn cut_link(&self, a: usize, b: usize) {
+        {
+            let mut g = self.blocked.lock().expect("blocked");
+            g.insert((a, b));
+            g.insert((b, a));
+        }
+        self.apply_rules();
+    }
+
+    /// Cuts host `i` off from every other member; with `keep_clients` the client namespace can
+    /// still reach it (its own room's applications).
+    pub fn cut_off(&self, i: usize, keep_clients: bool) {
+        {
+            let mut g = self.blocked.lock().expect("blocked");
+            for j in 0..=self.hosts.len() {
+                if j == i || (keep_clients && j == self.client()) {
+                    continue;
+                }
+                g.insert((i, j));
+                g.insert((j, i));
+            }
+        }
+        self.apply_rules();
+    }
+
+    /// Removes every cut.
+    pub fn heal(&self) {
+        self.blocked.lock().expect("blocked").clear();
+        self.apply_rules();
+    }
+
+    /// Latency between members (not towards clients): `delay ± jitter` each way, per packet,
+    /// like `tc netem delay D J` on every member's link, but without reordering a link's packets.
+    pub fn set_latency(&self, delay: Duration, jitter: Duration) {
+        self.clear_latency();
+        let ports: Vec<String> = (0..=self.hosts.len()).map(|i| self.port_of(i)).collect();
+        for p in &ports {
+            ip(&["-n", &self.sw_ns, "link", "set", p, "nomaster"]);
+        }
+        let members = self.hosts.len();
+        let sw = switch::DelaySwitch::start(
+            &self.sw_ns,
+            &ports,
+            Arc::new(move |from: usize, to: usize| {
+                if from < members && to < members {
+                    Some((delay, jitter))
+                } else {
+                    None
+                }
+            }),
+            self.blocked.clone(),
+        )
+        .unwrap_or_else(|e| panic!("latency switch: {e}"));
+        *self.latency.lock().expect("latency") = Some(sw);
+    }
+
+    /// Takes the latency switch out and puts the bridge back.
+    pub fn clear_latency(&self) {
+        let sw = self.latency.lock().expect("latency").take();
+        if let Some(sw) = sw {
+            sw.stop();
+            for i in 0..=self.hosts.len() {
+                ip(&["-n", &self.sw_ns, "link", "set", &self.port_of(i), "master", "br0"]);
+            }
+        }
+    }
+
+    /// Frames forwarded and delayed by the latency switch so far.
+    pub fn latency_frames(&self) -> u64 {
+        self.latency
+            .lock()
+            .expect("latency")
+            .as_ref()
+            .map(|s| s.frames())
+            .unwrap_or(0)
+    }
+
+    // ----- processes -----
+
+    pub fn start_watcher(&self, i: usize) {
+        let h = &self.hosts[i];
+        let mut g = self.children.lock().expect("children");
+        assert!(g[i].is_none(), "{} already running", h.name());
+        fs::create_dir_all(h.cfg_path.parent().expect("parent")).expect("mkdir");
+        fs::write(&h.cfg_path, h.cfg.to_toml().expect("toml")).expect("write config");
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log)
+            .expect("log file");
+        let err = out.try_clone().expect("dup");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(WATCHER)
+            .arg("--config")
+            .arg(&h.cfg_path)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn pg-watcher in its namespace");
+        g[i] = Some(child);
+    }
+
+    /// SIGKILL of member `i`'s watcher (its postgres and pgpool keep running).
+    pub fn kill_watcher(&self, i: usize) {
+        let c = self.children.lock().expect("children")[i].take();
+        if let Some(mut c) = c {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn watcher_pid(&self, i: usize) -> Option<i32> {
+        self.children.lock().expect("children")[i]
+            .as_ref()
+            .map(|c| c.id() as i32)
+    }
+
+    pub fn postmaster_pid(&self, i: usize) -> Option<i32> {
+        let d = &self.hosts[i].cfg.postgres.as_ref()?.data_dir;
+        let t = fs::read_to_string(d.join("postmaster.pid")).ok()?;
+        t.lines().next()?.trim().parse().ok()
+    }
+
+    pub fn pgpool_pid(&self, i: usize) -> Option<i32> {
+        pgw_server::pgpool::managed::pgpool_pid(&self.hosts[i].pgpool_dir()?)
+    }
+
+    /// Sends `sig` to member `i`'s postmaster and all its children.
+    pub fn signal_postgres(&self, i: usize, sig: i32) {
+        let Some(pm) = self.postmaster_pid(i) else {
+            return;
+        };
+        let mut pids = vec![pm];
+        pids.extend(pgw_server::sidecar::pgctl::children_of(pm));
+        for pid in pids {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
+    pub fn signal_watcher(&self, i: usize, sig: i32) {
+        if let Some(pid) = self.watcher_pid(i) {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
+    /// Sends `sig` to member `i`'s pgpool process group.
+    pub fn signal_pgpool(&self, i: usize, sig: i32) {
+        if let Some(pid) = self.pgpool_pid(i) {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(-pid, sig);
+            }
+        }
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) everything of room `i`.
+    pub fn pause_room(&self, i: usize, paused: bool) {
+        let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        self.signal_watcher(i, sig);
+        self.signal_postgres(i, sig);
+        self.signal_pgpool(i, sig);
+    }
+
+    /// Kills everything of room `i` at once (watcher, postgres, pgpool), like a power loss.
+    pub fn kill_room(&self, i: usize) {
+        self.kill_watcher(i);
+        self.signal_postgres(i, libc::SIGCONT);
+        self.signal_postgres(i, libc::SIGKILL);
+        if let Some(d) = self.hosts[i].pgpool_dir() {
+            self.signal_pgpool(i, libc::SIGCONT);
+            self.signal_pgpool(i, libc::SIGKILL);
+            // The pid file outlives the process; the watcher's next start checks it.
+            let _ = d;
+        }
+        // Wait (bounded) until the postmaster is really gone, so a restart finds its port free.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            let alive = self
+                .postmaster_pid(i)
+                .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A whole room restarted: everything killed, then the watcher started again (it brings up
+    /// its postgres and pgpool).
+    pub fn restart_room(&self, i: usize) {
+        self.kill_room(i);
+        self.start_watcher(i);
+    }
+
+    /// Runs `f`'s future on a runtime whose threads all live in the client namespace, so every
+    /// connection the test makes (status, writers, probes) crosses the bed's network.
+    pub fn run<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = T>,
+        T: Send,
+    {
+        let ns = self.client_ns.clone();
+        std::thread::scope(|s| {
+            let h = s.spawn(move || {
+                enter_ns(&ns);
+                let ns2 = ns.clone();
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .on_thread_start(move || enter_ns(&ns2))
+                    .build()
+                    .expect("runtime");
+                rt.block_on(f())
+            });
+            match h.join() {
+                Ok(v) => v,
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        })
+    }
+
+    pub fn log_text(&self, i: usize) -> String {
+        fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
+    }
+
+    pub fn dump_logs(&self) {
+        let keep = std::env::temp_dir().join("pgw-failed").join(&self.prefix);
+        let _ = fs::create_dir_all(&keep);
+        for (i, h) in self.hosts.iter().enumerate() {
+            let _ = fs::copy(&h.log, keep.join(format!("{}.log", h.name())));
+            if let Some(pg) = &h.cfg.postgres {
+                let mut run = pg.data_dir.clone().into_os_string();
+                run.push(".run/postgres.log");
+                let _ = fs::copy(
+                    PathBuf::from(run),
+                    keep.join(format!("{}.postgres.log", h.name())),
+                );
+            }
+            if let Some(d) = h.pgpool_dir() {
+                let _ = fs::copy(
+                    d.join("pgpool.log"),
+                    keep.join(format!("{}.pgpool.log", h.name())),
+                );
+            }
+            let text = self.log_text(i);
+            let useful: Vec<&str> = text.lines().filter(|l| l.contains("pgw_server")).collect();
+            let tail = &useful[useful.len().saturating_sub(40)..];
+            eprintln!(
+                "===== log of {} (pg-watcher lines; all logs kept in {}) =====\n{}",
+                h.name(),
+                keep.display(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        if let Ok(mut g) = self.latency.lock() {
+            if let Some(sw) = g.take() {
+                sw.stop();
+            }
+        }
+        for i in 0..self.hosts.len() {
+            self.kill_watcher(i);
+            self.signal_postgres(i, libc::SIGCONT);
+            self.signal_postgres(i, libc::SIGKILL);
+            if let Some(d) = self.hosts[i].pgpool_dir() {
+                self.signal_pgpool(i, libc::SIGCONT);
+                pgw_server::pgpool::managed::stop_pgpool(&d);
+            }
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Member configs of `layout`: member i on 10.99.0.(11+i) in its own namespace, fixed ports
+/// (each namespace has its own), postgres reachable from the bed's subnet only.
+fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
+    let pass = dir.join("pcp.pass");
+    fs::write(&pass, "pcp-test-secret\n").expect("write pcp password");
+    fs::set_permissions(&pass, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let members: Vec<MemberConfig> = layout
+        .roles()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let ip = format!("10.99.0.{}", 11 + i);
+            let data = *r == Role::Data;
+            MemberConfig {
+                name: match r {
+                    Role::Data => format!("room-{}", (b'a' + i as u8) as char),
+                    Role::Arbiter => "arbiter".to_string(),
+                },
+                id: i as u64 + 1,
+                role: *r,
+                grpc: format!("{ip}:{GRPC_PORT}"),
+                http: format!("{ip}:{HTTP_PORT}"),
+                priority: 100,
+                postgres: data.then(|| format!("{ip}:{PG_PORT}")),
+                pgpool: data.then(|| format!("{ip}:{PGPOOL_PORT}")),
+                pcp: data.then(|| format!("{ip}:{PCP_PORT}")),
+            }
+        })
+        .collect();
+    members
+        .iter()
+        .map(|m| {
+            let data = m.role == Role::Data;
+            Config {
+                cluster_id: "netbed".to_string(),
+                member: m.name.clone(),
+                data_dir: dir.join(&m.name).join("data"),
+                members: members.clone(),
+                listen: ListenConfig::default(),
+                raft: RaftConfig::default(),
+                clusters: pgw_core::config::defaults::clusters(),
+                log: LogConfig {
+                    level: "info,openraft=warn".into(),
+                },
+                postgres: data.then(|| pgw_core::config::PostgresConfig {
+                    cluster: None,
+                    bin_dir: pgw_core::config::defaults::pg_bin_dir(),
+                    data_dir: dir.join(&m.name).join("pg").join("data"),
+                    os_user: "postgres".into(),
+                    user: "postgres".into(),
+                    conninfo: String::new(),
+                    hba: vec![
+                        "local all all trust".into(),
+                        "host all all 127.0.0.0/8 trust".into(),
+                        format!("host all all {SUBNET} trust"),
+                        format!("host replication all {SUBNET} trust"),
+                    ],
+                    settings: vec![
+                        "shared_buffers = '16MB'".into(),
+                        "max_connections = 40".into(),
+                    ],
+                }),
+                failover: Default::default(),
+                pgpool: Some(PgpoolConfig {
+                    manage: data,
+                    bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),
+                    work_dir: data.then(|| dir.join(&m.name).join("pgpool")),
+                    os_user: "postgres".into(),
+                    pcp_user: "pgwatcher".into(),
+                    pcp_password_file: pass.clone(),
+                    check_interval_ms: 1000,
+                    settings: vec![],
+                }),
+            }
+        })
+        .collect()
+}
+
+// ----- status helpers (run inside `Bed::run`) -----
+
+/// A healthy cluster: a primary, every other data member a sync replica, every member answering
+/// with a Raft role, every room's pgpool writing to the primary.
+pub fn healthy(s: &GroupStatus, data_members: usize) -> bool {
+    let Some(c) = s.clusters.first() else {
+        return false;
+    };
+    let Some(p) = &c.primary else { return false };
+    s.leader.is_some()
+        && s.members.iter().all(|m| m.raft != "unreachable")
+        && c.nodes.iter().any(|n| &n.member == p && n.role == "primary")
+        && c.nodes.iter().filter(|n| n.role == "sync_replica").count() == data_members - 1
+        && c.pgpool.len() == data_members
+        && c.pgpool
+            .iter()
+            .all(|pp| pp.agrees && pp.primary.as_ref() == Some(p))
+}
+
+impl Bed {
+    /// Waits (bounded) until the cluster is healthy; returns the status.
+    pub async fn wait_healthy(&self, limit: Duration) -> GroupStatus {
+        let n = self.data_members().len();
+        crate::common::wait_until(&self.endpoints(), limit, "a healthy cluster", |s| {
+            healthy(s, n)
+        })
+        .await
+    }
+
+    pub async fn status(&self) -> Option<GroupStatus> {
+        gather(&self.endpoints(), Duration::from_millis(800)).await.ok()
+    }
+}
+
+/// A seed for the switch's jitter (printed nowhere: jitter only shapes timing, never an outcome
+/// the checks depend on).
+pub fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
