@@ -12,15 +12,88 @@ mod netbed;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{epoch_of, primary_of};
+use common::{epoch_of, node_role, primary_of};
 use netbed::checker::Checker;
 use netbed::{Bed, Layout};
-use pgw_cli::writer::is_primary;
+use pgw_cli::writer::{is_primary, wall_ms};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Names of the data members other than `not`.
+fn other_rooms(bed: &Bed, not: usize) -> Vec<String> {
+    bed.data_members()
+        .into_iter()
+        .filter(|i| *i != not)
+        .map(|i| bed.name(i).to_string())
+        .collect()
+}
+
+/// Cuts the primary's room off (with or without its clients) and waits for a write through a
+/// surviving room's pgpool on another server; returns (old primary index, ms to that write).
+async fn cut_primary_room(bed: &Bed, chk: &Checker, keep_clients: bool) -> (usize, u128) {
+    let s = bed.wait_healthy(Duration::from_secs(120)).await;
+    let old = primary_of(&s).expect("primary");
+    let oi = bed.index_of(&old);
+    let old_addr = bed.hosts[oi].pg_addr();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    bed.cut_off(oi, keep_clients);
+    let first = chk
+        .wait_write_via(
+            &other_rooms(bed, oi),
+            Some(&old_addr),
+            t0,
+            Duration::from_secs(30),
+        )
+        .await;
+    let ms = (first.at - t0).as_millis();
+    eprintln!(
+        "room {old} cut off: first write through a surviving pgpool on {} after {ms} ms",
+        first.backend
+    );
+    (oi, ms)
+}
+
+/// Over `dur`, the primary and the epoch (as in `before`, taken before the fault) must not
+/// move, and writes through `room`'s pgpool keep being acknowledged by the primary (at least one
+/// in every 5 s).
+async fn stays_put(
+    bed: &Bed,
+    chk: &Checker,
+    before: &pgw_cli::status::GroupStatus,
+    room: &str,
+    dur: Duration,
+    what: &str,
+) {
+    let p = primary_of(before).expect("primary");
+    let e = epoch_of(before);
+    let paddr = bed.hosts[bed.index_of(&p)].pg_addr();
+    let t0 = Instant::now();
+    let mut window = Instant::now();
+    while t0.elapsed() < dur {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(s) = bed.status().await {
+            if s.clusters.first().is_some_and(|c| c.primary.is_some()) {
+                assert_eq!(
+                    (primary_of(&s), epoch_of(&s)),
+                    (Some(p.clone()), e),
+                    "{what}: the primary or its epoch moved"
+                );
+            }
+        }
+        if window.elapsed() >= Duration::from_secs(5) {
+            assert!(
+                chk.first_via_pgpool(&[room.to_string()], &paddr, window)
+                    .is_some(),
+                "{what}: no write through {room}'s pgpool acknowledged by {p} in 5 s"
+            );
+            window = Instant::now();
+        }
+    }
 }
 
 /// The primary room is cut off from the other members while its own clients still reach it:
@@ -32,55 +105,291 @@ fn primary_room_cut_off_is_fenced_and_replaced() {
     let bed = Bed::start(Layout::ThreeRooms);
     bed.run(|| async {
         let chk = Checker::start(&bed).await;
-        let s = bed.wait_healthy(Duration::from_secs(60)).await;
-        let old = primary_of(&s).expect("primary");
-        let oi = bed.index_of(&old);
+        let (oi, _) = cut_primary_room(&bed, &chk, true).await;
+        let old = bed.name(oi).to_string();
         let old_addr = bed.hosts[oi].pg_addr();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let t0 = Instant::now();
-        bed.cut_off(oi, true);
-        let others: Vec<String> = bed
-            .data_members()
-            .into_iter()
-            .filter(|i| *i != oi)
-            .map(|i| bed.name(i).to_string())
-            .collect();
-        let first = chk
-            .wait_write_via(&others, Some(&old_addr), t0, Duration::from_secs(30))
-            .await;
-        eprintln!(
-            "room {old} cut off: first write through a surviving pgpool on {} after {} ms",
-            first.backend,
-            (first.at - t0).as_millis()
-        );
-        // Fenced: the cut-off server no longer accepts writes (its clients still reach it).
+        // Fenced: the cut-off server no longer accepts writes though its clients still reach it.
         let tf = Instant::now();
-        loop {
-            if is_primary(&old_addr).await != Some(true) {
-                break;
-            }
+        while is_primary(&old_addr).await == Some(true) {
             assert!(
                 tf.elapsed() < Duration::from_secs(10),
                 "{old}'s postgres is still a writable primary while its room is cut off"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Writes straight to it and through its room's pgpool get nowhere while cut off.
+        let t1 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let stray: Vec<_> = chk
+            .acks()
+            .into_iter()
+            .filter(|a| a.sent > t1 && a.backend == old_addr)
+            .collect();
+        assert!(stray.is_empty(), "the fenced server acknowledged {stray:?}");
         bed.heal();
         let r = chk.finish(&bed).await;
-        eprintln!(
-            "acknowledged {} writes; final primary {}; periods {:?}",
-            r.acked, r.final_primary, r.periods
-        );
-        for e in netbed::checker::history(&bed).await {
-            eprintln!("{} {} {}", e.log_index, e.at_ms, e.event);
-        }
+        r.print("primary room cut off");
         r.assert_safe();
         assert_ne!(r.final_primary, old);
     });
 }
 
-#[allow(dead_code)]
-fn unused(s: &pgw_cli::status::GroupStatus) -> u64 {
-    epoch_of(s)
+/// The primary's room loses only its link to the arbiter: the other room still connects
+/// everyone, so nothing may change.
+#[test]
+fn primary_room_losing_its_arbiter_link_changes_nothing() {
+    let _s = serial();
+    let bed = Bed::start(Layout::TwoRoomsArbiter);
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let s = bed.wait_healthy(Duration::from_secs(60)).await;
+        let p = primary_of(&s).expect("primary");
+        let pi = bed.index_of(&p);
+        let arb = bed.index_of("arbiter");
+        let since = wall_ms();
+        bed.cut_link(pi, arb);
+        stays_put(
+            &bed,
+            &chk,
+            &s,
+            &p,
+            Duration::from_secs(15),
+            "primary-arbiter link cut",
+        )
+        .await;
+        bed.heal();
+        let r = chk.finish(&bed).await;
+        r.print("primary room loses its arbiter link");
+        r.assert_safe();
+        assert_eq!(r.final_primary, p);
+        assert_eq!(r.epoch_moves_since(since), 0, "a decision was taken");
+    });
+}
+
+/// The arbiter is isolated from everyone: the two rooms keep a majority, nothing may change.
+#[test]
+fn arbiter_isolated_changes_nothing() {
+    let _s = serial();
+    let bed = Bed::start(Layout::TwoRoomsArbiter);
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let s = bed.wait_healthy(Duration::from_secs(60)).await;
+        let p = primary_of(&s).expect("primary");
+        let since = wall_ms();
+        bed.cut_off(bed.index_of("arbiter"), false);
+        stays_put(
+            &bed,
+            &chk,
+            &s,
+            &p,
+            Duration::from_secs(15),
+            "arbiter isolated",
+        )
+        .await;
+        bed.heal();
+        let r = chk.finish(&bed).await;
+        r.print("arbiter isolated");
+        r.assert_safe();
+        assert_eq!(r.final_primary, p);
+        assert_eq!(r.epoch_moves_since(since), 0, "a decision was taken");
+    });
+}
+
+/// A replica's room is cut off entirely: writes continue on the primary, acknowledged by the
+/// other sync replica; after healing the replica catches up and is a sync replica again.
+#[test]
+fn replica_room_cut_off_writes_continue() {
+    let _s = serial();
+    let bed = Bed::start(Layout::ThreeRooms);
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let s = bed.wait_healthy(Duration::from_secs(60)).await;
+        let p = primary_of(&s).expect("primary");
+        let pi = bed.index_of(&p);
+        let ri = bed
+            .data_members()
+            .into_iter()
+            .find(|i| *i != pi)
+            .expect("a replica");
+        let since = wall_ms();
+        bed.cut_off(ri, false);
+        stays_put(
+            &bed,
+            &chk,
+            &s,
+            &p,
+            Duration::from_secs(12),
+            "replica room cut off",
+        )
+        .await;
+        bed.heal();
+        let r = chk.finish(&bed).await;
+        r.print("replica room cut off");
+        r.assert_safe();
+        assert_eq!(r.final_primary, p);
+        assert_eq!(r.epoch_moves_since(since), 0, "a decision was taken");
+    });
+}
+
+/// Two successive room losses with a heal in between: first the primary's room is cut off and
+/// healed; then the new primary's room loses power (everything killed) and comes back.
+#[test]
+fn two_successive_room_losses_with_heal_between() {
+    let _s = serial();
+    let bed = Bed::start(Layout::ThreeRooms);
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let (first, _) = cut_primary_room(&bed, &chk, false).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        bed.heal();
+        let s = bed.wait_healthy(Duration::from_secs(120)).await;
+        assert_eq!(
+            node_role(&s, bed.name(first)).as_deref(),
+            Some("sync_replica"),
+            "the first lost room is back as a sync replica"
+        );
+        let p2 = primary_of(&s).expect("primary");
+        let p2i = bed.index_of(&p2);
+        let p2_addr = bed.hosts[p2i].pg_addr();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t0 = Instant::now();
+        bed.kill_room(p2i);
+        let w = chk
+            .wait_write_via(
+                &other_rooms(&bed, p2i),
+                Some(&p2_addr),
+                t0,
+                Duration::from_secs(30),
+            )
+            .await;
+        eprintln!(
+            "room {p2} lost power: first write through a surviving pgpool on {} after {} ms",
+            w.backend,
+            (w.at - t0).as_millis()
+        );
+        bed.start_watcher(p2i);
+        let r = chk.finish(&bed).await;
+        r.print("two successive room losses");
+        r.assert_safe();
+        assert_ne!(r.final_primary, p2);
+    });
+}
+
+/// A switchover is asked for and the target's room is partitioned one way (nothing reaches it,
+/// its own packets still leave) right after: whatever the outcome, one primary, nothing lost.
+#[test]
+fn partition_during_a_switchover() {
+    let _s = serial();
+    let bed = Bed::start(Layout::ThreeRooms);
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let s = bed.wait_healthy(Duration::from_secs(60)).await;
+        let p = primary_of(&s).expect("primary");
+        let pi = bed.index_of(&p);
+        let ti = bed
+            .data_members()
+            .into_iter()
+            .find(|i| *i != pi)
+            .expect("a target");
+        let target = bed.name(ti).to_string();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let op = pgw_cli::switchover(&bed.endpoints(), "global", Some(&target))
+            .await
+            .expect("switchover accepted");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        for j in 0..bed.hosts.len() {
+            if j != ti {
+                bed.block_one_way(j, ti);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let during = bed.status().await;
+        eprintln!(
+            "switchover op {} to {target}; during the partition primary = {:?}",
+            op.id,
+            during.as_ref().and_then(primary_of)
+        );
+        bed.heal();
+        let r = chk.finish(&bed).await;
+        r.print("partition during a switchover");
+        r.assert_safe();
+    });
+}
+
+/// 100 ms ± 50 ms between every pair of members (each way) for 30 s: slower commits, but no
+/// decision taken and writes keep flowing.
+#[test]
+fn latency_between_rooms_causes_no_failover() {
+    let _s = serial();
+    let bed = Bed::start(Layout::ThreeRooms);
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let s = bed.wait_healthy(Duration::from_secs(60)).await;
+        let p = primary_of(&s).expect("primary");
+        let since = wall_ms();
+        bed.set_latency(Duration::from_millis(100), Duration::from_millis(50));
+        let before = chk.acks().len();
+        stays_put(
+            &bed,
+            &chk,
+            &s,
+            &p,
+            Duration::from_secs(30),
+            "100±50 ms latency",
+        )
+        .await;
+        let during = chk.acks().len() - before;
+        let frames = bed.latency_frames();
+        bed.clear_latency();
+        eprintln!("under latency: {during} writes acknowledged, {frames} frames delayed/forwarded");
+        assert!(
+            frames > 1000,
+            "the latency switch forwarded only {frames} frames"
+        );
+        let r = chk.finish(&bed).await;
+        r.print("latency between rooms");
+        r.assert_safe();
+        assert_eq!(r.final_primary, p);
+        assert_eq!(
+            r.epoch_moves_since(since),
+            0,
+            "a spurious decision under latency"
+        );
+    });
+}
+
+/// The primary's room (servers and clients) is cut off, a failover happens, the room is healed:
+/// the old primary rejoins as a sync replica and its room's pgpool writes to the new primary.
+#[test]
+fn primary_room_healed_after_failover_rejoins_as_replica() {
+    let _s = serial();
+    let bed = Bed::start(Layout::ThreeRooms);
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let (oi, _) = cut_primary_room(&bed, &chk, false).await;
+        let old = bed.name(oi).to_string();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let th = Instant::now();
+        bed.heal();
+        let s = bed.wait_healthy(Duration::from_secs(120)).await;
+        let newp = primary_of(&s).expect("primary");
+        assert_ne!(newp, old);
+        assert_eq!(node_role(&s, &old).as_deref(), Some("sync_replica"));
+        assert_eq!(is_primary(&bed.hosts[oi].pg_addr()).await, Some(false));
+        let new_addr = bed.hosts[bed.index_of(&newp)].pg_addr();
+        let w = chk
+            .wait_write_via(&[old.clone()], None, th, Duration::from_secs(30))
+            .await;
+        assert_eq!(
+            w.backend, new_addr,
+            "{old}'s pgpool writes to the new primary after the heal"
+        );
+        eprintln!(
+            "healed: {old} rejoined as sync replica; write through its pgpool on {newp} {} ms after the heal",
+            (w.at - th).as_millis()
+        );
+        let r = chk.finish(&bed).await;
+        r.print("primary room healed after a failover");
+        r.assert_safe();
+    });
 }

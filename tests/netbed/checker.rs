@@ -5,11 +5,11 @@
 //!   (`inet_server_addr()`), and every acknowledged id is recorded with that server and with when
 //!   it was sent and acknowledged.
 //! - Split-brain probe: the group's history says who was primary when (each `primary := X` record
-//!   opens X's period, the next record that moves the epoch closes it; times are the proposer's
-//!   wall clock, the same machine's clock as the writers'). A server that acknowledges a write it
-//!   was sent after its period closed was accepting writes while another server could be: a
+//!   opens X's period, the next `primary :=` record closes it; times are the proposer's wall
+//!   clock, the same machine's clock as the writers'). A server that acknowledges a write it was
+//!   sent after its period closed was accepting writes while another server could be: a
 //!   split-brain window. The lease rule says this never happens (the old primary has fenced
-//!   itself before the group proposes anyone else).
+//!   itself before the group names anyone else).
 //! - After healing: the cluster must be healthy again (every member answering, every data member
 //!   the primary or a sync replica, every pgpool agreeing) and every acknowledged id must be on
 //!   the final primary.
@@ -59,9 +59,32 @@ pub struct Report {
     pub split_brain_windows: usize,
     pub final_primary: String,
     pub periods: Vec<Period>,
+    /// The group's history at the end (`index at_ms event`), printed by `print`.
+    pub history: Vec<String>,
+    /// (at_ms, epoch) of every record that moved the epoch.
+    pub history_epochs: Vec<(u64, u64)>,
 }
 
 impl Report {
+    pub fn print(&self, scenario: &str) {
+        eprintln!(
+            "{scenario}: {} writes acknowledged, {} lost, {} split-brain windows, final primary {}; history:\n  {}",
+            self.acked,
+            self.lost.len(),
+            self.split_brain_windows,
+            self.final_primary,
+            self.history.join("\n  ")
+        );
+    }
+
+    /// Primary changes (epoch moves) recorded after `since_ms`.
+    pub fn epoch_moves_since(&self, since_ms: u64) -> usize {
+        self.history_epochs
+            .iter()
+            .filter(|(at, _)| *at > since_ms)
+            .count()
+    }
+
     /// Fails the test on any lost acknowledged write or split-brain window.
     pub fn assert_safe(&self) {
         assert!(
@@ -201,8 +224,17 @@ impl Checker {
             .filter(|id| !have.contains(id))
             .collect();
         lost.sort_unstable();
-        let periods = primary_periods(bed).await;
+        let entries = history(bed).await;
+        let periods = periods_of(&entries);
         let (split_brain, windows) = split_brain(bed, &acks, &periods);
+        let mut last = 0;
+        let mut history_epochs = Vec::new();
+        for e in &entries {
+            if e.epoch > last {
+                last = e.epoch;
+                history_epochs.push((e.at_ms, e.epoch));
+            }
+        }
         Report {
             acked: acks.len(),
             lost,
@@ -210,6 +242,11 @@ impl Checker {
             split_brain_windows: windows,
             final_primary: primary,
             periods,
+            history: entries
+                .iter()
+                .map(|e| format!("{} {} {}", e.log_index, e.at_ms, e.event))
+                .collect(),
+            history_epochs,
         }
     }
 }
@@ -237,29 +274,27 @@ pub async fn history(bed: &Bed) -> Vec<pgw_proto::HistoryEntry> {
 }
 
 /// The primary periods in the group's history.
-pub async fn primary_periods(bed: &Bed) -> Vec<Period> {
-    let entries = history(bed).await;
+pub fn periods_of(entries: &[pgw_proto::HistoryEntry]) -> Vec<Period> {
     let mut out: Vec<Period> = Vec::new();
-    let mut epoch = 0;
     for e in entries {
-        if e.epoch <= epoch {
+        let Some(rest) = e.event.strip_prefix("primary := ") else {
             continue;
-        }
-        epoch = e.epoch;
+        };
+        // A primary's period ends when the group names the next primary (a release in between,
+        // such as a switchover's fence or a lost primary's release, does not end it: nobody
+        // else can write until the next primary is named).
         if let Some(last) = out.last_mut() {
             if last.end_ms.is_none() {
                 last.end_ms = Some(e.at_ms);
             }
         }
-        if let Some(rest) = e.event.strip_prefix("primary := ") {
-            let member = rest.split_whitespace().next().unwrap_or_default();
-            out.push(Period {
-                member: member.to_string(),
-                epoch: e.epoch,
-                start_ms: e.at_ms,
-                end_ms: None,
-            });
-        }
+        let member = rest.split_whitespace().next().unwrap_or_default();
+        out.push(Period {
+            member: member.to_string(),
+            epoch: e.epoch,
+            start_ms: e.at_ms,
+            end_ms: None,
+        });
     }
     out
 }
@@ -270,7 +305,9 @@ pub fn split_brain(bed: &Bed, acks: &[Ack], periods: &[Period]) -> (Vec<String>,
     let mut out = Vec::new();
     let mut windows = BTreeSet::new();
     for a in acks {
-        let member = bed.member_at(&a.backend).unwrap_or_else(|| a.backend.clone());
+        let member = bed
+            .member_at(&a.backend)
+            .unwrap_or_else(|| a.backend.clone());
         let inside = periods.iter().any(|p| {
             p.member == member
                 && p.start_ms <= a.wall_ms

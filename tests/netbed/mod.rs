@@ -181,12 +181,7 @@ pub fn enter_ns(ns: &str) {
     use std::os::fd::AsRawFd;
     // SAFETY: setns(2) on a valid namespace fd; it only changes this thread's network namespace.
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "setns({ns}): {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "setns({ns}): {}", std::io::Error::last_os_error());
 }
 
 impl Bed {
@@ -249,7 +244,17 @@ impl Bed {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
         let sw = self.sw_ns.as_str();
-        ip(&["-n", sw, "link", "add", "br0", "type", "bridge", "stp_state", "0"]);
+        ip(&[
+            "-n",
+            sw,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+        ]);
         ip(&["-n", sw, "link", "set", "br0", "up"]);
         let mut ends: Vec<(String, String, String)> = self
             .hosts
@@ -262,7 +267,15 @@ impl Bed {
                 "-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
             ]);
             ip(&["-n", sw, "link", "set", port, "master", "br0", "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
             ip(&["-n", ns, "link", "set", "eth0", "up"]);
         }
         nft(
@@ -368,17 +381,21 @@ impl Bed {
     /// Latency between members (not towards clients): `delay ± jitter` each way, per packet,
     /// like `tc netem delay D J` on every member's link, but without reordering a link's packets.
     pub fn set_latency(&self, delay: Duration, jitter: Duration) {
+        self.set_latency_on(delay, jitter, false)
+    }
+
+    /// [`Bed::set_latency`], with `clients` also on the client links.
+    pub fn set_latency_on(&self, delay: Duration, jitter: Duration, clients: bool) {
         self.clear_latency();
         let ports: Vec<String> = (0..=self.hosts.len()).map(|i| self.port_of(i)).collect();
-        for p in &ports {
-            ip(&["-n", &self.sw_ns, "link", "set", p, "nomaster"]);
-        }
         let members = self.hosts.len();
+        // The switch starts before the ports leave the bridge, and the ports rejoin the bridge
+        // before the switch stops: for a moment frames are duplicated (harmless), never lost.
         let sw = switch::DelaySwitch::start(
             &self.sw_ns,
             &ports,
             Arc::new(move |from: usize, to: usize| {
-                if from < members && to < members {
+                if clients || (from < members && to < members) {
                     Some((delay, jitter))
                 } else {
                     None
@@ -387,6 +404,9 @@ impl Bed {
             self.blocked.clone(),
         )
         .unwrap_or_else(|e| panic!("latency switch: {e}"));
+        for p in &ports {
+            ip(&["-n", &self.sw_ns, "link", "set", p, "nomaster"]);
+        }
         *self.latency.lock().expect("latency") = Some(sw);
     }
 
@@ -394,10 +414,18 @@ impl Bed {
     pub fn clear_latency(&self) {
         let sw = self.latency.lock().expect("latency").take();
         if let Some(sw) = sw {
-            sw.stop();
             for i in 0..=self.hosts.len() {
-                ip(&["-n", &self.sw_ns, "link", "set", &self.port_of(i), "master", "br0"]);
+                ip(&[
+                    "-n",
+                    &self.sw_ns,
+                    "link",
+                    "set",
+                    &self.port_of(i),
+                    "master",
+                    "br0",
+                ]);
             }
+            sw.stop();
         }
     }
 
@@ -409,6 +437,16 @@ impl Bed {
             .as_ref()
             .map(|s| s.frames())
             .unwrap_or(0)
+    }
+
+    /// Frames the latency switch could not send, and the last error.
+    pub fn latency_send_errors(&self) -> (u64, String) {
+        self.latency
+            .lock()
+            .expect("latency")
+            .as_ref()
+            .map(|s| s.send_errors())
+            .unwrap_or_default()
     }
 
     // ----- processes -----
@@ -602,7 +640,7 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("PGW_KEEP_LOGS").is_some() {
             self.dump_logs();
         }
         if let Ok(mut g) = self.latency.lock() {
@@ -717,7 +755,9 @@ pub fn healthy(s: &GroupStatus, data_members: usize) -> bool {
     let Some(p) = &c.primary else { return false };
     s.leader.is_some()
         && s.members.iter().all(|m| m.raft != "unreachable")
-        && c.nodes.iter().any(|n| &n.member == p && n.role == "primary")
+        && c.nodes
+            .iter()
+            .any(|n| &n.member == p && n.role == "primary")
         && c.nodes.iter().filter(|n| n.role == "sync_replica").count() == data_members - 1
         && c.pgpool.len() == data_members
         && c.pgpool
@@ -736,7 +776,9 @@ impl Bed {
     }
 
     pub async fn status(&self) -> Option<GroupStatus> {
-        gather(&self.endpoints(), Duration::from_millis(800)).await.ok()
+        gather(&self.endpoints(), Duration::from_millis(800))
+            .await
+            .ok()
     }
 }
 

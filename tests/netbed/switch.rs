@@ -60,6 +60,8 @@ struct Shared {
     last_due: Mutex<HashMap<(usize, usize), Instant>>,
     seq: AtomicU64,
     frames: AtomicU64,
+    send_errors: AtomicU64,
+    last_error: Mutex<String>,
     delay: DelayFn,
     blocked: Blocked,
 }
@@ -169,6 +171,8 @@ impl DelaySwitch {
             last_due: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             frames: AtomicU64::new(0),
+            send_errors: AtomicU64::new(0),
+            last_error: Mutex::new(String::new()),
             delay,
             blocked,
         });
@@ -186,6 +190,14 @@ impl DelaySwitch {
         self.shared.frames.load(Ordering::Relaxed)
     }
 
+    /// Frames the kernel refused to send, and the last refusal.
+    pub fn send_errors(&self) -> (u64, String) {
+        (
+            self.shared.send_errors.load(Ordering::Relaxed),
+            self.shared.last_error.lock().expect("last_error").clone(),
+        )
+    }
+
     /// Stops forwarding; frames still queued are dropped (like a link going away).
     pub fn stop(self) {
         self.shared.stop.store(true, Ordering::SeqCst);
@@ -197,14 +209,21 @@ impl DelaySwitch {
 }
 
 fn send(s: &Shared, out: usize, data: &[u8]) {
-    // SAFETY: send(2) from a live buffer on a socket we own; errors are ignored (a lost frame).
-    unsafe {
+    // SAFETY: send(2) from a live buffer on a socket we own.
+    let rc = unsafe {
         libc::send(
             s.fds[out].as_raw_fd(),
             data.as_ptr() as *const libc::c_void,
             data.len(),
             0,
-        );
+        )
+    };
+    if rc < 0 {
+        // A lost frame, as on a real link; counted so a broken switch shows.
+        s.send_errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut g) = s.last_error.lock() {
+            *g = format!("{} ({} bytes)", std::io::Error::last_os_error(), data.len());
+        }
     }
 }
 

@@ -9,17 +9,36 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
 pub async fn connect(addr: &str) -> Option<Client> {
-    let (host, port) = addr.rsplit_once(':')?;
+    try_connect(addr).await.ok()
+}
+
+/// Connects to `addr` (`host:port`) as `postgres` within 2 s; the error says why not.
+pub async fn try_connect(addr: &str) -> Result<Client, String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{addr}` is not host:port"))?;
     let ci = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=1");
     let (c, conn) =
         tokio::time::timeout(Duration::from_secs(2), tokio_postgres::connect(&ci, NoTls))
             .await
-            .ok()?
-            .ok()?;
+            .map_err(|_| format!("connect to {addr}: no answer within 2 s"))?
+            .map_err(|e| format!("connect to {addr}: {}", pg_error_text(&e)))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Some(c)
+    Ok(c)
+}
+
+/// A postgres error with the server's message or the underlying cause (tokio-postgres' own
+/// `Display` says only "db error" / "error connecting to server").
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    }
 }
 
 /// One acknowledged write.
@@ -148,11 +167,12 @@ pub fn spawn_writer_paced(
         while !stop.load(Ordering::Relaxed) && id < first + max && t0.elapsed() < limit {
             let server = servers[cursor % servers.len()].clone();
             if !conns.contains_key(&server) {
-                match connect(&server).await {
-                    Some(c) => {
+                match try_connect(&server).await {
+                    Ok(c) => {
                         conns.insert(server.clone(), c);
                     }
-                    None => {
+                    Err(e) => {
+                        a2.error(&server, e);
                         cursor += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
@@ -188,7 +208,7 @@ pub fn spawn_writer_paced(
                     }
                 }
                 Ok(Err(e)) => {
-                    a2.error(&server, e.to_string());
+                    a2.error(&server, pg_error_text(&e));
                     let dup = e.code().is_some_and(|c| c.code() == "23505");
                     if dup {
                         // Committed earlier but the ack was lost; the id is durable: move on.

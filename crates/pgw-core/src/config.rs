@@ -284,13 +284,17 @@ pub struct Config {
 pub mod defaults {
     use super::PgClusterConfig;
 
-    // openraft 0.9 makes a follower of a live leader wait `election_timeout_max` (the leader
-    // lease) plus a random election timeout before it campaigns: with these defaults a lost
-    // leader is replaced after 0.9-1.2 s, while heartbeats delayed by several hundred ms (a
-    // latency spike between rooms) cause no election.
-    pub const HEARTBEAT_MS: u64 = 100;
-    pub const ELECTION_MIN_MS: u64 = 300;
-    pub const ELECTION_MAX_MS: u64 = 600;
+    // openraft 0.9 gives every AppendEntries, and every leadership confirmation (which the
+    // primary's lease renewal needs), `heartbeat_interval` to complete: the heartbeat must be
+    // longer than the worst round trip between rooms, or the group cannot commit anything at all
+    // (found by the 100 ms ± 50 ms latency test: a 300 ms round trip against a 100 ms heartbeat).
+    // 350 ms covers a 300 ms round trip. A follower of a live leader waits `election_timeout_max`
+    // (the leader lease) plus a random election timeout before it campaigns: with these defaults
+    // a lost leader is replaced after 1.2-1.5 s, and a follower campaigns only after more than
+    // three heartbeats are missing.
+    pub const HEARTBEAT_MS: u64 = 350;
+    pub const ELECTION_MIN_MS: u64 = 450;
+    pub const ELECTION_MAX_MS: u64 = 750;
     pub const RPC_TIMEOUT_MS: u64 = 1000;
     pub const SNAPSHOT_LOGS: u64 = 1000;
     pub const PRIORITY: u32 = 100;
@@ -506,11 +510,16 @@ impl Config {
         if r.heartbeat_ms < 10 {
             return Err(invalid("raft.heartbeat_ms", "must be >= 10"));
         }
-        if r.election_timeout_min_ms < r.heartbeat_ms * 3 {
+        // A follower campaigns `election_timeout_max` (openraft's leader lease) plus a random
+        // election timeout after the last heartbeat: at least min + max.
+        if r.election_timeout_min_ms <= r.heartbeat_ms
+            || r.election_timeout_min_ms + r.election_timeout_max_ms < r.heartbeat_ms * 3
+        {
             return Err(invalid(
                 "raft.election_timeout_min_ms",
                 format!(
-                    "must be at least 3 x raft.heartbeat_ms ({}), found {}",
+                    "must be greater than raft.heartbeat_ms ({}) and, added to raft.election_timeout_max_ms, at least 3 x raft.heartbeat_ms ({}); found {}",
+                    r.heartbeat_ms,
                     r.heartbeat_ms * 3,
                     r.election_timeout_min_ms
                 ),

@@ -70,6 +70,21 @@ pub struct Observation {
     /// The highest recovery operation (`pgwctl recover`) this member has carried out.
     #[serde(default)]
     pub recovered: u64,
+    /// Which run of the sidecar made this report, and its place in that run: reports travel
+    /// concurrently (a renewal must not wait for the previous one's round trip), so the leader
+    /// keeps a report only if it is newer than the one it has from the same run.
+    #[serde(default)]
+    pub incarnation: u64,
+    #[serde(default)]
+    pub seq: u64,
+}
+
+impl Observation {
+    /// Whether this report should replace `older` (same member): a newer one of the same run,
+    /// or any report of another run (a restarted sidecar starts counting again).
+    pub fn supersedes(&self, older: &Observation) -> bool {
+        self.incarnation != older.incarnation || self.seq > older.seq
+    }
 }
 
 /// A data member as the decision rule needs it.
@@ -256,6 +271,8 @@ fn unreachable_obs(member: &str) -> Observation {
         sync_since: None,
         standbys: BTreeMap::new(),
         recovered: 0,
+        incarnation: 0,
+        seq: 0,
         receiving: false,
     }
 }
@@ -675,6 +692,25 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn concurrent_reports_never_replace_a_newer_one() {
+        let mut a = obs("a", PgRole::Replica, 10, true, 1);
+        a.incarnation = 7;
+        a.seq = 5;
+        let mut older = a.clone();
+        older.seq = 4;
+        let mut newer = a.clone();
+        newer.seq = 6;
+        assert!(!older.supersedes(&a));
+        assert!(!a.clone().supersedes(&a));
+        assert!(newer.supersedes(&a));
+        // A restarted sidecar counts from 1 again: its reports are taken.
+        let mut restarted = a.clone();
+        restarted.incarnation = 8;
+        restarted.seq = 1;
+        assert!(restarted.supersedes(&a));
+    }
+
     fn obs(m: &str, role: PgRole, lsn: u64, streaming: bool, epoch: u64) -> Observation {
         Observation {
             member: m.into(),
@@ -691,6 +727,8 @@ mod tests {
             sync_since: None,
             standbys: BTreeMap::new(),
             recovered: 0,
+            incarnation: 0,
+            seq: 0,
             receiving: false,
         }
     }

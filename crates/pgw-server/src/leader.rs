@@ -56,10 +56,14 @@ impl LeaderState {
     pub fn record_report(&self, obs: Observation) {
         let now = self.now_ms();
         if let Ok(mut g) = self.inner.lock() {
-            g.reports
-                .entry(obs.cluster.clone())
-                .or_default()
-                .insert(obs.member.clone(), (obs, now));
+            let per = g.reports.entry(obs.cluster.clone()).or_default();
+            // Reports arrive concurrently: an older one never replaces a newer one.
+            if per
+                .get(&obs.member)
+                .is_none_or(|(old, _)| obs.supersedes(old))
+            {
+                per.insert(obs.member.clone(), (obs, now));
+            }
         }
         self.wake.notify_one();
     }

@@ -68,6 +68,10 @@ struct SideState {
     sync_applied_at: Option<Instant>,
     /// The highest recovery operation (`pgwctl recover`) carried out here.
     recovered: u64,
+    /// Reports sent and not answered yet (bounded: see `report`).
+    reports_in_flight: usize,
+    /// Sequence number of the last report made.
+    report_seq: u64,
 }
 
 pub struct Sidecar {
@@ -79,6 +83,8 @@ pub struct Sidecar {
     observed: Arc<Notify>,
     acted: Arc<Notify>,
     started: Instant,
+    /// Tells this run's reports from an earlier run's (see `Observation::incarnation`).
+    incarnation: u64,
 }
 
 impl Sidecar {
@@ -111,6 +117,11 @@ impl Sidecar {
             observed: Arc::new(Notify::new()),
             acted: Arc::new(Notify::new()),
             started: Instant::now(),
+            // Wall-clock nanoseconds at start: differs between runs of the sidecar.
+            incarnation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
         }))
     }
 
@@ -231,8 +242,7 @@ impl Sidecar {
                 }
             }
             self.observed.notify_one();
-            self.report(&local, epoch, epoch_seen_before, &mut client)
-                .await;
+            self.report(&local, epoch, epoch_seen_before, &mut client);
             let wait = interval.saturating_sub(t0.elapsed());
             let _ = tokio::time::timeout(wait, self.acted.notified()).await;
         }
@@ -287,8 +297,12 @@ impl Sidecar {
         }
     }
 
-    async fn report(
-        &self,
+    /// Sends a report (and lease renewal) to the leader without waiting for the answer: with a
+    /// round trip of several hundred ms between rooms, renewals sent one after another would
+    /// each wait for the previous one and the lease would lapse. Answers are applied as they
+    /// come: the lease counts from the latest *sent* renewal that was granted.
+    fn report(
+        self: &Arc<Self>,
         local: &Local,
         epoch: u64,
         epoch_seen_before: u64,
@@ -302,7 +316,8 @@ impl Sidecar {
             return;
         };
         let obs = {
-            let st = self.lock();
+            let mut st = self.lock();
+            st.report_seq += 1;
             Observation {
                 member: self.s.cfg.member.clone(),
                 cluster: self.cluster.clone(),
@@ -319,6 +334,8 @@ impl Sidecar {
                 sync_since: self.sync_since(local, &st),
                 standbys: local.standbys.clone(),
                 recovered: st.recovered,
+                incarnation: self.incarnation,
+                seq: st.report_seq,
             }
         };
         let Ok(bytes) = serde_json::to_vec(&obs) else {
@@ -330,26 +347,45 @@ impl Sidecar {
                 Err(_) => return,
             }
         }
-        let Some((_, c)) = client.as_mut() else {
+        let Some((_, c)) = client.as_ref() else {
             return;
         };
+        let mut c = c.clone();
+        // A renewal answered after the fence point is of no use: that bounds each report, and
+        // with one report per interval, how many can be in flight.
+        let fo = &self.s.cfg.failover;
+        let limit = Duration::from_millis(fo.lease_ms.saturating_sub(fo.fence_budget_ms))
+            .max(Duration::from_millis(fo.report_interval_ms));
+        let max_in_flight = (fo.lease_ms / fo.report_interval_ms.max(1)) as usize + 1;
+        {
+            let mut st = self.lock();
+            if st.reports_in_flight >= max_in_flight {
+                tracing::debug!("{} reports unanswered: skipping one", st.reports_in_flight);
+                return;
+            }
+            st.reports_in_flight += 1;
+        }
         let sent = Instant::now();
         let mut req = tonic::Request::new(ReportRequest {
             identity: Some(self.s.identity()),
             observation: bytes,
         });
-        let limit = Duration::from_millis(self.s.cfg.failover.report_interval_ms * 5)
-            .max(Duration::from_millis(500));
         req.set_timeout(limit);
-        match tokio::time::timeout(limit, c.report(req)).await {
-            Ok(Ok(r)) => {
-                if r.into_inner().lease_ok {
-                    self.lock().lease_sent = Some(sent);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let res = tokio::time::timeout(limit, c.report(req)).await;
+            let mut st = me.lock();
+            st.reports_in_flight = st.reports_in_flight.saturating_sub(1);
+            match res {
+                Ok(Ok(r)) => {
+                    if r.into_inner().lease_ok && st.lease_sent.is_none_or(|s| s < sent) {
+                        st.lease_sent = Some(sent);
+                    }
                 }
+                Ok(Err(e)) => tracing::debug!("report to leader: {}", e.message()),
+                Err(_) => tracing::debug!("report to leader timed out"),
             }
-            Ok(Err(e)) => tracing::debug!("report to leader: {}", e.message()),
-            Err(_) => tracing::debug!("report to leader timed out"),
-        }
+        });
     }
 
     fn managed_for(&self, f: &ClusterFacts, follow: Option<&str>) -> Managed {
