@@ -290,11 +290,11 @@ pub mod defaults {
     // (found by the 100 ms ± 50 ms latency test: a 300 ms round trip against a 100 ms heartbeat).
     // 350 ms covers a 300 ms round trip. A follower of a live leader waits `election_timeout_max`
     // (the leader lease) plus a random election timeout before it campaigns: with these defaults
-    // a lost leader is replaced after 1.2-1.5 s, and a follower campaigns only after more than
-    // three heartbeats are missing.
+    // a lost leader is replaced after 0.9-1.0 s, and a follower campaigns only after 2.5
+    // heartbeats are missing. The primary lease (`LEASE_MS`) must outlast that.
     pub const HEARTBEAT_MS: u64 = 350;
-    pub const ELECTION_MIN_MS: u64 = 450;
-    pub const ELECTION_MAX_MS: u64 = 750;
+    pub const ELECTION_MIN_MS: u64 = 400;
+    pub const ELECTION_MAX_MS: u64 = 500;
     pub const RPC_TIMEOUT_MS: u64 = 1000;
     pub const SNAPSHOT_LOGS: u64 = 1000;
     pub const PRIORITY: u32 = 100;
@@ -309,9 +309,13 @@ pub mod defaults {
         SYNC_QUORUM
     }
     pub const REPORT_INTERVAL_MS: u64 = 100;
-    // A silent primary is replaced ~1.6 s after its last renewal (L(1+rho)/(1-rho) + margin);
-    // it fences itself 1.0 s after the last renewal it sent that was acknowledged.
-    pub const LEASE_MS: u64 = 1500;
+    // A silent primary is replaced ~2.65 s after its last renewal (L(1+rho)/(1-rho) + margin);
+    // it fences itself 2.0 s after the last renewal it sent that was acknowledged. The lease must
+    // outlast a change of Raft leader (renewals need a leader): 0.9-1.0 s with the Raft
+    // defaults, ~1.5 s when the first vote splits, plus a renewal round trip. Shorter, and
+    // losing the leader's room (the arbiter, a replica's room) makes a healthy primary fence
+    // itself: found by the arbiter-isolation test.
+    pub const LEASE_MS: u64 = 2500;
     pub const FENCE_BUDGET_MS: u64 = 500;
     pub const CLOCK_DRIFT_PPM: u64 = 10_000;
     pub const MARGIN_MS: u64 = 100;
@@ -513,14 +517,14 @@ impl Config {
         // A follower campaigns `election_timeout_max` (openraft's leader lease) plus a random
         // election timeout after the last heartbeat: at least min + max.
         if r.election_timeout_min_ms <= r.heartbeat_ms
-            || r.election_timeout_min_ms + r.election_timeout_max_ms < r.heartbeat_ms * 3
+            || 2 * (r.election_timeout_min_ms + r.election_timeout_max_ms) < r.heartbeat_ms * 5
         {
             return Err(invalid(
                 "raft.election_timeout_min_ms",
                 format!(
-                    "must be greater than raft.heartbeat_ms ({}) and, added to raft.election_timeout_max_ms, at least 3 x raft.heartbeat_ms ({}); found {}",
+                    "must be greater than raft.heartbeat_ms ({}) and, added to raft.election_timeout_max_ms, at least 2.5 x raft.heartbeat_ms ({}); found {}",
                     r.heartbeat_ms,
-                    r.heartbeat_ms * 3,
+                    r.heartbeat_ms * 5 / 2,
                     r.election_timeout_min_ms
                 ),
             ));

@@ -552,6 +552,7 @@ impl admin_server::Admin for AdminService {
         &self,
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportReply>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
         let req = request.into_inner();
         self.0.check_identity(req.identity.as_ref())?;
         let obs: pgw_core::failover::Observation = serde_json::from_slice(&req.observation)
@@ -559,6 +560,19 @@ impl admin_server::Admin for AdminService {
         let m = self.0.raft.metrics().borrow().clone();
         let me = self.0.cfg.me().map(|x| x.id);
         if m.current_leader != me || m.state != ServerState::Leader {
+            // A member that cannot reach the leader sends its reports through the others too:
+            // relay once (the leader still confirms its leadership before granting; the lease
+            // counts from when the reporter sent it, so a relay only makes it shorter).
+            if !forwarded && m.current_leader.is_some() {
+                let limit = Duration::from_millis(self.0.cfg.failover.lease_ms);
+                let mut c = self.leader_client(false)?;
+                return match tokio::time::timeout(limit, c.report(forward_request(req))).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Status::unavailable(
+                        "the leader did not answer the relayed report",
+                    )),
+                };
+            }
             let st = Status::unavailable("not the leader");
             return Err(match m.current_leader {
                 Some(l) => st.with_leader(l),

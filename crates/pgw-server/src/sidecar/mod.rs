@@ -350,42 +350,62 @@ impl Sidecar {
         let Some((_, c)) = client.as_ref() else {
             return;
         };
-        let mut c = c.clone();
+        let direct = c.clone();
+        let seq = self.lock().report_seq;
+        // The same report also goes through one other member (in turn), which relays it to the
+        // leader: a room that lost only its link to the leader keeps its lease.
+        let relays: Vec<String> = self
+            .s
+            .cfg
+            .members
+            .iter()
+            .filter(|x| x.name != self.s.cfg.member && Some(x.id) != Some(leader))
+            .map(|x| x.grpc.clone())
+            .collect();
+        let mut targets = vec![direct];
+        if !relays.is_empty() {
+            let pick = &relays[(seq as usize) % relays.len()];
+            if let Ok(ch) = (self.s.channels)(pick) {
+                targets.push(AdminClient::new(ch));
+            }
+        }
         // A renewal answered after the fence point is of no use: that bounds each report, and
         // with one report per interval, how many can be in flight.
         let fo = &self.s.cfg.failover;
         let limit = Duration::from_millis(fo.lease_ms.saturating_sub(fo.fence_budget_ms))
             .max(Duration::from_millis(fo.report_interval_ms));
-        let max_in_flight = (fo.lease_ms / fo.report_interval_ms.max(1)) as usize + 1;
-        {
-            let mut st = self.lock();
-            if st.reports_in_flight >= max_in_flight {
-                tracing::debug!("{} reports unanswered: skipping one", st.reports_in_flight);
-                return;
-            }
-            st.reports_in_flight += 1;
-        }
+        let max_in_flight = 2 * ((fo.lease_ms / fo.report_interval_ms.max(1)) as usize + 1);
         let sent = Instant::now();
-        let mut req = tonic::Request::new(ReportRequest {
-            identity: Some(self.s.identity()),
-            observation: bytes,
-        });
-        req.set_timeout(limit);
-        let me = self.clone();
-        tokio::spawn(async move {
-            let res = tokio::time::timeout(limit, c.report(req)).await;
-            let mut st = me.lock();
-            st.reports_in_flight = st.reports_in_flight.saturating_sub(1);
-            match res {
-                Ok(Ok(r)) => {
-                    if r.into_inner().lease_ok && st.lease_sent.is_none_or(|s| s < sent) {
-                        st.lease_sent = Some(sent);
-                    }
+        for mut c in targets {
+            {
+                let mut st = self.lock();
+                if st.reports_in_flight >= max_in_flight {
+                    tracing::debug!("{} reports unanswered: skipping one", st.reports_in_flight);
+                    return;
                 }
-                Ok(Err(e)) => tracing::debug!("report to leader: {}", e.message()),
-                Err(_) => tracing::debug!("report to leader timed out"),
+                st.reports_in_flight += 1;
             }
-        });
+            let mut req = tonic::Request::new(ReportRequest {
+                identity: Some(self.s.identity()),
+                observation: bytes.clone(),
+            });
+            req.set_timeout(limit);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let res = tokio::time::timeout(limit, c.report(req)).await;
+                let mut st = me.lock();
+                st.reports_in_flight = st.reports_in_flight.saturating_sub(1);
+                match res {
+                    Ok(Ok(r)) => {
+                        if r.into_inner().lease_ok && st.lease_sent.is_none_or(|s| s < sent) {
+                            st.lease_sent = Some(sent);
+                        }
+                    }
+                    Ok(Err(e)) => tracing::debug!("report to leader: {}", e.message()),
+                    Err(_) => tracing::debug!("report to leader timed out"),
+                }
+            });
+        }
     }
 
     fn managed_for(&self, f: &ClusterFacts, follow: Option<&str>) -> Managed {
