@@ -1,6 +1,10 @@
 //! Failover benchmark against real PostgreSQL servers managed by real watchers on loopback.
 //!
-//! `cargo bench --bench failover -- [--runs N] [--fault crash|node-loss]`
+//! `cargo bench --bench failover -- [--runs N] [--fault crash|node-loss|room-cut]`
+//!
+//! `crash` and `node-loss` run on loopback; `room-cut` runs on the network test bed of
+//! `tests/netbed` (each room a network namespace; the primary's room is cut off from everyone
+//! with nftables, then healed). Needs root for `room-cut`.
 //!
 //! For each fault kind, N runs on one three-room cluster (postgres + pgpool + watcher per room):
 //! a writer goes straight to the servers and one through each room's pgpool, the fault hits the
@@ -13,6 +17,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/netbed/mod.rs"]
+mod netbed;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +34,7 @@ use pgw_core::Role;
 enum Fault {
     Crash,
     NodeLoss,
+    RoomCut,
 }
 
 impl Fault {
@@ -35,6 +42,7 @@ impl Fault {
         match self {
             Fault::Crash => "crash",
             Fault::NodeLoss => "node-loss",
+            Fault::RoomCut => "room-cut",
         }
     }
 }
@@ -54,10 +62,13 @@ fn args() -> (usize, Vec<Fault>) {
         })
         .unwrap_or(10);
     let faults = match get("--fault").as_deref() {
-        None => vec![Fault::Crash, Fault::NodeLoss],
+        None => vec![Fault::Crash, Fault::NodeLoss, Fault::RoomCut],
         Some("crash") => vec![Fault::Crash],
         Some("node-loss") => vec![Fault::NodeLoss],
-        Some(other) => panic!("unknown --fault `{other}`; this version measures: crash, node-loss"),
+        Some("room-cut") => vec![Fault::RoomCut],
+        Some(other) => {
+            panic!("unknown --fault `{other}`; this version measures: crash, node-loss, room-cut")
+        }
     };
     (runs, faults)
 }
@@ -134,7 +145,58 @@ async fn promoted_at_ms(g: &Group, member: &str, after: u64) -> Option<u64> {
     None
 }
 
+/// The primary's room cut off from every other host (its clients too) on the network test bed;
+/// healed after the surviving rooms write again, and back to full health before the next run.
+fn run_room_cut(runs: usize) -> Stats {
+    use netbed::checker::Checker;
+    let bed = netbed::Bed::start(netbed::Layout::ThreeRooms);
+    bed.run(|| async {
+        let mut st = Stats::default();
+        for run in 0..runs {
+            let chk = Checker::start(&bed).await;
+            let s = bed.wait_healthy(Duration::from_secs(180)).await;
+            let old = primary_of(&s).expect("primary");
+            let oi = bed.index_of(&old);
+            let old_addr = bed.hosts[oi].pg_addr();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let since = pgw_cli::writer::wall_ms();
+            let t0 = Instant::now();
+            bed.cut_off(oi, false);
+            let others: Vec<String> = bed
+                .data_members()
+                .into_iter()
+                .filter(|i| *i != oi)
+                .map(|i| bed.name(i).to_string())
+                .collect();
+            let first = chk
+                .wait_write_via(&others, Some(&old_addr), t0, Duration::from_secs(60))
+                .await;
+            let rto = (first.at - t0).as_secs_f64() * 1000.0;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            bed.heal();
+            let r = chk.finish(&bed).await;
+            // A failover takes two decisions (release, promote); more means a spurious one.
+            let spurious = (r.epoch_moves_since(since) as u64).saturating_sub(2);
+            eprintln!(
+                "room-cut run {:>2}: {old} -> {}: first write through a surviving pgpool after {rto:.0} ms, lost {}, split-brain windows {}",
+                run + 1,
+                r.final_primary,
+                r.lost.len(),
+                r.split_brain_windows
+            );
+            st.rto_ms.push(rto);
+            st.lost += r.lost.len();
+            st.split_brain += r.split_brain_windows;
+            st.spurious += spurious;
+        }
+        st
+    })
+}
+
 async fn run_fault(fault: Fault, runs: usize) -> Stats {
+    if fault == Fault::RoomCut {
+        return tokio::task::block_in_place(|| run_room_cut(runs));
+    }
     let mut g = Group::with_pgpool(&[Role::Data, Role::Data, Role::Data]);
     g.start_all();
     let s = healthy(&g).await;
@@ -203,6 +265,7 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
                     }
                 }
             }
+            Fault::RoomCut => unreachable!("room-cut runs on the network bed (run_room_cut)"),
         }
         let surviving: Vec<&(String, (Acks, tokio::task::JoinHandle<()>))> = writers
             .iter()
@@ -298,7 +361,7 @@ async fn main() {
         results.insert(f.name(), run_fault(f, runs).await);
     }
     println!();
-    println!("pg-watcher failover (3 rooms on loopback, default settings): fault -> first write on the new primary through a surviving room's pgpool");
+    println!("pg-watcher failover (3 rooms, default settings; crash and node-loss on loopback, room-cut on network namespaces): fault -> first write on the new primary through a surviving room's pgpool");
     println!(
         "{:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>9}",
         "fault", "runs", "min ms", "p50 ms", "p95 ms", "max ms", "lost", "split-brain", "spurious"
