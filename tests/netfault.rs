@@ -388,7 +388,7 @@ fn primary_room_healed_after_failover_rejoins_as_replica() {
         assert_eq!(is_primary(&bed.hosts[oi].pg_addr()).await, Some(false));
         let new_addr = bed.hosts[bed.index_of(&newp)].pg_addr();
         let w = chk
-            .wait_write_via(&[old.clone()], None, th, Duration::from_secs(30))
+            .wait_write_via(std::slice::from_ref(&old), None, th, Duration::from_secs(30))
             .await;
         assert_eq!(
             w.backend, new_addr,
