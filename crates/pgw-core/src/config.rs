@@ -309,14 +309,15 @@ pub mod defaults {
         SYNC_QUORUM
     }
     pub const REPORT_INTERVAL_MS: u64 = 100;
-    // A silent primary is replaced ~2.65 s after its last renewal (L(1+rho)/(1-rho) + margin);
-    // it fences itself 2.0 s after the last renewal it sent that was acknowledged. The lease must
+    // A silent primary is replaced ~2.45 s after its last renewal (L(1+rho)/(1-rho) + margin);
+    // it fences itself 2.0 s after the last renewal it sent that was acknowledged (a watchdog
+    // task kills postgres at that instant, so 300 ms of fence budget is ample). The lease must
     // outlast a change of Raft leader (renewals need a leader): 0.9-1.0 s with the Raft
     // defaults, ~1.5 s when the first vote splits, plus a renewal round trip. Shorter, and
     // losing the leader's room (the arbiter, a replica's room) makes a healthy primary fence
     // itself: found by the arbiter-isolation test.
-    pub const LEASE_MS: u64 = 2500;
-    pub const FENCE_BUDGET_MS: u64 = 500;
+    pub const LEASE_MS: u64 = 2300;
+    pub const FENCE_BUDGET_MS: u64 = 300;
     pub const CLOCK_DRIFT_PPM: u64 = 10_000;
     pub const MARGIN_MS: u64 = 100;
     pub const HUNG_AFTER_MS: u64 = 1500;

@@ -130,7 +130,39 @@ impl Sidecar {
         tracing::info!(cluster = %self.cluster, data_dir = %self.ctl.data().display(), "sidecar started");
         let me = Arc::new(self);
         tokio::spawn(Arc::clone(&me).reporter());
+        tokio::spawn(Arc::clone(&me).lease_guard());
         tokio::spawn(me.actor());
+    }
+
+    /// Fences on time whatever the reporter is doing: an observation of a hung postgres can take
+    /// seconds (each step has a 1 s timeout), and the lease rule needs fencing finished by
+    /// `sent + lease_ms`. The reporter checks too; this task only makes the deadline exact.
+    async fn lease_guard(self: Arc<Self>) {
+        let tick = Duration::from_millis((self.s.cfg.failover.report_interval_ms / 2).max(10));
+        loop {
+            let deadline = self.lease_deadline();
+            let now = Instant::now();
+            if now < deadline {
+                tokio::time::sleep((deadline - now).min(tick)).await;
+                continue;
+            }
+            if let Some(f) = self.facts() {
+                let (running_primary, fenced) = {
+                    let st = self.lock();
+                    (
+                        st.local.role == Some(PgRole::Primary),
+                        st.fenced_at_epoch == Some(f.epoch),
+                    )
+                };
+                if f.primary.as_deref() == Some(self.s.cfg.member.as_str())
+                    && running_primary
+                    && !fenced
+                {
+                    self.fence_now(f.epoch, "primary lease not renewed in time");
+                }
+            }
+            tokio::time::sleep(tick).await;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SideState> {
