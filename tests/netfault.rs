@@ -19,9 +19,8 @@ use pgw_cli::writer::{is_primary, wall_ms};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// How long a scenario lets a healthy cluster run before the fault: the start-up's pgpool
-/// attaches make pgpool restart its PCP process a second later, and a PCP session the leader
-/// had open when it was cut off blocks that restart (see the README's known issues).
+/// How long a scenario lets a healthy cluster run before the fault, so the fault hits a steady
+/// state (start-up's pgpool attaches make pgpool restart its PCP process a second later).
 const SETTLE: Duration = Duration::from_secs(3);
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {

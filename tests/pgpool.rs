@@ -451,6 +451,49 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
         "{replica} re-attached in {old}'s pgpool {} ms after the manual detach",
         t0.elapsed().as_millis()
     );
+    let s4 = wait_healthy(&g, Duration::from_secs(30)).await;
+
+    // The room-local PCP service the leader uses: reads work; a command decided at another
+    // epoch, an unknown command and a caller from another cluster are refused, naming why.
+    let cfg = &g.members[oi].cfg;
+    let ident = |cluster_id: &str| pgw_proto::Identity {
+        cluster_id: cluster_id.to_string(),
+        fingerprint: cfg.members_fingerprint(),
+        from: 0,
+        from_name: "test".into(),
+    };
+    let req = |command: &str, epoch: u64, cluster_id: &str| pgw_proto::PcpRequest {
+        identity: Some(ident(cluster_id)),
+        cluster: "global".into(),
+        epoch,
+        command: command.into(),
+        node: 0,
+    };
+    let mut c = pgw_cli::status::connect(&g.members[oi].grpc(), Duration::from_secs(2))
+        .await
+        .expect("connect");
+    let info = c
+        .pcp(req("info", 0, &cfg.cluster_id))
+        .await
+        .expect("pcp info")
+        .into_inner();
+    assert_eq!(info.nodes.len(), 3, "{info:?}");
+    let stale = c
+        .pcp(req("detach", epoch_of(&s4) + 7, &cfg.cluster_id))
+        .await
+        .expect_err("a stale detach is refused");
+    assert!(stale.message().contains("stale request"), "{stale:?}");
+    let bad = c
+        .pcp(req("reboot", epoch_of(&s4), &cfg.cluster_id))
+        .await
+        .expect_err("an unknown command is refused");
+    assert!(bad.message().contains("unknown PCP command `reboot`"), "{bad:?}");
+    let foreign = c
+        .pcp(req("info", 0, "another-cluster"))
+        .await
+        .expect_err("another cluster is refused");
+    assert_eq!(foreign.code(), tonic::Code::FailedPrecondition, "{foreign:?}");
+    // Still in line after all that.
     wait_healthy(&g, Duration::from_secs(30)).await;
 }
 

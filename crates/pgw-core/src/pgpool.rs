@@ -56,6 +56,16 @@ impl PoolStatus {
         }
     }
 
+    /// pgpool's numeric code for this status (round-trips through `from_code`).
+    pub fn code(self) -> u32 {
+        match self {
+            PoolStatus::Unused => 0,
+            PoolStatus::Waiting => 1,
+            PoolStatus::Up => 2,
+            PoolStatus::Down => 3,
+        }
+    }
+
     pub fn attached(self) -> bool {
         matches!(self, PoolStatus::Waiting | PoolStatus::Up)
     }

@@ -10,8 +10,8 @@ use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{
     admin_server, raft_server, ClusterStatus, DecisionReply, FailoverRequest, HelloReply,
     HelloRequest, HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, NodeStatus,
-    OperationReply, OperationRequest, RaftReply, RaftRequest, RecoverRequest, ReportReply,
-    ReportRequest, SetPausedRequest, StatusReply, StatusRequest, SwitchoverRequest,
+    OperationReply, OperationRequest, PcpReply, PcpRequest, RaftReply, RaftRequest, RecoverRequest,
+    ReportReply, ReportRequest, SetPausedRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -832,6 +832,13 @@ impl admin_server::Admin for AdminService {
             }
             Err(status) => Err(status),
         }
+    }
+
+    async fn pcp(&self, request: Request<PcpRequest>) -> Result<Response<PcpReply>, Status> {
+        let req = request.into_inner();
+        self.0.check_identity(req.identity.as_ref())?;
+        let nodes = crate::pgpool::local_pcp(&self.0, &req).await?;
+        Ok(Response::new(PcpReply { nodes }))
     }
 
     async fn history(

@@ -3,7 +3,11 @@
 //! The Raft leader (arbiter or not) reads each pgpool's node list through PCP and sends the
 //! one command [`pgw_core::pgpool::Target::next_action`] asks for, after confirming with a
 //! quorum that it still leads: a member on the minority side of a partition never rewrites a
-//! pgpool. A pgpool that was unreachable during a change is corrected as soon as it answers
+//! pgpool. The PCP sessions themselves are made by the pgpool's own room's watcher
+//! ([`local_pcp`], the `Pcp` RPC), which refuses a command decided at another epoch: a PCP
+//! worker whose client vanished without a reset (a room cut off mid-request) blocks forever, and
+//! pgpool's next failover waits for it, so a PCP session never crosses rooms. Only when that
+//! watcher does not answer at all does the leader talk to PCP itself. A pgpool that was unreachable during a change is corrected as soon as it answers
 //! again; until then (and while it disagrees for any reason) status and metrics say so.
 
 pub mod managed;
@@ -139,6 +143,158 @@ fn check_backends(nodes: &[NodeInfo], backends: &[(String, String)]) -> Result<(
     Ok(())
 }
 
+/// Converts between PCP node lists and their wire form (`PcpNode`).
+fn to_wire(n: &NodeInfo) -> pgw_proto::PcpNode {
+    pgw_proto::PcpNode {
+        host: n.host.clone(),
+        port: u32::from(n.port),
+        status: n.status.code(),
+        primary: n.primary,
+        pg_role: n.pg_role.clone(),
+    }
+}
+
+fn from_wire(n: &pgw_proto::PcpNode) -> Result<NodeInfo, String> {
+    Ok(NodeInfo {
+        host: n.host.clone(),
+        port: u16::try_from(n.port).map_err(|_| format!("bad port {} in a PCP reply", n.port))?,
+        status: pgw_core::pgpool::PoolStatus::from_code(i64::from(n.status)),
+        primary: n.primary,
+        pg_role: n.pg_role.clone(),
+    })
+}
+
+/// Runs one PCP request from the leader against this member's own pgpool, over a fresh local
+/// connection. A command is refused unless `epoch` is the cluster's current epoch here.
+pub async fn local_pcp(
+    s: &Shared,
+    req: &pgw_proto::PcpRequest,
+) -> Result<Vec<pgw_proto::PcpNode>, tonic::Status> {
+    use tonic::Status;
+    let pp = s
+        .cfg
+        .pgpool
+        .as_ref()
+        .ok_or_else(|| Status::failed_precondition("this member has no [pgpool] section"))?;
+    let pcp_addr = s.cfg.me().and_then(|m| m.pcp.clone()).ok_or_else(|| {
+        Status::failed_precondition("this member runs no pgpool (no pcp address)")
+    })?;
+    let backends = s.cfg.pgpool_backends();
+    let node = req.node as usize;
+    let action = match req.command.as_str() {
+        "info" => None,
+        "attach" => Some(PcpAction::Attach(node)),
+        "detach" => Some(PcpAction::Detach(node)),
+        "promote" => Some(PcpAction::Promote(node)),
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "unknown PCP command `{other}` (info, attach, detach, promote)"
+            )))
+        }
+    };
+    if action.is_some() {
+        if node >= backends.len() {
+            return Err(Status::invalid_argument(format!(
+                "node {node}: pgpool has {} backends",
+                backends.len()
+            )));
+        }
+        let cur =
+            s.sm.applied()
+                .facts
+                .cluster(&req.cluster)
+                .map(|f| f.epoch)
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!("unknown cluster `{}`", req.cluster))
+                })?;
+        if cur != req.epoch {
+            return Err(Status::failed_precondition(format!(
+                "stale request: decided at epoch {}, this member is at epoch {cur}",
+                req.epoch
+            )));
+        }
+    }
+    let password = managed::read_password(&pp.pcp_password_file)
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    let creds = Credentials {
+        user: pp.pcp_user.clone(),
+        password,
+    };
+    let timeout = Duration::from_millis(s.cfg.raft.rpc_timeout_ms);
+    // ABORTED: the watcher answered, its pgpool did not (the leader must not fall back).
+    let mut c = PcpClient::connect(&pcp_addr, &creds, timeout)
+        .await
+        .map_err(|e| Status::aborted(e.to_string()))?;
+    let r = match action {
+        None => {
+            return c
+                .node_info()
+                .await
+                .map(|n| n.iter().map(to_wire).collect())
+                .map_err(|e| Status::aborted(e.to_string()))
+        }
+        Some(PcpAction::Detach(i)) => c.detach(i).await,
+        Some(PcpAction::Attach(i)) => c.attach(i).await,
+        Some(PcpAction::Promote(i)) => c.promote(i).await,
+    };
+    r.map(|()| Vec::new())
+        .map_err(|e| Status::aborted(e.to_string()))
+}
+
+/// How the leader reaches one room's pgpool: through that room's watcher (so the PCP session is
+/// local to the room), straight to PCP when the leader is that watcher, or when that watcher
+/// does not answer at all (its pgpool may still: a watcher crash, not a room loss).
+struct PoolLink {
+    s: Shared,
+    cluster: String,
+    room: String,
+    room_grpc: String,
+    pcp_addr: String,
+    creds: Credentials,
+    timeout: Duration,
+}
+
+impl PoolLink {
+    async fn call(&self, command: &str, node: usize, epoch: u64) -> Result<Vec<NodeInfo>, String> {
+        if self.room != self.s.cfg.member {
+            let req = pgw_proto::PcpRequest {
+                identity: Some(self.s.identity()),
+                cluster: self.cluster.clone(),
+                epoch,
+                command: command.to_string(),
+                node: node as u32,
+            };
+            let answered = match (self.s.channels)(&self.room_grpc) {
+                Ok(ch) => {
+                    let mut c = pgw_proto::admin_client::AdminClient::new(ch);
+                    let mut r = tonic::Request::new(req);
+                    r.set_timeout(self.timeout * 2);
+                    match tokio::time::timeout(self.timeout * 2, c.pcp(r)).await {
+                        Ok(Ok(rep)) => Some(Ok(rep.into_inner().nodes)),
+                        Ok(Err(st)) if st.code() == tonic::Code::Unavailable => None,
+                        Ok(Err(st)) => Some(Err(st.message().to_string())),
+                        Err(_) => None,
+                    }
+                }
+                Err(_) => None,
+            };
+            if let Some(r) = answered {
+                return r?.iter().map(from_wire).collect();
+            }
+        }
+        let mut c = PcpClient::connect(&self.pcp_addr, &self.creds, self.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = match command {
+            "info" => return c.node_info().await.map_err(|e| e.to_string()),
+            "detach" => c.detach(node).await,
+            "attach" => c.attach(node).await,
+            _ => c.promote(node).await,
+        };
+        r.map(|()| Vec::new()).map_err(|e| e.to_string())
+    }
+}
+
 /// How long after a change of the primary record an old primary is left to the promote (it is
 /// fenced by the protocol meanwhile; see `Target::transition`). A promotion takes a few hundred
 /// ms; after this, a pgpool still writing to the old primary has it detached.
@@ -147,6 +303,21 @@ const TRANSITION_HOLD: Duration = Duration::from_millis(2000);
 async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, creds: Credentials) {
     let Some(cluster) = pgpool_cluster(&s.cfg) else {
         return;
+    };
+    let link = PoolLink {
+        s: s.clone(),
+        cluster: cluster.clone(),
+        room: room.clone(),
+        room_grpc: s
+            .cfg
+            .members
+            .iter()
+            .find(|m| m.name == room)
+            .map(|m| m.grpc.clone())
+            .unwrap_or_default(),
+        pcp_addr,
+        creds,
+        timeout: Duration::from_millis(s.cfg.raft.rpc_timeout_ms),
     };
     let backends = s.cfg.pgpool_backends();
     let names: Vec<String> = backends.iter().map(|b| b.0.clone()).collect();
@@ -163,7 +334,6 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
     );
     let timeout = Duration::from_millis(s.cfg.raft.rpc_timeout_ms);
     let label = [("room", room.clone())];
-    let mut client: Option<PcpClient> = None;
     let mut last_target: Option<Target> = None;
     let mut last_check = Instant::now() - slow;
     let mut last_action: Option<(PcpAction, Instant)> = None;
@@ -184,7 +354,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         let leading =
             me.is_some() && m.current_leader == me && m.state == openraft::ServerState::Leader;
         if !leading {
-            if client.take().is_some() || last_target.is_some() {
+            if last_target.is_some() {
                 s.pgpool.clear(&room);
                 last_target = None;
             }
@@ -215,25 +385,13 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         }
         last_check = Instant::now();
         last_target = Some(target.clone());
-        // A fresh PCP connection per round: pgpool restarts its PCP process after every
-        // failover or failback, and a worker forked by the old one can no longer signal pgpool's
-        // main process (its requests are accepted and silently lost).
-        client = None;
-        if client.is_none() {
-            match PcpClient::connect(&pcp_addr, &creds, timeout).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    unreachable(&s, &mut report, &label, e.to_string(), &mut last_error);
-                    continue;
-                }
-            }
-        }
-        let Some(c) = client.as_mut() else { continue };
-        let nodes = match c.node_info().await {
+        // A fresh PCP connection per request (made by the room's watcher): pgpool restarts its
+        // PCP process after every failover or failback, and a worker forked by the old one can
+        // no longer signal pgpool's main process (its requests are accepted and silently lost).
+        let nodes = match link.call("info", 0, f.epoch).await {
             Ok(n) => n,
             Err(e) => {
-                client = None;
-                unreachable(&s, &mut report, &label, e.to_string(), &mut last_error);
+                unreachable(&s, &mut report, &label, e, &mut last_error);
                 continue;
             }
         };
@@ -281,27 +439,20 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
             continue; // decided again meanwhile: recompute
         }
         let text = action_text(a, &backends);
-        let r = match a {
-            PcpAction::Detach(i) => c.detach(i).await,
-            PcpAction::Attach(i) => c.attach(i).await,
-            PcpAction::Promote(i) => c.promote(i).await,
+        let (kind, node) = match a {
+            PcpAction::Detach(i) => ("detach", i),
+            PcpAction::Attach(i) => ("attach", i),
+            PcpAction::Promote(i) => ("promote", i),
         };
-        let kind = match a {
-            PcpAction::Detach(_) => "detach",
-            PcpAction::Attach(_) => "attach",
-            PcpAction::Promote(_) => "promote",
-        };
+        let r = link.call(kind, node, f.epoch).await;
         match r {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(%room, epoch = f.epoch, "pgpool: {text}");
                 metrics::counter!(crate::telemetry::PGPOOL_COMMANDS, "room" => room.clone(), "command" => kind).increment(1);
                 report.last_command = text;
                 s.pgpool.put(report.clone());
             }
-            Err(e) => {
-                tracing::warn!(%room, "pgpool: {text} failed: {e}");
-                client = None; // pgpool closes the connection after a refused request
-            }
+            Err(e) => tracing::warn!(%room, "pgpool: {text} failed: {e}"),
         }
         last_action = Some((a, Instant::now()));
     }
