@@ -456,14 +456,20 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
     // The room-local PCP service the leader uses: reads work; a command decided at another
     // epoch, an unknown command and a caller from another cluster are refused, naming why.
     let cfg = &g.members[oi].cfg;
-    let ident = |cluster_id: &str| pgw_proto::Identity {
+    let leader_id = s4
+        .leader
+        .as_ref()
+        .and_then(|l| cfg.members.iter().find(|m| &m.name == l))
+        .map(|m| m.id)
+        .expect("a leader");
+    let ident = |cluster_id: &str, from: u64| pgw_proto::Identity {
         cluster_id: cluster_id.to_string(),
         fingerprint: cfg.members_fingerprint(),
-        from: 0,
+        from,
         from_name: "test".into(),
     };
     let req = |command: &str, epoch: u64, cluster_id: &str| pgw_proto::PcpRequest {
-        identity: Some(ident(cluster_id)),
+        identity: Some(ident(cluster_id, leader_id)),
         cluster: "global".into(),
         epoch,
         command: command.into(),
@@ -483,16 +489,33 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
         .await
         .expect_err("a stale detach is refused");
     assert!(stale.message().contains("stale request"), "{stale:?}");
+    let mut not_leader = req("detach", epoch_of(&s4), &cfg.cluster_id);
+    not_leader.identity = Some(ident(&cfg.cluster_id, leader_id % 3 + 1));
+    let refused = c
+        .pcp(not_leader)
+        .await
+        .expect_err("a command from a non-leader is refused");
+    assert!(
+        refused.message().contains("from the Raft leader only"),
+        "{refused:?}"
+    );
     let bad = c
         .pcp(req("reboot", epoch_of(&s4), &cfg.cluster_id))
         .await
         .expect_err("an unknown command is refused");
-    assert!(bad.message().contains("unknown PCP command `reboot`"), "{bad:?}");
+    assert!(
+        bad.message().contains("unknown PCP command `reboot`"),
+        "{bad:?}"
+    );
     let foreign = c
         .pcp(req("info", 0, "another-cluster"))
         .await
         .expect_err("another cluster is refused");
-    assert_eq!(foreign.code(), tonic::Code::FailedPrecondition, "{foreign:?}");
+    assert_eq!(
+        foreign.code(),
+        tonic::Code::FailedPrecondition,
+        "{foreign:?}"
+    );
     // Still in line after all that.
     wait_healthy(&g, Duration::from_secs(30)).await;
 }

@@ -26,6 +26,60 @@ use super::Bed;
 const PACE: Duration = Duration::from_millis(10);
 const WRITER_LIMIT: Duration = Duration::from_secs(600);
 const IDS_PER_WRITER: i64 = 1_000_000;
+const PROBE_BASE: i64 = 1_000_000_000;
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+
+async fn connect_or_panic(addr: &str) -> tokio_postgres::Client {
+    pgw_cli::writer::try_connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Writes to one server every `PROBE_EVERY` with `synchronous_commit = local` until `stop`
+/// (bounded by `WRITER_LIMIT`), recording every acknowledgement.
+async fn probe(addr: String, stop: Arc<AtomicBool>, acks: Acks, first: i64) {
+    let t0 = Instant::now();
+    let mut id = first;
+    let mut conn: Option<tokio_postgres::Client> = None;
+    while !stop.load(Ordering::Relaxed) && t0.elapsed() < WRITER_LIMIT {
+        tokio::time::sleep(PROBE_EVERY).await;
+        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+            conn = match pgw_cli::writer::try_connect(&addr).await {
+                Ok(c) => match c.batch_execute("SET synchronous_commit TO local").await {
+                    Ok(()) => Some(c),
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            };
+        }
+        let Some(c) = conn.as_ref() else { continue };
+        let (sent, sent_wall_ms) = (Instant::now(), pgw_cli::writer::wall_ms());
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+        let q = c.query_one(
+            "INSERT INTO probe (id) VALUES ($1) RETURNING host(inet_server_addr()) || ':' || inet_server_port()",
+            &params,
+        );
+        match tokio::time::timeout(Duration::from_secs(1), q).await {
+            Ok(Ok(row)) => {
+                if let Ok(mut g) = acks.0.lock() {
+                    g.push(Ack {
+                        id,
+                        server: addr.clone(),
+                        backend: row.try_get(0).unwrap_or_default(),
+                        sent,
+                        sent_wall_ms,
+                        at: Instant::now(),
+                        wall_ms: pgw_cli::writer::wall_ms(),
+                    });
+                }
+                id += 1;
+            }
+            // Read-only (a replica), a duplicate id from before a failover, a dead server.
+            Ok(Err(_)) => id += 1,
+            Err(_) => conn = None,
+        }
+    }
+}
 
 pub struct Writer {
     /// `pgpool room-a` or `direct room-b`.
@@ -39,6 +93,10 @@ pub struct Writer {
 pub struct Checker {
     stop: Arc<AtomicBool>,
     pub writers: Vec<Writer>,
+    /// Split-brain probes: one per server, writing with `synchronous_commit = local`, so a
+    /// server that still runs as primary acknowledges even when cut off from its standbys (the
+    /// synchronous writers could not show it). Not durable: left out of the loss check.
+    pub probes: Vec<Writer>,
     pub started: Instant,
 }
 
@@ -143,9 +201,31 @@ impl Checker {
                 });
             }
         }
+        let c = connect_or_panic(&paddr).await;
+        c.batch_execute("CREATE TABLE IF NOT EXISTS probe (id bigint PRIMARY KEY)")
+            .await
+            .expect("create the probe table");
+        let mut probes = Vec::new();
+        for (n, i) in bed.data_members().into_iter().enumerate() {
+            let h = &bed.hosts[i];
+            let acks = Acks::default();
+            let handle = tokio::spawn(probe(
+                h.pg_addr(),
+                stop.clone(),
+                acks.clone(),
+                PROBE_BASE + n as i64 * IDS_PER_WRITER,
+            ));
+            probes.push(Writer {
+                label: format!("probe {}", h.name()),
+                pgpool_room: None,
+                acks,
+                handle,
+            });
+        }
         Checker {
             stop,
             writers,
+            probes,
             started: Instant::now(),
         }
     }
@@ -215,7 +295,14 @@ impl Checker {
         let s = bed.wait_healthy(Duration::from_secs(180)).await;
         let primary = crate::common::primary_of(&s).expect("primary");
         let paddr = bed.hosts[bed.index_of(&primary)].pg_addr();
+        for w in &self.probes {
+            let t0 = Instant::now();
+            while !w.handle.is_finished() && t0.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let acks = self.acks();
+        let probe_acks: Vec<Ack> = self.probes.iter().flat_map(|w| w.acks.all()).collect();
         let have: BTreeSet<i64> = ids_on(&paddr).await.into_iter().collect();
         assert!(!have.is_empty() || acks.is_empty(), "cannot read {paddr}");
         let mut lost: Vec<i64> = acks
@@ -226,7 +313,9 @@ impl Checker {
         lost.sort_unstable();
         let entries = history(bed).await;
         let periods = periods_of(&entries);
-        let (split_brain, windows) = split_brain(bed, &acks, &periods);
+        let mut all = acks.clone();
+        all.extend(probe_acks);
+        let (split_brain, windows) = split_brain(bed, &all, &periods);
         let mut last = 0;
         let mut history_epochs = Vec::new();
         for e in &entries {
@@ -251,9 +340,10 @@ impl Checker {
     }
 }
 
-/// The group's history (the newest 256 records), oldest first.
+/// The group's history (the newest 256 records), oldest first: the longest any member has (a
+/// member that lags must not hide a record).
 pub async fn history(bed: &Bed) -> Vec<pgw_proto::HistoryEntry> {
-    let mut entries = Vec::new();
+    let mut entries: Vec<pgw_proto::HistoryEntry> = Vec::new();
     for ep in bed.endpoints() {
         let Ok(mut c) = pgw_cli::status::connect(&ep, Duration::from_secs(1)).await else {
             continue;
@@ -265,8 +355,11 @@ pub async fn history(bed: &Bed) -> Vec<pgw_proto::HistoryEntry> {
             })
             .await
         {
-            entries = h.into_inner().entries;
-            break;
+            let e = h.into_inner().entries;
+            let last = |v: &[pgw_proto::HistoryEntry]| v.iter().map(|x| x.log_index).max();
+            if last(&e) > last(&entries) {
+                entries = e;
+            }
         }
     }
     entries.sort_by_key(|e| e.log_index);

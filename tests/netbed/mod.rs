@@ -169,7 +169,26 @@ fn remove_stale_namespaces() {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_namespace_processes(&name);
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
+/// SIGKILLs every process living in namespace `ns` (what a killed test left: watchers, their
+/// postgres, pgpool, a pg_basebackup...): deleting a namespace does not stop them.
+fn kill_namespace_processes(ns: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, libc::SIGCONT);
+            libc::kill(pid, libc::SIGKILL);
         }
     }
 }
@@ -656,6 +675,9 @@ impl Drop for Bed {
                 self.signal_pgpool(i, libc::SIGCONT);
                 pgw_server::pgpool::managed::stop_pgpool(&d);
             }
+        }
+        for ns in &self.namespaces {
+            kill_namespace_processes(ns);
         }
         for ns in &self.namespaces {
             let _ = Command::new("ip")

@@ -80,10 +80,13 @@ pub struct Observation {
 }
 
 impl Observation {
-    /// Whether this report should replace `older` (same member): a newer one of the same run,
-    /// or any report of another run (a restarted sidecar starts counting again).
-    pub fn supersedes(&self, older: &Observation) -> bool {
-        self.incarnation != older.incarnation || self.seq > older.seq
+    /// Whether this report should replace `older` (same member, received `older_age_ms` ago):
+    /// a later one of the same run, one of a later run (a restarted sidecar starts counting
+    /// again; runs are numbered by their start time), or anything once the kept one is older
+    /// than any report can be in flight (so a run numbered lower by a clock step is not shut
+    /// out).
+    pub fn supersedes(&self, older: &Observation, older_age_ms: u64, in_flight_ms: u64) -> bool {
+        (self.incarnation, self.seq) > (older.incarnation, older.seq) || older_age_ms > in_flight_ms
     }
 }
 
@@ -701,14 +704,18 @@ mod tests {
         older.seq = 4;
         let mut newer = a.clone();
         newer.seq = 6;
-        assert!(!older.supersedes(&a));
-        assert!(!a.clone().supersedes(&a));
-        assert!(newer.supersedes(&a));
-        // A restarted sidecar counts from 1 again: its reports are taken.
+        assert!(!older.supersedes(&a, 0, 2000));
+        assert!(!a.clone().supersedes(&a, 0, 2000));
+        assert!(newer.supersedes(&a, 0, 2000));
+        // A restarted sidecar counts from 1 again: its reports are taken...
         let mut restarted = a.clone();
         restarted.incarnation = 8;
         restarted.seq = 1;
-        assert!(restarted.supersedes(&a));
+        assert!(restarted.supersedes(&a, 0, 2000));
+        // ...and a late report of the earlier run does not displace them.
+        assert!(!a.supersedes(&restarted, 0, 2000));
+        // A kept report older than anything in flight is replaced whatever the numbering.
+        assert!(older.supersedes(&a, 2001, 2000));
     }
 
     fn obs(m: &str, role: PgRole, lsn: u64, streaming: bool, epoch: u64) -> Observation {

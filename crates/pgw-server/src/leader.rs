@@ -23,7 +23,16 @@ struct Inner {
     leader_since: Option<u64>,
     /// cluster -> why the last decision had to wait (for logs and status)
     waiting: BTreeMap<String, String>,
+    /// cluster -> epoch at which a proposal that moves the primary record is in flight: no
+    /// lease is granted at that epoch meanwhile (the decision used the grants before it).
+    replacing: BTreeMap<String, u64>,
 }
+
+/// Longer than any report can travel: a sidecar gives up on a report at its fence point
+/// (`lease_ms - fence_budget_ms`), and a relay adds at most `lease_ms` (both far below this with
+/// any sane lease). A run numbered lower than the previous one (a wall-clock step back across a
+/// watcher restart) is heard again after this.
+const REPORT_IN_FLIGHT_MS: u64 = 5_000;
 
 /// Shared leader-side failover state (empty on followers).
 #[derive(Clone)]
@@ -58,21 +67,27 @@ impl LeaderState {
         if let Ok(mut g) = self.inner.lock() {
             let per = g.reports.entry(obs.cluster.clone()).or_default();
             // Reports arrive concurrently: an older one never replaces a newer one.
-            if per
-                .get(&obs.member)
-                .is_none_or(|(old, _)| obs.supersedes(old))
-            {
+            if per.get(&obs.member).is_none_or(|(old, at)| {
+                obs.supersedes(old, now.saturating_sub(*at), REPORT_IN_FLIGHT_MS)
+            }) {
                 per.insert(obs.member.clone(), (obs, now));
             }
         }
         self.wake.notify_one();
     }
 
-    pub fn record_grant(&self, cluster: &str) {
+    /// Records a lease grant to `cluster`'s primary at `epoch`; false (no grant) while a
+    /// proposal that moves the primary record at that epoch is in flight.
+    pub fn record_grant(&self, cluster: &str, epoch: u64) -> bool {
         let now = self.now_ms();
-        if let Ok(mut g) = self.inner.lock() {
-            g.granted.insert(cluster.to_string(), now);
+        let Ok(mut g) = self.inner.lock() else {
+            return false;
+        };
+        if g.replacing.get(cluster) == Some(&epoch) {
+            return false;
         }
+        g.granted.insert(cluster.to_string(), now);
+        true
     }
 
     /// Latest reports of one cluster (for status).
@@ -214,6 +229,22 @@ pub async fn decision_loop(s: Shared) {
                     }
                 }
                 Decision::Propose(cmd) => {
+                    let moves_primary = matches!(
+                        cmd,
+                        pgw_core::facts::Command::SetPrimary { .. }
+                            | pgw_core::facts::Command::ClearPrimary { .. }
+                    );
+                    if moves_primary {
+                        // No grant may slip in between the view this decision used and its
+                        // commit: a grant newer than the view's means the primary renewed.
+                        let Ok(mut g) = s.leader.inner.lock() else {
+                            continue;
+                        };
+                        if g.granted.get(&c.name).copied().unwrap_or(0) != granted {
+                            continue;
+                        }
+                        g.replacing.insert(c.name.clone(), f.epoch);
+                    }
                     tracing::info!(cluster = %c.name, ?cmd, "decision");
                     let kind = serde_json::to_value(&cmd)
                         .ok()
@@ -226,6 +257,13 @@ pub async fn decision_loop(s: Shared) {
                         }
                         Err(e) => {
                             tracing::warn!(cluster = %c.name, "decision not committed: {}", e.message())
+                        }
+                    }
+                    if moves_primary {
+                        // Committed: the epoch moved and grants at the old one are refused by
+                        // the report handler; not committed: grants may resume.
+                        if let Ok(mut g) = s.leader.inner.lock() {
+                            g.replacing.remove(&c.name);
                         }
                     }
                 }

@@ -587,15 +587,21 @@ impl admin_server::Admin for AdminService {
         let is_primary =
             f.and_then(|f| f.primary.as_deref()) == Some(obs.member.as_str()) && obs.epoch == epoch;
         let cluster = obs.cluster.clone();
+        let member = obs.member.clone();
         self.0.leader.record_report(obs);
         let mut lease_ok = false;
         if is_primary {
-            // Renew only after a majority confirmed we still lead (a deposed leader cannot).
+            // Renew only after a majority confirmed we still lead (a deposed leader cannot),
+            // only if the primary record did not move meanwhile, and not while a decision to
+            // move it is in flight.
             let limit = Duration::from_millis(self.0.cfg.raft.rpc_timeout_ms);
             if let Ok(Ok(_)) = tokio::time::timeout(limit, self.0.raft.ensure_linearizable()).await
             {
-                self.0.leader.record_grant(&cluster);
-                lease_ok = true;
+                let facts = self.0.sm.applied().facts;
+                let still = facts.cluster(&cluster).is_some_and(|f| {
+                    f.epoch == epoch && f.primary.as_deref() == Some(member.as_str())
+                });
+                lease_ok = still && self.0.leader.record_grant(&cluster, epoch);
             }
         }
         Ok(Response::new(ReportReply {

@@ -193,6 +193,19 @@ pub async fn local_pcp(
         }
     };
     if action.is_some() {
+        // Commands only from the member this one knows as the Raft leader (which confirmed
+        // its leadership with a quorum before sending).
+        let leader = s.raft.metrics().borrow().current_leader;
+        let from = req.identity.as_ref().map(|i| i.from);
+        if leader.is_none() || from != leader {
+            return Err(Status::failed_precondition(format!(
+                "PCP commands are taken from the Raft leader only (sender {}, leader {})",
+                from.unwrap_or_default(),
+                leader
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "unknown".into())
+            )));
+        }
         if node >= backends.len() {
             return Err(Status::invalid_argument(format!(
                 "node {node}: pgpool has {} backends",
@@ -252,10 +265,37 @@ struct PoolLink {
     pcp_addr: String,
     creds: Credentials,
     timeout: Duration,
+    /// Calls in a row the room's watcher did not answer (direct PCP only after a few).
+    silent: u32,
 }
 
+/// Why a PCP request through a room's watcher did not go through.
+enum LinkError {
+    /// The watcher refused it (another epoch, not our leader yet): retry at once next round.
+    Refused(String),
+    /// pgpool (or the network to it) failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Refused(m) => write!(f, "refused by the room's watcher: {m}"),
+            LinkError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Consecutive unanswered calls after which the leader talks to a room's PCP itself.
+const SILENT_BEFORE_DIRECT: u32 = 3;
+
 impl PoolLink {
-    async fn call(&self, command: &str, node: usize, epoch: u64) -> Result<Vec<NodeInfo>, String> {
+    async fn call(
+        &mut self,
+        command: &str,
+        node: usize,
+        epoch: u64,
+    ) -> Result<Vec<NodeInfo>, LinkError> {
         if self.room != self.s.cfg.member {
             let req = pgw_proto::PcpRequest {
                 identity: Some(self.s.identity()),
@@ -264,34 +304,55 @@ impl PoolLink {
                 command: command.to_string(),
                 node: node as u32,
             };
+            // The watcher's own PCP connect and request take up to 2 x timeout.
+            let budget = self.timeout * 3;
             let answered = match (self.s.channels)(&self.room_grpc) {
                 Ok(ch) => {
                     let mut c = pgw_proto::admin_client::AdminClient::new(ch);
                     let mut r = tonic::Request::new(req);
-                    r.set_timeout(self.timeout * 2);
-                    match tokio::time::timeout(self.timeout * 2, c.pcp(r)).await {
+                    r.set_timeout(budget);
+                    match tokio::time::timeout(budget, c.pcp(r)).await {
                         Ok(Ok(rep)) => Some(Ok(rep.into_inner().nodes)),
                         Ok(Err(st)) if st.code() == tonic::Code::Unavailable => None,
-                        Ok(Err(st)) => Some(Err(st.message().to_string())),
+                        Ok(Err(st)) if st.code() == tonic::Code::Aborted => {
+                            Some(Err(LinkError::Failed(st.message().to_string())))
+                        }
+                        Ok(Err(st)) => Some(Err(LinkError::Refused(st.message().to_string()))),
                         Err(_) => None,
                     }
                 }
                 Err(_) => None,
             };
-            if let Some(r) = answered {
-                return r?.iter().map(from_wire).collect();
+            match answered {
+                Some(r) => {
+                    self.silent = 0;
+                    return r?
+                        .iter()
+                        .map(|n| from_wire(n).map_err(LinkError::Failed))
+                        .collect();
+                }
+                None => {
+                    self.silent += 1;
+                    if self.silent < SILENT_BEFORE_DIRECT {
+                        return Err(LinkError::Failed(format!(
+                            "{}'s watcher did not answer",
+                            self.room
+                        )));
+                    }
+                }
             }
         }
+        let fail = |e: pcp::PcpError| LinkError::Failed(e.to_string());
         let mut c = PcpClient::connect(&self.pcp_addr, &self.creds, self.timeout)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(fail)?;
         let r = match command {
-            "info" => return c.node_info().await.map_err(|e| e.to_string()),
+            "info" => return c.node_info().await.map_err(fail),
             "detach" => c.detach(node).await,
             "attach" => c.attach(node).await,
             _ => c.promote(node).await,
         };
-        r.map(|()| Vec::new()).map_err(|e| e.to_string())
+        r.map(|()| Vec::new()).map_err(fail)
     }
 }
 
@@ -304,7 +365,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
     let Some(cluster) = pgpool_cluster(&s.cfg) else {
         return;
     };
-    let link = PoolLink {
+    let mut link = PoolLink {
         s: s.clone(),
         cluster: cluster.clone(),
         room: room.clone(),
@@ -318,6 +379,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         pcp_addr,
         creds,
         timeout: Duration::from_millis(s.cfg.raft.rpc_timeout_ms),
+        silent: 0,
     };
     let backends = s.cfg.pgpool_backends();
     let names: Vec<String> = backends.iter().map(|b| b.0.clone()).collect();
@@ -391,7 +453,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         let nodes = match link.call("info", 0, f.epoch).await {
             Ok(n) => n,
             Err(e) => {
-                unreachable(&s, &mut report, &label, e, &mut last_error);
+                unreachable(&s, &mut report, &label, e.to_string(), &mut last_error);
                 continue;
             }
         };
@@ -451,6 +513,12 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
                 metrics::counter!(crate::telemetry::PGPOOL_COMMANDS, "room" => room.clone(), "command" => kind).increment(1);
                 report.last_command = text;
                 s.pgpool.put(report.clone());
+            }
+            Err(LinkError::Refused(e)) => {
+                // Not carried out (the room's watcher lags or knows another leader): retry
+                // next round rather than waiting as for a command pgpool is working on.
+                tracing::info!(%room, "pgpool: {text} not sent: {e}");
+                continue;
             }
             Err(e) => tracing::warn!(%room, "pgpool: {text} failed: {e}"),
         }

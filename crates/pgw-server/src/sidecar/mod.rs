@@ -147,16 +147,13 @@ impl Sidecar {
                 continue;
             }
             if let Some(f) = self.facts() {
-                let (running_primary, fenced) = {
-                    let st = self.lock();
-                    (
-                        st.local.role == Some(PgRole::Primary),
-                        st.fenced_at_epoch == Some(f.epoch),
-                    )
-                };
+                let fenced = self.lock().fenced_at_epoch == Some(f.epoch);
+                // Whatever the last observation said (a hung postgres is observed as unknown,
+                // one being promoted as a replica): the group names us primary, the lease is
+                // gone, so no postmaster of ours may keep running.
                 if f.primary.as_deref() == Some(self.s.cfg.member.as_str())
-                    && running_primary
                     && !fenced
+                    && self.ctl.postmaster_alive()
                 {
                     self.fence_now(f.epoch, "primary lease not renewed in time");
                 }
@@ -391,11 +388,13 @@ impl Sidecar {
             .cfg
             .members
             .iter()
-            .filter(|x| x.name != self.s.cfg.member && Some(x.id) != Some(leader))
+            .filter(|x| x.name != self.s.cfg.member && x.id != leader)
             .map(|x| x.grpc.clone())
             .collect();
         let mut targets = vec![direct];
-        if !relays.is_empty() {
+        // No relay when we are the leader: the direct report does not leave this process.
+        let i_lead = self.s.cfg.me().is_some_and(|m| m.id == leader);
+        if !relays.is_empty() && !i_lead {
             let pick = &relays[(seq as usize) % relays.len()];
             if let Ok(ch) = (self.s.channels)(pick) {
                 targets.push(AdminClient::new(ch));

@@ -512,6 +512,12 @@ impl PgCtl {
     }
 
     /// SIGKILLs the postmaster and every process whose parent it is (fencing a hung server).
+    /// Whether a postmaster runs on our data directory (its pid file names a live process).
+    pub fn postmaster_alive(&self) -> bool {
+        self.postmaster_pid()
+            .is_some_and(|pm| std::path::Path::new(&format!("/proc/{pm}")).exists())
+    }
+
     pub fn kill_all(&self) {
         let Some(pm) = self.postmaster_pid() else {
             return;
