@@ -147,11 +147,22 @@ impl Sidecar {
                 continue;
             }
             if let Some(f) = self.facts() {
-                let fenced = self.lock().fenced_at_epoch == Some(f.epoch);
-                // Whatever the last observation said (a hung postgres is observed as unknown,
-                // one being promoted as a replica): the group names us primary, the lease is
-                // gone, so no postmaster of ours may keep running.
+                // A postgres that may accept writes at this epoch: seen as primary now, seen as
+                // primary earlier at this epoch (a hung one is observed as unknown), or in the
+                // actor's hands (a promotion finishing after the deadline). A replica named
+                // primary but not promoted yet is left alone: the actor promotes only with a
+                // lease granted at this epoch.
+                let (may_write, fenced) = {
+                    let st = self.lock();
+                    (
+                        st.local.role == Some(PgRole::Primary)
+                            || st.running_seen_epoch == Some(f.epoch)
+                            || st.busy,
+                        st.fenced_at_epoch == Some(f.epoch),
+                    )
+                };
                 if f.primary.as_deref() == Some(self.s.cfg.member.as_str())
+                    && may_write
                     && !fenced
                     && self.ctl.postmaster_alive()
                 {
