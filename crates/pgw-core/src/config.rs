@@ -600,6 +600,20 @@ impl Config {
                 "must be at least 4 x failover.report_interval_ms (several renewals per lease)",
             ));
         }
+        // Renewals need a Raft leader: the primary must not fence itself during a change of
+        // leader (openraft 0.9: up to two election rounds of at most election_timeout_max, then a
+        // renewal), or losing the leader's room (the arbiter, a replica's) fails a healthy
+        // primary over.
+        let leader_change = 2 * r.election_timeout_max_ms + r.heartbeat_ms;
+        if fo.lease_ms.saturating_sub(fo.fence_budget_ms) < leader_change {
+            return Err(invalid(
+                "failover.lease_ms",
+                format!(
+                    "the primary fences itself failover.lease_ms - failover.fence_budget_ms = {} ms after its last renewal, shorter than a change of Raft leader (2 x raft.election_timeout_max_ms + raft.heartbeat_ms = {leader_change} ms)",
+                    fo.lease_ms.saturating_sub(fo.fence_budget_ms)
+                ),
+            ));
+        }
         if fo.clock_drift_ppm > 100_000 {
             return Err(invalid(
                 "failover.clock_drift_ppm",
@@ -895,6 +909,11 @@ http = "127.0.0.1:7103"
         let mut c = good();
         c.member = "room-z".into();
         assert_eq!(field_of(c.validate().unwrap_err()), "member");
+
+        let mut c = good();
+        c.failover.lease_ms = 1200;
+        c.failover.fence_budget_ms = 300;
+        assert_eq!(field_of(c.validate().unwrap_err()), "failover.lease_ms");
 
         let mut c = good();
         c.raft.election_timeout_min_ms = 100;
