@@ -348,13 +348,9 @@ impl Sidecar {
         epoch_seen_before: u64,
         client: &mut Option<(String, AdminClient<tonic::transport::Channel>)>,
     ) {
-        let m = self.s.raft.metrics().borrow().clone();
-        let Some(leader) = m.current_leader else {
-            return;
-        };
-        let Some(addr) = self.s.cfg.member_by_id(leader).map(|x| x.grpc.clone()) else {
-            return;
-        };
+        // The leader we know, if any: a member cut off from the leader soon campaigns and knows
+        // none, yet the others may still relay its reports to the leader they know.
+        let leader = self.s.raft.metrics().borrow().current_leader;
         let obs = {
             let mut st = self.lock();
             st.report_seq += 1;
@@ -381,34 +377,44 @@ impl Sidecar {
         let Ok(bytes) = serde_json::to_vec(&obs) else {
             return;
         };
-        if client.as_ref().is_none_or(|(a, _)| *a != addr) {
-            match (self.s.channels)(&addr) {
-                Ok(ch) => *client = Some((addr.clone(), AdminClient::new(ch))),
-                Err(_) => return,
+        let mut targets = Vec::new();
+        if let Some(addr) = leader.and_then(|l| self.s.cfg.member_by_id(l).map(|x| x.grpc.clone()))
+        {
+            if client.as_ref().is_none_or(|(a, _)| *a != addr) {
+                if let Ok(ch) = (self.s.channels)(&addr) {
+                    *client = Some((addr.clone(), AdminClient::new(ch)));
+                }
+            }
+            if let Some((a, c)) = client.as_ref() {
+                if *a == addr {
+                    targets.push(c.clone());
+                }
             }
         }
-        let Some((_, c)) = client.as_ref() else {
-            return;
-        };
-        let direct = c.clone();
         let seq = self.lock().report_seq;
-        // The same report also goes through one other member (in turn), which relays it to the
-        // leader: a room that lost only its link to the leader keeps its lease.
+        // The same report also goes through another member, which relays it to the leader: a
+        // room that lost only its link to the leader keeps its lease. One other member in turn
+        // while we know the leader; every other member while we do not.
         let relays: Vec<String> = self
             .s
             .cfg
             .members
             .iter()
-            .filter(|x| x.name != self.s.cfg.member && x.id != leader)
+            .filter(|x| x.name != self.s.cfg.member && Some(x.id) != leader)
             .map(|x| x.grpc.clone())
             .collect();
-        let mut targets = vec![direct];
         // No relay when we are the leader: the direct report does not leave this process.
-        let i_lead = self.s.cfg.me().is_some_and(|m| m.id == leader);
+        let i_lead = leader.is_some() && self.s.cfg.me().map(|m| m.id) == leader;
         if !relays.is_empty() && !i_lead {
-            let pick = &relays[(seq as usize) % relays.len()];
-            if let Ok(ch) = (self.s.channels)(pick) {
-                targets.push(AdminClient::new(ch));
+            let picked: Vec<&String> = if leader.is_some() {
+                vec![&relays[(seq as usize) % relays.len()]]
+            } else {
+                relays.iter().collect()
+            };
+            for r in picked {
+                if let Ok(ch) = (self.s.channels)(r) {
+                    targets.push(AdminClient::new(ch));
+                }
             }
         }
         // A renewal answered after the fence point is of no use: that bounds each report, and
