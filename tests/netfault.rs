@@ -75,7 +75,6 @@ async fn stays_put(
 ) {
     let p = primary_of(before).expect("primary");
     let e = epoch_of(before);
-    // (The caller let the cluster settle for `SETTLE` before the fault.)
     let paddr = bed.hosts[bed.index_of(&p)].pg_addr();
     let t0 = Instant::now();
     let mut window = Instant::now();
@@ -99,6 +98,41 @@ async fn stays_put(
             window = Instant::now();
         }
     }
+}
+
+/// A fault after which nothing may happen: on a settled cluster, `fault` hits (given the
+/// primary's index); for `dur` the primary and its epoch stay and writes keep flowing through the
+/// primary's room's pgpool ([`stays_put`]); `before_heal` runs (given when the fault hit); then
+/// the bed heals, the checker passes, the primary is the same and no decision was recorded.
+fn changes_nothing(
+    layout: Layout,
+    what: &str,
+    dur: Duration,
+    fault: impl FnOnce(&Bed, usize) + Send,
+    before_heal: impl FnOnce(&Bed, &Checker, Instant) + Send,
+) {
+    let bed = Bed::start(layout);
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let s = bed.wait_healthy(Duration::from_secs(60)).await;
+        let p = primary_of(&s).expect("primary");
+        tokio::time::sleep(SETTLE).await;
+        let since = wall_ms();
+        let t0 = Instant::now();
+        fault(&bed, bed.index_of(&p));
+        stays_put(&bed, &chk, &s, &p, dur, what).await;
+        before_heal(&bed, &chk, t0);
+        bed.heal();
+        let r = chk.finish(&bed).await;
+        r.print(what);
+        r.assert_safe();
+        assert_eq!(r.final_primary, p);
+        assert_eq!(
+            r.epoch_moves_since(since),
+            0,
+            "{what}: a decision was taken"
+        );
+    });
 }
 
 /// The primary room is cut off from the other members while its own clients still reach it:
@@ -144,62 +178,26 @@ fn primary_room_cut_off_is_fenced_and_replaced() {
 #[test]
 fn primary_room_losing_its_arbiter_link_changes_nothing() {
     let _s = serial();
-    let bed = Bed::start(Layout::TwoRoomsArbiter);
-    bed.run(|| async {
-        let chk = Checker::start(&bed).await;
-        let s = bed.wait_healthy(Duration::from_secs(60)).await;
-        let p = primary_of(&s).expect("primary");
-        let pi = bed.index_of(&p);
-        let arb = bed.index_of("arbiter");
-        tokio::time::sleep(SETTLE).await;
-        let since = wall_ms();
-        bed.cut_link(pi, arb);
-        stays_put(
-            &bed,
-            &chk,
-            &s,
-            &p,
-            Duration::from_secs(15),
-            "primary-arbiter link cut",
-        )
-        .await;
-        bed.heal();
-        let r = chk.finish(&bed).await;
-        r.print("primary room loses its arbiter link");
-        r.assert_safe();
-        assert_eq!(r.final_primary, p);
-        assert_eq!(r.epoch_moves_since(since), 0, "a decision was taken");
-    });
+    changes_nothing(
+        Layout::TwoRoomsArbiter,
+        "primary-arbiter link cut",
+        Duration::from_secs(15),
+        |bed, p| bed.cut_link(p, bed.index_of("arbiter")),
+        |_, _, _| {},
+    );
 }
 
 /// The arbiter is isolated from everyone: the two rooms keep a majority, nothing may change.
 #[test]
 fn arbiter_isolated_changes_nothing() {
     let _s = serial();
-    let bed = Bed::start(Layout::TwoRoomsArbiter);
-    bed.run(|| async {
-        let chk = Checker::start(&bed).await;
-        let s = bed.wait_healthy(Duration::from_secs(60)).await;
-        let p = primary_of(&s).expect("primary");
-        tokio::time::sleep(SETTLE).await;
-        let since = wall_ms();
-        bed.cut_off(bed.index_of("arbiter"), false);
-        stays_put(
-            &bed,
-            &chk,
-            &s,
-            &p,
-            Duration::from_secs(15),
-            "arbiter isolated",
-        )
-        .await;
-        bed.heal();
-        let r = chk.finish(&bed).await;
-        r.print("arbiter isolated");
-        r.assert_safe();
-        assert_eq!(r.final_primary, p);
-        assert_eq!(r.epoch_moves_since(since), 0, "a decision was taken");
-    });
+    changes_nothing(
+        Layout::TwoRoomsArbiter,
+        "arbiter isolated",
+        Duration::from_secs(15),
+        |bed, _| bed.cut_off(bed.index_of("arbiter"), false),
+        |_, _, _| {},
+    );
 }
 
 /// A replica's room is cut off entirely: writes continue on the primary, acknowledged by the
@@ -207,36 +205,20 @@ fn arbiter_isolated_changes_nothing() {
 #[test]
 fn replica_room_cut_off_writes_continue() {
     let _s = serial();
-    let bed = Bed::start(Layout::ThreeRooms);
-    bed.run(|| async {
-        let chk = Checker::start(&bed).await;
-        let s = bed.wait_healthy(Duration::from_secs(60)).await;
-        let p = primary_of(&s).expect("primary");
-        let pi = bed.index_of(&p);
-        let ri = bed
-            .data_members()
-            .into_iter()
-            .find(|i| *i != pi)
-            .expect("a replica");
-        tokio::time::sleep(SETTLE).await;
-        let since = wall_ms();
-        bed.cut_off(ri, false);
-        stays_put(
-            &bed,
-            &chk,
-            &s,
-            &p,
-            Duration::from_secs(12),
-            "replica room cut off",
-        )
-        .await;
-        bed.heal();
-        let r = chk.finish(&bed).await;
-        r.print("replica room cut off");
-        r.assert_safe();
-        assert_eq!(r.final_primary, p);
-        assert_eq!(r.epoch_moves_since(since), 0, "a decision was taken");
-    });
+    changes_nothing(
+        Layout::ThreeRooms,
+        "replica room cut off",
+        Duration::from_secs(12),
+        |bed, p| {
+            let replica = bed
+                .data_members()
+                .into_iter()
+                .find(|i| *i != p)
+                .expect("a replica");
+            bed.cut_off(replica, false);
+        },
+        |_, _, _| {},
+    );
 }
 
 /// Two successive room losses with a heal in between: first the primary's room is cut off and
@@ -329,42 +311,24 @@ fn partition_during_a_switchover() {
 #[test]
 fn latency_between_rooms_causes_no_failover() {
     let _s = serial();
-    let bed = Bed::start(Layout::ThreeRooms);
-    bed.run(|| async {
-        let chk = Checker::start(&bed).await;
-        let s = bed.wait_healthy(Duration::from_secs(60)).await;
-        let p = primary_of(&s).expect("primary");
-        tokio::time::sleep(SETTLE).await;
-        let since = wall_ms();
-        bed.set_latency(Duration::from_millis(100), Duration::from_millis(50));
-        let before = chk.acks().len();
-        stays_put(
-            &bed,
-            &chk,
-            &s,
-            &p,
-            Duration::from_secs(30),
-            "100±50 ms latency",
-        )
-        .await;
-        let during = chk.acks().len() - before;
-        let frames = bed.latency_frames();
-        bed.clear_latency();
-        eprintln!("under latency: {during} writes acknowledged, {frames} frames delayed/forwarded");
-        assert!(
-            frames > 1000,
-            "the latency switch forwarded only {frames} frames"
-        );
-        let r = chk.finish(&bed).await;
-        r.print("latency between rooms");
-        r.assert_safe();
-        assert_eq!(r.final_primary, p);
-        assert_eq!(
-            r.epoch_moves_since(since),
-            0,
-            "a spurious decision under latency"
-        );
-    });
+    changes_nothing(
+        Layout::ThreeRooms,
+        "100±50 ms latency",
+        Duration::from_secs(30),
+        |bed, _| bed.set_latency(Duration::from_millis(100), Duration::from_millis(50)),
+        |bed, chk, t0| {
+            let during = chk.acks().iter().filter(|a| a.sent > t0).count();
+            let frames = bed.latency_frames();
+            bed.clear_latency();
+            eprintln!(
+                "under latency: {during} writes acknowledged, {frames} frames delayed/forwarded"
+            );
+            assert!(
+                frames > 1000,
+                "the latency switch forwarded only {frames} frames"
+            );
+        },
+    );
 }
 
 /// The primary's room (servers and clients) is cut off, a failover happens, the room is healed:

@@ -356,33 +356,50 @@ impl Group {
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default(),
         );
-        let _ = fs::create_dir_all(&keep);
         for (i, m) in self.members.iter().enumerate() {
-            let _ = fs::copy(&m.log, keep.join(format!("{}.log", m.name())));
-            if let Some(pg) = &m.cfg.postgres {
-                let mut run = pg.data_dir.clone().into_os_string();
-                run.push(".run/postgres.log");
-                let _ = fs::copy(
-                    PathBuf::from(run),
-                    keep.join(format!("{}.postgres.log", m.name())),
-                );
-            }
-            if let Some(d) = self.pgpool_dir(i) {
-                let _ = fs::copy(
-                    d.join("pgpool.log"),
-                    keep.join(format!("{}.pgpool.log", m.name())),
-                );
-            }
-            let text = self.log_text(i);
-            let useful: Vec<&str> = text.lines().filter(|l| l.contains("pgw_server")).collect();
-            eprintln!(
-                "===== log of {} (pg-watcher lines; all logs kept in {}) =====\n{}",
+            keep_logs(
+                &keep,
                 m.name(),
-                keep.display(),
-                tail(&useful.join("\n"), 40)
+                &m.log,
+                m.cfg.postgres.as_ref().map(|pg| pg.data_dir.as_path()),
+                self.pgpool_dir(i).as_deref(),
             );
         }
     }
+}
+
+/// Copies one member's logs (watcher, postgres, pgpool) into `keep` and prints the tail of its
+/// pg-watcher lines: what a failed test leaves for inspection.
+pub fn keep_logs(
+    keep: &Path,
+    name: &str,
+    log: &Path,
+    pg_data_dir: Option<&Path>,
+    pgpool_dir: Option<&Path>,
+) {
+    let _ = fs::create_dir_all(keep);
+    let _ = fs::copy(log, keep.join(format!("{name}.log")));
+    if let Some(d) = pg_data_dir {
+        let mut run = d.to_path_buf().into_os_string();
+        run.push(".run/postgres.log");
+        let _ = fs::copy(
+            PathBuf::from(run),
+            keep.join(format!("{name}.postgres.log")),
+        );
+    }
+    if let Some(d) = pgpool_dir {
+        let _ = fs::copy(
+            d.join("pgpool.log"),
+            keep.join(format!("{name}.pgpool.log")),
+        );
+    }
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let useful: Vec<&str> = text.lines().filter(|l| l.contains("pgw_server")).collect();
+    eprintln!(
+        "===== log of {name} (pg-watcher lines; all logs kept in {}) =====\n{}",
+        keep.display(),
+        tail(&useful.join("\n"), 40)
+    );
 }
 
 fn tail(s: &str, n: usize) -> String {

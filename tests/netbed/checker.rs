@@ -235,19 +235,20 @@ impl Checker {
         self.writers.iter().flat_map(|w| w.acks.all()).collect()
     }
 
-    /// The first write acknowledged after `t` by server `backend` through the pgpool of one of
-    /// `rooms`.
-    pub fn first_via_pgpool(&self, rooms: &[String], backend: &str, t: Instant) -> Option<Ack> {
+    /// The earliest acknowledgement of a write sent after `t` through the pgpool of one of
+    /// `rooms` that `pick` accepts.
+    fn first_via(&self, rooms: &[String], t: Instant, pick: impl Fn(&Ack) -> bool) -> Option<Ack> {
         self.writers
             .iter()
             .filter(|w| w.pgpool_room.as_ref().is_some_and(|r| rooms.contains(r)))
-            .filter_map(|w| {
-                w.acks
-                    .all()
-                    .into_iter()
-                    .find(|a| a.sent > t && a.backend == backend)
-            })
+            .filter_map(|w| w.acks.all().into_iter().find(|a| a.sent > t && pick(a)))
             .min_by_key(|a| a.at)
+    }
+
+    /// The first write acknowledged after `t` by server `backend` through the pgpool of one of
+    /// `rooms`.
+    pub fn first_via_pgpool(&self, rooms: &[String], backend: &str, t: Instant) -> Option<Ack> {
+        self.first_via(rooms, t, |a| a.backend == backend)
     }
 
     /// Waits (bounded) until a write sent after `t` is acknowledged by any server other than
@@ -261,17 +262,7 @@ impl Checker {
     ) -> Ack {
         let t0 = Instant::now();
         loop {
-            let hit = self
-                .writers
-                .iter()
-                .filter(|w| w.pgpool_room.as_ref().is_some_and(|r| rooms.contains(r)))
-                .filter_map(|w| {
-                    w.acks
-                        .all()
-                        .into_iter()
-                        .find(|a| a.sent > t && Some(a.backend.as_str()) != not)
-                })
-                .min_by_key(|a| a.at);
+            let hit = self.first_via(rooms, t, |a| Some(a.backend.as_str()) != not);
             if let Some(a) = hit {
                 return a;
             }
@@ -286,21 +277,11 @@ impl Checker {
     /// Stops the writers, waits until the cluster is healthy again, and checks everything.
     pub async fn finish(self, bed: &Bed) -> Report {
         self.stop.store(true, Ordering::SeqCst);
-        for w in &self.writers {
-            let t0 = Instant::now();
-            while !w.handle.is_finished() && t0.elapsed() < Duration::from_secs(10) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        wait_done(&self.writers, Duration::from_secs(10)).await;
         let s = bed.wait_healthy(Duration::from_secs(180)).await;
         let primary = crate::common::primary_of(&s).expect("primary");
         let paddr = bed.hosts[bed.index_of(&primary)].pg_addr();
-        for w in &self.probes {
-            let t0 = Instant::now();
-            while !w.handle.is_finished() && t0.elapsed() < Duration::from_secs(5) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        wait_done(&self.probes, Duration::from_secs(5)).await;
         let acks = self.acks();
         let probe_acks: Vec<Ack> = self.probes.iter().flat_map(|w| w.acks.all()).collect();
         let have: BTreeSet<i64> = ids_on(&paddr).await.into_iter().collect();
@@ -336,6 +317,16 @@ impl Checker {
                 .map(|e| format!("{} {} {}", e.log_index, e.at_ms, e.event))
                 .collect(),
             history_epochs,
+        }
+    }
+}
+
+/// Waits (each at most `limit`) until the writers' tasks have ended after `stop`.
+async fn wait_done(writers: &[Writer], limit: Duration) {
+    for w in writers {
+        let t0 = Instant::now();
+        while !w.handle.is_finished() && t0.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

@@ -621,37 +621,15 @@ impl Bed {
         })
     }
 
-    pub fn log_text(&self, i: usize) -> String {
-        fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
-    }
-
     pub fn dump_logs(&self) {
         let keep = std::env::temp_dir().join("pgw-failed").join(&self.prefix);
-        let _ = fs::create_dir_all(&keep);
-        for (i, h) in self.hosts.iter().enumerate() {
-            let _ = fs::copy(&h.log, keep.join(format!("{}.log", h.name())));
-            if let Some(pg) = &h.cfg.postgres {
-                let mut run = pg.data_dir.clone().into_os_string();
-                run.push(".run/postgres.log");
-                let _ = fs::copy(
-                    PathBuf::from(run),
-                    keep.join(format!("{}.postgres.log", h.name())),
-                );
-            }
-            if let Some(d) = h.pgpool_dir() {
-                let _ = fs::copy(
-                    d.join("pgpool.log"),
-                    keep.join(format!("{}.pgpool.log", h.name())),
-                );
-            }
-            let text = self.log_text(i);
-            let useful: Vec<&str> = text.lines().filter(|l| l.contains("pgw_server")).collect();
-            let tail = &useful[useful.len().saturating_sub(40)..];
-            eprintln!(
-                "===== log of {} (pg-watcher lines; all logs kept in {}) =====\n{}",
+        for h in &self.hosts {
+            crate::common::keep_logs(
+                &keep,
                 h.name(),
-                keep.display(),
-                tail.join("\n")
+                &h.log,
+                h.cfg.postgres.as_ref().map(|pg| pg.data_dir.as_path()),
+                h.pgpool_dir().as_deref(),
             );
         }
     }

@@ -235,23 +235,39 @@ pub async fn local_pcp(
     };
     let timeout = Duration::from_millis(s.cfg.raft.rpc_timeout_ms);
     // ABORTED: the watcher answered, its pgpool did not (the leader must not fall back).
-    let mut c = PcpClient::connect(&pcp_addr, &creds, timeout)
+    run_pcp(&pcp_addr, &creds, timeout, action)
         .await
-        .map_err(|e| Status::aborted(e.to_string()))?;
-    let r = match action {
-        None => {
-            return c
-                .node_info()
-                .await
-                .map(|n| n.iter().map(to_wire).collect())
-                .map_err(|e| Status::aborted(e.to_string()))
-        }
-        Some(PcpAction::Detach(i)) => c.detach(i).await,
-        Some(PcpAction::Attach(i)) => c.attach(i).await,
-        Some(PcpAction::Promote(i)) => c.promote(i).await,
-    };
-    r.map(|()| Vec::new())
+        .map(|n| n.iter().map(to_wire).collect())
         .map_err(|e| Status::aborted(e.to_string()))
+}
+
+/// One PCP request over a fresh connection (pgpool restarts its PCP process after every
+/// failover or failback, and a worker forked by the old one can no longer signal pgpool's main
+/// process: its requests are accepted and silently lost). `None` reads the node list; a command
+/// answers with an empty one.
+async fn run_pcp(
+    addr: &str,
+    creds: &Credentials,
+    timeout: Duration,
+    action: Option<PcpAction>,
+) -> Result<Vec<NodeInfo>, pcp::PcpError> {
+    let mut c = PcpClient::connect(addr, creds, timeout).await?;
+    match action {
+        None => c.node_info().await,
+        Some(PcpAction::Detach(i)) => c.detach(i).await.map(|()| Vec::new()),
+        Some(PcpAction::Attach(i)) => c.attach(i).await.map(|()| Vec::new()),
+        Some(PcpAction::Promote(i)) => c.promote(i).await.map(|()| Vec::new()),
+    }
+}
+
+/// The `Pcp` RPC's name and node for a request.
+fn wire_command(action: Option<PcpAction>) -> (&'static str, usize) {
+    match action {
+        None => ("info", 0),
+        Some(PcpAction::Attach(i)) => ("attach", i),
+        Some(PcpAction::Detach(i)) => ("detach", i),
+        Some(PcpAction::Promote(i)) => ("promote", i),
+    }
 }
 
 /// How the leader reaches one room's pgpool: through that room's watcher (so the PCP session is
@@ -292,11 +308,11 @@ const SILENT_BEFORE_DIRECT: u32 = 3;
 impl PoolLink {
     async fn call(
         &mut self,
-        command: &str,
-        node: usize,
+        action: Option<PcpAction>,
         epoch: u64,
     ) -> Result<Vec<NodeInfo>, LinkError> {
         if self.room != self.s.cfg.member {
+            let (command, node) = wire_command(action);
             let req = pgw_proto::PcpRequest {
                 identity: Some(self.s.identity()),
                 cluster: self.cluster.clone(),
@@ -342,17 +358,9 @@ impl PoolLink {
                 }
             }
         }
-        let fail = |e: pcp::PcpError| LinkError::Failed(e.to_string());
-        let mut c = PcpClient::connect(&self.pcp_addr, &self.creds, self.timeout)
+        run_pcp(&self.pcp_addr, &self.creds, self.timeout, action)
             .await
-            .map_err(fail)?;
-        let r = match command {
-            "info" => return c.node_info().await.map_err(fail),
-            "detach" => c.detach(node).await,
-            "attach" => c.attach(node).await,
-            _ => c.promote(node).await,
-        };
-        r.map(|()| Vec::new()).map_err(fail)
+            .map_err(|e| LinkError::Failed(e.to_string()))
     }
 }
 
@@ -447,10 +455,8 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         }
         last_check = Instant::now();
         last_target = Some(target.clone());
-        // A fresh PCP connection per request (made by the room's watcher): pgpool restarts its
-        // PCP process after every failover or failback, and a worker forked by the old one can
-        // no longer signal pgpool's main process (its requests are accepted and silently lost).
-        let nodes = match link.call("info", 0, f.epoch).await {
+        // One request per round, each over a fresh PCP connection (see `run_pcp`).
+        let nodes = match link.call(None, f.epoch).await {
             Ok(n) => n,
             Err(e) => {
                 unreachable(&s, &mut report, &label, e.to_string(), &mut last_error);
@@ -501,12 +507,8 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
             continue; // decided again meanwhile: recompute
         }
         let text = action_text(a, &backends);
-        let (kind, node) = match a {
-            PcpAction::Detach(i) => ("detach", i),
-            PcpAction::Attach(i) => ("attach", i),
-            PcpAction::Promote(i) => ("promote", i),
-        };
-        let r = link.call(kind, node, f.epoch).await;
+        let (kind, _) = wire_command(Some(a));
+        let r = link.call(Some(a), f.epoch).await;
         match r {
             Ok(_) => {
                 tracing::info!(%room, epoch = f.epoch, "pgpool: {text}");
