@@ -77,7 +77,9 @@ fn run(cfg: pgw_core::Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(pgw_server::daemon::run(cfg))
-        .context("pg-watcher stopped")?;
+    let r = rt.block_on(pgw_server::daemon::run(cfg));
+    // Do not wait for stuck blocking work (a full disk): a stopping member exits promptly.
+    rt.shutdown_timeout(std::time::Duration::from_millis(300));
+    r.context("pg-watcher stopped")?;
     Ok(())
 }

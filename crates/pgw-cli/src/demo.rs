@@ -24,6 +24,72 @@ pub struct DemoFile {
     pub members: Vec<DemoMember>,
     pub postgres: Vec<DemoPostgres>,
     pub pgpool: Vec<DemoPgpool>,
+    /// The demo's CA and a client certificate per operator role (`pgwctl --ca --cert --key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DemoTls>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoTls {
+    pub ca: String,
+    pub read: DemoCert,
+    pub operate: DemoCert,
+    pub admin: DemoCert,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoCert {
+    pub cert: String,
+    pub key: String,
+}
+
+impl DemoTls {
+    fn of(g: &crate::certs::GroupCerts) -> DemoTls {
+        let c = |r: &str| {
+            let (_, cert, key) = g.clients.get(r).cloned().unwrap_or_default();
+            DemoCert {
+                cert: cert.display().to_string(),
+                key: key.display().to_string(),
+            }
+        };
+        DemoTls {
+            ca: g.ca.display().to_string(),
+            read: c("read"),
+            operate: c("operate"),
+            admin: c("admin"),
+        }
+    }
+
+    pub fn role(&self, role: &str) -> Option<&DemoCert> {
+        match role {
+            "read" => Some(&self.read),
+            "operate" => Some(&self.operate),
+            "admin" => Some(&self.admin),
+            _ => None,
+        }
+    }
+}
+
+/// Makes the demo's client certificate of `role` the default credentials of this process.
+pub fn use_demo_credentials(dir: &Path, role: &str) -> Result<(), CliError> {
+    let d = read_demo(dir)?;
+    let tls = d.tls.as_ref().ok_or_else(|| {
+        CliError::Usage(format!(
+            "{}/demo.json has no tls section (a demo from an older pgwctl): run demo down and up again",
+            dir.display()
+        ))
+    })?;
+    let c = tls
+        .role(role)
+        .ok_or_else(|| CliError::Usage(format!("no role `{role}`")))?;
+    let auth = crate::client::ClientAuth::from_files(
+        Some(Path::new(&tls.ca)),
+        Some(Path::new(&c.cert)),
+        Some(Path::new(&c.key)),
+        None,
+    )?;
+    crate::client::set_default(auth);
+    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,7 +325,26 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
         members: Vec::new(),
         postgres: Vec::new(),
         pgpool: Vec::new(),
+        tls: None,
     };
+    // A CA of the demo's own, a certificate per member (its name and its loopback address)
+    // and one client certificate per operator role. A new demo makes new ones.
+    let tls_dir = dir.join("tls");
+    if tls_dir.exists() {
+        fs::remove_dir_all(&tls_dir).map_err(io_err(&tls_dir))?;
+    }
+    let certs = crate::certs::GroupCerts::make(
+        &tls_dir,
+        &members
+            .iter()
+            .map(|m| {
+                let host = m.grpc.rsplit_once(':').map(|(h, _)| h).unwrap_or("");
+                (m.name.clone(), vec![host.to_string()])
+            })
+            .collect::<Vec<_>>(),
+        "demo",
+    )?;
+    demo.tls = Some(DemoTls::of(&certs));
     // The PCP password every member uses to repoint the rooms' pgpools (private file).
     let pcp_pass = dir.join("pcp.pass");
     write_private(&pcp_pass, &random_secret()?)?;
@@ -306,6 +391,8 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
                 settings: vec!["shared_buffers = '32MB'".into()],
             }),
             failover: Default::default(),
+            tls: certs.tls(&m.name),
+            auth: certs.auth(),
             pgpool: Some(pgw_core::config::PgpoolConfig {
                 manage: true,
                 bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),
@@ -350,6 +437,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
         });
     }
     write_demo(dir, &demo)?;
+    crate::client::set_default(certs.client_auth("admin")?);
     let eps: Vec<String> = members.iter().map(|m| m.grpc.clone()).collect();
     wait_leader(&eps, None, Duration::from_secs(30)).await?;
     wait_healthy(&eps, Duration::from_secs(120)).await?;

@@ -1,5 +1,7 @@
 //! `pgwctl`: the operator CLI for pg-watcher, and the local demo cluster.
 
+pub mod certs;
+pub mod client;
 pub mod demo;
 pub mod status;
 pub mod writer;
@@ -41,6 +43,21 @@ pub struct Cli {
     /// Per-call timeout in milliseconds.
     #[arg(long, global = true, default_value_t = 2000)]
     pub timeout_ms: u64,
+    /// PEM file of the group's CA (verifies the members).
+    #[arg(long, global = true, env = "PGW_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate (its common name is looked up in the members' auth lists).
+    #[arg(long, global = true, env = "PGW_CERT")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, global = true, env = "PGW_KEY")]
+    pub key: Option<PathBuf>,
+    /// A role token file, for callers without a client certificate.
+    #[arg(long, global = true, env = "PGW_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// A TOML file with `endpoints`, `ca`, `cert`, `key`, `token_file` (flags win).
+    #[arg(long, global = true, env = "PGW_CLIENT_CONFIG")]
+    pub client_config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -125,6 +142,11 @@ pub enum Cmd {
         id: u64,
         #[arg(long, default_value = "global")]
         cluster: String,
+    },
+    /// Make the group's certificates: a CA, one certificate per member, one per operator.
+    Certs {
+        #[command(subcommand)]
+        action: certs::CertsCmd,
     },
     /// A local sandbox on loopback.
     Demo {
@@ -226,8 +248,15 @@ pub async fn get_operation(
                 .await
             {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(s) if s.code() == tonic::Code::NotFound => {
-                    return Err(CliError::Refused(s.message().to_string()))
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::NotFound
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    return Err(client::refusal(&s))
                 }
                 Err(s) => last = s.message().to_string(),
             },
@@ -270,7 +299,7 @@ pub async fn wait_operation(
 /// "unavailable" answers (no leader yet) move on to the next; any other refusal is final.
 async fn first_accepting<T, F, Fut>(endpoints: &[String], call: F) -> Result<T, CliError>
 where
-    F: Fn(pgw_proto::admin_client::AdminClient<tonic::transport::Channel>) -> Fut,
+    F: Fn(client::Admin) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let mut errors = Vec::new();
@@ -287,7 +316,7 @@ where
             Err(s) if s.code() == tonic::Code::Unavailable => {
                 errors.push(format!("{e}: {}", s.message()))
             }
-            Err(s) => return Err(CliError::Refused(s.message().to_string())),
+            Err(s) => return Err(client::refusal(&s)),
         }
     }
     Err(CliError::NoEndpoint(errors.join("; ")))
@@ -405,10 +434,63 @@ async fn follow(
     Ok(())
 }
 
+/// Reads the credentials from the flags / environment, or the client config file, and makes
+/// them the default for this process. Commands that talk to no member need none.
+fn setup_auth(cli: &mut Cli) -> Result<(), CliError> {
+    let file = match &cli.client_config {
+        Some(p) => client::ClientFile::load(p)?,
+        None => client::ClientFile::default(),
+    };
+    if cli.endpoints.is_empty() {
+        cli.endpoints = file.endpoints.clone();
+    }
+    let ca = cli.ca.clone().or(file.ca);
+    let cert = cli.cert.clone().or(file.cert);
+    let key = cli.key.clone().or(file.key);
+    let token = cli.token_file.clone().or(file.token_file);
+    let auth = client::ClientAuth::from_files(
+        ca.as_deref(),
+        cert.as_deref(),
+        key.as_deref(),
+        token.as_deref(),
+    )?;
+    client::set_default(auth);
+    Ok(())
+}
+
+/// The demo's own credentials (`demo.json` `tls`), unless the operator gave some.
+fn demo_auth(cli: &Cli, dir: &std::path::Path) -> Result<(), CliError> {
+    if cli.cert.is_some() || cli.token_file.is_some() || cli.client_config.is_some() {
+        let mut c = Cli {
+            endpoints: cli.endpoints.clone(),
+            timeout_ms: cli.timeout_ms,
+            ca: cli.ca.clone(),
+            cert: cli.cert.clone(),
+            key: cli.key.clone(),
+            token_file: cli.token_file.clone(),
+            client_config: cli.client_config.clone(),
+            command: Cmd::Demo {
+                action: DemoCmd::Down { dir: dir.into() },
+            },
+        };
+        return setup_auth(&mut c);
+    }
+    demo::use_demo_credentials(dir, "admin")
+}
+
 /// Runs one CLI invocation, writing its output to stdout.
-pub async fn run(cli: Cli) -> Result<(), CliError> {
+pub async fn run(mut cli: Cli) -> Result<(), CliError> {
     let timeout = Duration::from_millis(cli.timeout_ms.max(1));
+    match &cli.command {
+        Cmd::Demo { action } => match action {
+            DemoCmd::Failover { dir, .. } => demo_auth(&cli, dir)?,
+            DemoCmd::Up { .. } | DemoCmd::Down { .. } => {}
+        },
+        Cmd::Certs { .. } => {}
+        _ => setup_auth(&mut cli)?,
+    }
     match cli.command {
+        Cmd::Certs { action } => certs::run(action)?,
         Cmd::Status { format } => {
             let eps = need_endpoints(&cli.endpoints)?;
             let s = status::gather(&eps, timeout).await?;
@@ -452,7 +534,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                                 limit,
                             })
                             .await
-                            .map_err(|s| CliError::Refused(s.message().to_string()))?;
+                            .map_err(|s| client::refusal(&s))?;
                         for h in r.into_inner().entries {
                             println!(
                                 "{:>8}  {:<10} epoch {:<4} {}",
@@ -543,7 +625,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 let pgwctl = std::env::current_exe()
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|_| "pgwctl".into());
-                println!("\nquery it:");
+                println!("\nquery it (every call is mutual TLS; the demo made a CA and a client certificate per role):");
+                if let Some(t) = &d.tls {
+                    println!(
+                        "  export PGW_CA={} PGW_CERT={} PGW_KEY={}",
+                        t.ca, t.admin.cert, t.admin.key
+                    );
+                }
                 println!("  {pgwctl} --endpoints {} status", d.endpoints);
                 println!("  curl -s http://{}/health", d.members[0].http);
                 println!(

@@ -2,10 +2,8 @@
 
 use std::time::Duration;
 
-use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{StatusReply, StatusRequest};
 use serde::Serialize;
-use tonic::transport::Endpoint;
 
 use crate::CliError;
 
@@ -87,19 +85,9 @@ pub struct ClusterView {
     pub waiting_for: Option<String>,
 }
 
-pub async fn connect(
-    addr: &str,
-    timeout: Duration,
-) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| CliError::Usage(format!("endpoint `{addr}` is not host:port: {e}")))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let ch = ep.connect().await.map_err(|e| CliError::Unreachable {
-        endpoint: addr.to_string(),
-        message: e.to_string(),
-    })?;
-    Ok(AdminClient::new(ch))
+/// Connects to one member with the default credentials (see [`crate::client`]).
+pub async fn connect(addr: &str, timeout: Duration) -> Result<crate::client::Admin, CliError> {
+    crate::client::connect(addr, timeout).await
 }
 
 /// Asks one member for its own view.

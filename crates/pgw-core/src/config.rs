@@ -278,6 +278,64 @@ pub struct Config {
     pub failover: FailoverConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pgpool: Option<PgpoolConfig>,
+    /// Mutual TLS on every gRPC link (required: there is no plaintext mode).
+    pub tls: TlsConfig,
+    /// Who may do what through the operator API.
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// Certificates of this member. Every member and every operator certificate is issued by the
+/// CA in `ca`; a member's certificate names the member (subject CN = member name, and the member
+/// name as a DNS subject alternative name, which peers verify when they connect to it).
+/// The files are read again when they change or on SIGHUP, without a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM bundle of the CA(s) that issue member and operator certificates.
+    pub ca: PathBuf,
+    /// PEM certificate chain of this member.
+    pub cert: PathBuf,
+    /// PEM private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Serve the HTTP endpoint (`/health`, `/metrics`, `/primary`, `/replica`) over HTTPS with
+    /// this member's certificate (no client certificate asked: load balancers read it).
+    #[serde(default)]
+    pub http: bool,
+    /// How often the certificate files are checked for changes.
+    #[serde(default = "defaults::tls_reload_check_ms")]
+    pub reload_check_ms: u64,
+}
+
+/// Operator roles. `read`: status, history, operation, health. `operate`: switchover,
+/// pause/resume, recover (and everything `read` may). `admin`: forced failover, accepting data
+/// loss, membership (and everything `operate` may). A client certificate's subject CN is looked
+/// up in these lists; a caller without a certificate may present a bearer token instead.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Client certificate common names allowed the `read` role.
+    pub read: Vec<String>,
+    /// ... the `operate` role.
+    pub operate: Vec<String>,
+    /// ... the `admin` role.
+    pub admin: Vec<String>,
+    /// A file holding a bearer token (one line, >= 16 characters) that grants `read`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_token_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operate_token_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// Whether any role can be reached with a token (then TLS clients need no certificate).
+    pub fn has_tokens(&self) -> bool {
+        self.read_token_file.is_some()
+            || self.operate_token_file.is_some()
+            || self.admin_token_file.is_some()
+    }
 }
 
 /// Every default in one place.
@@ -354,6 +412,10 @@ pub mod defaults {
         "pgwatcher".into()
     }
     pub const PGPOOL_CHECK_INTERVAL_MS: u64 = 1000;
+    pub const TLS_RELOAD_CHECK_MS: u64 = 2000;
+    pub fn tls_reload_check_ms() -> u64 {
+        TLS_RELOAD_CHECK_MS
+    }
     pub fn pgpool_check_interval_ms() -> u64 {
         PGPOOL_CHECK_INTERVAL_MS
     }
@@ -660,8 +722,59 @@ impl Config {
             }
         }
         self.validate_pgpool()?;
+        self.validate_security(&names)?;
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn validate_security(&self, members: &BTreeSet<&str>) -> Result<(), ConfigError> {
+        for (f, p) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            if p.as_os_str().is_empty() {
+                return Err(invalid(f, "must name a PEM file"));
+            }
+        }
+        if self.tls.reload_check_ms < 100 {
+            return Err(invalid("tls.reload_check_ms", "must be >= 100"));
+        }
+        let mut seen = BTreeSet::new();
+        for (role, names) in [
+            ("read", &self.auth.read),
+            ("operate", &self.auth.operate),
+            ("admin", &self.auth.admin),
+        ] {
+            for (i, n) in names.iter().enumerate() {
+                let f = format!("auth.{role}[{i}]");
+                if n.trim().is_empty() || n.len() > 200 {
+                    return Err(invalid(f, "must be a certificate common name (1-200 characters)"));
+                }
+                if members.contains(n.as_str()) {
+                    return Err(invalid(
+                        f,
+                        format!("`{n}` is a member name; operator certificates need names of their own"),
+                    ));
+                }
+                if !seen.insert(n.as_str()) {
+                    return Err(invalid(
+                        f,
+                        format!("`{n}` is listed in more than one role; list it once, under the highest role it needs"),
+                    ));
+                }
+            }
+        }
+        for (f, p) in [
+            ("auth.read_token_file", &self.auth.read_token_file),
+            ("auth.operate_token_file", &self.auth.operate_token_file),
+            ("auth.admin_token_file", &self.auth.admin_token_file),
+        ] {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(invalid(f, "must name a file (or be left out)"));
+            }
         }
         Ok(())
     }
@@ -873,6 +986,16 @@ id = 3
 role = "arbiter"
 grpc = "127.0.0.1:7003"
 http = "127.0.0.1:7103"
+
+[tls]
+ca = "/etc/pg-watcher/tls/ca.crt"
+cert = "/etc/pg-watcher/tls/room-a.crt"
+key = "/etc/pg-watcher/tls/room-a.key"
+
+[auth]
+read = ["monitoring"]
+operate = ["ops"]
+admin = ["dba"]
 "#;
 
     fn good() -> Config {
@@ -936,6 +1059,18 @@ http = "127.0.0.1:7103"
         let mut c = good();
         c.cluster_id = "".into();
         assert_eq!(field_of(c.validate().unwrap_err()), "cluster_id");
+
+        let mut c = good();
+        c.tls.key = PathBuf::new();
+        assert_eq!(field_of(c.validate().unwrap_err()), "tls.key");
+
+        let mut c = good();
+        c.auth.admin.push("room-b".into());
+        assert_eq!(field_of(c.validate().unwrap_err()), "auth.admin[1]");
+
+        let mut c = good();
+        c.auth.operate.push("monitoring".into());
+        assert_eq!(field_of(c.validate().unwrap_err()), "auth.operate[1]");
     }
 
     fn with_pgpool() -> Config {

@@ -20,6 +20,10 @@ pub struct Proposal {
     pub at_ms: u64,
     /// Member that proposed it.
     pub by: String,
+    /// The operator who asked for it (certificate name or `token:<role>`), for operator
+    /// requests; `None` for the group's own decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked_by: Option<String>,
 }
 
 /// The decisions the group can take. Every variant is keyed by PostgreSQL cluster name.
@@ -128,6 +132,27 @@ pub struct Operation {
 pub const OPERATIONS_LIMIT: usize = 64;
 
 impl Command {
+    /// Every member name the command refers to.
+    pub fn members(&self) -> Vec<&str> {
+        match self {
+            Command::SetPrimary {
+                member,
+                sync_standbys,
+                ..
+            } => std::iter::once(member.as_str())
+                .chain(sync_standbys.iter().flatten().map(String::as_str))
+                .collect(),
+            Command::SetSyncSet { standbys, .. } => standbys.iter().map(String::as_str).collect(),
+            Command::BeginOperation { target, .. } => target.iter().map(String::as_str).collect(),
+            Command::EnsureCluster { .. }
+            | Command::ClearPrimary { .. }
+            | Command::SetPaused { .. }
+            | Command::MarkBootstrapped { .. }
+            | Command::ResyncDone { .. }
+            | Command::FinishOperation { .. } => Vec::new(),
+        }
+    }
+
     pub fn cluster(&self) -> &str {
         match self {
             Command::EnsureCluster { cluster, .. }
@@ -166,6 +191,9 @@ pub struct HistoryEntry {
     pub by: String,
     pub event: String,
     pub epoch: u64,
+    /// The operator who asked for it (see [`Proposal::asked_by`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked_by: Option<String>,
 }
 
 /// What the group knows about one PostgreSQL cluster.
@@ -240,6 +268,7 @@ impl ClusterFacts {
             by: p.by.clone(),
             event,
             epoch: self.epoch,
+            asked_by: p.asked_by.clone(),
         });
     }
 }
@@ -259,6 +288,26 @@ fn reject(reason: impl Into<String>) -> Outcome {
 impl Facts {
     pub fn cluster(&self, name: &str) -> Option<&ClusterFacts> {
         self.clusters.get(name)
+    }
+
+    /// Applies one committed proposal, first refusing a command that names a member that is
+    /// not one of the group's data members (`data_members`, from the member list every member
+    /// shares): such a command is rejected and changes nothing. Deterministic; never panics.
+    pub fn apply_checked(
+        &mut self,
+        log_index: u64,
+        p: &Proposal,
+        data_members: &BTreeSet<String>,
+    ) -> Outcome {
+        if let Some(unknown) = p
+            .command
+            .members()
+            .into_iter()
+            .find(|m| !data_members.contains(*m))
+        {
+            return reject(format!("`{unknown}` is not a data member of this group"));
+        }
+        self.apply(log_index, p)
     }
 
     /// Applies one committed proposal. Deterministic; never panics.

@@ -5,8 +5,9 @@ use std::time::Duration;
 use pgw_core::Config;
 use tokio::net::TcpListener;
 
-use crate::node::{tcp_channels, Node, NodeError};
+use crate::node::{tls_channels, Node, NodeError};
 use crate::telemetry;
+use crate::tls::Tls;
 
 async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
     TcpListener::bind(addr)
@@ -20,15 +21,26 @@ async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
 /// Runs one member until a termination signal. Returns an error for anything that stops it.
 pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let metrics = telemetry::install_metrics();
+    cfg.validate()?;
+    // Certificates first: a missing or wrong file is reported before anything is bound.
+    let tls = Tls::load(&cfg.tls, &cfg.member, cfg.auth.has_tokens())?;
     let grpc_addr = cfg.grpc_listen();
     let http_addr = cfg.http_listen();
-    // Bind first: a port in use is reported before any state is touched.
+    // Bind next: a port in use is reported before any state is touched.
     let grpc_listener = bind(&grpc_addr).await?;
     let http_listener = bind(&http_addr).await?;
-    let node = Node::start(cfg, tcp_channels(Duration::from_millis(500))).await?;
+    let https = cfg.tls.http.then(|| tls.clone());
+    let reload_every = Duration::from_millis(cfg.tls.reload_check_ms);
+    let channels = tls_channels(tls.clone(), &cfg, Duration::from_millis(500));
+    let node = Node::start(cfg, channels).await?;
+    let policy = node.policy.clone();
+    tls.spawn_reloader(reload_every, move || {
+        if let Err(e) = policy.reload_tokens() {
+            tracing::error!("role tokens not reloaded, keeping the previous ones: {e}");
+        }
+    });
     let router = node.grpc_router();
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let incoming = crate::tls::incoming(grpc_listener, tls);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grpc = tokio::spawn(async move {
         router
@@ -41,12 +53,15 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         http_listener,
         node.shared.clone(),
         metrics,
+        https,
     ));
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "listening");
     let boot = node.bootstrap(Duration::from_secs(3));
     tokio::pin!(boot);
     let signal = shutdown_signal();
     tokio::pin!(signal);
+    let storage = storage_failure(node.shared.raft.clone());
+    tokio::pin!(storage);
     tokio::select! {
         r = &mut boot => {
             if let Err(e) = r {
@@ -58,14 +73,35 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             node.shutdown().await;
             return Ok(());
         }
+        e = &mut storage => return Err(e),
     }
-    signal.await;
+    tokio::select! {
+        _ = &mut signal => {}
+        // Fail-stop: openraft stopped on a storage error (disk full, a record found corrupt).
+        // Exiting non-zero lets the service manager restart us; half-alive is never an option.
+        e = &mut storage => return Err(e),
+    }
     tracing::info!("shutting down");
     node.shutdown().await;
     let _ = stop_tx.send(());
     http.abort();
     let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;
     Ok(())
+}
+
+/// Resolves when openraft has stopped on a fatal error (a storage error names its file).
+async fn storage_failure(raft: crate::types::Raft) -> NodeError {
+    let mut rx = raft.metrics();
+    loop {
+        let state = rx.borrow_and_update().running_state.clone();
+        if let Err(fatal) = state {
+            metrics::gauge!(telemetry::STORAGE_FAILED).set(1.0);
+            return NodeError::Storage(fatal.to_string());
+        }
+        if rx.changed().await.is_err() {
+            return NodeError::Storage("Raft stopped".into());
+        }
+    }
 }
 
 async fn shutdown_signal() {

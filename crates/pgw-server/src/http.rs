@@ -95,27 +95,70 @@ pub fn handle(
     }
 }
 
-/// Serves HTTP/1.1 on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, s: Shared, metrics: Option<PrometheusHandle>) {
+/// Serves HTTP/1.1 (over TLS with the member's certificate when `tls` is given) on `listener`
+/// until the task is dropped. Only GET and HEAD are answered: nothing here changes anything.
+/// At most [`MAX_HTTP_CONNECTIONS`] connections at once, each for at most 30 s.
+pub async fn serve(
+    listener: TcpListener,
+    s: Shared,
+    metrics: Option<PrometheusHandle>,
+    tls: Option<crate::tls::Tls>,
+) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let s = s.clone();
         let metrics = metrics.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let pq = req
                     .uri()
                     .path_and_query()
                     .map(|p| p.as_str().to_string())
                     .unwrap_or_default();
-                let r = handle(&s, metrics.as_ref(), &pq);
+                let r = if req.method() == hyper::Method::GET || req.method() == hyper::Method::HEAD
+                {
+                    handle(&s, metrics.as_ref(), &pq)
+                } else {
+                    let mut r = reply(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "text/plain",
+                        "read-only endpoint: GET or HEAD\n".into(),
+                    );
+                    if let Ok(v) = "GET, HEAD".parse() {
+                        r.headers_mut().insert(hyper::header::ALLOW, v);
+                    }
+                    r
+                };
                 async move { Ok::<_, Infallible>(r) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+            let limit = std::time::Duration::from_secs(30);
+            let _ = tokio::time::timeout(limit, async move {
+                let b = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    Some(tls) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().https.clone());
+                        if let Ok(st) = acceptor.accept(stream).await {
+                            let _ = b.serve_connection(TokioIo::new(st), svc).await;
+                        }
+                    }
+                    None => {
+                        let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            })
+            .await;
         });
     }
 }
+
+/// HTTP connections served at once; more are closed at accept.
+pub const MAX_HTTP_CONNECTIONS: usize = 256;

@@ -1,5 +1,6 @@
 //! The pg-watcher daemon: durable Raft storage, gRPC transport, admin / health / HTTP endpoints.
 
+pub mod auth;
 pub mod daemon;
 pub mod durable;
 pub mod http;
@@ -11,6 +12,8 @@ pub mod service;
 pub mod sidecar;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod types;
+pub mod x509;
 
-pub use node::{tcp_channels, ChannelMaker, Node, NodeError};
+pub use node::{tls_channels, ChannelMaker, Node, NodeError};

@@ -14,7 +14,9 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
-use crate::network::{endpoint, GrpcNetworkFactory, Reachability, TransportConfig};
+use crate::auth::{AuthLayer, Policy};
+use crate::network::{GrpcNetworkFactory, Reachability, TransportConfig};
+use crate::tls::Tls;
 use crate::service::{AdminService, RaftService, Shared};
 use crate::store::{self, StoreError};
 use crate::telemetry;
@@ -35,23 +37,36 @@ pub enum NodeError {
     Refused(String),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: String, message: String },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Token(#[from] crate::auth::TokenError),
+    #[error("storage failed, stopping so that the service manager restarts this member: {0}")]
+    Storage(String),
 }
 
 /// Opens gRPC channels to peers. The daemon uses TCP; the simulator plugs in its own network.
 pub type ChannelMaker = Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>;
 
-/// The default channel maker: lazily connected TCP channels.
+/// The default channel maker: lazily connected TCP channels with mutual TLS, each verifying
+/// that the peer's certificate names the member configured at that address.
 /// One long-lived channel per peer address, shared by Raft replication, sidecar reports,
 /// forwarded operator calls and bootstrap (tonic multiplexes them over one HTTP/2 connection).
-pub fn tcp_channels(connect_timeout: Duration) -> ChannelMaker {
+pub fn tls_channels(tls: Tls, cfg: &Config, connect_timeout: Duration) -> ChannelMaker {
     let cache: std::sync::Mutex<BTreeMap<String, Channel>> = Default::default();
+    let names: BTreeMap<String, String> = cfg
+        .members
+        .iter()
+        .map(|m| (m.grpc.clone(), m.name.clone()))
+        .collect();
     Arc::new(move |addr: &str| {
         if let Some(ch) = cache.lock().ok().and_then(|c| c.get(addr).cloned()) {
             return Ok(ch);
         }
-        let ch = endpoint(addr, connect_timeout)
-            .map(|ep| ep.connect_lazy())
-            .map_err(|e| e.to_string())?;
+        let member = names
+            .get(addr)
+            .ok_or_else(|| format!("{addr} is not the address of any member"))?;
+        let ch = tls.peer_channel(addr, member, connect_timeout)?;
         if let Ok(mut c) = cache.lock() {
             c.insert(addr.to_string(), ch.clone());
         }
@@ -64,7 +79,15 @@ pub struct Node {
     pub shared: Shared,
     pub health: HealthReporter,
     channels: ChannelMaker,
+    pub policy: Arc<Policy>,
 }
+
+/// Largest gRPC message a member decodes: member RPCs (Raft entries, snapshot chunks of at
+/// most 1 MiB, as JSON) and operator calls.
+pub const MAX_RAFT_MESSAGE: usize = 8 << 20;
+pub const MAX_ADMIN_MESSAGE: usize = 1 << 20;
+/// Upper bound of any one gRPC call a member serves.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn raft_config(cfg: &Config) -> Result<openraft::Config, NodeError> {
     let r = &cfg.raft;
@@ -76,6 +99,7 @@ fn raft_config(cfg: &Config) -> Result<openraft::Config, NodeError> {
         install_snapshot_timeout: r.rpc_timeout_ms * 10,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_logs),
         max_in_snapshot_log_to_keep: 100,
+        snapshot_max_chunk_size: 1 << 20,
         ..Default::default()
     };
     c.validate()
@@ -86,6 +110,7 @@ impl Node {
     /// Opens the data directory and starts Raft. Nothing is bound here.
     pub async fn start(cfg: Config, channels: ChannelMaker) -> Result<Node, NodeError> {
         cfg.validate()?;
+        let policy = Arc::new(Policy::from_config(&cfg)?);
         let cfg = Arc::new(cfg);
         let me = cfg
             .me()
@@ -148,17 +173,32 @@ impl Node {
             shared,
             health,
             channels,
+            policy,
         })
     }
 
     /// The gRPC services of this member: Raft transport, admin API and `grpc.health.v1`.
-    pub fn grpc_router(&self) -> tonic::transport::server::Router {
+    /// Every call passes the authorisation layer first; messages, concurrency and time per
+    /// call are bounded.
+    pub fn grpc_router(&self) -> tonic::transport::server::Router<tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>> {
         tonic::transport::Server::builder()
-            .add_service(HealthServer::new(HealthService::from_health_reporter(
-                self.health.clone(),
-            )))
-            .add_service(RaftServer::new(RaftService(self.shared.clone())))
-            .add_service(AdminServer::new(AdminService(self.shared.clone())))
+            .timeout(REQUEST_TIMEOUT)
+            .concurrency_limit_per_connection(64)
+            .max_concurrent_streams(128)
+            .http2_max_header_list_size(16 * 1024)
+            .layer(AuthLayer::new(self.policy.clone()))
+            .add_service(
+                HealthServer::new(HealthService::from_health_reporter(self.health.clone()))
+                    .max_decoding_message_size(4096),
+            )
+            .add_service(
+                RaftServer::new(RaftService::new(self.shared.clone()))
+                    .max_decoding_message_size(MAX_RAFT_MESSAGE),
+            )
+            .add_service(
+                AdminServer::new(AdminService(self.shared.clone()))
+                    .max_decoding_message_size(MAX_ADMIN_MESSAGE),
+            )
     }
 
     pub fn raft(&self) -> &Raft {

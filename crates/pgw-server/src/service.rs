@@ -21,8 +21,10 @@ use crate::store::StateMachineStore;
 use crate::telemetry;
 use crate::types::{Raft, TypeConfig};
 
-/// Metadata key set on a decision forwarded from a follower to the leader (prevents loops).
-const FORWARDED: &str = "x-pgw-forwarded";
+use crate::auth::{caller, Caller, FORWARDED, FORWARDED_CALLER, FORWARDED_ROLE};
+
+/// Largest snapshot a member accepts (the facts are kilobytes; this is far above any real one).
+pub const MAX_SNAPSHOT_BYTES: u64 = 64 << 20;
 
 /// What every service needs to know about this member.
 #[derive(Clone)]
@@ -51,6 +53,25 @@ impl Shared {
             from: me.map(|m| m.id).unwrap_or_default(),
             from_name: self.cfg.member.clone(),
         }
+    }
+
+    /// Refuses a member call whose identity is not the member its certificate names, or whose
+    /// cluster id or member list differs from ours.
+    pub fn check_member(&self, id: Option<&Identity>, caller: &Caller) -> Result<(), Status> {
+        let Caller::Member { name, id: cert_id } = caller else {
+            return Err(Status::permission_denied("only members of the group may call this"));
+        };
+        let Some(ident) = id else {
+            return Err(Status::failed_precondition("call carries no identity"));
+        };
+        if ident.from != *cert_id || ident.from_name != *name {
+            tracing::warn!(peer = %name, "refusing call: claims to come from `{}` (id {})", ident.from_name, ident.from);
+            return Err(Status::permission_denied(format!(
+                "member `{name}` may only speak for itself, not for `{}` (id {})",
+                ident.from_name, ident.from
+            )));
+        }
+        self.check_identity(Some(ident))
     }
 
     /// Refuses a caller whose cluster id or member list differs from ours.
@@ -90,6 +111,16 @@ impl Shared {
     /// Proposes a decision and waits until it is committed and applied. On a follower the
     /// decision is handed to the leader. Returns (log index, outcome, committing member).
     pub async fn propose(&self, command: Command) -> Result<(u64, Outcome, String), Status> {
+        self.propose_as(command, None).await
+    }
+
+    /// [`Self::propose`] for an operator request: `asked_by` (who asked) is recorded with the
+    /// decision and shown in the history.
+    pub async fn propose_as(
+        &self,
+        command: Command,
+        asked_by: Option<&str>,
+    ) -> Result<(u64, Outcome, String), Status> {
         // A configured cluster is registered in the facts before its first decision.
         let name = command.cluster().to_string();
         let registered = self.sm.applied().facts.cluster(&name).is_some();
@@ -106,6 +137,7 @@ impl Shared {
             command,
             at_ms: now_ms(),
             by: self.cfg.member.clone(),
+            asked_by: asked_by.map(str::to_string),
         };
         let t0 = Instant::now();
         match self.raft.client_write(p).await {
@@ -144,14 +176,27 @@ impl WithLeader for Status {
     }
 }
 
-/// A request handed on to the leader: marked as forwarded (so it is never forwarded twice)
-/// and with a deadline.
-fn forward_request<T>(req: T) -> Request<T> {
+/// A request handed on to the leader: marked as forwarded (so it is never forwarded twice),
+/// naming the operator it is for (the leader trusts a member to say who asked), and with a
+/// deadline.
+fn forward_request<T>(req: T, caller: Option<&Caller>) -> Result<Request<T>, Status> {
     let mut fwd = Request::new(req);
-    fwd.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    let md = fwd.metadata_mut();
+    md.insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if let Some(Caller::Operator { name, role }) = caller {
+        let v = name.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "caller name `{name}` cannot be forwarded to the leader (not ASCII)"
+            ))
+        })?;
+        md.insert(FORWARDED_CALLER, v);
+        md.insert(
+            FORWARDED_ROLE,
+            tonic::metadata::MetadataValue::from_static(role.name()),
+        );
+    }
     fwd.set_timeout(Duration::from_secs(10));
-    fwd
+    Ok(fwd)
 }
 
 fn leader_hint(s: &Status) -> Option<u64> {
@@ -186,8 +231,84 @@ fn parse<T: for<'de> serde::Deserialize<'de>>(req: &RaftRequest) -> Result<T, St
         .map_err(|e| Status::invalid_argument(format!("malformed Raft payload: {e}")))
 }
 
-/// Server side of the member-to-member Raft transport.
-pub struct RaftService(pub Shared);
+/// Server side of the member-to-member Raft transport. Every call must come from a member's
+/// certificate, and the vote it carries must be that member's own.
+pub struct RaftService {
+    shared: Shared,
+    /// The snapshot being received: (snapshot id, the next offset expected).
+    receiving: std::sync::Mutex<Option<(String, u64)>>,
+}
+
+impl RaftService {
+    pub fn new(shared: Shared) -> Self {
+        Self {
+            shared,
+            receiving: Default::default(),
+        }
+    }
+
+    /// Parses a Raft request after checking its sender.
+    fn accept<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<(T, u64), Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        self.shared.check_member(req.identity.as_ref(), &who)?;
+        let from = req.identity.as_ref().map(|i| i.from).unwrap_or_default();
+        Ok((parse(&req)?, from))
+    }
+
+    /// A vote (leader or candidate id) that is not the sender's own is refused.
+    fn own_vote(&self, vote: &openraft::Vote<u64>, from: u64) -> Result<(), Status> {
+        match vote.leader_id().voted_for() {
+            Some(v) if v == from => Ok(()),
+            v => Err(Status::permission_denied(format!(
+                "member `{}` sent a vote for node {v:?}; a member may only speak for itself",
+                self.shared.member_name(from)
+            ))),
+        }
+    }
+
+    /// Snapshot chunks are accepted only in order, and only up to [`MAX_SNAPSHOT_BYTES`]: a
+    /// chunk at a far offset would make the receiving buffer allocate without bound.
+    fn check_chunk(
+        &self,
+        r: &openraft::raft::InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<(), Status> {
+        let id = r.meta.snapshot_id.clone();
+        let len = r.data.len() as u64;
+        let mut rx = self
+            .receiving
+            .lock()
+            .map_err(|_| Status::internal("snapshot state lock poisoned"))?;
+        let next = match rx.as_ref() {
+            _ if r.offset == 0 => 0,
+            Some((cur, next)) if *cur == id => *next,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot {id}: chunk at offset {} without its beginning",
+                    r.offset
+                )))
+            }
+        };
+        if r.offset != next {
+            return Err(Status::invalid_argument(format!(
+                "snapshot {id}: chunk at offset {}, expected {next}",
+                r.offset
+            )));
+        }
+        let end = next.saturating_add(len);
+        if end > MAX_SNAPSHOT_BYTES {
+            *rx = None;
+            return Err(Status::invalid_argument(format!(
+                "snapshot {id}: larger than {MAX_SNAPSHOT_BYTES} bytes"
+            )));
+        }
+        *rx = if r.done { None } else { Some((id, end)) };
+        Ok(())
+    }
+}
 
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
@@ -195,27 +316,27 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
-        self.0.check_identity(req.identity.as_ref())?;
-        let r: openraft::raft::AppendEntriesRequest<TypeConfig> = parse(&req)?;
-        raft_reply(self.0.raft.append_entries(r).await)
+        let (r, from): (openraft::raft::AppendEntriesRequest<TypeConfig>, _) =
+            self.accept(request)?;
+        self.own_vote(&r.vote, from)?;
+        raft_reply(self.shared.raft.append_entries(r).await)
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
-        self.0.check_identity(req.identity.as_ref())?;
-        let r: openraft::raft::VoteRequest<u64> = parse(&req)?;
-        raft_reply(self.0.raft.vote(r).await)
+        let (r, from): (openraft::raft::VoteRequest<u64>, _) = self.accept(request)?;
+        self.own_vote(&r.vote, from)?;
+        raft_reply(self.shared.raft.vote(r).await)
     }
 
     async fn install_snapshot(
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
-        self.0.check_identity(req.identity.as_ref())?;
-        let r: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&req)?;
-        raft_reply(self.0.raft.install_snapshot(r).await)
+        let (r, from): (openraft::raft::InstallSnapshotRequest<TypeConfig>, _) =
+            self.accept(request)?;
+        self.own_vote(&r.vote, from)?;
+        self.check_chunk(&r)?;
+        raft_reply(self.shared.raft.install_snapshot(r).await)
     }
 }
 
@@ -299,8 +420,9 @@ impl AdminService {
         kind: pgw_core::facts::OperationKind,
         target: String,
         accept_data_loss: bool,
+        who: &Caller,
     ) -> Result<Response<OperationReply>, Status> {
-        self.begin(cluster, kind, target, accept_data_loss)
+        self.begin(cluster, kind, target, accept_data_loss, who)
             .await
             .map(Response::new)
     }
@@ -312,6 +434,7 @@ impl AdminService {
         kind: pgw_core::facts::OperationKind,
         target: String,
         accept_data_loss: bool,
+        who: &Caller,
     ) -> Result<OperationReply, Status> {
         use pgw_core::facts::OperationKind;
         use pgw_core::failover::PgRole;
@@ -464,7 +587,7 @@ impl AdminService {
             detail,
             accept_data_loss,
         };
-        match self.0.propose(cmd).await? {
+        match self.0.propose_as(cmd, Some(who.name())).await? {
             (_, Outcome::Rejected { reason }, _) => {
                 Err(Status::failed_precondition(format!("refused: {reason}")))
             }
@@ -553,10 +676,37 @@ impl admin_server::Admin for AdminService {
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
         let req = request.into_inner();
-        self.0.check_identity(req.identity.as_ref())?;
-        let obs: pgw_core::failover::Observation = serde_json::from_slice(&req.observation)
+        self.0.check_member(req.identity.as_ref(), &who)?;
+        let mut obs: pgw_core::failover::Observation = serde_json::from_slice(&req.observation)
             .map_err(|e| Status::invalid_argument(format!("malformed observation: {e}")))?;
+        // A member reports for itself; a relay (a member handing on a report it received) may
+        // carry another member's. Either way, only configured data members and clusters are
+        // kept: anything else is dropped and counted, so the report map cannot grow.
+        if !forwarded && obs.member != who.name() {
+            return Err(Status::permission_denied(format!(
+                "member `{}` may only report for itself, not for `{}`",
+                who.name(),
+                obs.member
+            )));
+        }
+        let data_member = |m: &str| self.0.cfg.data_members().any(|d| d.name == m);
+        if !data_member(&obs.member) {
+            telemetry::report_dropped("unknown_member");
+            return Err(Status::invalid_argument(format!(
+                "`{}` is not a data member of this group",
+                obs.member
+            )));
+        }
+        if !self.0.cfg.clusters.iter().any(|c| c.name == obs.cluster) {
+            telemetry::report_dropped("unknown_cluster");
+            return Err(Status::invalid_argument(format!(
+                "`{}` is not a cluster of this group",
+                obs.cluster
+            )));
+        }
+        obs.standbys.retain(|m, _| data_member(m));
         let m = self.0.raft.metrics().borrow().clone();
         let me = self.0.cfg.me().map(|x| x.id);
         if m.current_leader != me || m.state != ServerState::Leader {
@@ -566,7 +716,8 @@ impl admin_server::Admin for AdminService {
             if !forwarded && m.current_leader.is_some() {
                 let limit = Duration::from_millis(self.0.cfg.failover.lease_ms);
                 let mut c = self.leader_client(false)?;
-                return match tokio::time::timeout(limit, c.report(forward_request(req))).await {
+                let fwd = forward_request(req, None)?;
+                return match tokio::time::timeout(limit, c.report(fwd)).await {
                     Ok(r) => r,
                     Err(_) => Err(Status::unavailable(
                         "the leader did not answer the relayed report",
@@ -616,11 +767,12 @@ impl admin_server::Admin for AdminService {
         request: Request<SwitchoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
         let req = request.into_inner();
         if !self.is_leader() {
             return self
                 .leader_client(forwarded)?
-                .switchover(forward_request(req))
+                .switchover(forward_request(req, Some(&who))?)
                 .await;
         }
         self.begin_reply(
@@ -628,6 +780,7 @@ impl admin_server::Admin for AdminService {
             pgw_core::facts::OperationKind::Switchover,
             req.target,
             false,
+            &who,
         )
         .await
     }
@@ -637,11 +790,12 @@ impl admin_server::Admin for AdminService {
         request: Request<FailoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
         let req = request.into_inner();
         if !self.is_leader() {
             return self
                 .leader_client(forwarded)?
-                .failover(forward_request(req))
+                .failover(forward_request(req, Some(&who))?)
                 .await;
         }
         self.begin_reply(
@@ -649,6 +803,7 @@ impl admin_server::Admin for AdminService {
             pgw_core::facts::OperationKind::Failover,
             req.target,
             req.accept_data_loss,
+            &who,
         )
         .await
     }
@@ -658,11 +813,12 @@ impl admin_server::Admin for AdminService {
         request: Request<RecoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
         let req = request.into_inner();
         if !self.is_leader() {
             return self
                 .leader_client(forwarded)?
-                .recover(forward_request(req))
+                .recover(forward_request(req, Some(&who))?)
                 .await;
         }
         self.begin_reply(
@@ -670,6 +826,7 @@ impl admin_server::Admin for AdminService {
             pgw_core::facts::OperationKind::Recover,
             req.member,
             false,
+            &who,
         )
         .await
     }
@@ -684,10 +841,18 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let who = caller(&request)?;
         let req = request.into_inner();
         if let Some(id) = &req.identity {
-            // Log a mismatch here too; the caller decides what to do with our answer.
-            let _ = self.0.check_identity(Some(id));
+            if matches!(who, Caller::Member { .. }) {
+                // A member names itself; a mismatch of cluster or member list is only logged
+                // here: the caller decides what to do with our answer.
+                if let Err(e) = self.0.check_member(Some(id), &who) {
+                    if e.code() == tonic::Code::PermissionDenied {
+                        return Err(e);
+                    }
+                }
+            }
         }
         let m = self.0.raft.metrics().borrow().clone();
         let initialized = m.last_log_index.is_some() || m.vote.leader_id().term > 0;
@@ -807,6 +972,7 @@ impl admin_server::Admin for AdminService {
         request: Request<SetPausedRequest>,
     ) -> Result<Response<DecisionReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
         let req = request.into_inner();
         self.cluster_known(&req.cluster)?;
         let cmd = Command::SetPaused {
@@ -818,7 +984,7 @@ impl admin_server::Admin for AdminService {
                 req.reason.clone()
             },
         };
-        match self.0.propose(cmd).await {
+        match self.0.propose_as(cmd, Some(who.name())).await {
             Ok((_, Outcome::Rejected { reason }, _)) => Err(Status::failed_precondition(format!(
                 "decision rejected: {reason}"
             ))),
@@ -834,15 +1000,18 @@ impl admin_server::Admin for AdminService {
                 let ch = (self.0.channels)(&addr).map_err(|e| {
                     Status::unavailable(format!("cannot reach leader at {addr}: {e}"))
                 })?;
-                AdminClient::new(ch).set_paused(forward_request(req)).await
+                AdminClient::new(ch)
+                    .set_paused(forward_request(req, Some(&who))?)
+                    .await
             }
             Err(status) => Err(status),
         }
     }
 
     async fn pcp(&self, request: Request<PcpRequest>) -> Result<Response<PcpReply>, Status> {
+        let who = caller(&request)?;
         let req = request.into_inner();
-        self.0.check_identity(req.identity.as_ref())?;
+        self.0.check_member(req.identity.as_ref(), &who)?;
         let nodes = crate::pgpool::local_pcp(&self.0, &req).await?;
         Ok(Response::new(PcpReply { nodes }))
     }
@@ -867,7 +1036,10 @@ impl admin_server::Admin for AdminService {
                 log_index: h.log_index,
                 at_ms: h.at_ms,
                 cluster: name.clone(),
-                event: format!("{} (by {})", h.event, h.by),
+                event: match &h.asked_by {
+                    Some(a) => format!("{} (by {}, asked by {a})", h.event, h.by),
+                    None => format!("{} (by {})", h.event, h.by),
+                },
                 epoch: h.epoch,
             }));
         }

@@ -189,7 +189,8 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
         db: Arc::new(db),
         file: db_path,
     };
-    let sm = StateMachineStore::open(dir.join(SNAPSHOT_FILE))?;
+    let data_members = cfg.data_members().map(|m| m.name.clone()).collect();
+    let sm = StateMachineStore::open(dir.join(SNAPSHOT_FILE), data_members)?;
     Ok((log, sm))
 }
 
@@ -485,6 +486,8 @@ struct SmInner {
     current: Mutex<Option<(SnapshotMeta, Vec<u8>)>>,
     file: PathBuf,
     snapshot_seq: Mutex<u64>,
+    /// The group's data members: a command naming anyone else is rejected at apply.
+    data_members: std::collections::BTreeSet<String>,
 }
 
 /// The replicated state machine (in memory) with its durable snapshot.
@@ -503,7 +506,10 @@ fn lock_poisoned(file: &Path) -> StorageError {
 }
 
 impl StateMachineStore {
-    fn open(file: PathBuf) -> Result<Self, StoreError> {
+    fn open(
+        file: PathBuf,
+        data_members: std::collections::BTreeSet<String>,
+    ) -> Result<Self, StoreError> {
         let mut applied = Applied::default();
         let mut current = None;
         if let Some(bytes) = durable::read(&file, Kind::Snapshot)? {
@@ -522,6 +528,7 @@ impl StateMachineStore {
                 current: Mutex::new(current),
                 file,
                 snapshot_seq: Mutex::new(0),
+                data_members,
             }),
         })
     }
@@ -616,7 +623,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             match entry.payload {
                 EntryPayload::Blank => out.push(Outcome::Unchanged { epoch: 0 }),
                 EntryPayload::Normal(p) => {
-                    let o = st.facts.apply(entry.log_id.index, &p);
+                    let o =
+                        st.facts
+                            .apply_checked(entry.log_id.index, &p, &self.inner.data_members);
                     out.push(o);
                 }
                 EntryPayload::Membership(m) => {

@@ -35,6 +35,28 @@ pub const PGPOOL_AGREES: &str = "pgwatcher_pgpool_agrees";
 /// PCP commands sent to a room's pgpool, by command (counter, labels `room`, `command`).
 pub const PGPOOL_COMMANDS: &str = "pgwatcher_pgpool_commands_total";
 
+/// Callers refused before any handler ran, by reason (counter, label `reason`).
+pub const REFUSED: &str = "pgwatcher_refused_total";
+/// Reports dropped because they named a member or cluster that is not configured (counter,
+/// label `reason`).
+pub const REPORTS_DROPPED: &str = "pgwatcher_reports_dropped_total";
+/// End of validity of this member's certificate, Unix seconds (gauge).
+pub const TLS_CERT_EXPIRY: &str = "pgwatcher_tls_cert_expiry_timestamp_seconds";
+/// Certificate reloads that failed (the previous certificates stayed in use) (counter).
+pub const TLS_RELOAD_FAILURES: &str = "pgwatcher_tls_reload_failures_total";
+/// 1 once the Raft storage failed; the member is stopping (gauge).
+pub const STORAGE_FAILED: &str = "pgwatcher_storage_failed";
+
+pub fn report_dropped(reason: &'static str) {
+    metrics::counter!(REPORTS_DROPPED, "reason" => reason).increment(1);
+}
+
+pub fn cert_expiry(not_after: Option<i64>) {
+    if let Some(t) = not_after {
+        metrics::gauge!(TLS_CERT_EXPIRY).set(t as f64);
+    }
+}
+
 /// Installs the process-wide Prometheus recorder. Returns `None` when one is already installed
 /// (several members in one test process share the first).
 pub fn install_metrics() -> Option<PrometheusHandle> {
@@ -56,6 +78,18 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         "Decision commit latency"
     );
     metrics::describe_gauge!(RAFT_LAST_APPLIED, "Last applied Raft log index");
+    metrics::describe_counter!(REFUSED, "Callers refused before any handler ran");
+    metrics::describe_counter!(
+        REPORTS_DROPPED,
+        "Reports naming a member or cluster that is not configured"
+    );
+    metrics::describe_gauge!(
+        TLS_CERT_EXPIRY,
+        metrics::Unit::Seconds,
+        "End of validity of this member's certificate (Unix time)"
+    );
+    metrics::describe_counter!(TLS_RELOAD_FAILURES, "Failed certificate reloads");
+    metrics::describe_gauge!(STORAGE_FAILED, "1 once the Raft storage failed");
     metrics::describe_gauge!(PEER_REACHABLE, "1 when the last RPC to the peer succeeded");
     metrics::describe_gauge!(CLUSTER_EPOCH, "Epoch of the cluster's primary record");
     metrics::describe_gauge!(
