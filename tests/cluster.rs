@@ -15,9 +15,7 @@ const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
 const LIMIT: Duration = Duration::from_secs(30);
 
 async fn health(addr: &str, service: &str) -> i32 {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
+    let ch = pgw_cli::client::channel_as(addr, Duration::from_secs(2), &pki().client("read"))
         .await
         .expect("connect");
     let r = HealthClient::new(ch)

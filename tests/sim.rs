@@ -1,6 +1,9 @@
 //! Deterministic network simulation (turmoil) of a three-member group: the real node (openraft,
 //! our durable store, our gRPC services) runs unchanged, with turmoil's simulated network and
 //! clock underneath. A partitioned leader's side cannot commit; after healing, all converge.
+//! Every link is mutual TLS over the simulated TCP, as in production.
+
+mod common;
 
 use std::io;
 use std::pin::Pin;
@@ -15,19 +18,13 @@ use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{HistoryRequest, SetPausedRequest, StatusReply, StatusRequest};
 use pgw_server::{ChannelMaker, Node};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 const PORT: u16 = 7400;
 const NAMES: [&str; 3] = ["room-a", "room-b", "room-c"];
 
-/// A turmoil TCP stream that tonic's server accepts.
+/// A turmoil TCP stream (TLS runs over it).
 struct SimStream(turmoil::net::TcpStream);
-
-impl Connected for SimStream {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
-}
 impl AsyncRead for SimStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -53,22 +50,32 @@ impl AsyncWrite for SimStream {
     }
 }
 
-/// Channels over turmoil's network.
-fn sim_channel(addr: &str) -> Result<Channel, String> {
+/// TLS channels over turmoil's network; the server must be the member named by the host.
+fn sim_channel(addr: &str, client: Arc<rustls::ClientConfig>) -> Result<Channel, String> {
     let ep = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
     let ep = pgw_server::network::configure(ep, Duration::from_millis(500));
     Ok(
-        ep.connect_with_connector_lazy(tower::service_fn(|uri: Uri| async move {
-            let host = uri.host().unwrap_or_default().to_string();
-            let port = uri.port_u16().unwrap_or(PORT);
-            let s = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
-            Ok::<_, io::Error>(TokioIo::new(s))
+        ep.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
+            let client = client.clone();
+            async move {
+                let host = uri.host().unwrap_or_default().to_string();
+                let port = uri.port_u16().unwrap_or(PORT);
+                let s = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
+                let s = pgw_server::tls::connect(SimStream(s), &host, client).await?;
+                Ok::<_, io::Error>(TokioIo::new(s))
+            }
         })),
     )
 }
 
-fn sim_channels() -> ChannelMaker {
-    Arc::new(sim_channel)
+/// A member's channels, presenting its own certificate.
+fn sim_channels(tls: pgw_server::tls::Tls) -> ChannelMaker {
+    Arc::new(move |addr: &str| sim_channel(addr, tls.current().client.clone()))
+}
+
+/// The test's own (operator) client configuration: the `admin` role.
+fn ctl_config() -> Arc<rustls::ClientConfig> {
+    common::pki().client("admin").config
 }
 
 fn configs(root: &std::path::Path) -> Vec<Config> {
@@ -101,17 +108,33 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             postgres: None,
             failover: Default::default(),
             pgpool: None,
+            tls: common::pki().tls(&m.name),
+            auth: common::pki().auth(),
         })
         .collect()
 }
 
 async fn run_member(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
-    let node = Node::start(cfg, sim_channels()).await?;
-    let incoming = futures_util::stream::unfold(listener, |l| async move {
-        let r = l.accept().await.map(|(s, _)| SimStream(s));
-        Some((r, l))
+    let tls = pgw_server::tls::Tls::load(&cfg.tls, &cfg.member, false)?;
+    let node = Node::start(cfg, sim_channels(tls.clone())).await?;
+    // Handshakes run on their own tasks (one stalled by a partition must not block accepts).
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            let (tls, tx) = (tls.clone(), tx.clone());
+            tokio::spawn(async move {
+                let hs = tls.accept(SimStream(s), None);
+                if let Ok(Ok(a)) = tokio::time::timeout(Duration::from_secs(5), hs).await {
+                    let _ = tx.send(Ok::<_, io::Error>(a)).await;
+                }
+            });
+        }
     });
+    let incoming = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx);
     let router = node.grpc_router();
     tokio::spawn(async move { router.serve_with_incoming(incoming).await });
     node.bootstrap(Duration::from_secs(3)).await?;
@@ -121,7 +144,7 @@ async fn run_member(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn admin(name: &str) -> AdminClient<Channel> {
-    AdminClient::new(sim_channel(&format!("{name}:{PORT}")).expect("channel"))
+    AdminClient::new(sim_channel(&format!("{name}:{PORT}"), ctl_config()).expect("channel"))
 }
 
 async fn status(name: &str) -> Option<StatusReply> {

@@ -14,6 +14,106 @@ use pgw_core::config::{ListenConfig, LogConfig, MemberConfig, RaftConfig};
 use pgw_core::{Config, Role};
 
 pub const WATCHER: &str = env!("CARGO_BIN_EXE_pg-watcher");
+pub const PGWCTL: &str = env!("CARGO_BIN_EXE_pgwctl");
+
+/// The certificates of every group this test process starts: one CA, a certificate per member
+/// name (valid for every address the harnesses use: 127.0.0.1, 127.0.0.11-16 and the network
+/// bed's 10.99.0.11-16) and one client certificate per operator role (`test-read`,
+/// `test-operate`, `test-admin`). Made once per process; the `admin` client is the default
+/// credential of the pgwctl library calls the tests make.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    authority: pgw_cli::certs::Authority,
+    issued: std::sync::Mutex<std::collections::BTreeMap<String, (PathBuf, PathBuf)>>,
+    pub clients: std::collections::BTreeMap<String, (String, PathBuf, PathBuf)>,
+}
+
+pub fn pki() -> &'static Pki {
+    static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("pgw-pki-")
+            .tempdir()
+            .expect("pki dir")
+            .keep();
+        // postgres (another OS user) never reads these; the watchers run as us.
+        let g = pgw_cli::certs::GroupCerts::make(&dir, &[], "test").expect("test certificates");
+        let authority = pgw_cli::certs::Authority::open(&dir).expect("open test CA");
+        pgw_cli::client::set_default(g.client_auth("admin").expect("admin credentials"));
+        Pki {
+            ca: g.ca.clone(),
+            dir,
+            authority,
+            issued: Default::default(),
+            clients: g.clients.clone(),
+        }
+    })
+}
+
+impl Pki {
+    /// The certificate and key of member `name` (issued on first use).
+    pub fn member(&self, name: &str) -> (PathBuf, PathBuf) {
+        let mut issued = self.issued.lock().expect("pki lock");
+        if let Some(x) = issued.get(name) {
+            return x.clone();
+        }
+        let mut hosts = vec!["127.0.0.1".to_string()];
+        for i in 11..=16 {
+            hosts.push(format!("127.0.0.{i}"));
+            hosts.push(format!("10.99.0.{i}"));
+        }
+        let x = self
+            .authority
+            .member(name, &hosts, 30)
+            .expect("member certificate");
+        issued.insert(name.to_string(), x.clone());
+        x
+    }
+
+    /// The `[tls]` section of member `name`.
+    pub fn tls(&self, name: &str) -> pgw_core::config::TlsConfig {
+        let (cert, key) = self.member(name);
+        pgw_core::config::TlsConfig {
+            ca: self.ca.clone(),
+            cert,
+            key,
+            http: false,
+            reload_check_ms: pgw_core::config::defaults::TLS_RELOAD_CHECK_MS,
+        }
+    }
+
+    /// The `[auth]` section: the three role certificates.
+    pub fn auth(&self) -> pgw_core::config::AuthConfig {
+        let n = |r: &str| vec![self.clients[r].0.clone()];
+        pgw_core::config::AuthConfig {
+            read: n("read"),
+            operate: n("operate"),
+            admin: n("admin"),
+            ..Default::default()
+        }
+    }
+
+    /// Client credentials of `role` (read | operate | admin).
+    pub fn client(&self, role: &str) -> pgw_cli::client::ClientAuth {
+        let (_, c, k) = &self.clients[role];
+        pgw_cli::client::ClientAuth::from_files(Some(&self.ca), Some(c), Some(k), None)
+            .expect("client credentials")
+    }
+
+    /// `pgwctl` arguments for `role`.
+    pub fn pgwctl_args(&self, role: &str) -> Vec<String> {
+        let (_, c, k) = &self.clients[role];
+        vec![
+            "--ca".into(),
+            self.ca.display().to_string(),
+            "--cert".into(),
+            c.display().to_string(),
+            "--key".into(),
+            k.display().to_string(),
+        ]
+    }
+}
 
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
@@ -110,6 +210,8 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
             }),
             failover: Default::default(),
             pgpool: None,
+            tls: pki().tls(&m.name),
+            auth: pki().auth(),
         })
         .collect()
 }

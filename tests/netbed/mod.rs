@@ -729,7 +729,9 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                     ],
                 }),
                 failover: Default::default(),
-                pgpool: Some(PgpoolConfig {
+                tls: crate::common::pki().tls(&m.name),
+                auth: crate::common::pki().auth(),
+            pgpool: Some(PgpoolConfig {
                     manage: data,
                     bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),
                     work_dir: data.then(|| dir.join(&m.name).join("pgpool")),

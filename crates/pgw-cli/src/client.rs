@@ -158,13 +158,13 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Connects to one member with `auth`, verifying the member's certificate against the CA
-/// and the address's host.
-pub async fn connect_as(
+/// A TLS channel to one member with `auth`, verifying the member's certificate against the
+/// CA and the address's host (for any gRPC client: the operator API, `grpc.health.v1`).
+pub async fn channel_as(
     addr: &str,
     timeout: Duration,
     auth: &ClientAuth,
-) -> Result<Admin, CliError> {
+) -> Result<Channel, CliError> {
     let ep = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| CliError::Usage(format!("endpoint `{addr}` is not host:port: {e}")))?
         .connect_timeout(timeout)
@@ -174,7 +174,7 @@ pub async fn connect_as(
         server_name: None,
         config: Arc::new(move || config.clone()),
     };
-    let ch = tokio::time::timeout(timeout, ep.connect_with_connector(connector))
+    tokio::time::timeout(timeout, ep.connect_with_connector(connector))
         .await
         .map_err(|_| CliError::Unreachable {
             endpoint: addr.to_string(),
@@ -183,7 +183,16 @@ pub async fn connect_as(
         .map_err(|e| CliError::Unreachable {
             endpoint: addr.to_string(),
             message: chain(&e),
-        })?;
+        })
+}
+
+/// Connects to one member's operator API with `auth` (its token, if any, goes with every call).
+pub async fn connect_as(
+    addr: &str,
+    timeout: Duration,
+    auth: &ClientAuth,
+) -> Result<Admin, CliError> {
+    let ch = channel_as(addr, timeout, auth).await?;
     Ok(AdminClient::with_interceptor(ch, Token(auth.token.clone())))
 }
 

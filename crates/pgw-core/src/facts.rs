@@ -577,6 +577,7 @@ mod tests {
             command,
             at_ms: 1,
             by: "t".into(),
+            asked_by: None,
         }
     }
 

@@ -746,6 +746,7 @@ mod tests {
             command: c,
             at_ms: 0,
             by: "t".into(),
+            asked_by: None,
         };
         f.apply(
             1,
@@ -945,6 +946,7 @@ mod tests {
                 command: cmd,
                 at_ms: 0,
                 by: "t".into(),
+                asked_by: None,
             },
         );
         let g = facts.cluster("g").expect("g");
@@ -1163,7 +1165,7 @@ mod tests {
             if let Decision::Propose(cmd) = decide(&view(&f, &r, &m, now, ra)) {
                 let mut facts = Facts::default();
                 facts.clusters.insert("g".into(), f.clone());
-                let out = facts.apply(99, &Proposal { command: cmd, at_ms: 0, by: "t".into() });
+                let out = facts.apply(99, &Proposal { command: cmd, at_ms: 0, by: "t".into(), asked_by: None });
                 prop_assert!(!matches!(out, Outcome::Rejected { .. }), "{out:?}");
             }
         }

@@ -36,6 +36,10 @@ id = 3
 role = "arbiter"
 grpc = "127.0.0.1:5"
 http = "127.0.0.1:6"
+[tls]
+ca = "/nonexistent/ca.crt"
+cert = "/nonexistent/a.crt"
+key = "/nonexistent/a.key"
 "#,
         dir.display()
     );
@@ -75,6 +79,7 @@ fn entry(term: u64, index: u64) -> Entry {
             },
             at_ms: index,
             by: "test".into(),
+            asked_by: None,
         }),
     }
 }
@@ -166,6 +171,7 @@ async fn state_survives_reopen_via_snapshot_and_log() {
                 },
                 at_ms: 0,
                 by: "t".into(),
+                asked_by: None,
             }),
         };
         let entries = vec![ensure, entry(1, 2), entry(1, 3)];
