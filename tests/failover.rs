@@ -573,7 +573,20 @@ async fn switchover_both_ways_and_forced_failover_rules() {
         primary_of(&sx).is_none(),
         "nothing promoted after a refusal"
     );
-    // With explicit acceptance it goes ahead.
+    // Accepting data loss is the admin role's alone: an operate client is refused by name.
+    let e = pgw_cli::client::connect_as(&eps[0], Duration::from_secs(2), &pki().client("operate"))
+        .await
+        .expect("operate client")
+        .failover(pgw_proto::FailoverRequest {
+            cluster: "global".into(),
+            target: b.clone(),
+            accept_data_loss: true,
+        })
+        .await
+        .expect_err("operate may not force");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("needs the `admin` role"), "{e:?}");
+    // With explicit acceptance, by an admin (the harness's default credential), it goes ahead.
     let op = pgw_cli::failover(&eps, "global", &b, true)
         .await
         .expect("starts");
@@ -586,6 +599,23 @@ async fn switchover_both_ways_and_forced_failover_rules() {
     })
     .await;
     assert!(s3.clusters[0].paused, "still paused");
+    // The history names who asked for it.
+    let h = pgw_cli::status::connect(&eps[0], Duration::from_secs(2))
+        .await
+        .expect("connect")
+        .history(pgw_proto::HistoryRequest {
+            cluster: "global".into(),
+            limit: 20,
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    assert!(
+        h.entries
+            .iter()
+            .any(|e| e.event.contains("forced failover") && e.event.contains("asked by test-admin")),
+        "{h:?}"
+    );
     g.signal_pg(ci, libc::SIGCONT);
     assert_eq!(is_primary(&g.pg_addr(bi)).await, Some(true));
 }

@@ -462,11 +462,18 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
         .and_then(|l| cfg.members.iter().find(|m| &m.name == l))
         .map(|m| m.id)
         .expect("a leader");
+    let name_of = |id: u64| {
+        cfg.members
+            .iter()
+            .find(|m| m.id == id)
+            .map(|m| m.name.clone())
+            .expect("member")
+    };
     let ident = |cluster_id: &str, from: u64| pgw_proto::Identity {
         cluster_id: cluster_id.to_string(),
         fingerprint: cfg.members_fingerprint(),
         from,
-        from_name: "test".into(),
+        from_name: name_of(from),
     };
     let req = |command: &str, epoch: u64, cluster_id: &str| pgw_proto::PcpRequest {
         identity: Some(ident(cluster_id, leader_id)),
@@ -475,9 +482,15 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
         command: command.into(),
         node: 0,
     };
-    let mut c = pgw_cli::status::connect(&g.members[oi].grpc(), Duration::from_secs(2))
-        .await
-        .expect("connect");
+    // Only members call it: as the leader, with the leader's certificate.
+    let as_member = |id: u64| pki().member_auth(&name_of(id));
+    let mut c = pgw_cli::client::connect_as(
+        &g.members[oi].grpc(),
+        Duration::from_secs(2),
+        &as_member(leader_id),
+    )
+    .await
+    .expect("connect");
     let info = c
         .pcp(req("info", 0, &cfg.cluster_id))
         .await
@@ -491,7 +504,13 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
     assert!(stale.message().contains("stale request"), "{stale:?}");
     let mut not_leader = req("detach", epoch_of(&s4), &cfg.cluster_id);
     not_leader.identity = Some(ident(&cfg.cluster_id, leader_id % 3 + 1));
-    let refused = c
+    let refused = pgw_cli::client::connect_as(
+        &g.members[oi].grpc(),
+        Duration::from_secs(2),
+        &as_member(leader_id % 3 + 1),
+    )
+    .await
+    .expect("connect")
         .pcp(not_leader)
         .await
         .expect_err("a command from a non-leader is refused");
@@ -553,6 +572,7 @@ async fn recover_rebuilds_a_failed_old_primary_and_pgpool_reads_reach_it_again()
     let cli = env!("CARGO_BIN_EXE_pgwctl");
     let eps_arg = eps.join(",");
     let out = std::process::Command::new(cli)
+        .args(pki().pgwctl_args("admin"))
         .args(["--endpoints", &eps_arg, "recover", &new])
         .output()
         .expect("pgwctl");
@@ -563,6 +583,7 @@ async fn recover_rebuilds_a_failed_old_primary_and_pgpool_reads_reach_it_again()
         String::from_utf8_lossy(&out.stderr)
     );
     let out = std::process::Command::new(cli)
+        .args(pki().pgwctl_args("admin"))
         .args(["--endpoints", &eps_arg, "recover", "room-z"])
         .output()
         .expect("pgwctl");
@@ -571,6 +592,7 @@ async fn recover_rebuilds_a_failed_old_primary_and_pgpool_reads_reach_it_again()
 
     // The operator recovers the failed node: the command waits while its machine comes back.
     let child = std::process::Command::new(cli)
+        .args(pki().pgwctl_args("operate"))
         .args([
             "--endpoints",
             &eps_arg,

@@ -101,6 +101,13 @@ impl Pki {
             .expect("client credentials")
     }
 
+    /// A member's own certificate as client credentials (for calls only members may make).
+    pub fn member_auth(&self, name: &str) -> pgw_cli::client::ClientAuth {
+        let (c, k) = self.member(name);
+        pgw_cli::client::ClientAuth::from_files(Some(&self.ca), Some(&c), Some(&k), None)
+            .expect("member credentials")
+    }
+
     /// `pgwctl` arguments for `role`.
     pub fn pgwctl_args(&self, role: &str) -> Vec<String> {
         let (_, c, k) = &self.clients[role];

@@ -574,6 +574,43 @@ impl Config {
             check_addr("listen.http", a)?;
         }
         let r = &self.raft;
+        // Upper bounds first: every rule below does arithmetic on these.
+        const HOUR_MS: u64 = 3_600_000;
+        let f = &self.failover;
+        for (field, v, max) in [
+            ("raft.heartbeat_ms", r.heartbeat_ms, HOUR_MS),
+            ("raft.election_timeout_min_ms", r.election_timeout_min_ms, HOUR_MS),
+            ("raft.election_timeout_max_ms", r.election_timeout_max_ms, HOUR_MS),
+            ("raft.rpc_timeout_ms", r.rpc_timeout_ms, HOUR_MS),
+            ("raft.snapshot_logs", r.snapshot_logs, 1_000_000_000),
+            ("failover.report_interval_ms", f.report_interval_ms, HOUR_MS),
+            ("failover.lease_ms", f.lease_ms, HOUR_MS),
+            ("failover.fence_budget_ms", f.fence_budget_ms, HOUR_MS),
+            ("failover.clock_drift_ppm", f.clock_drift_ppm, 200_000),
+            ("failover.margin_ms", f.margin_ms, HOUR_MS),
+            ("failover.hung_after_ms", f.hung_after_ms, HOUR_MS),
+            ("tls.reload_check_ms", self.tls.reload_check_ms, HOUR_MS),
+        ] {
+            if v > max {
+                return Err(invalid(field, format!("{v} is out of range (at most {max})")));
+            }
+        }
+        for (i, c) in self.clusters.iter().enumerate() {
+            if c.degrade_after_ms > HOUR_MS {
+                return Err(invalid(
+                    format!("clusters[{i}].degrade_after_ms"),
+                    format!("{} is out of range (at most {HOUR_MS})", c.degrade_after_ms),
+                ));
+            }
+        }
+        if let Some(p) = &self.pgpool {
+            if p.check_interval_ms > HOUR_MS {
+                return Err(invalid(
+                    "pgpool.check_interval_ms",
+                    format!("{} is out of range (at most {HOUR_MS})", p.check_interval_ms),
+                ));
+            }
+        }
         if r.heartbeat_ms < 10 {
             return Err(invalid("raft.heartbeat_ms", "must be >= 10"));
         }
@@ -1172,5 +1209,66 @@ admin = ["dba"]
         let c = good();
         let text = c.to_toml().expect("renders");
         assert_eq!(Config::from_toml(&text, "rt").expect("parses"), c);
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NUMERIC: &[&str] = &[
+            "raft.heartbeat_ms",
+            "raft.election_timeout_min_ms",
+            "raft.election_timeout_max_ms",
+            "raft.rpc_timeout_ms",
+            "raft.snapshot_logs",
+            "failover.report_interval_ms",
+            "failover.lease_ms",
+            "failover.fence_budget_ms",
+            "failover.clock_drift_ppm",
+            "failover.margin_ms",
+            "failover.hung_after_ms",
+            "tls.reload_check_ms",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+            /// Any text: parsing and validating never panic.
+            #[test]
+            fn arbitrary_text_never_panics(text in any::<String>()) {
+                if let Ok(c) = Config::from_toml(&text, "fuzz") {
+                    let _ = c.validate();
+                }
+            }
+
+            /// A valid config with bytes replaced somewhere: never panics.
+            #[test]
+            fn mutated_config_never_panics(at in 0usize..2000, len in 0usize..8, with in any::<String>()) {
+                let mut text = GOOD.to_string();
+                let at = at.min(text.len());
+                let end = (at + len).min(text.len());
+                if text.is_char_boundary(at) && text.is_char_boundary(end) {
+                    text.replace_range(at..end, &with);
+                }
+                if let Ok(c) = Config::from_toml(&text, "fuzz") {
+                    let _ = c.validate();
+                }
+            }
+
+            /// Any value in any timing field: validate() answers (no overflow panics).
+            #[test]
+            fn extreme_numbers_never_panic(field in 0usize..12, v in prop_oneof![any::<u64>(), Just(u64::MAX), Just(0u64), Just(i64::MAX as u64)]) {
+                let (table, key) = NUMERIC[field].split_once('.').unwrap_or(("raft", "heartbeat_ms"));
+                let text = format!("{GOOD}\n");
+                let mut doc: toml::Table = toml::from_str(&text).expect("good parses");
+                let v = i64::try_from(v).unwrap_or(i64::MAX);
+                if let Some(t) = doc.entry(table.to_string()).or_insert(toml::Value::Table(Default::default())).as_table_mut() {
+                    t.insert(key.to_string(), toml::Value::Integer(v));
+                }
+                let text = toml::to_string(&doc).expect("renders");
+                if let Ok(c) = Config::from_toml(&text, "fuzz") {
+                    let _ = c.validate();
+                }
+            }
+        }
     }
 }

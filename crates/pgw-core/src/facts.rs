@@ -736,6 +736,69 @@ mod tests {
         ]
     }
 
+    /// Commands with arbitrary strings and numbers (as a forged or corrupted entry could
+    /// carry), mixed with well-formed ones so that clusters exist.
+    fn arb_wild_command() -> impl Strategy<Value = Command> {
+        let name = prop_oneof![
+            Just("global".to_string()),
+            Just("a".to_string()),
+            Just("b".to_string()),
+            any::<String>()
+        ];
+        prop_oneof![
+            arb_command(),
+            (name.clone(), any::<u32>()).prop_map(|(cluster, sync_quorum)| {
+                Command::EnsureCluster { cluster, sync_quorum }
+            }),
+            (name.clone(), name.clone(), any::<u64>(), any::<String>(), proptest::option::of(
+                proptest::collection::btree_set(name.clone(), 0..4)
+            ))
+                .prop_map(|(cluster, member, expected_epoch, reason, sync_standbys)| {
+                    Command::SetPrimary { cluster, member, expected_epoch, reason, sync_standbys }
+                }),
+            (name.clone(), proptest::collection::btree_set(name.clone(), 0..5), any::<u32>(), any::<u64>())
+                .prop_map(|(cluster, standbys, quorum, expected_epoch)| Command::SetSyncSet {
+                    cluster, standbys, quorum, expected_epoch
+                }),
+            (name.clone(), any::<bool>(), proptest::option::of(name.clone()), any::<u64>(), any::<bool>())
+                .prop_map(|(cluster, sw, target, expected_epoch, adl)| Command::BeginOperation {
+                    cluster,
+                    operation: if sw { OperationKind::Recover } else { OperationKind::Failover },
+                    target,
+                    expected_epoch,
+                    detail: String::new(),
+                    accept_data_loss: adl,
+                }),
+            (name.clone(), any::<u64>()).prop_map(|(cluster, lsn)| Command::ResyncDone { cluster, lsn }),
+            (name, any::<u64>(), any::<bool>(), any::<String>()).prop_map(|(cluster, id, ok, detail)| {
+                Command::FinishOperation { cluster, id, succeeded: ok, detail }
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        /// Fuzzing `apply_checked`: no command panics; one naming a member outside the group
+        /// is rejected and changes nothing.
+        #[test]
+        fn apply_checked_never_panics_and_refuses_strangers(
+            cmds in proptest::collection::vec(arb_wild_command(), 0..80)
+        ) {
+            let members: BTreeSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+            let mut f = Facts::default();
+            for (i, c) in cmds.iter().enumerate() {
+                let before = f.clone();
+                let out = f.apply_checked(i as u64 + 1, &prop(c.clone()), &members);
+                if c.members().iter().any(|m| !members.contains(*m)) {
+                    prop_assert!(out.is_rejected());
+                }
+                if out.is_rejected() {
+                    prop_assert_eq!(&f, &before);
+                }
+            }
+        }
+    }
+
     proptest! {
         /// Two replicas applying the same log reach the same facts and outcomes, and the
         /// serialised facts round-trip (snapshots are faithful).
