@@ -102,3 +102,62 @@ fn every_data_member_has_a_pgpool_and_the_rendered_config_disables_pgpool_failov
         }
     }
 }
+
+/// deploy/tls/make-certs.sh, run as documented, makes certificates every member of each layout
+/// loads with its [tls] section as shipped (only the directory substituted), and the operator
+/// names in [auth] get client certificates that pgwctl loads.
+#[test]
+fn the_documented_certificate_script_makes_what_the_configs_need() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for layout in ["three-rooms", "two-rooms-arbiter"] {
+        let cfgs = load_dir(layout);
+        let dir = tempfile::tempdir().expect("tmp");
+        let pki = dir.path().join("pki");
+        let mut args: Vec<String> = vec![pki.display().to_string()];
+        for m in &cfgs[0].members {
+            let host = m.grpc.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
+            args.push(format!("{}={host}", m.name));
+        }
+        args.push("--".into());
+        let a = &cfgs[0].auth;
+        args.extend(a.read.iter().chain(&a.operate).chain(&a.admin).cloned());
+        let out = std::process::Command::new(root.join("deploy/tls/make-certs.sh"))
+            .args(&args)
+            .env("PGWCTL", env!("CARGO_BIN_EXE_pgwctl"))
+            .output()
+            .expect("run make-certs.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for c in &cfgs {
+            let sub = |p: &std::path::Path| pki.join(p.file_name().expect("file name"));
+            let mut tls = c.tls.clone();
+            assert_eq!(tls.ca, std::path::Path::new("/etc/pg-watcher/tls/ca.crt"));
+            tls.ca = sub(&tls.ca);
+            tls.cert = sub(&tls.cert);
+            tls.key = sub(&tls.key);
+            pgw_server::tls::Tls::load(&tls, &c.member, c.auth.has_tokens())
+                .unwrap_or_else(|e| panic!("{layout}/{}: {e}", c.member));
+        }
+        for op in a.read.iter().chain(&a.operate).chain(&a.admin) {
+            pgw_cli::client::ClientAuth::from_files(
+                Some(&pki.join("ca.crt")),
+                Some(&pki.join(format!("{op}.crt"))),
+                Some(&pki.join(format!("{op}.key"))),
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{op}: {e}"));
+        }
+        // A certificate of another member is refused, naming the field.
+        let mut tls = cfgs[0].tls.clone();
+        tls.ca = pki.join("ca.crt");
+        tls.cert = pki.join(format!("{}.crt", cfgs[1].member));
+        tls.key = pki.join(format!("{}.key", cfgs[1].member));
+        let e = pgw_server::tls::Tls::load(&tls, &cfgs[0].member, false)
+            .err()
+            .expect("another member's certificate is refused");
+        assert!(e.to_string().contains("tls.cert"), "{e}");
+    }
+}
