@@ -626,3 +626,173 @@ async fn a_full_disk_stops_the_member_naming_its_store_and_a_restart_loses_nothi
         stop_after
     );
 }
+
+/// GET (or another method) over HTTPS, trusting the test CA.
+async fn https_request(addr: &str, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = pgw_server::tls::client_config(&pki().ca, None).expect("client config");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    let mut s = pgw_server::tls::connect(tcp, host, std::sync::Arc::new(cfg))
+        .await
+        .expect("TLS handshake with the member's certificate");
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(f64::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_without_restart_tokens_grant_roles_and_http_is_read_only() {
+    let mut g = Group::new(&THREE);
+    // room-a: its own copy of its certificate (replaced below), HTTPS on its HTTP port.
+    let own = g.dir.path().join("room-a-tls");
+    std::fs::create_dir_all(&own).expect("mkdir");
+    let (cert, key) = pki().member_into(&own, "room-a", 20);
+    g.members[0].cfg.tls.cert = cert.clone();
+    g.members[0].cfg.tls.key = key.clone();
+    g.members[0].cfg.tls.http = true;
+    // An operate token, on every member (any member may take the call).
+    let token_path = g.dir.path().join("operate.token");
+    std::fs::write(&token_path, "s3cret-operate-token-0123456789\n").expect("token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
+    for m in &mut g.members {
+        m.cfg.auth.operate_token_file = Some(token_path.clone());
+    }
+    g.start_all();
+    let eps = g.endpoints();
+    wait_leader(&eps, None, LIMIT).await;
+    let a_http = g.members[0].http();
+    let a_grpc = g.members[0].grpc();
+
+    // HTTP: HTTPS on room-a, plain on room-b; GET answers, anything else is refused.
+    let (code, body) = https_request(&a_http, "GET", "/health").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = https_request(&a_http, "POST", "/health").await;
+    assert_eq!(code, 405);
+    let (code, _) = http_get(&g.members[1].http(), "/health").await;
+    assert_eq!(code, 200);
+    let (_, metrics) = https_request(&a_http, "GET", "/metrics").await;
+    let expiry0 = metric(&metrics, "pgwatcher_tls_cert_expiry_timestamp_seconds").expect("expiry");
+
+    // Tokens: no certificate, the operate token: may pause, is recorded, may not force.
+    let token_auth = ClientAuth::from_files(Some(&pki().ca), None, None, Some(&token_path))
+        .expect("token creds");
+    let mut c = connect_as(&eps[1], T, &token_auth).await.expect("connect");
+    let r = c
+        .set_paused(SetPausedRequest {
+            cluster: "global".into(),
+            paused: true,
+            reason: "by token".into(),
+        })
+        .await
+        .expect("the operate token may pause");
+    assert!(r.into_inner().result.contains("applied"));
+    let e = c
+        .failover(FailoverRequest {
+            cluster: "global".into(),
+            target: "room-b".into(),
+            accept_data_loss: true,
+        })
+        .await
+        .expect_err("operate token may not force");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let bad = g.dir.path().join("bad.token");
+    std::fs::write(&bad, "not-the-token-at-all-0000").expect("write");
+    let bad_auth = ClientAuth::from_files(Some(&pki().ca), None, None, Some(&bad)).expect("c");
+    let e = connect_as(&eps[1], T, &bad_auth)
+        .await
+        .expect("connect")
+        .status(StatusRequest {})
+        .await
+        .expect_err("a wrong token is refused");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // A token never makes a member.
+    let e = RaftClient::new(channel_as(&eps[1], T, &token_auth).await.expect("ch"))
+        .vote(RaftRequest {
+            identity: Some(identity(&g, "room-a")),
+            payload: vec![],
+        })
+        .await
+        .expect_err("token refused for Raft");
+    assert!(
+        matches!(e.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated),
+        "{e:?}"
+    );
+    let h = pgw_cli::status::connect(&eps[0], T)
+        .await
+        .expect("connect")
+        .history(HistoryRequest {
+            cluster: "global".into(),
+            limit: 10,
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    assert!(
+        h.entries
+            .iter()
+            .any(|e| e.event.contains("asked by token:operate")),
+        "{h:?}"
+    );
+
+    // Reload: a new certificate (10 days) replaces the files; SIGHUP; served without restart.
+    let pid = g.members[0].child.as_ref().expect("running").id();
+    pki().member_into(&own, "room-a", 10);
+    let new_expiry = pgw_server::tls::load_certs("c", &cert)
+        .ok()
+        .and_then(|c| pgw_server::x509::parse(c[0].as_ref()))
+        .and_then(|i| i.not_after)
+        .expect("new expiry") as f64;
+    assert!(new_expiry < expiry0);
+    g.signal_watcher(0, libc::SIGHUP);
+    let t0 = Instant::now();
+    loop {
+        let (_, m) = https_request(&a_http, "GET", "/metrics").await;
+        if metric(&m, "pgwatcher_tls_cert_expiry_timestamp_seconds") == Some(new_expiry) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "not reloaded: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pgw_cli::status::member_status(&a_grpc, T)
+        .await
+        .expect("room-a serves with its new certificate");
+    // A broken key is refused; the previous certificates stay in use.
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
+        .expect("break key");
+    g.signal_watcher(0, libc::SIGHUP);
+    let t0 = Instant::now();
+    loop {
+        let (_, m) = https_request(&a_http, "GET", "/metrics").await;
+        if metric(&m, "pgwatcher_tls_reload_failures_total").unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "failure not counted: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pgw_cli::status::member_status(&a_grpc, T)
+        .await
+        .expect("still serving with the previous certificate");
+    assert_eq!(g.members[0].child.as_ref().map(|c| c.id()), Some(pid));
+    all_running(&mut g);
+}

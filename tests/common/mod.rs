@@ -71,6 +71,14 @@ impl Pki {
         x
     }
 
+    /// A fresh certificate of member `name` valid `days`, written into `dir` (for reload tests).
+    pub fn member_into(&self, dir: &Path, name: &str, days: u32) -> (PathBuf, PathBuf) {
+        let hosts: Vec<String> = vec!["127.0.0.1".into()];
+        self.authority
+            .member_into(dir, name, &hosts, days)
+            .expect("member certificate")
+    }
+
     /// The `[tls]` section of member `name`.
     pub fn tls(&self, name: &str) -> pgw_core::config::TlsConfig {
         let (cert, key) = self.member(name);

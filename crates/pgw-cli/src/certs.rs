@@ -189,6 +189,17 @@ impl Authority {
         usages: Vec<ExtendedKeyUsagePurpose>,
         days: u32,
     ) -> Result<(PathBuf, PathBuf), CliError> {
+        self.issue_into(&self.dir, name, sans, usages, days)
+    }
+
+    fn issue_into(
+        &self,
+        dir: &Path,
+        name: &str,
+        sans: Vec<String>,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        days: u32,
+    ) -> Result<(PathBuf, PathBuf), CliError> {
         if name.is_empty() || name.contains(['/', '\0']) || name.starts_with('.') {
             return Err(CliError::Usage(format!(
                 "`{name}` cannot name a certificate file"
@@ -204,8 +215,8 @@ impl Authority {
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = p.signed_by(&key, &issuer).map_err(gen_err)?;
         let (c, k) = (
-            self.dir.join(format!("{name}.crt")),
-            self.dir.join(format!("{name}.key")),
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
         );
         write(&k, &key.serialize_pem(), true)?;
         write(&c, &cert.pem(), false)?;
@@ -217,6 +228,29 @@ impl Authority {
         let mut sans = vec![name.to_string()];
         sans.extend(hosts.iter().filter(|h| *h != name).cloned());
         self.issue(
+            name,
+            sans,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            days,
+        )
+    }
+
+    /// [`Self::member`], written to `dir` instead of the CA's directory (each file replaced
+    /// atomically: a member reloading them sees the old or the new one).
+    pub fn member_into(
+        &self,
+        dir: &Path,
+        name: &str,
+        hosts: &[String],
+        days: u32,
+    ) -> Result<(PathBuf, PathBuf), CliError> {
+        let mut sans = vec![name.to_string()];
+        sans.extend(hosts.iter().filter(|h| *h != name).cloned());
+        self.issue_into(
+            dir,
             name,
             sans,
             vec![
