@@ -221,6 +221,7 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
         .report(ReportRequest {
             identity: Some(identity(&g, "room-a")),
             observation: serde_json::to_vec(&obs).expect("json"),
+            ..Default::default()
         })
         .await
         .expect_err("report for another member refused");
@@ -235,6 +236,65 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
         .await
         .expect_err("member refused as operator");
     assert_eq!(r.code(), tonic::Code::PermissionDenied, "{r:?}");
+
+    // A relayed report without its member's signature (or with another member's) is refused.
+    let mut relay = tonic::Request::new(ReportRequest {
+        identity: Some(identity(&g, "room-a")),
+        observation: serde_json::to_vec(&obs).expect("json"),
+        ..Default::default()
+    });
+    relay
+        .metadata_mut()
+        .insert("x-pgw-forwarded", tonic::metadata::MetadataValue::from_static("1"));
+    let r = admin_a.report(relay).await.expect_err("unsigned relay refused");
+    assert_eq!(r.code(), tonic::Code::PermissionDenied, "{r:?}");
+    assert!(r.message().contains("relayed by `room-a` refused"), "{r:?}");
+    // A member naming an operator when forwarding gets that operator's own role at most.
+    for (op, role, code) in [
+        ("nobody", "admin", tonic::Code::Unauthenticated),
+        ("test-read", "admin", tonic::Code::PermissionDenied),
+    ] {
+        let mut fwd = tonic::Request::new(SetPausedRequest {
+            cluster: "global".into(),
+            paused: true,
+            reason: "forged forward".into(),
+        });
+        let md = fwd.metadata_mut();
+        md.insert("x-pgw-forwarded", tonic::metadata::MetadataValue::from_static("1"));
+        md.insert("x-pgw-caller", op.parse().expect("ascii"));
+        md.insert("x-pgw-role", role.parse().expect("ascii"));
+        let e = admin_a.set_paused(fwd).await.expect_err("forged forward refused");
+        assert_eq!(e.code(), code, "{op}: {e:?}");
+    }
+    // Terms near u64::MAX (they would overflow openraft's next election) and unreadable
+    // snapshots (they would stop the member as a storage error): refused up front.
+    let e = raft
+        .append_entries(RaftRequest {
+            identity: Some(identity(&g, "room-a")),
+            payload: append(u64::MAX / 2 + 7, 1),
+        })
+        .await
+        .expect_err("huge term refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let garbage = openraft::raft::InstallSnapshotRequest::<TypeConfig> {
+        vote: Vote::new_committed(before.term, 1),
+        meta: SnapshotMeta {
+            last_log_id: None,
+            last_membership: StoredMembership::default(),
+            snapshot_id: "garbage".into(),
+        },
+        offset: 0,
+        data: b"this is not a snapshot".to_vec(),
+        done: true,
+    };
+    let e = raft
+        .install_snapshot(RaftRequest {
+            identity: Some(identity(&g, "room-a")),
+            payload: serde_json::to_vec(&garbage).expect("json"),
+        })
+        .await
+        .expect_err("unreadable snapshot refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
 
     // 4. Roles: read cannot operate, operate cannot force.
     let mut read = connect_as(&target, T, &pki().client("read")).await.expect("read");
@@ -409,6 +469,7 @@ async fn ten_thousand_reports_for_made_up_members_leave_the_leaders_memory_flat(
             let mut req = tonic::Request::new(ReportRequest {
                 identity: Some(ident),
                 observation: serde_json::to_vec(&obs).expect("json"),
+                ..Default::default()
             });
             if relayed {
                 req.metadata_mut()

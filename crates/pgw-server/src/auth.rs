@@ -224,15 +224,35 @@ impl Policy {
         };
         let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok());
         if let Some(name) = peer.name.as_deref() {
-            if let Some(id) = self.members.get(name) {
+            // A member's certificate names it twice (CN and DNS name): an operator certificate
+            // that happens to carry a member's CN is not a member.
+            let member = self
+                .members
+                .get(name)
+                .filter(|_| peer.dns_names.iter().any(|d| d == name));
+            if let Some(id) = member {
                 if header(FORWARDED).is_some() {
-                    if let (Some(op), Some(role)) = (
+                    if let (Some(op), Some(claimed)) = (
                         header(FORWARDED_CALLER),
                         header(FORWARDED_ROLE).and_then(OpRole::parse),
                     ) {
+                        // The forwarding member names the operator; the role is what this
+                        // member's own policy gives that operator (its token, forwarded with
+                        // the call, or its certificate's name), never more than claimed.
+                        let own = match header("authorization") {
+                            Some(v) => v
+                                .strip_prefix("Bearer ")
+                                .and_then(|t| self.token_role(t.trim().as_bytes())),
+                            None => self.roles.get(op).copied(),
+                        };
+                        let Some(own) = own else {
+                            return Err(Status::unauthenticated(format!(
+                                "forwarded caller `{op}` has no role on this member"
+                            )));
+                        };
                         return Ok(Caller::Operator {
                             name: op.to_string(),
-                            role,
+                            role: own.min(claimed),
                         });
                     }
                 }

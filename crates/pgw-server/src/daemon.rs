@@ -32,7 +32,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let https = cfg.tls.http.then(|| tls.clone());
     let reload_every = Duration::from_millis(cfg.tls.reload_check_ms);
     let channels = tls_channels(tls.clone(), &cfg, Duration::from_millis(500));
-    let node = Node::start(cfg, channels).await?;
+    let node = Node::start(cfg, channels, tls.clone()).await?;
     let policy = node.policy.clone();
     tls.spawn_reloader(reload_every, move || {
         if let Err(e) = policy.reload_tokens() {

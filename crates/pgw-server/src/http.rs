@@ -105,9 +105,13 @@ pub async fn serve(
     tls: Option<crate::tls::Tls>,
 ) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let per_ip = crate::tls::PerIp::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, addr)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let Some(ip_slot) = per_ip.take(addr.ip()) else {
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -117,7 +121,7 @@ pub async fn serve(
         let metrics = metrics.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, ip_slot);
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let pq = req
                     .uri()
@@ -142,11 +146,15 @@ pub async fn serve(
             });
             let limit = std::time::Duration::from_secs(30);
             let _ = tokio::time::timeout(limit, async move {
-                let b = hyper::server::conn::http1::Builder::new();
+                // A request's head must arrive within 5 s (no slow-header holding of slots).
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(5));
                 match tls {
                     Some(tls) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().https.clone());
-                        if let Ok(st) = acceptor.accept(stream).await {
+                        let hs = tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                        if let Ok(Ok(st)) = hs.await {
                             let _ = b.serve_connection(TokioIo::new(st), svc).await;
                         }
                     }

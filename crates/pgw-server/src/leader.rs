@@ -62,18 +62,30 @@ impl LeaderState {
         self.base.elapsed().as_millis() as u64
     }
 
-    pub fn record_report(&self, obs: Observation) {
+    /// Keeps a report unless an older one would replace a newer one. Returns whether it may
+    /// renew a lease: a report strictly newer (same run, later sequence; or a later run) than
+    /// the kept one; one kept only because the kept one has aged (a restarted sidecar whose
+    /// clock stepped back) counts only when it came straight from its member (`direct`), never
+    /// when relayed, so a relayed copy replayed later cannot renew anything.
+    pub fn record_report(&self, obs: Observation, direct: bool) -> bool {
         let now = self.now_ms();
+        let mut renews = false;
         if let Ok(mut g) = self.inner.lock() {
             let per = g.reports.entry(obs.cluster.clone()).or_default();
-            // Reports arrive concurrently: an older one never replaces a newer one.
-            if per.get(&obs.member).is_none_or(|(old, at)| {
-                obs.supersedes(old, now.saturating_sub(*at), REPORT_IN_FLIGHT_MS)
-            }) {
+            let (newer, replaces) = match per.get(&obs.member) {
+                None => (true, true),
+                Some((old, at)) => (
+                    (obs.incarnation, obs.seq) > (old.incarnation, old.seq),
+                    obs.supersedes(old, now.saturating_sub(*at), REPORT_IN_FLIGHT_MS),
+                ),
+            };
+            if replaces {
+                renews = newer || direct;
                 per.insert(obs.member.clone(), (obs, now));
             }
         }
         self.wake.notify_one();
+        renews
     }
 
     /// Records a lease grant to `cluster`'s primary at `epoch`; false (no grant) while a

@@ -108,7 +108,7 @@ fn raft_config(cfg: &Config) -> Result<openraft::Config, NodeError> {
 
 impl Node {
     /// Opens the data directory and starts Raft. Nothing is bound here.
-    pub async fn start(cfg: Config, channels: ChannelMaker) -> Result<Node, NodeError> {
+    pub async fn start(cfg: Config, channels: ChannelMaker, tls: Tls) -> Result<Node, NodeError> {
         cfg.validate()?;
         let policy = Arc::new(Policy::from_config(&cfg)?);
         let cfg = Arc::new(cfg);
@@ -159,6 +159,7 @@ impl Node {
             leader: crate::leader::LeaderState::new(),
             local_role: Default::default(),
             pgpool: Default::default(),
+            tls,
         };
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));
@@ -186,6 +187,10 @@ impl Node {
             .concurrency_limit_per_connection(64)
             .max_concurrent_streams(128)
             .http2_max_header_list_size(16 * 1024)
+            // Dead peers and half-open connections are noticed and their slots freed.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
             .layer(AuthLayer::new(self.policy.clone()))
             .add_service(
                 HealthServer::new(HealthService::from_health_reporter(self.health.clone()))

@@ -42,6 +42,8 @@ pub struct Shared {
     pub local_role: std::sync::Arc<std::sync::RwLock<Option<pgw_core::failover::PgRole>>>,
     /// What the leader last saw of every room's pgpool (empty on followers).
     pub pgpool: crate::pgpool::PoolViews,
+    /// This member's certificates (signs its reports, verifies relayed ones).
+    pub tls: crate::tls::Tls,
 }
 
 impl Shared {
@@ -179,10 +181,18 @@ impl WithLeader for Status {
 /// A request handed on to the leader: marked as forwarded (so it is never forwarded twice),
 /// naming the operator it is for (the leader trusts a member to say who asked), and with a
 /// deadline.
-fn forward_request<T>(req: T, caller: Option<&Caller>) -> Result<Request<T>, Status> {
+fn forward_request<T>(
+    req: T,
+    caller: Option<&Caller>,
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> Result<Request<T>, Status> {
     let mut fwd = Request::new(req);
     let md = fwd.metadata_mut();
     md.insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    // A token caller's token goes along: the leader checks it against its own policy.
+    if let Some(b) = bearer {
+        md.insert("authorization", b);
+    }
     if let Some(Caller::Operator { name, role }) = caller {
         let v = name.parse().map_err(|_| {
             Status::invalid_argument(format!(
@@ -232,12 +242,18 @@ fn parse<T: for<'de> serde::Deserialize<'de>>(req: &RaftRequest) -> Result<T, St
 }
 
 /// Server side of the member-to-member Raft transport. Every call must come from a member's
-/// certificate, and the vote it carries must be that member's own.
+/// certificate, the vote it carries must be that member's own, and terms and indices must be
+/// plausible (a term near `u64::MAX` would overflow openraft's next election).
 pub struct RaftService {
     shared: Shared,
-    /// The snapshot being received: (snapshot id, the next offset expected).
-    receiving: std::sync::Mutex<Option<(String, u64)>>,
+    /// Snapshots being received, per sender: (snapshot id, next offset, the bytes so far).
+    receiving: std::sync::Mutex<std::collections::BTreeMap<u64, (String, u64, Vec<u8>)>>,
 }
+
+/// How far ahead of our term a peer's term may be (an election per 100 ms for ~1 day).
+pub const MAX_TERM_JUMP: u64 = 1 << 20;
+/// Largest log index accepted (decades of decisions at any realistic rate).
+pub const MAX_LOG_INDEX: u64 = 1 << 48;
 
 impl RaftService {
     pub fn new(shared: Shared) -> Self {
@@ -259,8 +275,20 @@ impl RaftService {
         Ok((parse(&req)?, from))
     }
 
-    /// A vote (leader or candidate id) that is not the sender's own is refused.
+    fn max_term(&self) -> u64 {
+        let cur = self.shared.raft.metrics().borrow().current_term;
+        cur.saturating_add(MAX_TERM_JUMP).min(u64::MAX / 2)
+    }
+
+    /// A vote (leader or candidate id) that is not the sender's own, or whose term is far
+    /// beyond ours, is refused.
     fn own_vote(&self, vote: &openraft::Vote<u64>, from: u64) -> Result<(), Status> {
+        let term = vote.leader_id().term;
+        if term > self.max_term() {
+            return Err(Status::invalid_argument(format!(
+                "term {term} is implausibly far ahead of ours"
+            )));
+        }
         match vote.leader_id().voted_for() {
             Some(v) if v == from => Ok(()),
             v => Err(Status::permission_denied(format!(
@@ -270,43 +298,67 @@ impl RaftService {
         }
     }
 
-    /// Snapshot chunks are accepted only in order, and only up to [`MAX_SNAPSHOT_BYTES`]: a
-    /// chunk at a far offset would make the receiving buffer allocate without bound.
+    /// Terms and indices of log ids in a request must be plausible.
+    fn sane(&self, ids: impl IntoIterator<Item = openraft::LogId<u64>>) -> Result<(), Status> {
+        let max_term = self.max_term();
+        for id in ids {
+            if id.leader_id.term > max_term || id.index > MAX_LOG_INDEX {
+                return Err(Status::invalid_argument(format!(
+                    "log id {id} is implausible"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Snapshot chunks are accepted only in order, per sender, and only up to
+    /// [`MAX_SNAPSHOT_BYTES`] (a chunk at a far offset would make the receiving buffer
+    /// allocate without bound); the whole snapshot must be one this store can read before its
+    /// last chunk reaches openraft. Returns the state to keep once openraft took the chunk.
     fn check_chunk(
         &self,
+        from: u64,
         r: &openraft::raft::InstallSnapshotRequest<TypeConfig>,
-    ) -> Result<(), Status> {
+    ) -> Result<Option<(String, u64, Vec<u8>)>, Status> {
         let id = r.meta.snapshot_id.clone();
-        let len = r.data.len() as u64;
         let mut rx = self
             .receiving
             .lock()
             .map_err(|_| Status::internal("snapshot state lock poisoned"))?;
-        let next = match rx.as_ref() {
-            _ if r.offset == 0 => 0,
-            Some((cur, next)) if *cur == id => *next,
-            _ => {
+        // Taken out while this chunk is checked; put back once openraft took it.
+        let (next, mut buf) = match rx.remove(&from) {
+            _ if r.offset == 0 => (0, Vec::new()),
+            Some((cur, next, buf)) if cur == id => (next, buf),
+            other => {
+                if let Some(o) = other {
+                    rx.insert(from, o);
+                }
                 return Err(Status::invalid_argument(format!(
                     "snapshot {id}: chunk at offset {} without its beginning",
                     r.offset
-                )))
+                )));
             }
         };
+        drop(rx);
         if r.offset != next {
             return Err(Status::invalid_argument(format!(
                 "snapshot {id}: chunk at offset {}, expected {next}",
                 r.offset
             )));
         }
-        let end = next.saturating_add(len);
+        let end = next.saturating_add(r.data.len() as u64);
         if end > MAX_SNAPSHOT_BYTES {
-            *rx = None;
             return Err(Status::invalid_argument(format!(
                 "snapshot {id}: larger than {MAX_SNAPSHOT_BYTES} bytes"
             )));
         }
-        *rx = if r.done { None } else { Some((id, end)) };
-        Ok(())
+        buf.extend_from_slice(&r.data);
+        if r.done {
+            crate::store::check_snapshot(&buf)
+                .map_err(|e| Status::invalid_argument(format!("snapshot {id}: {e}")))?;
+            return Ok(None);
+        }
+        Ok(Some((id, end, buf)))
     }
 }
 
@@ -319,12 +371,19 @@ impl raft_server::Raft for RaftService {
         let (r, from): (openraft::raft::AppendEntriesRequest<TypeConfig>, _) =
             self.accept(request)?;
         self.own_vote(&r.vote, from)?;
+        self.sane(
+            r.prev_log_id
+                .into_iter()
+                .chain(r.leader_commit)
+                .chain(r.entries.iter().map(|e| e.log_id)),
+        )?;
         raft_reply(self.shared.raft.append_entries(r).await)
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let (r, from): (openraft::raft::VoteRequest<u64>, _) = self.accept(request)?;
         self.own_vote(&r.vote, from)?;
+        self.sane(r.last_log_id)?;
         raft_reply(self.shared.raft.vote(r).await)
     }
 
@@ -335,8 +394,23 @@ impl raft_server::Raft for RaftService {
         let (r, from): (openraft::raft::InstallSnapshotRequest<TypeConfig>, _) =
             self.accept(request)?;
         self.own_vote(&r.vote, from)?;
-        self.check_chunk(&r)?;
-        raft_reply(self.shared.raft.install_snapshot(r).await)
+        self.sane(r.meta.last_log_id)?;
+        let keep = self.check_chunk(from, &r)?;
+        let res = self.shared.raft.install_snapshot(r).await;
+        // Advance only once openraft took the chunk (a retried chunk is then still expected).
+        if res.is_ok() {
+            if let Ok(mut rx) = self.receiving.lock() {
+                match keep {
+                    Some(k) => {
+                        rx.insert(from, k);
+                    }
+                    None => {
+                        rx.remove(&from);
+                    }
+                }
+            }
+        }
+        raft_reply(res)
     }
 }
 
@@ -677,14 +751,15 @@ impl admin_server::Admin for AdminService {
     ) -> Result<Response<ReportReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
         let who = caller(&request)?;
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         self.0.check_member(req.identity.as_ref(), &who)?;
         let mut obs: pgw_core::failover::Observation = serde_json::from_slice(&req.observation)
             .map_err(|e| Status::invalid_argument(format!("malformed observation: {e}")))?;
         // A member reports for itself; a relay (a member handing on a report it received) may
         // carry another member's. Either way, only configured data members and clusters are
         // kept: anything else is dropped and counted, so the report map cannot grow.
-        if !forwarded && obs.member != who.name() {
+        let relayed = obs.member != who.name();
+        if relayed && !forwarded {
             return Err(Status::permission_denied(format!(
                 "member `{}` may only report for itself, not for `{}`",
                 who.name(),
@@ -706,6 +781,26 @@ impl admin_server::Admin for AdminService {
                 obs.cluster
             )));
         }
+        if relayed {
+            // A relayed report counts only with its member's own signature.
+            let scheme = u16::try_from(req.scheme).unwrap_or(0);
+            self.0
+                .tls
+                .verify_member_signature(
+                    &obs.member,
+                    &req.cert,
+                    scheme,
+                    &req.observation,
+                    &req.signature,
+                )
+                .map_err(|e| {
+                    Status::permission_denied(format!(
+                        "report for `{}` relayed by `{}` refused: {e}",
+                        obs.member,
+                        who.name()
+                    ))
+                })?;
+        }
         obs.standbys.retain(|m, _| data_member(m));
         let m = self.0.raft.metrics().borrow().clone();
         let me = self.0.cfg.me().map(|x| x.id);
@@ -716,7 +811,9 @@ impl admin_server::Admin for AdminService {
             if !forwarded && m.current_leader.is_some() {
                 let limit = Duration::from_millis(self.0.cfg.failover.lease_ms);
                 let mut c = self.leader_client(false)?;
-                let fwd = forward_request(req, None)?;
+                // Relayed under our own name; the report keeps its member's signature.
+                req.identity = Some(self.0.identity());
+                let fwd = forward_request(req, None, None)?;
                 return match tokio::time::timeout(limit, c.report(fwd)).await {
                     Ok(r) => r,
                     Err(_) => Err(Status::unavailable(
@@ -739,9 +836,9 @@ impl admin_server::Admin for AdminService {
             f.and_then(|f| f.primary.as_deref()) == Some(obs.member.as_str()) && obs.epoch == epoch;
         let cluster = obs.cluster.clone();
         let member = obs.member.clone();
-        self.0.leader.record_report(obs);
+        let renews = self.0.leader.record_report(obs, !relayed);
         let mut lease_ok = false;
-        if is_primary {
+        if is_primary && renews {
             // Renew only after a majority confirmed we still lead (a deposed leader cannot),
             // only if the primary record did not move meanwhile, and not while a decision to
             // move it is in flight.
@@ -768,11 +865,12 @@ impl admin_server::Admin for AdminService {
     ) -> Result<Response<OperationReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
         let who = caller(&request)?;
+        let bearer = request.metadata().get("authorization").cloned();
         let req = request.into_inner();
         if !self.is_leader() {
             return self
                 .leader_client(forwarded)?
-                .switchover(forward_request(req, Some(&who))?)
+                .switchover(forward_request(req, Some(&who), bearer)?)
                 .await;
         }
         self.begin_reply(
@@ -791,11 +889,12 @@ impl admin_server::Admin for AdminService {
     ) -> Result<Response<OperationReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
         let who = caller(&request)?;
+        let bearer = request.metadata().get("authorization").cloned();
         let req = request.into_inner();
         if !self.is_leader() {
             return self
                 .leader_client(forwarded)?
-                .failover(forward_request(req, Some(&who))?)
+                .failover(forward_request(req, Some(&who), bearer)?)
                 .await;
         }
         self.begin_reply(
@@ -814,11 +913,12 @@ impl admin_server::Admin for AdminService {
     ) -> Result<Response<OperationReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
         let who = caller(&request)?;
+        let bearer = request.metadata().get("authorization").cloned();
         let req = request.into_inner();
         if !self.is_leader() {
             return self
                 .leader_client(forwarded)?
-                .recover(forward_request(req, Some(&who))?)
+                .recover(forward_request(req, Some(&who), bearer)?)
                 .await;
         }
         self.begin_reply(
@@ -973,6 +1073,7 @@ impl admin_server::Admin for AdminService {
     ) -> Result<Response<DecisionReply>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
         let who = caller(&request)?;
+        let bearer = request.metadata().get("authorization").cloned();
         let req = request.into_inner();
         self.cluster_known(&req.cluster)?;
         let cmd = Command::SetPaused {
@@ -1001,7 +1102,7 @@ impl admin_server::Admin for AdminService {
                     Status::unavailable(format!("cannot reach leader at {addr}: {e}"))
                 })?;
                 AdminClient::new(ch)
-                    .set_paused(forward_request(req, Some(&who))?)
+                    .set_paused(forward_request(req, Some(&who), bearer)?)
                     .await
             }
             Err(status) => Err(status),

@@ -691,6 +691,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
+/// Whether `bytes` are a snapshot this store can install (checked before the last chunk
+/// reaches openraft: a snapshot it cannot read would otherwise stop the member as a storage
+/// error).
+pub fn check_snapshot(bytes: &[u8]) -> Result<(), String> {
+    serde_json::from_slice::<SnapshotFile>(bytes)
+        .map(|_| ())
+        .map_err(|e| format!("not a pg-watcher snapshot: {e}"))
+}
+
 /// Member names by node id, for status output.
 pub fn names_by_id(cfg: &Config) -> BTreeMap<u64, String> {
     cfg.members.iter().map(|m| (m.id, m.name.clone())).collect()

@@ -137,6 +137,12 @@ pub struct Material {
     pub client: Arc<ClientConfig>,
     /// This member's certificate's end, seconds since the Unix epoch.
     pub not_after: Option<i64>,
+    /// Verifies certificates against the CA (reports relayed by another member).
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// Signs this member's reports, so that a member relaying one cannot alter it.
+    signer: Arc<dyn rustls::sign::SigningKey>,
+    /// This member's certificate (DER), sent with a signed report.
+    cert_der: Vec<u8>,
 }
 
 fn load_material(
@@ -168,6 +174,12 @@ fn load_material(
             format!("the certificate has no DNS subject alternative name `{member}`; peers verify members by it"),
         ));
     }
+    let strict = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| file_err("tls.ca", &cfg.ca, e))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| file_err("tls.key", &cfg.key, e))?;
+    let cert_der = certs.first().map(|c| c.as_ref().to_vec()).unwrap_or_default();
     let mut verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
     if certless_clients {
         // Operators holding a role token (auth.*_token_file) may connect without a certificate;
@@ -210,6 +222,9 @@ fn load_material(
         https: Arc::new(https),
         client: Arc::new(client),
         not_after: info.not_after,
+        verifier: strict,
+        signer,
+        cert_der,
     })
 }
 
@@ -316,6 +331,49 @@ impl Tls {
         });
     }
 
+    /// Signs `msg` with this member's key: (scheme, signature, certificate DER).
+    pub fn sign(&self, msg: &[u8]) -> Option<(u16, Vec<u8>, Vec<u8>)> {
+        let m = self.current();
+        let schemes = provider().signature_verification_algorithms.supported_schemes();
+        let signer = m.signer.choose_scheme(&schemes)?;
+        let sig = signer.sign(msg).ok()?;
+        Some((u16::from(signer.scheme()), sig, m.cert_der.clone()))
+    }
+
+    /// Checks that `sig` over `msg` was made by `member`'s key: the certificate must chain to
+    /// the CA and name the member (CN and DNS name), and the signature must verify with it.
+    pub fn verify_member_signature(
+        &self,
+        member: &str,
+        cert_der: &[u8],
+        scheme: u16,
+        msg: &[u8],
+        sig: &[u8],
+    ) -> Result<(), String> {
+        let cert = CertificateDer::from(cert_der);
+        self.current()
+            .verifier
+            .verify_client_cert(&cert, &[], rustls::pki_types::UnixTime::now())
+            .map_err(|e| format!("the signing certificate is not valid: {e}"))?;
+        let info = x509::parse(cert_der).ok_or("the signing certificate cannot be read")?;
+        if info.common_name.as_deref() != Some(member) || !info.dns_names.iter().any(|n| n == member)
+        {
+            return Err(format!("the signing certificate does not name `{member}`"));
+        }
+        let scheme = rustls::SignatureScheme::from(scheme);
+        let alg = provider()
+            .signature_verification_algorithms
+            .mapping
+            .iter()
+            .find(|(s, _)| *s == scheme)
+            .and_then(|(_, algs)| algs.first().copied())
+            .ok_or_else(|| format!("signature scheme {scheme:?} is not supported"))?;
+        let ee = webpki::EndEntityCert::try_from(&cert)
+            .map_err(|e| format!("the signing certificate cannot be used: {e}"))?;
+        ee.verify_signature(alg, msg, sig)
+            .map_err(|e| format!("bad signature: {e}"))
+    }
+
     /// The server side of a handshake on an accepted connection.
     pub async fn accept<IO>(&self, io: IO, addr: Option<SocketAddr>) -> io::Result<Authed<IO>>
     where
@@ -356,17 +414,19 @@ pub struct PeerCert {
     pub name: Option<String>,
     /// Whether the caller presented a (verified) certificate at all.
     pub has_cert: bool,
+    /// The certificate's DNS subject alternative names (a member's certificate has its name).
+    pub dns_names: Vec<String>,
     pub addr: Option<SocketAddr>,
 }
 
 impl PeerCert {
     fn of(certs: Option<&[CertificateDer<'_>]>, addr: Option<SocketAddr>) -> PeerCert {
         let first = certs.and_then(|c| c.first());
+        let info = first.and_then(|c| x509::parse(c.as_ref())).unwrap_or_default();
         PeerCert {
-            name: first
-                .and_then(|c| x509::parse(c.as_ref()))
-                .and_then(|i| i.common_name),
+            name: info.common_name,
             has_cert: first.is_some(),
+            dns_names: info.dns_names,
             addr,
         }
     }
@@ -376,7 +436,43 @@ impl PeerCert {
 pub struct Authed<IO> {
     stream: tokio_rustls::server::TlsStream<IO>,
     peer: PeerCert,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<(OwnedSemaphorePermit, IpSlot)>,
+}
+
+/// Connections one address may hold at once ([`MAX_CONNECTIONS`] in all): one caller cannot
+/// take every slot and keep the members from reaching each other.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+
+/// Counts connections per source address.
+#[derive(Clone, Default)]
+pub struct PerIp(Arc<Mutex<HashMap<std::net::IpAddr, usize>>>);
+
+/// One connection's place in [`PerIp`]; released when dropped.
+pub struct IpSlot(PerIp, std::net::IpAddr);
+
+impl PerIp {
+    pub fn take(&self, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut m = self.0.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = (self.0).0.lock() {
+            if let Some(n) = m.get_mut(&self.1) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.1);
+                }
+            }
+        }
+    }
 }
 
 impl<IO> Connected for Authed<IO> {
@@ -432,6 +528,7 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<Authed<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Authed<TcpStream>>>(64);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_ip = PerIp::default();
     let refusals = RefusalLog::default();
     tokio::spawn(async move {
         loop {
@@ -442,6 +539,10 @@ pub fn incoming(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let Some(ip_slot) = per_ip.take(addr.ip()) else {
+                refusals.refuse(addr, "too many connections from one address");
+                continue;
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 refusals.refuse(addr, "too many connections");
@@ -454,7 +555,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp, Some(addr))).await {
                     Ok(Ok(mut s)) => {
-                        s._permit = Some(permit);
+                        s._permit = Some((permit, ip_slot));
                         let _ = tx.send(Ok(s)).await;
                     }
                     Ok(Err(e)) => refusals.refuse(addr, &format!("TLS handshake failed: {e}")),
@@ -487,11 +588,24 @@ impl RefusalLog {
         let Ok(mut seen) = self.seen.lock() else {
             return;
         };
-        if seen.len() > 4096 {
-            seen.clear();
-        }
         let key = format!("{who}|{kind}");
         let now = Instant::now();
+        if seen.len() >= 4096 && !seen.contains_key(&key) {
+            // Many distinct callers: drop entries older than the interval; if all are recent,
+            // log this one under a shared key so the log stays bounded.
+            seen.retain(|_, (t, _)| now.duration_since(*t) < REFUSAL_LOG_INTERVAL);
+            if seen.len() >= 4096 {
+                let shared = format!("*|{kind}");
+                match seen.get_mut(&shared) {
+                    Some((_, n)) => *n += 1,
+                    None => {
+                        tracing::warn!("refused: {reason} (many callers; further ones not logged)");
+                        seen.insert(shared, (now, 0));
+                    }
+                }
+                return;
+            }
+        }
         match seen.get_mut(&key) {
             Some((last, n)) if now.duration_since(*last) < REFUSAL_LOG_INTERVAL => *n += 1,
             Some((last, n)) => {

@@ -377,6 +377,8 @@ impl Sidecar {
         let Ok(bytes) = serde_json::to_vec(&obs) else {
             return;
         };
+        // Signed, so that a member relaying it to the leader cannot alter it.
+        let signed = self.s.tls.sign(&bytes).unwrap_or_default();
         let mut targets = Vec::new();
         if let Some(addr) = leader.and_then(|l| self.s.cfg.member_by_id(l).map(|x| x.grpc.clone()))
         {
@@ -436,6 +438,9 @@ impl Sidecar {
             let mut req = tonic::Request::new(ReportRequest {
                 identity: Some(self.s.identity()),
                 observation: bytes.clone(),
+                cert: signed.2.clone(),
+                scheme: u32::from(signed.0),
+                signature: signed.1.clone(),
             });
             req.set_timeout(limit);
             let me = self.clone();
