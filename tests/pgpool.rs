@@ -511,9 +511,9 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
     )
     .await
     .expect("connect")
-        .pcp(not_leader)
-        .await
-        .expect_err("a command from a non-leader is refused");
+    .pcp(not_leader)
+    .await
+    .expect_err("a command from a non-leader is refused");
     assert!(
         refused.message().contains("from the Raft leader only"),
         "{refused:?}"

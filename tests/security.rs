@@ -174,9 +174,11 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
         }
     }
     // A member of the rogue CA cannot speak Raft either.
-    let (mc, mk) = rogue.member("room-b", &["127.0.0.1".into()], 30).expect("m");
-    let rogue_member = ClientAuth::from_files(Some(&pki().ca), Some(&mc), Some(&mk), None)
-        .expect("creds");
+    let (mc, mk) = rogue
+        .member("room-b", &["127.0.0.1".into()], 30)
+        .expect("m");
+    let rogue_member =
+        ClientAuth::from_files(Some(&pki().ca), Some(&mc), Some(&mk), None).expect("creds");
     if let Ok(ch) = channel_as(&target, T, &rogue_member).await {
         let r = RaftClient::new(ch)
             .append_entries(RaftRequest {
@@ -243,10 +245,14 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
         observation: serde_json::to_vec(&obs).expect("json"),
         ..Default::default()
     });
-    relay
-        .metadata_mut()
-        .insert("x-pgw-forwarded", tonic::metadata::MetadataValue::from_static("1"));
-    let r = admin_a.report(relay).await.expect_err("unsigned relay refused");
+    relay.metadata_mut().insert(
+        "x-pgw-forwarded",
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    let r = admin_a
+        .report(relay)
+        .await
+        .expect_err("unsigned relay refused");
     assert_eq!(r.code(), tonic::Code::PermissionDenied, "{r:?}");
     assert!(r.message().contains("relayed by `room-a` refused"), "{r:?}");
     // A member naming an operator when forwarding gets that operator's own role at most.
@@ -260,10 +266,16 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
             reason: "forged forward".into(),
         });
         let md = fwd.metadata_mut();
-        md.insert("x-pgw-forwarded", tonic::metadata::MetadataValue::from_static("1"));
+        md.insert(
+            "x-pgw-forwarded",
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
         md.insert("x-pgw-caller", op.parse().expect("ascii"));
         md.insert("x-pgw-role", role.parse().expect("ascii"));
-        let e = admin_a.set_paused(fwd).await.expect_err("forged forward refused");
+        let e = admin_a
+            .set_paused(fwd)
+            .await
+            .expect_err("forged forward refused");
         assert_eq!(e.code(), code, "{op}: {e:?}");
     }
     // Terms near u64::MAX (they would overflow openraft's next election) and unreadable
@@ -297,7 +309,9 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
 
     // 4. Roles: read cannot operate, operate cannot force.
-    let mut read = connect_as(&target, T, &pki().client("read")).await.expect("read");
+    let mut read = connect_as(&target, T, &pki().client("read"))
+        .await
+        .expect("read");
     read.status(StatusRequest {}).await.expect("read may read");
     for r in [
         read.set_paused(SetPausedRequest {
@@ -450,11 +464,17 @@ async fn ten_thousand_reports_for_made_up_members_leave_the_leaders_memory_flat(
     let s = wait_leader(&eps, None, LIMIT).await;
     let leader = s.leader.clone().expect("leader");
     let li = g.index_of(&leader);
-    let sender = g.members.iter().find(|m| m.name() != leader).expect("other");
+    let sender = g
+        .members
+        .iter()
+        .find(|m| m.name() != leader)
+        .expect("other");
     let sender_name = sender.name().to_string();
     let pid = g.members[li].child.as_ref().expect("running").id();
     let auth = member_auth(&sender_name);
-    let ch = channel_as(&g.members[li].grpc(), T, &auth).await.expect("channel");
+    let ch = channel_as(&g.members[li].grpc(), T, &auth)
+        .await
+        .expect("channel");
     let ident = identity(&g, &sender_name);
     let send = |i: u32, relayed: bool| {
         let mut c = pgw_proto::admin_client::AdminClient::new(ch.clone());
@@ -472,8 +492,10 @@ async fn ten_thousand_reports_for_made_up_members_leave_the_leaders_memory_flat(
                 ..Default::default()
             });
             if relayed {
-                req.metadata_mut()
-                    .insert("x-pgw-forwarded", tonic::metadata::MetadataValue::from_static("1"));
+                req.metadata_mut().insert(
+                    "x-pgw-forwarded",
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
             }
             c.report(req).await
         }
@@ -488,7 +510,9 @@ async fn ten_thousand_reports_for_made_up_members_leave_the_leaders_memory_flat(
     let total = 10_000u32;
     let mut i = 0;
     while i < total {
-        let batch: Vec<_> = (i..(i + 50).min(total)).map(|k| send(k, k % 2 == 0)).collect();
+        let batch: Vec<_> = (i..(i + 50).min(total))
+            .map(|k| send(k, k % 2 == 0))
+            .collect();
         for r in futures_util::future::join_all(batch).await {
             if r.is_err() {
                 refused += 1;
@@ -509,7 +533,10 @@ async fn ten_thousand_reports_for_made_up_members_leave_the_leaders_memory_flat(
         .filter(|l| l.starts_with("pgwatcher_reports_dropped_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert!(dropped >= f64::from(total / 2), "dropped counter {dropped}\n{metrics}");
+    assert!(
+        dropped >= f64::from(total / 2),
+        "dropped counter {dropped}\n{metrics}"
+    );
     eprintln!(
         "10,000 made-up reports in {:?}: leader RSS {rss0} KiB -> {rss1} KiB, {dropped} counted as dropped",
         t0.elapsed()
@@ -532,7 +559,10 @@ impl Tmpfs {
             .arg(dir)
             .status()
             .expect("mount");
-        assert!(ok.success(), "mounting a tmpfs needs root (CI runs as root)");
+        assert!(
+            ok.success(),
+            "mounting a tmpfs needs root (CI runs as root)"
+        );
         Tmpfs(dir.to_path_buf())
     }
 }
@@ -796,7 +826,10 @@ async fn certificates_reload_without_restart_tokens_grant_roles_and_http_is_read
         .await
         .expect_err("token refused for Raft");
     assert!(
-        matches!(e.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated),
+        matches!(
+            e.code(),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        ),
         "{e:?}"
     );
     let h = pgw_cli::status::connect(&eps[0], T)
@@ -839,8 +872,11 @@ async fn certificates_reload_without_restart_tokens_grant_roles_and_http_is_read
         .await
         .expect("room-a serves with its new certificate");
     // A broken key is refused; the previous certificates stay in use.
-    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
-        .expect("break key");
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("break key");
     g.signal_watcher(0, libc::SIGHUP);
     let t0 = Instant::now();
     loop {
@@ -848,7 +884,10 @@ async fn certificates_reload_without_restart_tokens_grant_roles_and_http_is_read
         if metric(&m, "pgwatcher_tls_reload_failures_total").unwrap_or(0.0) >= 1.0 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "failure not counted: {m}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "failure not counted: {m}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pgw_cli::status::member_status(&a_grpc, T)

@@ -731,7 +731,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                 failover: Default::default(),
                 tls: crate::common::pki().tls(&m.name),
                 auth: crate::common::pki().auth(),
-            pgpool: Some(PgpoolConfig {
+                pgpool: Some(PgpoolConfig {
                     manage: data,
                     bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),
                     work_dir: data.then(|| dir.join(&m.name).join("pgpool")),

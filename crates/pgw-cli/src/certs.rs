@@ -156,7 +156,8 @@ impl Authority {
         let key_path = dir.join(CA_KEY);
         let key_pem = fs::read_to_string(&key_path).map_err(|e| err(&key_path, e))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| err(&key_path, e))?;
-        let certs = pgw_server::tls::load_certs("ca", &cert_path).map_err(|e| err(&cert_path, e))?;
+        let certs =
+            pgw_server::tls::load_certs("ca", &cert_path).map_err(|e| err(&cert_path, e))?;
         let name = certs
             .first()
             .and_then(|c| pgw_server::x509::parse(c.as_ref()))
@@ -224,7 +225,12 @@ impl Authority {
     }
 
     /// A member certificate: CN and DNS name `name`, and every host in `hosts`.
-    pub fn member(&self, name: &str, hosts: &[String], days: u32) -> Result<(PathBuf, PathBuf), CliError> {
+    pub fn member(
+        &self,
+        name: &str,
+        hosts: &[String],
+        days: u32,
+    ) -> Result<(PathBuf, PathBuf), CliError> {
         let mut sans = vec![name.to_string()];
         sans.extend(hosts.iter().filter(|h| *h != name).cloned());
         self.issue(
@@ -288,7 +294,11 @@ pub const ROLES: [&str; 3] = ["read", "operate", "admin"];
 impl GroupCerts {
     /// Makes (or reuses) the CA in `dir` and issues the certificates. `members` are
     /// (name, hosts it is reached at).
-    pub fn make(dir: &Path, members: &[(String, Vec<String>)], prefix: &str) -> Result<GroupCerts, CliError> {
+    pub fn make(
+        dir: &Path,
+        members: &[(String, Vec<String>)],
+        prefix: &str,
+    ) -> Result<GroupCerts, CliError> {
         let a = Authority::open_or_create(dir, "pg-watcher CA")?;
         let mut g = GroupCerts {
             ca: a.ca_path(),

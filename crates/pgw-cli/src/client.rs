@@ -64,14 +64,10 @@ impl ClientAuth {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             (Some(_), None) => {
-                return Err(CliError::Usage(
-                    "--cert needs --key (or PGW_KEY)".into(),
-                ))
+                return Err(CliError::Usage("--cert needs --key (or PGW_KEY)".into()))
             }
             (None, Some(_)) => {
-                return Err(CliError::Usage(
-                    "--key needs --cert (or PGW_CERT)".into(),
-                ))
+                return Err(CliError::Usage("--key needs --cert (or PGW_CERT)".into()))
             }
         };
         if identity.is_none() && token_file.is_none() {
@@ -90,10 +86,12 @@ impl ClientAuth {
                     path: p.display().to_string(),
                     message: e.to_string(),
                 })?;
-                let v = format!("Bearer {}", text.trim()).parse().map_err(|_| CliError::Io {
-                    path: p.display().to_string(),
-                    message: "the token is not printable ASCII".into(),
-                })?;
+                let v = format!("Bearer {}", text.trim())
+                    .parse()
+                    .map_err(|_| CliError::Io {
+                        path: p.display().to_string(),
+                        message: "the token is not printable ASCII".into(),
+                    })?;
                 Some(v)
             }
         };

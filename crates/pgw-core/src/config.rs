@@ -579,8 +579,16 @@ impl Config {
         let f = &self.failover;
         for (field, v, max) in [
             ("raft.heartbeat_ms", r.heartbeat_ms, HOUR_MS),
-            ("raft.election_timeout_min_ms", r.election_timeout_min_ms, HOUR_MS),
-            ("raft.election_timeout_max_ms", r.election_timeout_max_ms, HOUR_MS),
+            (
+                "raft.election_timeout_min_ms",
+                r.election_timeout_min_ms,
+                HOUR_MS,
+            ),
+            (
+                "raft.election_timeout_max_ms",
+                r.election_timeout_max_ms,
+                HOUR_MS,
+            ),
             ("raft.rpc_timeout_ms", r.rpc_timeout_ms, HOUR_MS),
             ("raft.snapshot_logs", r.snapshot_logs, 1_000_000_000),
             ("failover.report_interval_ms", f.report_interval_ms, HOUR_MS),
@@ -592,7 +600,10 @@ impl Config {
             ("tls.reload_check_ms", self.tls.reload_check_ms, HOUR_MS),
         ] {
             if v > max {
-                return Err(invalid(field, format!("{v} is out of range (at most {max})")));
+                return Err(invalid(
+                    field,
+                    format!("{v} is out of range (at most {max})"),
+                ));
             }
         }
         for (i, c) in self.clusters.iter().enumerate() {
@@ -607,7 +618,10 @@ impl Config {
             if p.check_interval_ms > HOUR_MS {
                 return Err(invalid(
                     "pgpool.check_interval_ms",
-                    format!("{} is out of range (at most {HOUR_MS})", p.check_interval_ms),
+                    format!(
+                        "{} is out of range (at most {HOUR_MS})",
+                        p.check_interval_ms
+                    ),
                 ));
             }
         }
@@ -788,12 +802,17 @@ impl Config {
             for (i, n) in names.iter().enumerate() {
                 let f = format!("auth.{role}[{i}]");
                 if n.trim().is_empty() || n.len() > 200 {
-                    return Err(invalid(f, "must be a certificate common name (1-200 characters)"));
+                    return Err(invalid(
+                        f,
+                        "must be a certificate common name (1-200 characters)",
+                    ));
                 }
                 if members.contains(n.as_str()) {
                     return Err(invalid(
                         f,
-                        format!("`{n}` is a member name; operator certificates need names of their own"),
+                        format!(
+                            "`{n}` is a member name; operator certificates need names of their own"
+                        ),
                     ));
                 }
                 if !seen.insert(n.as_str()) {

@@ -748,31 +748,76 @@ mod tests {
         prop_oneof![
             arb_command(),
             (name.clone(), any::<u32>()).prop_map(|(cluster, sync_quorum)| {
-                Command::EnsureCluster { cluster, sync_quorum }
-            }),
-            (name.clone(), name.clone(), any::<u64>(), any::<String>(), proptest::option::of(
-                proptest::collection::btree_set(name.clone(), 0..4)
-            ))
-                .prop_map(|(cluster, member, expected_epoch, reason, sync_standbys)| {
-                    Command::SetPrimary { cluster, member, expected_epoch, reason, sync_standbys }
-                }),
-            (name.clone(), proptest::collection::btree_set(name.clone(), 0..5), any::<u32>(), any::<u64>())
-                .prop_map(|(cluster, standbys, quorum, expected_epoch)| Command::SetSyncSet {
-                    cluster, standbys, quorum, expected_epoch
-                }),
-            (name.clone(), any::<bool>(), proptest::option::of(name.clone()), any::<u64>(), any::<bool>())
-                .prop_map(|(cluster, sw, target, expected_epoch, adl)| Command::BeginOperation {
+                Command::EnsureCluster {
                     cluster,
-                    operation: if sw { OperationKind::Recover } else { OperationKind::Failover },
-                    target,
-                    expected_epoch,
-                    detail: String::new(),
-                    accept_data_loss: adl,
-                }),
-            (name.clone(), any::<u64>()).prop_map(|(cluster, lsn)| Command::ResyncDone { cluster, lsn }),
-            (name, any::<u64>(), any::<bool>(), any::<String>()).prop_map(|(cluster, id, ok, detail)| {
-                Command::FinishOperation { cluster, id, succeeded: ok, detail }
+                    sync_quorum,
+                }
             }),
+            (
+                name.clone(),
+                name.clone(),
+                any::<u64>(),
+                any::<String>(),
+                proptest::option::of(proptest::collection::btree_set(name.clone(), 0..4))
+            )
+                .prop_map(
+                    |(cluster, member, expected_epoch, reason, sync_standbys)| {
+                        Command::SetPrimary {
+                            cluster,
+                            member,
+                            expected_epoch,
+                            reason,
+                            sync_standbys,
+                        }
+                    }
+                ),
+            (
+                name.clone(),
+                proptest::collection::btree_set(name.clone(), 0..5),
+                any::<u32>(),
+                any::<u64>()
+            )
+                .prop_map(|(cluster, standbys, quorum, expected_epoch)| {
+                    Command::SetSyncSet {
+                        cluster,
+                        standbys,
+                        quorum,
+                        expected_epoch,
+                    }
+                }),
+            (
+                name.clone(),
+                any::<bool>(),
+                proptest::option::of(name.clone()),
+                any::<u64>(),
+                any::<bool>()
+            )
+                .prop_map(|(cluster, sw, target, expected_epoch, adl)| {
+                    Command::BeginOperation {
+                        cluster,
+                        operation: if sw {
+                            OperationKind::Recover
+                        } else {
+                            OperationKind::Failover
+                        },
+                        target,
+                        expected_epoch,
+                        detail: String::new(),
+                        accept_data_loss: adl,
+                    }
+                }),
+            (name.clone(), any::<u64>())
+                .prop_map(|(cluster, lsn)| Command::ResyncDone { cluster, lsn }),
+            (name, any::<u64>(), any::<bool>(), any::<String>()).prop_map(
+                |(cluster, id, ok, detail)| {
+                    Command::FinishOperation {
+                        cluster,
+                        id,
+                        succeeded: ok,
+                        detail,
+                    }
+                }
+            ),
         ]
     }
 

@@ -132,7 +132,7 @@ fn read_token(field: &'static str, path: &Path) -> Result<Vec<u8>, TokenError> {
         if let Ok(m) = std::fs::metadata(path) {
             if m.permissions().mode() & 0o077 != 0 {
                 return Err(err(
-                    "is readable by group or others; chmod 600 it".to_string(),
+                    "is readable by group or others; chmod 600 it".to_string()
                 ));
             }
         }
@@ -161,13 +161,21 @@ impl Policy {
             }
         }
         let token_files: Vec<_> = [
-            (OpRole::Read, "auth.read_token_file", &cfg.auth.read_token_file),
+            (
+                OpRole::Read,
+                "auth.read_token_file",
+                &cfg.auth.read_token_file,
+            ),
             (
                 OpRole::Operate,
                 "auth.operate_token_file",
                 &cfg.auth.operate_token_file,
             ),
-            (OpRole::Admin, "auth.admin_token_file", &cfg.auth.admin_token_file),
+            (
+                OpRole::Admin,
+                "auth.admin_token_file",
+                &cfg.auth.admin_token_file,
+            ),
         ]
         .into_iter()
         .filter_map(|(r, f, p)| p.clone().map(|p| (r, f, p)))

@@ -153,7 +153,10 @@ pub async fn serve(
                 match tls {
                     Some(tls) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().https.clone());
-                        let hs = tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                        let hs = tokio::time::timeout(
+                            crate::tls::HANDSHAKE_TIMEOUT,
+                            acceptor.accept(stream),
+                        );
                         if let Ok(Ok(st)) = hs.await {
                             let _ = b.serve_connection(TokioIo::new(st), svc).await;
                         }

@@ -16,10 +16,10 @@ use tonic_health::ServingStatus;
 
 use crate::auth::{AuthLayer, Policy};
 use crate::network::{GrpcNetworkFactory, Reachability, TransportConfig};
-use crate::tls::Tls;
 use crate::service::{AdminService, RaftService, Shared};
 use crate::store::{self, StoreError};
 use crate::telemetry;
+use crate::tls::Tls;
 use crate::types::Raft;
 
 /// Why a member could not start or had to stop.
@@ -181,7 +181,11 @@ impl Node {
     /// The gRPC services of this member: Raft transport, admin API and `grpc.health.v1`.
     /// Every call passes the authorisation layer first; messages, concurrency and time per
     /// call are bounded.
-    pub fn grpc_router(&self) -> tonic::transport::server::Router<tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>> {
+    pub fn grpc_router(
+        &self,
+    ) -> tonic::transport::server::Router<
+        tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+    > {
         tonic::transport::Server::builder()
             .timeout(REQUEST_TIMEOUT)
             .concurrency_limit_per_connection(64)

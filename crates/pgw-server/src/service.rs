@@ -61,7 +61,9 @@ impl Shared {
     /// cluster id or member list differs from ours.
     pub fn check_member(&self, id: Option<&Identity>, caller: &Caller) -> Result<(), Status> {
         let Caller::Member { name, id: cert_id } = caller else {
-            return Err(Status::permission_denied("only members of the group may call this"));
+            return Err(Status::permission_denied(
+                "only members of the group may call this",
+            ));
         };
         let Some(ident) = id else {
             return Err(Status::failed_precondition("call carries no identity"));

@@ -80,7 +80,10 @@ pub fn load_roots(field: &'static str, path: &Path) -> Result<RootCertStore, Tls
 }
 
 /// Reads a PEM certificate chain (at least one certificate).
-pub fn load_certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(
+    field: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(|e| file_err(field, path, e))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
@@ -113,9 +116,13 @@ pub fn client_config(
         Some((cert, key)) => {
             let certs = load_certs("cert", cert)?;
             let key = load_key("key", key)?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| file_err("key", key_path(identity), format!("does not fit the certificate: {e}")))?
+            builder.with_client_auth_cert(certs, key).map_err(|e| {
+                file_err(
+                    "key",
+                    key_path(identity),
+                    format!("does not fit the certificate: {e}"),
+                )
+            })?
         }
         None => builder.with_no_client_auth(),
     };
@@ -179,7 +186,10 @@ fn load_material(
         .map_err(|e| file_err("tls.ca", &cfg.ca, e))?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| file_err("tls.key", &cfg.key, e))?;
-    let cert_der = certs.first().map(|c| c.as_ref().to_vec()).unwrap_or_default();
+    let cert_der = certs
+        .first()
+        .map(|c| c.as_ref().to_vec())
+        .unwrap_or_default();
     let mut verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
     if certless_clients {
         // Operators holding a role token (auth.*_token_file) may connect without a certificate;
@@ -324,7 +334,9 @@ impl Tls {
                             *s = stamps(&tls.inner.cfg);
                         }
                         metrics::counter!(telemetry::TLS_RELOAD_FAILURES).increment(1);
-                        tracing::error!("certificate reload failed, keeping the previous certificates: {e}");
+                        tracing::error!(
+                            "certificate reload failed, keeping the previous certificates: {e}"
+                        );
                     }
                 }
             }
@@ -334,7 +346,9 @@ impl Tls {
     /// Signs `msg` with this member's key: (scheme, signature, certificate DER).
     pub fn sign(&self, msg: &[u8]) -> Option<(u16, Vec<u8>, Vec<u8>)> {
         let m = self.current();
-        let schemes = provider().signature_verification_algorithms.supported_schemes();
+        let schemes = provider()
+            .signature_verification_algorithms
+            .supported_schemes();
         let signer = m.signer.choose_scheme(&schemes)?;
         let sig = signer.sign(msg).ok()?;
         Some((u16::from(signer.scheme()), sig, m.cert_der.clone()))
@@ -356,7 +370,8 @@ impl Tls {
             .verify_client_cert(&cert, &[], rustls::pki_types::UnixTime::now())
             .map_err(|e| format!("the signing certificate is not valid: {e}"))?;
         let info = x509::parse(cert_der).ok_or("the signing certificate cannot be read")?;
-        if info.common_name.as_deref() != Some(member) || !info.dns_names.iter().any(|n| n == member)
+        if info.common_name.as_deref() != Some(member)
+            || !info.dns_names.iter().any(|n| n == member)
         {
             return Err(format!("the signing certificate does not name `{member}`"));
         }
@@ -422,7 +437,9 @@ pub struct PeerCert {
 impl PeerCert {
     fn of(certs: Option<&[CertificateDer<'_>]>, addr: Option<SocketAddr>) -> PeerCert {
         let first = certs.and_then(|c| c.first());
-        let info = first.and_then(|c| x509::parse(c.as_ref())).unwrap_or_default();
+        let info = first
+            .and_then(|c| x509::parse(c.as_ref()))
+            .unwrap_or_default();
         PeerCert {
             name: info.common_name,
             has_cert: first.is_some(),
@@ -522,10 +539,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Authed<IO> {
 /// [`HANDSHAKE_TIMEOUT`], at most [`MAX_CONNECTIONS`] at once): the stream tonic serves.
 /// A caller that fails the handshake (plaintext, no certificate, another CA) is dropped here
 /// and logged once per interval.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Tls,
-) -> ReceiverStream<io::Result<Authed<TcpStream>>> {
+pub fn incoming(listener: TcpListener, tls: Tls) -> ReceiverStream<io::Result<Authed<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Authed<TcpStream>>>(64);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_ip = PerIp::default();
@@ -633,8 +647,13 @@ pub struct TlsConnector {
     pub config: ClientConfigFn,
 }
 
-type Connecting =
-    Pin<Box<dyn std::future::Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send>>;
+type Connecting = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>,
+            > + Send,
+    >,
+>;
 
 impl tower::Service<Uri> for TlsConnector {
     type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;

@@ -183,7 +183,9 @@ mod tests {
     #[test]
     fn garbage_never_panics() {
         // Every prefix and every single-byte corruption of a plausible header.
-        let sample: Vec<u8> = vec![0x30, 0x82, 0x01, 0x00, 0x30, 0x81, 0x10, 0xa0, 0x03, 0x02, 0x01, 0x02];
+        let sample: Vec<u8> = vec![
+            0x30, 0x82, 0x01, 0x00, 0x30, 0x81, 0x10, 0xa0, 0x03, 0x02, 0x01, 0x02,
+        ];
         for n in 0..=sample.len() {
             let _ = parse(&sample[..n]);
         }

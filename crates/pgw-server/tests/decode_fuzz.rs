@@ -12,9 +12,12 @@ use prost::Message;
 /// Decodes `bytes` as each request type, then its embedded payloads, as the services do.
 fn decode_all(bytes: &[u8]) {
     if let Ok(r) = pgw_proto::RaftRequest::decode(bytes) {
-        let _ = serde_json::from_slice::<openraft::raft::AppendEntriesRequest<TypeConfig>>(&r.payload);
+        let _ =
+            serde_json::from_slice::<openraft::raft::AppendEntriesRequest<TypeConfig>>(&r.payload);
         let _ = serde_json::from_slice::<openraft::raft::VoteRequest<u64>>(&r.payload);
-        let _ = serde_json::from_slice::<openraft::raft::InstallSnapshotRequest<TypeConfig>>(&r.payload);
+        let _ = serde_json::from_slice::<openraft::raft::InstallSnapshotRequest<TypeConfig>>(
+            &r.payload,
+        );
     }
     if let Ok(r) = pgw_proto::ReportRequest::decode(bytes) {
         let _ = serde_json::from_slice::<Observation>(&r.observation);
