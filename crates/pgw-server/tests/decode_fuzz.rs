@@ -77,6 +77,9 @@ fn valid_messages() -> Vec<Vec<u8>> {
         pgw_proto::ReportRequest {
             identity: id,
             observation: serde_json::to_vec(&obs).unwrap_or_default(),
+            cert: vec![0x30, 0x03, 0x02, 0x01, 0x01],
+            scheme: 0x0403,
+            signature: vec![1, 2, 3],
         }
         .encode_to_vec(),
         pgw_proto::FailoverRequest {
