@@ -619,8 +619,13 @@ async fn a_full_disk_stops_the_member_naming_its_store_and_a_restart_loses_nothi
         );
         let pad = "x".repeat(2000);
         // Only decisions that changed something leave a history entry.
-        if let Ok(r) =
-            pgw_cli::set_paused(&eps, "global", k % 2 == 0, &format!("full-{k}-{pad}")).await
+        if let Ok(r) = pgw_cli::set_paused(
+            &eps,
+            "global",
+            k.is_multiple_of(2),
+            &format!("full-{k}-{pad}"),
+        )
+        .await
         {
             if r.result.contains("applied") {
                 acked.push(r.log_index);
@@ -654,7 +659,7 @@ async fn a_full_disk_stops_the_member_naming_its_store_and_a_restart_loses_nothi
     // Space freed: it restarts from its store and catches up, with every acknowledged entry.
     std::fs::remove_file(&filler).expect("free space");
     g.start(ci);
-    let me = vec![g.members[ci].grpc()];
+    let me = [g.members[ci].grpc()];
     let last = *acked.iter().max().expect("acked");
     let t1 = Instant::now();
     loop {

@@ -249,8 +249,11 @@ fn parse<T: for<'de> serde::Deserialize<'de>>(req: &RaftRequest) -> Result<T, St
 pub struct RaftService {
     shared: Shared,
     /// Snapshots being received, per sender: (snapshot id, next offset, the bytes so far).
-    receiving: std::sync::Mutex<std::collections::BTreeMap<u64, (String, u64, Vec<u8>)>>,
+    receiving: std::sync::Mutex<std::collections::BTreeMap<u64, Receiving>>,
 }
+
+/// A snapshot being received: its id, the next offset expected and the bytes so far.
+type Receiving = (String, u64, Vec<u8>);
 
 /// How far ahead of our term a peer's term may be (an election per 100 ms for ~1 day).
 pub const MAX_TERM_JUMP: u64 = 1 << 20;
@@ -321,7 +324,7 @@ impl RaftService {
         &self,
         from: u64,
         r: &openraft::raft::InstallSnapshotRequest<TypeConfig>,
-    ) -> Result<Option<(String, u64, Vec<u8>)>, Status> {
+    ) -> Result<Option<Receiving>, Status> {
         let id = r.meta.snapshot_id.clone();
         let mut rx = self
             .receiving
