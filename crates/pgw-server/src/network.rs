@@ -23,7 +23,7 @@ use pgw_proto::raft_client::RaftClient;
 use pgw_proto::{Identity, RaftReply, RaftRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::node::ChannelMaker;
 use crate::telemetry;
@@ -100,27 +100,7 @@ pub struct TransportConfig {
     pub connect_timeout: Duration,
 }
 
-/// Builds an endpoint with the transport's settings (used for both Raft and admin calls).
-pub fn endpoint(
-    addr: &str,
-    connect_timeout: Duration,
-) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(configure(
-        Endpoint::from_shared(format!("http://{addr}"))?,
-        connect_timeout,
-    ))
-}
-
-/// The transport settings every peer channel gets. HTTP/2 keep-alive pings detect a connection
-/// that a partition left half-dead (no RST ever arrives) within ~3 s, so the channel reconnects
-/// once the network heals instead of waiting on a dead connection.
-pub fn configure(ep: Endpoint, connect_timeout: Duration) -> Endpoint {
-    ep.connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true)
-}
+pub use crate::tls::{configure, endpoint};
 
 /// Creates one client per peer, reusing one channel per peer address.
 pub struct GrpcNetworkFactory {
