@@ -600,19 +600,9 @@ async fn switchover_both_ways_and_forced_failover_rules() {
     .await;
     assert!(s3.clusters[0].paused, "still paused");
     // The history names who asked for it.
-    let h = pgw_cli::status::connect(&eps[0], Duration::from_secs(2))
-        .await
-        .expect("connect")
-        .history(pgw_proto::HistoryRequest {
-            cluster: "global".into(),
-            limit: 20,
-        })
-        .await
-        .expect("history")
-        .into_inner();
+    let h = history(&eps[0], "global", 20).await;
     assert!(
-        h.entries
-            .iter()
+        h.iter()
             .any(|e| e.event.contains("forced failover") && e.event.contains("asked by test-admin")),
         "{h:?}"
     );

@@ -13,8 +13,8 @@ use pgw_cli::client::{channel_as, connect_as, ClientAuth};
 use pgw_core::Role;
 use pgw_proto::raft_client::RaftClient;
 use pgw_proto::{
-    FailoverRequest, HistoryRequest, Identity, RaftRequest, ReportRequest, SetPausedRequest,
-    StatusRequest, SwitchoverRequest,
+    FailoverRequest, Identity, RaftRequest, ReportRequest, SetPausedRequest, StatusRequest,
+    SwitchoverRequest,
 };
 use pgw_server::types::TypeConfig;
 
@@ -34,16 +34,8 @@ struct Snapshot {
 
 async fn snapshot(eps: &[String]) -> Snapshot {
     let s = wait_leader(eps, None, LIMIT).await;
-    let mut c = pgw_cli::status::connect(&eps[0], T).await.expect("connect");
-    let h = c
-        .history(HistoryRequest {
-            cluster: String::new(),
-            limit: 1000,
-        })
+    let h = history(&eps[0], "", 1000)
         .await
-        .expect("history")
-        .into_inner()
-        .entries
         .into_iter()
         .map(|e| format!("{} {}", e.log_index, e.event))
         .collect();
@@ -675,34 +667,11 @@ async fn a_full_disk_stops_the_member_naming_its_store_and_a_restart_loses_nothi
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut c = pgw_cli::status::connect(&me[0], T).await.expect("connect");
-    let h: Vec<u64> = c
-        .history(HistoryRequest {
-            cluster: "global".into(),
-            limit: 100_000,
-        })
-        .await
-        .expect("history")
-        .into_inner()
-        .entries
-        .iter()
-        .map(|e| e.log_index)
-        .collect();
+    let indexes =
+        |h: Vec<pgw_proto::HistoryEntry>| -> Vec<u64> { h.iter().map(|e| e.log_index).collect() };
+    let h = indexes(history(&me[0], "global", 100_000).await);
     // Its history is the group's, entry for entry.
-    let h0: Vec<u64> = pgw_cli::status::connect(&eps[0], T)
-        .await
-        .expect("connect")
-        .history(HistoryRequest {
-            cluster: "global".into(),
-            limit: 100_000,
-        })
-        .await
-        .expect("history")
-        .into_inner()
-        .entries
-        .iter()
-        .map(|e| e.log_index)
-        .collect();
+    let h0 = indexes(history(&eps[0], "global", 100_000).await);
     assert_eq!(h, h0, "room-c's history differs from room-a's");
     // The history keeps the latest 256 entries: every acknowledged decision in that window
     // must be there.
@@ -723,27 +692,16 @@ async fn a_full_disk_stops_the_member_naming_its_store_and_a_restart_loses_nothi
     );
 }
 
-/// GET (or another method) over HTTPS, trusting the test CA.
+/// A request over HTTPS, trusting the test CA.
 async fn https_request(addr: &str, method: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cfg = pgw_server::tls::client_config(&pki().ca, None).expect("client config");
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
-    let mut s = pgw_server::tls::connect(tcp, host, std::sync::Arc::new(cfg))
+    let s = pgw_server::tls::connect(tcp, host, std::sync::Arc::new(cfg))
         .await
         .expect("TLS handshake with the member's certificate");
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("send");
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, text)
+    http_exchange(s, addr, method, path).await
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {
@@ -837,20 +795,9 @@ async fn certificates_reload_without_restart_tokens_grant_roles_and_http_is_read
         ),
         "{e:?}"
     );
-    let h = pgw_cli::status::connect(&eps[0], T)
-        .await
-        .expect("connect")
-        .history(HistoryRequest {
-            cluster: "global".into(),
-            limit: 10,
-        })
-        .await
-        .expect("history")
-        .into_inner();
+    let h = history(&eps[0], "global", 10).await;
     assert!(
-        h.entries
-            .iter()
-            .any(|e| e.event.contains("asked by token:operate")),
+        h.iter().any(|e| e.event.contains("asked by token:operate")),
         "{h:?}"
     );
 

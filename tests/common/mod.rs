@@ -26,7 +26,8 @@ pub struct Pki {
     pub ca: PathBuf,
     authority: pgw_cli::certs::Authority,
     issued: std::sync::Mutex<std::collections::BTreeMap<String, (PathBuf, PathBuf)>>,
-    pub clients: std::collections::BTreeMap<String, (String, PathBuf, PathBuf)>,
+    /// The CA and the role certificates (no member certificates: see [`Pki::member`]).
+    pub group: pgw_cli::certs::GroupCerts,
 }
 
 pub fn pki() -> &'static Pki {
@@ -46,7 +47,7 @@ pub fn pki() -> &'static Pki {
             dir,
             authority,
             issued: Default::default(),
-            clients: g.clients.clone(),
+            group: g,
         }
     })
 }
@@ -93,20 +94,12 @@ impl Pki {
 
     /// The `[auth]` section: the three role certificates.
     pub fn auth(&self) -> pgw_core::config::AuthConfig {
-        let n = |r: &str| vec![self.clients[r].0.clone()];
-        pgw_core::config::AuthConfig {
-            read: n("read"),
-            operate: n("operate"),
-            admin: n("admin"),
-            ..Default::default()
-        }
+        self.group.auth()
     }
 
     /// Client credentials of `role` (read | operate | admin).
     pub fn client(&self, role: &str) -> pgw_cli::client::ClientAuth {
-        let (_, c, k) = &self.clients[role];
-        pgw_cli::client::ClientAuth::from_files(Some(&self.ca), Some(c), Some(k), None)
-            .expect("client credentials")
+        self.group.client_auth(role).expect("client credentials")
     }
 
     /// A member's own certificate as client credentials (for calls only members may make).
@@ -118,7 +111,7 @@ impl Pki {
 
     /// `pgwctl` arguments for `role`.
     pub fn pgwctl_args(&self, role: &str) -> Vec<String> {
-        let (_, c, k) = &self.clients[role];
+        let (_, c, k) = &self.group.clients[role];
         vec![
             "--ca".into(),
             self.ca.display().to_string(),
@@ -628,17 +621,23 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
 
 /// A plain HTTP/1.1 GET on loopback; returns (status code, whole response).
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
+    let s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect http");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    http_exchange(s, addr, "GET", path).await
+}
+
+/// One HTTP/1.1 request over `s` (plain or TLS): (status code, whole answer).
+pub async fn http_exchange<S>(mut s: S, addr: &str, method: &str, path: &str) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("send");
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .expect("http answer in time")
-        .expect("read");
+    // A TLS peer may close without close_notify: what arrived counts (no answer: code 0).
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf).to_string();
     let code = text
         .split_whitespace()
@@ -646,4 +645,19 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (code, text)
+}
+
+/// The history of `cluster` (all when empty) as member `ep` has it.
+pub async fn history(ep: &str, cluster: &str, limit: u32) -> Vec<pgw_proto::HistoryEntry> {
+    pgw_cli::status::connect(ep, Duration::from_secs(2))
+        .await
+        .expect("connect")
+        .history(pgw_proto::HistoryRequest {
+            cluster: cluster.into(),
+            limit,
+        })
+        .await
+        .expect("history")
+        .into_inner()
+        .entries
 }

@@ -183,16 +183,6 @@ impl Authority {
         self.dir.join(CA_CERT)
     }
 
-    fn issue(
-        &self,
-        name: &str,
-        sans: Vec<String>,
-        usages: Vec<ExtendedKeyUsagePurpose>,
-        days: u32,
-    ) -> Result<(PathBuf, PathBuf), CliError> {
-        self.issue_into(&self.dir, name, sans, usages, days)
-    }
-
     fn issue_into(
         &self,
         dir: &Path,
@@ -231,17 +221,7 @@ impl Authority {
         hosts: &[String],
         days: u32,
     ) -> Result<(PathBuf, PathBuf), CliError> {
-        let mut sans = vec![name.to_string()];
-        sans.extend(hosts.iter().filter(|h| *h != name).cloned());
-        self.issue(
-            name,
-            sans,
-            vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-            days,
-        )
+        self.member_into(&self.dir, name, hosts, days)
     }
 
     /// [`Self::member`], written to `dir` instead of the CA's directory (each file replaced
@@ -269,7 +249,8 @@ impl Authority {
 
     /// An operator's client certificate (CN `name`).
     pub fn client(&self, name: &str, days: u32) -> Result<(PathBuf, PathBuf), CliError> {
-        self.issue(
+        self.issue_into(
+            &self.dir,
             name,
             Vec::new(),
             vec![ExtendedKeyUsagePurpose::ClientAuth],
