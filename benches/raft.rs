@@ -99,6 +99,23 @@ async fn main() {
         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     lat.sort_by(|a, b| a.total_cmp(b));
+    // The same over one long-lived (mutual TLS) connection: the commit without the handshake.
+    let mut c = pgw_cli::status::connect(&leader_ep, Duration::from_secs(2))
+        .await
+        .expect("connect to the leader");
+    let mut lat_conn = Vec::with_capacity(decisions);
+    for i in 0..decisions {
+        let t0 = Instant::now();
+        c.set_paused(pgw_proto::SetPausedRequest {
+            cluster: "global".into(),
+            paused: i % 2 == 1,
+            reason: "bench".into(),
+        })
+        .await
+        .expect("decision commits");
+        lat_conn.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat_conn.sort_by(|a, b| a.total_cmp(b));
 
     // 2. Idle RSS and CPU of one follower.
     let follower = g
@@ -156,10 +173,24 @@ async fn main() {
     println!();
     println!("pg-watcher Raft figures (3 members on loopback, default timings)");
     println!("{:<44} {:>10}", "figure", "value");
-    println!("{:<44} {:>10.2}", "commit latency p50 (ms)", pct(&lat, 0.5));
     println!(
         "{:<44} {:>10.2}",
-        "commit latency p99 (ms)",
+        "commit latency p50, new connection (ms)",
+        pct(&lat, 0.5)
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "commit latency p50, one connection (ms)",
+        pct(&lat_conn, 0.5)
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "commit latency p99, one connection (ms)",
+        pct(&lat_conn, 0.99)
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "commit latency p99, new connection (ms)",
         pct(&lat, 0.99)
     );
     println!(
@@ -193,6 +224,7 @@ async fn main() {
     );
     let json = serde_json::json!({
         "commit_latency_ms": {"n": lat.len(), "p50": pct(&lat, 0.5), "p99": pct(&lat, 0.99)},
+        "commit_latency_one_connection_ms": {"n": lat_conn.len(), "p50": pct(&lat_conn, 0.5), "p99": pct(&lat_conn, 0.99)},
         "leader_kill9_to_commit_ms": {
             "runs": fo.len(),
             "min": fo.first(),
