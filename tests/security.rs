@@ -795,6 +795,64 @@ async fn certificates_reload_without_restart_tokens_grant_roles_and_http_is_read
         ),
         "{e:?}"
     );
+    // The same through the CLI: --token-file with --ca; the credentials from PGW_* variables;
+    // and a client config file.
+    let out = std::process::Command::new(PGWCTL)
+        .args(["--ca", &pki().ca.display().to_string()])
+        .args(["--token-file", &token_path.display().to_string()])
+        .args(["--endpoints", &eps.join(","), "resume", "global"])
+        .output()
+        .expect("pgwctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, rc, rk) = &pki().group.clients["read"];
+    let out = std::process::Command::new(PGWCTL)
+        .env("PGW_CA", &pki().ca)
+        .env("PGW_CERT", rc)
+        .env("PGW_KEY", rk)
+        .env("PGW_ENDPOINTS", eps.join(","))
+        .args(["status", "--format", "json"])
+        .output()
+        .expect("pgwctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"leader\""));
+    let client_cfg = g.dir.path().join("pgwctl.toml");
+    std::fs::write(
+        &client_cfg,
+        format!(
+            "endpoints = [{}]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            eps.iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            pki().ca,
+            rc,
+            rk
+        ),
+    )
+    .expect("client config");
+    let out = std::process::Command::new(PGWCTL)
+        .args([
+            "--client-config",
+            &client_cfg.display().to_string(),
+            "pause",
+            "global",
+        ])
+        .output()
+        .expect("pgwctl");
+    assert!(!out.status.success(), "read may not pause");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs the `operate` role"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let h = history(&eps[0], "global", 10).await;
     assert!(
         h.iter().any(|e| e.event.contains("asked by token:operate")),

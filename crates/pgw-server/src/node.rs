@@ -160,6 +160,7 @@ impl Node {
             local_role: Default::default(),
             pgpool: Default::default(),
             tls,
+            refusals: Default::default(),
         };
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));

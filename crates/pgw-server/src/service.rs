@@ -44,6 +44,8 @@ pub struct Shared {
     pub pgpool: crate::pgpool::PoolViews,
     /// This member's certificates (signs its reports, verifies relayed ones).
     pub tls: crate::tls::Tls,
+    /// Refused calls, logged once per interval per caller and reason.
+    pub refusals: crate::tls::RefusalLog,
 }
 
 impl Shared {
@@ -69,7 +71,13 @@ impl Shared {
             return Err(Status::failed_precondition("call carries no identity"));
         };
         if ident.from != *cert_id || ident.from_name != *name {
-            tracing::warn!(peer = %name, "refusing call: claims to come from `{}` (id {})", ident.from_name, ident.from);
+            self.refusals.refuse_key(
+                name,
+                &format!(
+                    "impersonation: claims to come from `{}` (id {})",
+                    ident.from_name, ident.from
+                ),
+            );
             return Err(Status::permission_denied(format!(
                 "member `{name}` may only speak for itself, not for `{}` (id {})",
                 ident.from_name, ident.from
@@ -84,7 +92,13 @@ impl Shared {
             return Err(Status::failed_precondition("call carries no identity"));
         };
         if id.cluster_id != self.cfg.cluster_id {
-            tracing::warn!(peer = %id.from_name, "refusing call: cluster id `{}` differs from ours `{}`", id.cluster_id, self.cfg.cluster_id);
+            self.refusals.refuse_key(
+                &id.from_name,
+                &format!(
+                    "cluster id: `{}` differs from ours `{}`",
+                    id.cluster_id, self.cfg.cluster_id
+                ),
+            );
             return Err(Status::failed_precondition(format!(
                 "cluster id mismatch: caller `{}` has `{}`, member `{}` has `{}`",
                 id.from_name, id.cluster_id, self.cfg.member, self.cfg.cluster_id
@@ -92,7 +106,13 @@ impl Shared {
         }
         let ours = self.cfg.members_fingerprint();
         if id.fingerprint != ours {
-            tracing::warn!(peer = %id.from_name, "refusing call: member list fingerprint {} differs from ours {}", id.fingerprint, ours);
+            self.refusals.refuse_key(
+                &id.from_name,
+                &format!(
+                    "member list: fingerprint {} differs from ours {ours}",
+                    id.fingerprint
+                ),
+            );
             return Err(Status::failed_precondition(format!(
                 "member list mismatch: caller `{}` has fingerprint {}, member `{}` has {} ({})",
                 id.from_name,
