@@ -685,3 +685,83 @@ async fn degraded_mode_is_explicit_and_visible() {
     let missing = missing_acks(&acks, &paddr).await;
     assert!(missing.is_empty(), "acknowledged ids lost: {missing:?}");
 }
+
+/// A refused login is not a hang: the primary's server reaches `max_connections` and its
+/// watcher's session is terminated, so the watcher must log in again and is refused ("too many
+/// clients", SQLSTATE 53300). The primary keeps running and keeps its role and epoch; status
+/// says why the watcher cannot see it; once a slot frees, all is as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_refuses_its_watcher_is_not_fenced() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_postgres(&THREE);
+    g.start_all();
+    let eps = g.endpoints();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let p = primary_of(&s).expect("primary");
+    let e0 = epoch_of(&s);
+    let pi = g.index_of(&p);
+    let pm = g.postmaster_pid(pi).expect("postmaster");
+    // Take every connection slot (superuser: the reserved ones too).
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        match try_connect(&g.pg_addr(pi)).await {
+            Ok(c) => held.push(c),
+            Err(e) => {
+                assert!(e.contains("too many clients"), "{e}");
+                break;
+            }
+        }
+    }
+    assert!(!held.is_empty() && held.len() < 100, "{} held", held.len());
+    // End the watcher's own session: it must log in again, and cannot. (It may win the race
+    // for the freed slot: then end it again, and take the slot first.)
+    let mut s2 = None;
+    for _ in 0..20 {
+        held[0]
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = 'pg-watcher'",
+                &[],
+            )
+            .await
+            .expect("terminate the watcher's session");
+        while let Ok(c) = try_connect(&g.pg_addr(pi)).await {
+            held.push(c);
+        }
+        let refused = |s: &GroupStatus| {
+            s.clusters[0]
+                .nodes
+                .iter()
+                .any(|n| n.member == p && n.error.as_deref().is_some_and(|e| e.contains("53300")))
+        };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(2) && s2.is_none() {
+            if let Ok(st) = pgw_cli::status::gather(&eps, Duration::from_secs(2)).await {
+                if refused(&st) {
+                    s2 = Some(st);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if s2.is_some() {
+            break;
+        }
+    }
+    let s2 = s2.expect("the refusal shown in status");
+    // Well past the hang limit (1.5 s) and the lease: nothing moves, nothing is fenced.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let s3 = wait_until(&eps, Duration::from_secs(5), "status", |_| true).await;
+    assert_eq!(primary_of(&s3).as_deref(), Some(p.as_str()), "{s3:?}");
+    assert_eq!(epoch_of(&s3), e0, "no failover");
+    assert_eq!(g.postmaster_pid(pi), Some(pm), "the primary kept running");
+    assert!(pgw_server::sidecar::pgctl::pid_alive(pm));
+    let table = pgw_cli::status::render_table(&s2);
+    assert!(table.contains("refuses the watcher"), "{table}");
+    // A slot frees: the watcher is back in, the error clears, the cluster is healthy.
+    drop(held);
+    let s4 = wait_healthy(&g, Duration::from_secs(30)).await;
+    assert!(s4.clusters[0].nodes.iter().all(|n| n.error.is_none()));
+    assert_eq!(epoch_of(&s4), e0);
+    let log = g.log_text(pi);
+    assert!(log.contains("postgres refuses the watcher"), "{log}");
+}

@@ -40,6 +40,8 @@ pub struct NodeView {
     /// Bytes of WAL behind the primary.
     pub lag_bytes: u64,
     pub timeline: u32,
+    /// Why this node's PostgreSQL refuses its watcher (running, state unknown), if it does.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -181,6 +183,7 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
                     lsn: n.lsn.clone(),
                     lag_bytes: n.lag_bytes,
                     timeline: n.timeline,
+                    error: (!n.error.is_empty()).then(|| n.error.clone()),
                 })
                 .collect(),
             pgpool: c
@@ -299,8 +302,17 @@ pub fn render_table(s: &GroupStatus) -> String {
         ));
         for n in &c.nodes {
             out.push_str(&format!(
-                "{:<12} {:<14} {:<13} {:>4} {:>14} {:>12}\n",
-                c.name, n.member, n.role, n.timeline, n.lsn, n.lag_bytes
+                "{:<12} {:<14} {:<13} {:>4} {:>14} {:>12}{}\n",
+                c.name,
+                n.member,
+                n.role,
+                n.timeline,
+                n.lsn,
+                n.lag_bytes,
+                n.error
+                    .as_deref()
+                    .map(|e| format!("  refuses the watcher: {e}"))
+                    .unwrap_or_default()
             ));
         }
     }

@@ -77,6 +77,10 @@ pub struct Observation {
     pub incarnation: u64,
     #[serde(default)]
     pub seq: u64,
+    /// The server answered but refused the sidecar (why, with the SQLSTATE): it is running,
+    /// its state unknown; shown in status, never treated as a hang.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Observation {
@@ -277,6 +281,7 @@ fn unreachable_obs(member: &str) -> Observation {
         incarnation: 0,
         seq: 0,
         receiving: false,
+        error: None,
     }
 }
 
@@ -737,6 +742,7 @@ mod tests {
             incarnation: 0,
             seq: 0,
             receiving: false,
+            error: None,
         }
     }
 

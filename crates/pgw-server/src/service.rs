@@ -1052,6 +1052,7 @@ impl admin_server::Admin for AdminService {
                                     .map(|p| p.flush_lsn.saturating_sub(o.flush_lsn))
                                     .unwrap_or(0),
                                 timeline: o.timeline,
+                                error: o.error.clone().unwrap_or_default(),
                             })
                             .collect()
                     },

@@ -47,6 +47,10 @@ pub const TLS_RELOAD_FAILURES: &str = "pgwatcher_tls_reload_failures_total";
 /// 1 once the Raft storage failed; the member is stopping (gauge).
 pub const STORAGE_FAILED: &str = "pgwatcher_storage_failed";
 
+/// 1 while the local PostgreSQL answers but refuses the watcher's connection (gauge, label
+/// `cluster`): running, state unknown; see `nodes[].error` in status.
+pub const POSTGRES_REFUSED: &str = "pgwatcher_postgres_refused";
+
 pub fn report_dropped(reason: &'static str) {
     metrics::counter!(REPORTS_DROPPED, "reason" => reason).increment(1);
 }
@@ -90,6 +94,10 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
     );
     metrics::describe_counter!(TLS_RELOAD_FAILURES, "Failed certificate reloads");
     metrics::describe_gauge!(STORAGE_FAILED, "1 once the Raft storage failed");
+    metrics::describe_gauge!(
+        POSTGRES_REFUSED,
+        "1 while the local PostgreSQL refuses the watcher's connection"
+    );
     metrics::describe_gauge!(PEER_REACHABLE, "1 when the last RPC to the peer succeeded");
     metrics::describe_gauge!(CLUSTER_EPOCH, "Epoch of the cluster's primary record");
     metrics::describe_gauge!(

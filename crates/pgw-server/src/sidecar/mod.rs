@@ -207,6 +207,7 @@ impl Sidecar {
         let hung_after = Duration::from_millis(self.s.cfg.failover.hung_after_ms);
         let mut observer = Observer::new();
         let mut unresponsive_since: Option<Instant> = None;
+        let mut last_refusal: Option<String> = None;
         let mut client: Option<(String, AdminClient<tonic::transport::Channel>)> = None;
         loop {
             let t0 = Instant::now();
@@ -232,6 +233,23 @@ impl Sidecar {
                 .as_ref()
                 .map(|f| (f.primary.as_deref() == Some(me), f.epoch))
                 .unwrap_or((false, 0));
+            // A refusal (bad password, too many connections, starting up...) proves the
+            // postmaster answers: logged when it starts or changes, shown in status, counted,
+            // and never treated as a hang.
+            if local.refused != last_refusal {
+                match &local.refused {
+                    Some(r) => tracing::warn!(
+                        "postgres refuses the watcher (it is running; its state is unknown until it lets us in): {r}"
+                    ),
+                    None if last_refusal.is_some() => {
+                        tracing::info!("postgres lets the watcher in again")
+                    }
+                    None => {}
+                }
+                metrics::gauge!(crate::telemetry::POSTGRES_REFUSED, "cluster" => self.cluster.clone())
+                    .set(if local.refused.is_some() { 1.0 } else { 0.0 });
+                last_refusal = local.refused.clone();
+            }
             if local.unresponsive {
                 let since = *unresponsive_since.get_or_insert(t0);
                 if i_am_primary && since.elapsed() >= hung_after {
@@ -372,6 +390,7 @@ impl Sidecar {
                 recovered: st.recovered,
                 incarnation: self.incarnation,
                 seq: st.report_seq,
+                error: local.refused.clone(),
             }
         };
         let Ok(bytes) = serde_json::to_vec(&obs) else {

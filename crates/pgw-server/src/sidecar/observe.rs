@@ -23,6 +23,10 @@ pub struct Local {
     pub standbys: BTreeMap<String, String>,
     /// The postmaster is alive but does not answer.
     pub unresponsive: bool,
+    /// The server answered but refused us (authentication, too many connections, starting up
+    /// or shutting down, a TLS mismatch, ...): it is running, just not observable by us now.
+    /// Never a reason to treat it as hung.
+    pub refused: Option<String>,
     /// The postmaster died without a clean shutdown (its pid file remains).
     pub died: bool,
 }
@@ -61,7 +65,9 @@ impl Observer {
         }
     }
 
-    async fn connect(ctl: &PgCtl) -> Option<Client> {
+    /// Connects to the local server. `Err(Some(why))`: it answered and refused us;
+    /// `Err(None)`: no answer within the limit (only that may be a hang).
+    async fn connect(ctl: &PgCtl) -> Result<Client, Option<String>> {
         let ci = ctl.conninfo(&ctl.addr, "pg-watcher");
         let fut = tokio_postgres::connect(&ci, NoTls);
         match tokio::time::timeout(Duration::from_millis(1000), fut).await {
@@ -69,9 +75,10 @@ impl Observer {
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
-                Some(client)
+                Ok(client)
             }
-            _ => None,
+            Ok(Err(e)) => Err(Some(refusal(&e))),
+            Err(_) => Err(None),
         }
     }
 
@@ -95,10 +102,21 @@ impl Observer {
             return l;
         }
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Self::connect(ctl).await;
+            match Self::connect(ctl).await {
+                Ok(c) => self.client = Some(c),
+                Err(why) => {
+                    self.client = None;
+                    match why {
+                        // It answered: running, but not letting us in.
+                        Some(r) => l.refused = Some(r),
+                        // Alive but no answer at all: possibly hung.
+                        None => l.unresponsive = true,
+                    }
+                    return l;
+                }
+            }
         }
         let Some(client) = self.client.as_ref() else {
-            // Alive but not answering: starting up, shutting down, or hung.
             l.unresponsive = true;
             return l;
         };
@@ -107,7 +125,13 @@ impl Observer {
                 .await
             {
                 Ok(Ok(r)) => r,
-                _ => {
+                Ok(Err(e)) => {
+                    // An error answer (our session was terminated, a permission...).
+                    self.client = None;
+                    l.refused = Some(refusal(&e));
+                    return l;
+                }
+                Err(_) => {
                     self.client = None;
                     l.unresponsive = true;
                     return l;
@@ -166,6 +190,25 @@ impl Observer {
             }
         }
         l
+    }
+}
+
+/// Why the server refused us, as an operator reads it: the server's message and SQLSTATE
+/// (28P01 bad password, 28000 no hba entry, 53300 too many connections, 57P03 starting up or
+/// shutting down, ...), or the client-side reason (TLS, connection refused).
+pub fn refusal(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(c) = src {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                src = c.source();
+            }
+            s
+        }
     }
 }
 
