@@ -161,3 +161,29 @@ fn the_documented_certificate_script_makes_what_the_configs_need() {
         assert!(e.to_string().contains("tls.cert"), "{e}");
     }
 }
+
+/// A shipped config with a setting the watcher owns added is refused by `pg-watcher --check`,
+/// naming the line: such a line would otherwise silently give up zero-loss failover.
+#[test]
+fn an_owned_postgres_setting_is_refused_by_the_daemon() {
+    let mut c = load_dir("three-rooms").remove(0);
+    if let Some(pg) = c.postgres.as_mut() {
+        pg.settings = vec![
+            "shared_buffers = '1GB'".into(),
+            "synchronous_commit = local".into(),
+        ];
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("room-a.toml");
+    std::fs::write(&path, c.to_toml().expect("toml")).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pg-watcher"))
+        .args(["--config", &path.display().to_string(), "--check"])
+        .output()
+        .expect("pg-watcher --check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("postgres.settings[1]") && err.contains("synchronous_commit"),
+        "{err}"
+    );
+}

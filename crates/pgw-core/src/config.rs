@@ -431,6 +431,36 @@ pub mod defaults {
     }
 }
 
+/// postgresql.conf settings pg-watcher owns (it writes them to `pgw.conf`), or that would
+/// silently give up the zero-loss guarantee: `[postgres] settings` may not set them.
+const POSTGRES_OWNED: &[(&str, &str)] = &[
+    ("listen_addresses", "the member's `postgres` address sets it"),
+    ("port", "the member's `postgres` address sets it"),
+    ("unix_socket_directories", "the watcher connects through it"),
+    ("wal_level", "replication needs `replica`"),
+    ("hot_standby", "replicas must answer the watcher"),
+    ("wal_log_hints", "pg_rewind needs it"),
+    ("synchronous_commit", "anything but `on` gives up zero-loss failover"),
+    ("synchronous_standby_names", "the group sets it from the Raft sync set"),
+    ("primary_conninfo", "the group points replicas at the primary"),
+    ("primary_slot_name", "the group points replicas at the primary"),
+    ("recovery_target_timeline", "replicas must follow a promotion"),
+    ("promote_trigger_file", "promotion is the group's decision"),
+    ("cluster_name", "names the member in pg_stat_replication"),
+    ("wal_receiver_status_interval", "the sync state the watcher reads depends on it"),
+    ("wal_sender_timeout", "failure detection depends on it"),
+    ("wal_receiver_timeout", "failure detection depends on it"),
+    ("fsync", "turning it off loses acknowledged commits"),
+    ("full_page_writes", "turning it off can corrupt data after a crash"),
+    ("hba_file", "the watcher writes pg_hba.conf from [postgres] hba"),
+    ("ident_file", "the watcher manages the data directory's files"),
+    ("data_directory", "the watcher manages the data directory"),
+    ("config_file", "the watcher manages the data directory's files"),
+    ("include", "an included file could set any of these"),
+    ("include_if_exists", "an included file could set any of these"),
+    ("include_dir", "an included file could set any of these"),
+];
+
 /// pgpool.conf settings pg-watcher owns: `[pgpool] settings` may not override them.
 const PGPOOL_OWNED: &[&str] = &[
     "failover_on_backend_error",
@@ -749,6 +779,28 @@ impl Config {
             }
             if pg.data_dir.as_os_str().is_empty() {
                 return Err(invalid("postgres.data_dir", "must not be empty"));
+            }
+            for (i, l) in pg.settings.iter().enumerate() {
+                let field = format!("postgres.settings[{i}]");
+                let Some((name, _)) = l.split_once('=').filter(|_| !l.contains('\n')) else {
+                    return Err(invalid(
+                        field,
+                        format!("`{l}` is not a `name = value` line"),
+                    ));
+                };
+                let name = name.trim().to_ascii_lowercase();
+                if name.starts_with("synchronous_") || name.starts_with("recovery_target") {
+                    return Err(invalid(
+                        field,
+                        format!("`{name}` is set by pg-watcher (synchronous replication and recovery are the group's); remove it"),
+                    ));
+                }
+                if let Some((_, why)) = POSTGRES_OWNED.iter().find(|(n, _)| *n == name) {
+                    return Err(invalid(
+                        field,
+                        format!("`{name}` is set by pg-watcher ({why}); remove it"),
+                    ));
+                }
             }
             if let Some(c) = &pg.cluster {
                 if !self.clusters.iter().any(|x| &x.name == c) {
@@ -1203,6 +1255,47 @@ admin = ["dba"]
         c.member = "arbiter".into();
         c.validate().expect("arbiter with [pgpool] is valid");
         assert!(!c.manages_pgpool());
+    }
+
+    #[test]
+    fn owned_postgres_settings_are_refused_by_name() {
+        let mut c = good();
+        for (i, m) in c.members.iter_mut().enumerate().take(2) {
+            m.postgres = Some(format!("127.0.0.1:{}", 5500 + i));
+        }
+        c.postgres = Some(PostgresConfig {
+            cluster: None,
+            bin_dir: defaults::pg_bin_dir(),
+            data_dir: "/var/lib/pgw/data".into(),
+            os_user: defaults::pg_os_user(),
+            user: defaults::pg_user(),
+            conninfo: String::new(),
+            hba: defaults::pg_hba(),
+            settings: vec!["shared_buffers = '64MB'".into(), "work_mem = '8MB'".into()],
+        });
+        c.validate().expect("ordinary settings are fine");
+        for (bad, name) in [
+            ("synchronous_commit = local", "synchronous_commit"),
+            ("synchronous_standby_names = ''", "synchronous_standby_names"),
+            ("Port=5433", "port"),
+            ("  fsync = off", "fsync"),
+            ("primary_conninfo = 'host=x'", "primary_conninfo"),
+            ("include_dir = 'conf.d'", "include_dir"),
+            ("recovery_target_lsn = '0/1'", "recovery_target_lsn"),
+        ] {
+            let mut c2 = c.clone();
+            if let Some(pg) = c2.postgres.as_mut() {
+                pg.settings.push(bad.into());
+            }
+            let e = c2.validate().unwrap_err();
+            assert!(e.to_string().contains(name), "{bad}: {e}");
+            assert_eq!(field_of(e), "postgres.settings[2]", "{bad}");
+        }
+        let mut c3 = c.clone();
+        if let Some(pg) = c3.postgres.as_mut() {
+            pg.settings = vec!["nonsense".into()];
+        }
+        assert_eq!(field_of(c3.validate().unwrap_err()), "postgres.settings[0]");
     }
 
     #[test]
