@@ -187,3 +187,52 @@ fn an_owned_postgres_setting_is_refused_by_the_daemon() {
         "{err}"
     );
 }
+
+/// The systemd unit as shipped: every directory an example config writes (the Raft data
+/// directory, PostgreSQL's data directory, the pgpool work directory) is writable under
+/// `ProtectSystem=strict`, the member is reloadable (SIGHUP re-reads certificates) and the
+/// config is checked before start.
+#[test]
+fn the_systemd_unit_lets_every_example_config_write_where_it_writes() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("deploy/pg-watcher.service")).expect("unit");
+    let key = |k: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{k}=")))
+            .flat_map(|v| v.split_whitespace().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(key("ProtectSystem"), vec!["strict"]);
+    let writable: Vec<String> = key("ReadWritePaths")
+        .into_iter()
+        .chain(
+            key("StateDirectory")
+                .into_iter()
+                .map(|d| format!("/var/lib/{d}")),
+        )
+        .collect();
+    let ok = |p: &std::path::Path| {
+        writable
+            .iter()
+            .any(|w| p.starts_with(std::path::Path::new(w)))
+    };
+    for layout in ["three-rooms", "two-rooms-arbiter"] {
+        for c in load_dir(layout) {
+            let mut dirs = vec![c.data_dir.clone()];
+            dirs.extend(c.postgres.as_ref().map(|p| p.data_dir.clone()));
+            if c.manages_pgpool() {
+                dirs.extend(c.pgpool_work_dir());
+            }
+            for d in dirs {
+                assert!(
+                    ok(&d),
+                    "{layout}/{}: {} is not writable under the unit ({writable:?})",
+                    c.member,
+                    d.display()
+                );
+            }
+        }
+    }
+    assert!(key("ExecReload").iter().any(|x| x.contains("-HUP")));
+    assert!(key("ExecStartPre").iter().any(|x| x == "--check"));
+}

@@ -4,36 +4,22 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-fn usage() -> &'static str {
-    "usage: pg-watcher --config FILE [--check]\n  --check   validate the config and exit"
+/// One member of a pg-watcher group: a Raft member that decides, with the others, which
+/// PostgreSQL server is the primary, and carries the decisions out on its own host.
+#[derive(Debug, clap::Parser)]
+#[command(name = "pg-watcher", version)]
+struct Args {
+    /// The member's TOML config (see deploy/ for both layouts).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the config and exit (0 when valid, 2 naming the bad field).
+    #[arg(long)]
+    check: bool,
 }
 
 fn main() -> ExitCode {
-    let mut config: Option<PathBuf> = None;
-    let mut check = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--config" | "-c" => config = args.next().map(PathBuf::from),
-            "--check" => check = true,
-            "--version" | "-V" => {
-                println!("pg-watcher {}", env!("CARGO_PKG_VERSION"));
-                return ExitCode::SUCCESS;
-            }
-            "--help" | "-h" => {
-                println!("{}", usage());
-                return ExitCode::SUCCESS;
-            }
-            other => {
-                eprintln!("pg-watcher: unknown argument `{other}`\n{}", usage());
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let Some(path) = config else {
-        eprintln!("pg-watcher: --config FILE is required\n{}", usage());
-        return ExitCode::from(2);
-    };
+    let args = <Args as clap::Parser>::parse();
+    let (path, check) = (args.config, args.check);
     let cfg = match pgw_core::Config::load(&path) {
         Ok(c) => c,
         Err(e) => {

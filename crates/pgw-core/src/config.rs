@@ -434,30 +434,66 @@ pub mod defaults {
 /// postgresql.conf settings pg-watcher owns (it writes them to `pgw.conf`), or that would
 /// silently give up the zero-loss guarantee: `[postgres] settings` may not set them.
 const POSTGRES_OWNED: &[(&str, &str)] = &[
-    ("listen_addresses", "the member's `postgres` address sets it"),
+    (
+        "listen_addresses",
+        "the member's `postgres` address sets it",
+    ),
     ("port", "the member's `postgres` address sets it"),
     ("unix_socket_directories", "the watcher connects through it"),
     ("wal_level", "replication needs `replica`"),
     ("hot_standby", "replicas must answer the watcher"),
     ("wal_log_hints", "pg_rewind needs it"),
-    ("synchronous_commit", "anything but `on` gives up zero-loss failover"),
-    ("synchronous_standby_names", "the group sets it from the Raft sync set"),
-    ("primary_conninfo", "the group points replicas at the primary"),
-    ("primary_slot_name", "the group points replicas at the primary"),
-    ("recovery_target_timeline", "replicas must follow a promotion"),
+    (
+        "synchronous_commit",
+        "anything but `on` gives up zero-loss failover",
+    ),
+    (
+        "synchronous_standby_names",
+        "the group sets it from the Raft sync set",
+    ),
+    (
+        "primary_conninfo",
+        "the group points replicas at the primary",
+    ),
+    (
+        "primary_slot_name",
+        "the group points replicas at the primary",
+    ),
+    (
+        "recovery_target_timeline",
+        "replicas must follow a promotion",
+    ),
     ("promote_trigger_file", "promotion is the group's decision"),
     ("cluster_name", "names the member in pg_stat_replication"),
-    ("wal_receiver_status_interval", "the sync state the watcher reads depends on it"),
+    (
+        "wal_receiver_status_interval",
+        "the sync state the watcher reads depends on it",
+    ),
     ("wal_sender_timeout", "failure detection depends on it"),
     ("wal_receiver_timeout", "failure detection depends on it"),
     ("fsync", "turning it off loses acknowledged commits"),
-    ("full_page_writes", "turning it off can corrupt data after a crash"),
-    ("hba_file", "the watcher writes pg_hba.conf from [postgres] hba"),
-    ("ident_file", "the watcher manages the data directory's files"),
+    (
+        "full_page_writes",
+        "turning it off can corrupt data after a crash",
+    ),
+    (
+        "hba_file",
+        "the watcher writes pg_hba.conf from [postgres] hba",
+    ),
+    (
+        "ident_file",
+        "the watcher manages the data directory's files",
+    ),
     ("data_directory", "the watcher manages the data directory"),
-    ("config_file", "the watcher manages the data directory's files"),
+    (
+        "config_file",
+        "the watcher manages the data directory's files",
+    ),
     ("include", "an included file could set any of these"),
-    ("include_if_exists", "an included file could set any of these"),
+    (
+        "include_if_exists",
+        "an included file could set any of these",
+    ),
     ("include_dir", "an included file could set any of these"),
 ];
 
@@ -1276,7 +1312,10 @@ admin = ["dba"]
         c.validate().expect("ordinary settings are fine");
         for (bad, name) in [
             ("synchronous_commit = local", "synchronous_commit"),
-            ("synchronous_standby_names = ''", "synchronous_standby_names"),
+            (
+                "synchronous_standby_names = ''",
+                "synchronous_standby_names",
+            ),
             ("Port=5433", "port"),
             ("  fsync = off", "fsync"),
             ("primary_conninfo = 'host=x'", "primary_conninfo"),
