@@ -267,3 +267,39 @@ async fn two_rooms_plus_arbiter_survive_a_data_member_loss_and_full_restart() {
         );
     }
 }
+
+/// `pgwctl demo up` fails fast, with the member's own fatal message, when a member exits (here a
+/// stand-in for the pg-watcher binary that stops the way the real one does without pgpool:
+/// CI's machine has pgpool, so the real failure cannot be produced there).
+#[test]
+fn demo_up_fails_fast_with_the_members_own_message() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fake = dir.path().join("fake-pg-watcher.sh");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'pg-watcher: pgpool: /usr/sbin/pgpool not found (install pgpool2)' >&2\nexit 1\n",
+    )
+    .expect("script");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let demo = dir.path().join("demo");
+    let t0 = std::time::Instant::now();
+    let out = std::process::Command::new(PGWCTL)
+        .args(["demo", "up", "--dir", &demo.display().to_string()])
+        .env("PGW_WATCHER_BIN", &fake)
+        .output()
+        .expect("pgwctl demo up");
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("exited") && err.contains("/usr/sbin/pgpool not found"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(20), "took {took:?}: {err}");
+    let _ = std::process::Command::new(PGWCTL)
+        .args(["demo", "down", "--dir", &demo.display().to_string()])
+        .output();
+}

@@ -246,6 +246,27 @@ fn write_private(p: &Path, text: &str) -> Result<(), CliError> {
         .map_err(io_err(p))
 }
 
+/// Resolves with the error as soon as `check` reports one (every 200 ms).
+async fn watch_exits(check: &impl Fn() -> Result<(), CliError>) -> CliError {
+    loop {
+        if let Err(e) = check() {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The last fatal line a member wrote (`pg-watcher: ...`), or the last line of its log.
+fn fatal_message(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("pg-watcher: "))
+        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
+        .map(|l| l.trim_start_matches("pg-watcher: ").to_string())
+        .unwrap_or_else(|| "no message".into())
+}
+
 /// Polls until some member reports itself leader (and, if `not`, a different one).
 pub async fn wait_leader(
     endpoints: &[String],
@@ -439,8 +460,28 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
     write_demo(dir, &demo)?;
     crate::client::set_default(certs.client_auth("admin")?);
     let eps: Vec<String> = members.iter().map(|m| m.grpc.clone()).collect();
-    wait_leader(&eps, None, Duration::from_secs(30)).await?;
-    wait_healthy(&eps, Duration::from_secs(120)).await?;
+    // Waits, but fails at once with a member's own fatal message when one exits (pgpool
+    // missing, a port taken...), instead of timing out on "no leader".
+    let members = demo.members.clone();
+    let exited = || -> Result<(), CliError> {
+        match members.iter().find(|m| !is_watcher(m.pid)) {
+            None => Ok(()),
+            Some(m) => Err(CliError::Refused(format!(
+                "member {} exited: {} (log: {})",
+                m.name,
+                fatal_message(Path::new(&m.log)),
+                m.log
+            ))),
+        }
+    };
+    tokio::select! {
+        r = wait_leader(&eps, None, Duration::from_secs(30)) => { r?; }
+        e = watch_exits(&exited) => return Err(e),
+    }
+    tokio::select! {
+        r = wait_healthy(&eps, Duration::from_secs(120)) => { r?; }
+        e = watch_exits(&exited) => return Err(e),
+    }
     Ok(demo)
 }
 
