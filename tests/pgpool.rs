@@ -661,3 +661,93 @@ async fn recover_rebuilds_a_failed_old_primary_and_pgpool_reads_reach_it_again()
     }
     wait_healthy(&g, Duration::from_secs(30)).await;
 }
+
+/// The main pgpool process of a room killed alone (as the OOM killer does): its children keep
+/// the listening port, and the watcher must clear them before starting a new pgpool. Writes
+/// through that room's pgpool resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgpool_whose_main_process_is_killed_alone_comes_back() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_pgpool(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let p = primary_of(&s).expect("primary");
+    let pi = g.index_of(&p);
+    create_table(&g.pg_addr(pi)).await.expect("table");
+    let ri = (0..3).find(|i| *i != pi).expect("a replica's room");
+    let old = g.pgpool_pid(ri).expect("pgpool main pid");
+    // Sessions open through it at the kill: the children serving them outlive their parent.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let c = try_connect(&g.pgpool_addr(ri))
+            .await
+            .expect("a session through pgpool");
+        c.simple_query("SELECT 1").await.expect("query");
+        open.push(c);
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(old, libc::SIGKILL);
+    }
+    let t0 = Instant::now();
+    loop {
+        let back = g.pgpool_pid(ri).is_some_and(|p| p != old);
+        if back {
+            if let Ok(c) = try_connect(&g.pgpool_addr(ri)).await {
+                if c.simple_query("SELECT 1").await.is_ok() {
+                    break;
+                }
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the room's pgpool did not come back: {}",
+            g.log_text(ri)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(open);
+    eprintln!(
+        "pgpool of {} answering again {} ms after its main process was killed",
+        g.members[ri].name(),
+        t0.elapsed().as_millis()
+    );
+    // A new main process runs (and stays), and nothing of the dead instance is left: its
+    // orphaned children would keep serving on the old port behind the new pgpool's back.
+    let new = g.pgpool_pid(ri).expect("new main pid");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(g.pgpool_pid(ri), Some(new), "pgpool restarting in a loop");
+    let left: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = st.rsplit_once(')')?.1.to_string();
+                    rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+                })
+                == Some(old)
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "processes of the killed pgpool still run: {left:?}"
+    );
+    wait_healthy(&g, Duration::from_secs(60)).await;
+    let (acks, h) = spawn_writer_from(
+        vec![g.pgpool_addr(ri)],
+        Arc::new(AtomicBool::new(false)),
+        next_id(&g.pg_addr(pi)).await,
+        20,
+        Duration::from_secs(30),
+    );
+    let _ = h.await;
+    assert_eq!(acks.all().len(), 20, "{:?}", acks.errors());
+    assert!(acks.all().iter().all(|a| a.backend == g.pg_addr(pi)));
+    eprintln!(
+        "20 writes through it acknowledged {} ms after the kill",
+        t0.elapsed().as_millis()
+    );
+}

@@ -216,6 +216,18 @@ impl ManagedPgpool {
     }
 
     fn start(&self) -> Result<(), PgpoolError> {
+        // A main pgpool process that was killed alone (the OOM killer) leaves its children
+        // running, holding the listening ports: a new pgpool could never bind them. They are in
+        // the dead instance's process group (pgpool runs as a group leader): end them first.
+        if let Some(old) = pid_file_pid(&self.work_dir) {
+            let n = kill_orphans(old);
+            if n > 0 {
+                tracing::warn!(
+                    old_pid = old,
+                    "ended {n} orphaned processes of a dead pgpool holding its ports"
+                );
+            }
+        }
         // Sockets left behind by a killed pgpool block a new one.
         for p in self.ports {
             for f in [format!(".s.PGSQL.{p}"), format!(".s.PGSQL.{p}.lock")] {
@@ -310,16 +322,59 @@ impl ManagedPgpool {
     }
 }
 
+/// The pid recorded in `work_dir`'s pid file, whether or not that process still runs.
+fn pid_file_pid(work_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(work_dir.join("pgpool.pid")).ok()?;
+    text.trim_matches(|c: char| c == '\0' || c.is_whitespace())
+        .parse()
+        .ok()
+        .filter(|p: &i32| *p > 1)
+}
+
+/// SIGKILLs every pgpool process left in process group `pgid` whose leader is gone (orphaned
+/// children of a killed main process). Only processes named pgpool in that group are touched.
+/// Returns how many it ended.
+fn kill_orphans(pgid: i32) -> usize {
+    if pgpool_pid_alive(pgid) {
+        return 0;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|x| x.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // comm is in parentheses and may hold spaces: the fields after the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let pgrp: Option<i32> = rest.split_whitespace().nth(2).and_then(|x| x.parse().ok());
+        if pgrp == Some(pgid) && head.contains("pgpool") {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            n += 1;
+        }
+    }
+    n
+}
+
+fn pgpool_pid_alive(pid: i32) -> bool {
+    pid_alive(pid)
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("pgpool"))
+            .unwrap_or(false)
+}
+
 /// The pid of the pgpool whose pid file is in `work_dir`, if it runs.
 pub fn pgpool_pid(work_dir: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(work_dir.join("pgpool.pid")).ok()?;
-    // pgpool writes the pid NUL-terminated.
-    let pid: i32 = text
-        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
-        .parse()
-        .ok()?;
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    (pid_alive(pid) && String::from_utf8_lossy(&cmd).contains("pgpool")).then_some(pid)
+    pid_file_pid(work_dir).filter(|p| pgpool_pid_alive(*p))
 }
 
 /// Stops the pgpool whose pid file is in `work_dir` (immediate shutdown, then SIGKILL of the
