@@ -128,7 +128,8 @@ impl PgCtl {
         self.data().join("PG_VERSION").exists()
     }
 
-    /// libpq conninfo to reach `addr` as the configured user.
+    /// libpq conninfo to reach `addr` as the configured user (a password in it is for libpq
+    /// only: [`split_password`] keeps it off command lines and out of messages).
     pub fn conninfo(&self, addr: &PgAddr, application_name: &str) -> String {
         let mut s = format!(
             "host={} port={} user={} dbname=postgres application_name={} connect_timeout=2",
@@ -170,8 +171,25 @@ impl PgCtl {
 
     async fn run(&self, tool: &str, args: &[&str], limit: Duration) -> Result<String, PgError> {
         let bin = self.cfg.bin_dir.join(tool);
+        // A password in a conninfo argument would be visible to every local user in the
+        // process list and would reach our error messages: it travels in the child's
+        // environment instead (readable by its owner only), and never into `what`.
+        let mut password = None;
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                let (clean, pw) = split_password(a);
+                if pw.is_some() {
+                    password = pw;
+                }
+                clean
+            })
+            .collect();
         let mut cmd = tokio::process::Command::new(&bin);
-        cmd.args(args)
+        if let Some(pw) = &password {
+            cmd.env("PGPASSWORD", pw);
+        }
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -182,6 +200,7 @@ impl PgCtl {
             cmd.uid(u.uid).gid(u.gid);
         }
         let what = format!("{} {}", bin.display(), args.join(" "));
+        let text_of = |b: &[u8]| redact(&String::from_utf8_lossy(b), password.as_deref());
         let child = cmd.spawn().map_err(|e| PgError::Tool {
             what: what.clone(),
             message: e.to_string(),
@@ -198,11 +217,7 @@ impl PgCtl {
                 })
             }
         };
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = format!("{}{}", text_of(&out.stdout), text_of(&out.stderr));
         if out.status.success() {
             Ok(text)
         } else {
@@ -568,4 +583,99 @@ pub fn pid_alive(pid: i32) -> bool {
                     .is_some_and(|r| r.trim_start().starts_with('Z'))
             })
             .unwrap_or(false)
+}
+
+/// Splits a `password=...` (plain or single-quoted, libpq conninfo syntax) out of `arg`:
+/// (the argument without it, the password). Arguments that are not conninfo pass unchanged.
+pub fn split_password(arg: &str) -> (String, Option<String>) {
+    let Some(start) = find_key(arg, "password") else {
+        return (arg.to_string(), None);
+    };
+    let after = &arg[start..];
+    let Some(eq) = after.find('=') else {
+        return (arg.to_string(), None);
+    };
+    let mut rest = after[eq + 1..].trim_start().chars().peekable();
+    let mut value = String::new();
+    let mut consumed = after.len() - after[eq + 1..].trim_start().len();
+    if rest.peek() == Some(&'\'') {
+        rest.next();
+        consumed += 1;
+        let mut esc = false;
+        for c in rest {
+            consumed += c.len_utf8();
+            match (esc, c) {
+                (false, '\\') => esc = true,
+                (false, '\'') => break,
+                (_, c) => {
+                    value.push(c);
+                    esc = false;
+                }
+            }
+        }
+    } else {
+        for c in rest {
+            if c.is_whitespace() {
+                break;
+            }
+            consumed += c.len_utf8();
+            value.push(c);
+        }
+    }
+    let before = arg[..start].trim_end();
+    let after_pw = arg[start + consumed..].trim_start();
+    let clean = match (before.is_empty(), after_pw.is_empty()) {
+        (true, _) => after_pw.to_string(),
+        (_, true) => before.to_string(),
+        _ => format!("{before} {after_pw}"),
+    };
+    (clean, Some(value))
+}
+
+/// Where `key` starts as a conninfo keyword (at the start or after whitespace, then `=`).
+fn find_key(s: &str, key: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = s[from..].find(key) {
+        let at = from + i;
+        let starts = at == 0 || s[..at].ends_with(char::is_whitespace);
+        let follows = s[at + key.len()..].trim_start().starts_with('=');
+        if starts && follows {
+            return Some(at);
+        }
+        from = at + key.len();
+    }
+    None
+}
+
+/// `text` with `password` (if any) replaced.
+pub fn redact(text: &str, password: Option<&str>) -> String {
+    match password {
+        Some(p) if !p.is_empty() => text.replace(p, "********"),
+        _ => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod password_tests {
+    use super::*;
+
+    #[test]
+    fn passwords_leave_conninfo_arguments() {
+        let (c, p) = split_password("host=a port=5 user=u password=s3cret dbname=postgres");
+        assert_eq!(c, "host=a port=5 user=u dbname=postgres");
+        assert_eq!(p.as_deref(), Some("s3cret"));
+        let (c, p) = split_password("host=a password = 'it''s x\\'y' connect_timeout=2");
+        assert_eq!(p.as_deref(), Some("it"));
+        assert!(!c.contains("password"), "{c}");
+        let (c, p) = split_password("password='a b\\'c'");
+        assert_eq!((c.as_str(), p.as_deref()), ("", Some("a b'c")));
+        let (c, p) = split_password("host=a passwordx=1 mypassword=2");
+        assert_eq!((c.as_str(), p), ("host=a passwordx=1 mypassword=2", None));
+        let (c, p) = split_password("-D");
+        assert_eq!((c.as_str(), p), ("-D", None));
+        assert_eq!(
+            redact("failed for s3cret", Some("s3cret")),
+            "failed for ********"
+        );
+    }
 }
