@@ -48,6 +48,15 @@ async fn snapshot(eps: &[String]) -> Snapshot {
     }
 }
 
+/// A request to pause automation of the `global` cluster, giving `reason`.
+fn pause(reason: &str) -> SetPausedRequest {
+    SetPausedRequest {
+        cluster: "global".into(),
+        paused: true,
+        reason: reason.into(),
+    }
+}
+
 fn member_auth(name: &str) -> ClientAuth {
     pki().member_auth(name)
 }
@@ -137,11 +146,7 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
         .await;
     if let Ok(ch) = plain {
         let r = pgw_proto::admin_client::AdminClient::new(ch)
-            .set_paused(SetPausedRequest {
-                cluster: "global".into(),
-                paused: true,
-                reason: "plaintext".into(),
-            })
+            .set_paused(pause("plaintext"))
             .await;
         assert!(r.is_err(), "a plaintext call was answered: {r:?}");
     }
@@ -155,13 +160,7 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
     match connect_as(&target, T, &auth).await {
         Err(_) => {}
         Ok(mut c) => {
-            let r = c
-                .set_paused(SetPausedRequest {
-                    cluster: "global".into(),
-                    paused: true,
-                    reason: "rogue".into(),
-                })
-                .await;
+            let r = c.set_paused(pause("rogue")).await;
             assert!(r.is_err(), "a rogue certificate was accepted: {r:?}");
         }
     }
@@ -222,11 +221,7 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
     assert_eq!(r.code(), tonic::Code::PermissionDenied, "{r:?}");
     // A member certificate cannot act as an operator.
     let r = admin_a
-        .set_paused(SetPausedRequest {
-            cluster: "global".into(),
-            paused: true,
-            reason: "member as operator".into(),
-        })
+        .set_paused(pause("member as operator"))
         .await
         .expect_err("member refused as operator");
     assert_eq!(r.code(), tonic::Code::PermissionDenied, "{r:?}");
@@ -252,11 +247,7 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
         ("nobody", "admin", tonic::Code::Unauthenticated),
         ("test-read", "admin", tonic::Code::PermissionDenied),
     ] {
-        let mut fwd = tonic::Request::new(SetPausedRequest {
-            cluster: "global".into(),
-            paused: true,
-            reason: "forged forward".into(),
-        });
+        let mut fwd = tonic::Request::new(pause("forged forward"));
         let md = fwd.metadata_mut();
         md.insert(
             "x-pgw-forwarded",
@@ -306,13 +297,7 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
         .expect("read");
     read.status(StatusRequest {}).await.expect("read may read");
     for r in [
-        read.set_paused(SetPausedRequest {
-            cluster: "global".into(),
-            paused: true,
-            reason: "read".into(),
-        })
-        .await
-        .map(|_| ()),
+        read.set_paused(pause("read")).await.map(|_| ()),
         read.switchover(SwitchoverRequest {
             cluster: "global".into(),
             target: String::new(),
@@ -417,11 +402,7 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
     let r = pgw_cli::client::connect_as(&target, T, &pki().client("operate"))
         .await
         .expect("operate")
-        .set_paused(SetPausedRequest {
-            cluster: "global".into(),
-            paused: true,
-            reason: "maintenance".into(),
-        })
+        .set_paused(pause("maintenance"))
         .await
         .expect("operate may pause");
     assert!(r.into_inner().result.contains("applied"));
@@ -753,11 +734,7 @@ async fn certificates_reload_without_restart_tokens_grant_roles_and_http_is_read
         .expect("token creds");
     let mut c = connect_as(&eps[1], T, &token_auth).await.expect("connect");
     let r = c
-        .set_paused(SetPausedRequest {
-            cluster: "global".into(),
-            paused: true,
-            reason: "by token".into(),
-        })
+        .set_paused(pause("by token"))
         .await
         .expect("the operate token may pause");
     assert!(r.into_inner().result.contains("applied"));

@@ -83,13 +83,7 @@ impl Pki {
     /// The `[tls]` section of member `name`.
     pub fn tls(&self, name: &str) -> pgw_core::config::TlsConfig {
         let (cert, key) = self.member(name);
-        pgw_core::config::TlsConfig {
-            ca: self.ca.clone(),
-            cert,
-            key,
-            http: false,
-            reload_check_ms: pgw_core::config::defaults::TLS_RELOAD_CHECK_MS,
-        }
+        pgw_core::config::TlsConfig::new(self.ca.clone(), cert, key)
     }
 
     /// The `[auth]` section: the three role certificates.

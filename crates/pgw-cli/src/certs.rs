@@ -300,13 +300,7 @@ impl GroupCerts {
     /// The `[tls]` section of `member`'s config.
     pub fn tls(&self, member: &str) -> pgw_core::config::TlsConfig {
         let (cert, key) = self.members.get(member).cloned().unwrap_or_default();
-        pgw_core::config::TlsConfig {
-            ca: self.ca.clone(),
-            cert,
-            key,
-            http: false,
-            reload_check_ms: pgw_core::config::defaults::TLS_RELOAD_CHECK_MS,
-        }
+        pgw_core::config::TlsConfig::new(self.ca.clone(), cert, key)
     }
 
     /// The `[auth]` section listing the role certificates.

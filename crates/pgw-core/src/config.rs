@@ -307,6 +307,19 @@ pub struct TlsConfig {
     pub reload_check_ms: u64,
 }
 
+impl TlsConfig {
+    /// The section for these three files, with the other fields at their defaults.
+    pub fn new(ca: PathBuf, cert: PathBuf, key: PathBuf) -> TlsConfig {
+        TlsConfig {
+            ca,
+            cert,
+            key,
+            http: false,
+            reload_check_ms: defaults::TLS_RELOAD_CHECK_MS,
+        }
+    }
+}
+
 /// Operator roles. `read`: status, history, operation, health. `operate`: switchover,
 /// pause/resume, recover (and everything `read` may). `admin`: forced failover, accepting data
 /// loss, membership (and everything `operate` may). A client certificate's subject CN is looked

@@ -113,13 +113,13 @@ pub fn client_config(
         .map_err(|e| TlsError::Setup(e.to_string()))?
         .with_root_certificates(roots);
     let mut cfg = match identity {
-        Some((cert, key)) => {
+        Some((cert, key_file)) => {
             let certs = load_certs("cert", cert)?;
-            let key = load_key("key", key)?;
+            let key = load_key("key", key_file)?;
             builder.with_client_auth_cert(certs, key).map_err(|e| {
                 file_err(
                     "key",
-                    key_path(identity),
+                    key_file,
                     format!("does not fit the certificate: {e}"),
                 )
             })?
@@ -128,10 +128,6 @@ pub fn client_config(
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
-}
-
-fn key_path<'a>(identity: Option<(&'a Path, &'a Path)>) -> &'a Path {
-    identity.map(|(_, k)| k).unwrap_or(Path::new(""))
 }
 
 /// One loaded set of certificates, as the configs rustls uses.
