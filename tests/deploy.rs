@@ -190,8 +190,8 @@ fn an_owned_postgres_setting_is_refused_by_the_daemon() {
 
 /// The systemd unit as shipped: every directory an example config writes (the Raft data
 /// directory, PostgreSQL's data directory, the pgpool work directory) is writable under
-/// `ProtectSystem=strict`, the member is reloadable (SIGHUP re-reads certificates) and the
-/// config is checked before start.
+/// `ProtectSystem=strict`, the member is reloadable (SIGHUP re-reads certificates), the config
+/// is checked before start, and stopping the daemon leaves postgres and pgpool running.
 #[test]
 fn the_systemd_unit_lets_every_example_config_write_where_it_writes() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -234,5 +234,30 @@ fn the_systemd_unit_lets_every_example_config_write_where_it_writes() {
         }
     }
     assert!(key("ExecReload").iter().any(|x| x.contains("-HUP")));
+    // A restart or upgrade of the daemon must not take postgres and pgpool down with it.
+    assert_eq!(key("KillMode"), vec!["process"]);
     assert!(key("ExecStartPre").iter().any(|x| x == "--check"));
+}
+
+/// `systemd-analyze verify` accepts the unit as shipped (only the binary's path substituted).
+#[test]
+fn the_systemd_unit_verifies() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("deploy/pg-watcher.service")).expect("unit");
+    let bin = env!("CARGO_BIN_EXE_pg-watcher");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("pg-watcher.service");
+    std::fs::write(&path, unit.replace("/usr/bin/pg-watcher", bin)).expect("write unit");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (package systemd; .ci/deps installs it)");
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    // Complaints about other units installed on the machine are not ours.
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("pg-watcher.service"))
+        .collect();
+    assert!(ours.is_empty() && out.status.success(), "{text}");
 }

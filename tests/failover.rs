@@ -765,3 +765,94 @@ async fn a_primary_that_refuses_its_watcher_is_not_fenced() {
     let log = g.log_text(pi);
     assert!(log.contains("postgres refuses the watcher"), "{log}");
 }
+
+/// The longest time between two consecutive acknowledged writes in `acks` (ms).
+fn longest_gap_ms(acks: &Acks) -> u128 {
+    let mut all = acks.all();
+    all.sort_by_key(|a| a.at);
+    all.windows(2)
+        .map(|w| (w[1].at - w[0].at).as_millis())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A rolling restart of pg-watcher (a package upgrade: SIGTERM, started again a second later)
+/// on the primary's member is not a failover, whether that member leads the Raft group or not:
+/// the primary stays where it is at the same epoch, writes keep flowing, nothing acknowledged
+/// is lost. Prints the longest write gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_primarys_watcher_is_not_a_failover() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_postgres(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    // Make the primary's member the Raft leader too (the harder case: the group must elect a
+    // new leader, which knows nothing of the last grant, while the primary's watcher is away).
+    let leader = s.leader.clone().expect("leader");
+    if primary_of(&s).as_deref() != Some(leader.as_str()) {
+        pgw_cli::switchover(&g.endpoints(), "global", Some(&leader))
+            .await
+            .expect("switchover to the leader's room");
+        wait_until(&g.endpoints(), Duration::from_secs(60), "switchover", |s| {
+            primary_of(s).as_deref() == Some(leader.as_str())
+        })
+        .await;
+    }
+    let s = wait_healthy(&g, Duration::from_secs(60)).await;
+    let p = primary_of(&s).expect("primary");
+    let e0 = epoch_of(&s);
+    let pi = g.index_of(&p);
+    let paddr = g.pg_addr(pi);
+    let pm = g.postmaster_pid(pi).expect("postmaster");
+    create_table(&paddr).await.expect("table");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer_paced(
+        vec![paddr.clone()],
+        stop.clone(),
+        1,
+        200_000,
+        Duration::from_secs(120),
+        Duration::from_millis(2),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for round in 0..3 {
+        let st = wait_healthy(&g, Duration::from_secs(30)).await;
+        let led = st.leader.as_deref() == Some(p.as_str());
+        let before = acks.all().len();
+        g.terminate(pi);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        g.start(pi);
+        // Back: reporting again, still primary at the same epoch.
+        let st = wait_healthy(&g, Duration::from_secs(30)).await;
+        assert_eq!(primary_of(&st).as_deref(), Some(p.as_str()), "{st:?}");
+        assert_eq!(epoch_of(&st), e0, "round {round}: no failover");
+        // Past the lease, in case a late decision were pending.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let st = wait_healthy(&g, Duration::from_secs(30)).await;
+        assert_eq!(epoch_of(&st), e0, "round {round}: no failover after the lease");
+        assert_eq!(g.postmaster_pid(pi), Some(pm), "postgres was not restarted");
+        assert!(acks.all().len() > before + 100, "writes flowed");
+        eprintln!("watcher restart {round} (leader: {led}): primary {p} kept epoch {e0}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    let missing = missing_acks(&acks, &paddr).await;
+    assert!(missing.is_empty(), "acknowledged ids lost: {missing:?}");
+    // Each restarted watcher kept its predecessor's fencing deadline (lease.pgw).
+    let log = g.log_text(pi);
+    let kept: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("a previous run renewed the primary lease"))
+        .collect();
+    assert_eq!(kept.len(), 3, "{log}");
+    for l in kept {
+        eprintln!("{}", l.rsplit("INFO").next().unwrap_or(l).trim());
+    }
+    let h = history(&g.endpoints()[0], "global", 64).await;
+    eprintln!(
+        "watcher restarts: {} writes, longest write gap {} ms, {} history records",
+        acks.all().len(),
+        longest_gap_ms(&acks),
+        h.len()
+    );
+}

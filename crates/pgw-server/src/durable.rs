@@ -17,6 +17,8 @@ const HEADER: usize = 8 + 4 + 4 + 8 + 4;
 pub enum Kind {
     Identity = 1,
     Snapshot = 2,
+    /// When the primary's last acknowledged lease renewal was sent (see `sidecar::lease_record`).
+    Lease = 3,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,15 @@ pub fn write_atomic(path: &Path, kind: Kind, payload: &[u8]) -> Result<(), Durab
     fs::rename(&tmp, path).map_err(io(path))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     sync_dir(dir)
+}
+
+/// Replaces `path` with a framed `payload` by rename, without fsync: for records that only
+/// matter while this machine stays up (a reader never sees a torn file, a crash of the process
+/// loses nothing the page cache holds, a power loss may lose the file, which its reader allows).
+pub fn write_replace(path: &Path, kind: Kind, payload: &[u8]) -> Result<(), DurableError> {
+    let tmp = tmp_path(path);
+    fs::write(&tmp, frame(kind, payload)).map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
 }
 
 /// Reads and checks a framed file. `Ok(None)` when it does not exist.

@@ -7,6 +7,7 @@
 //!   (pure Rust, ACID; every commit is fsynced before we acknowledge). Each value carries its
 //!   own CRC32 so a damaged record is reported rather than applied.
 //! - `snapshot.pgw`: the latest state-machine snapshot, framed and written crash-safely.
+//! - `lease.pgw`: when this member last renewed a primary lease (`sidecar::lease_record`).
 //!
 //! The state machine itself lives in memory and is rebuilt at start from the snapshot plus the
 //! committed log (openraft re-applies committed entries at start because we persist
@@ -44,6 +45,7 @@ const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 
 pub const IDENTITY_FILE: &str = "identity.pgw";
+pub const LEASE_FILE: &str = "lease.pgw";
 pub const DB_FILE: &str = "raft.redb";
 pub const SNAPSHOT_FILE: &str = "snapshot.pgw";
 
@@ -110,8 +112,11 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
         })?;
         let name = e.file_name().to_string_lossy().to_string();
         match name.as_str() {
-            IDENTITY_FILE | DB_FILE | SNAPSHOT_FILE => {}
-            n if n == format!("{IDENTITY_FILE}.tmp") || n == format!("{SNAPSHOT_FILE}.tmp") => {
+            IDENTITY_FILE | DB_FILE | SNAPSHOT_FILE | LEASE_FILE => {}
+            n if n == format!("{IDENTITY_FILE}.tmp")
+                || n == format!("{SNAPSHOT_FILE}.tmp")
+                || n == format!("{LEASE_FILE}.tmp") =>
+            {
                 std::fs::remove_file(e.path()).map_err(|source| durable::DurableError::Io {
                     file: e.path(),
                     source,

@@ -5,6 +5,7 @@
 //! ([`pgw_core::failover::plan_local`]), carry it out, observe again, report. It never acts on
 //! remembered roles: a restarted watcher reaches the same plan from its durable Raft state.
 
+pub mod lease_record;
 pub mod observe;
 pub mod pgctl;
 
@@ -20,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::service::Shared;
+use lease_record::LeaseRecord;
 use observe::{Local, Observer};
 use pgctl::{Managed, PgAddr, PgCtl, PgError};
 
@@ -83,6 +85,11 @@ pub struct Sidecar {
     observed: Arc<Notify>,
     acted: Arc<Notify>,
     started: Instant,
+    /// Records every acknowledged renewal, so that a restarted watcher keeps its predecessor's
+    /// fencing deadline.
+    record: Arc<LeaseRecord>,
+    /// The last renewal a previous run of this watcher recorded (same boot), if any.
+    prior_sent: Option<Instant>,
     /// Tells this run's reports from an earlier run's (see `Observation::incarnation`).
     incarnation: u64,
 }
@@ -108,7 +115,11 @@ impl Sidecar {
             })?;
         let ctl = PgCtl::new(pg, &s.cfg.member, addr)?;
         ctl.prepare_dirs()?;
+        let record = LeaseRecord::new(&s.cfg.data_dir);
+        let prior_sent = record.load();
         Ok(Some(Sidecar {
+            record: Arc::new(record),
+            prior_sent,
             s,
             ctl,
             cluster,
@@ -128,6 +139,14 @@ impl Sidecar {
     /// Starts the reporter and the actor; returns at once.
     pub fn spawn(self) {
         tracing::info!(cluster = %self.cluster, data_dir = %self.ctl.data().display(), "sidecar started");
+        if let Some(p) = self.prior_sent {
+            let left = self.lease_deadline().saturating_duration_since(Instant::now());
+            tracing::info!(
+                "a previous run renewed the primary lease {} ms ago: its fencing deadline holds ({} ms left)",
+                p.elapsed().as_millis(),
+                left.as_millis()
+            );
+        }
         let me = Arc::new(self);
         tokio::spawn(Arc::clone(&me).reporter());
         tokio::spawn(Arc::clone(&me).lease_guard());
@@ -185,9 +204,11 @@ impl Sidecar {
     }
 
     fn lease_deadline(&self) -> Instant {
-        // A watcher that starts beside a running primary counts its own start as the last
-        // renewal: it must get a grant within the lease like everyone else.
-        let sent = self.lock().lease_sent.unwrap_or(self.started);
+        // A watcher that starts beside a running primary keeps its predecessor's deadline (the
+        // leader counts from its last grant, not from our restart); with no record of one, it
+        // counts its own start as the last renewal.
+        let first = self.prior_sent.map_or(self.started, |p| p.min(self.started));
+        let sent = self.lock().lease_sent.unwrap_or(first);
         sent + Duration::from_millis(self.s.cfg.failover.lease().fence_at(0))
     }
 
@@ -471,6 +492,10 @@ impl Sidecar {
                     Ok(Ok(r)) => {
                         if r.into_inner().lease_ok && st.lease_sent.is_none_or(|s| s < sent) {
                             st.lease_sent = Some(sent);
+                            drop(st);
+                            if let Err(e) = me.record.store(sent) {
+                                tracing::warn!("lease renewal not recorded: {e}");
+                            }
                         }
                     }
                     Ok(Err(e)) => tracing::debug!("report to leader: {}", e.message()),
