@@ -198,17 +198,11 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
                 level: "info,openraft=warn".into(),
             },
             postgres: (with_pg && m.role == Role::Data).then(|| pgw_core::config::PostgresConfig {
-                cluster: None,
-                bin_dir: pgw_core::config::defaults::pg_bin_dir(),
-                data_dir: dir.join(&m.name).join("pg").join("data"),
-                os_user: "postgres".into(),
-                user: "postgres".into(),
-                conninfo: String::new(),
-                hba: pgw_core::config::defaults::pg_hba(),
                 settings: vec![
                     "shared_buffers = '16MB'".into(),
                     "max_connections = 40".into(),
                 ],
+                ..pgw_core::config::PostgresConfig::new(dir.join(&m.name).join("pg").join("data"))
             }),
             failover: Default::default(),
             pgpool: None,

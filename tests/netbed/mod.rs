@@ -711,12 +711,6 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                     level: "info,openraft=warn".into(),
                 },
                 postgres: data.then(|| pgw_core::config::PostgresConfig {
-                    cluster: None,
-                    bin_dir: pgw_core::config::defaults::pg_bin_dir(),
-                    data_dir: dir.join(&m.name).join("pg").join("data"),
-                    os_user: "postgres".into(),
-                    user: "postgres".into(),
-                    conninfo: String::new(),
                     hba: vec![
                         "local all all trust".into(),
                         "host all all 127.0.0.0/8 trust".into(),
@@ -727,6 +721,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                         "shared_buffers = '16MB'".into(),
                         "max_connections = 40".into(),
                     ],
+                    ..pgw_core::config::PostgresConfig::new(dir.join(&m.name).join("pg").join("data"))
                 }),
                 failover: Default::default(),
                 tls: crate::common::pki().tls(&m.name),

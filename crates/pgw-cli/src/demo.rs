@@ -402,14 +402,9 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             clusters: pgw_core::config::defaults::clusters(),
             log: LogConfig::default(),
             postgres: Some(pgw_core::config::PostgresConfig {
-                cluster: None,
                 bin_dir: pg_bin.clone(),
-                data_dir: pg_data,
-                os_user: pgw_core::config::defaults::pg_os_user(),
-                user: pgw_core::config::defaults::pg_user(),
-                conninfo: String::new(),
-                hba: pgw_core::config::defaults::pg_hba(),
                 settings: vec!["shared_buffers = '32MB'".into()],
+                ..pgw_core::config::PostgresConfig::new(pg_data)
             }),
             failover: Default::default(),
             tls: certs.tls(&m.name),

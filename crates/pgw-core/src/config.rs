@@ -146,18 +146,126 @@ pub struct PostgresConfig {
     /// OS user that runs postgres when the watcher runs as root.
     #[serde(default = "defaults::pg_os_user")]
     pub os_user: String,
-    /// Database role the watcher and the replicas connect as (superuser, replication).
+    /// Superuser role the watcher logs in as, over the server's local socket (the `local` lines
+    /// of `hba` must let it in: `peer` when the watcher runs as the OS user of that name).
     #[serde(default = "defaults::pg_user")]
     pub user: String,
-    /// Extra libpq parameters for every connection (e.g. `passfile=/etc/pg-watcher/pgpass`).
-    #[serde(default)]
-    pub conninfo: String,
+    /// Role replicas stream and clone with (needs `REPLICATION`); default: `user`. Created on
+    /// the primary when missing, with its password from `passfile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_user: Option<String>,
+    /// Role `pg_rewind` reads a new primary with (the minimal grants pg_rewind needs, and
+    /// `pg_checkpoint`); default: `user`. Created on the primary when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewind_user: Option<String>,
+    /// libpq password file (`host:port:database:user:password` lines) for every connection the
+    /// servers make to each other. Mode 0600 and, when the watcher runs as root, owned by
+    /// `os_user`. Passwords are read from here only: never in a config, on a command line or in
+    /// a log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passfile: Option<PathBuf>,
+    /// libpq `sslmode` of the connections between servers (replication, clone, rewind):
+    /// disable, allow, prefer, require, verify-ca or verify-full. The servers' own `ssl = on`,
+    /// `ssl_cert_file` and `ssl_key_file` go in `settings`.
+    #[serde(default = "defaults::pg_sslmode")]
+    pub sslmode: String,
+    /// CA certificate the servers' certificates are checked against (libpq `sslrootcert`);
+    /// required by verify-ca and verify-full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
     /// `pg_hba.conf` lines written at initdb. Default trusts loopback only: set your own.
     #[serde(default = "defaults::pg_hba")]
     pub hba: Vec<String>,
     /// Extra `postgresql.conf` settings (`name = value` lines) for every server.
     #[serde(default)]
     pub settings: Vec<String>,
+}
+
+/// libpq `sslmode` values.
+pub const PG_SSLMODES: [&str; 6] = [
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
+impl PostgresConfig {
+    /// A server in `data_dir` with every other field at its default.
+    pub fn new(data_dir: impl Into<PathBuf>) -> PostgresConfig {
+        PostgresConfig {
+            cluster: None,
+            bin_dir: defaults::pg_bin_dir(),
+            data_dir: data_dir.into(),
+            os_user: defaults::pg_os_user(),
+            user: defaults::pg_user(),
+            replication_user: None,
+            rewind_user: None,
+            passfile: None,
+            sslmode: defaults::pg_sslmode(),
+            sslrootcert: None,
+            hba: defaults::pg_hba(),
+            settings: Vec::new(),
+        }
+    }
+
+    /// The role replicas stream and clone with.
+    pub fn replication_role(&self) -> &str {
+        self.replication_user.as_deref().unwrap_or(&self.user)
+    }
+
+    /// The role pg_rewind connects with.
+    pub fn rewind_role(&self) -> &str {
+        self.rewind_user.as_deref().unwrap_or(&self.user)
+    }
+
+    fn validate_connections(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("postgres.user", Some(&self.user)),
+            ("postgres.replication_user", self.replication_user.as_ref()),
+            ("postgres.rewind_user", self.rewind_user.as_ref()),
+            ("postgres.os_user", Some(&self.os_user)),
+        ] {
+            if let Some(v) = v {
+                if !valid_name(v) {
+                    return Err(invalid(
+                        field,
+                        format!("`{v}` is not a role name (letters, digits, `_`, `-`, `.`; at most 63)"),
+                    ));
+                }
+            }
+        }
+        if !PG_SSLMODES.contains(&self.sslmode.as_str()) {
+            return Err(invalid(
+                "postgres.sslmode",
+                format!("`{}` is not one of {}", self.sslmode, PG_SSLMODES.join(", ")),
+            ));
+        }
+        if self.sslmode.starts_with("verify-") && self.sslrootcert.is_none() {
+            return Err(invalid(
+                "postgres.sslrootcert",
+                format!("sslmode {} checks the servers' certificates: name the CA file", self.sslmode),
+            ));
+        }
+        for (field, p) in [
+            ("postgres.passfile", self.passfile.as_ref()),
+            ("postgres.sslrootcert", self.sslrootcert.as_ref()),
+        ] {
+            if let Some(p) = p {
+                if !p.is_absolute() {
+                    return Err(invalid(
+                        field,
+                        format!("`{}` must be an absolute path (postgres reads it too, from its own directory)", p.display()),
+                    ));
+                }
+                if p.to_string_lossy().contains(['\'', '\\', '\n']) {
+                    return Err(invalid(field, "must not contain quotes, backslashes or newlines"));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The rooms' pgpool-II (present on every member when any member lists a `pcp` address: the
@@ -406,6 +514,9 @@ pub mod defaults {
     }
     pub fn pg_user() -> String {
         "postgres".into()
+    }
+    pub fn pg_sslmode() -> String {
+        "prefer".into()
     }
     pub fn pg_hba() -> Vec<String> {
         vec![
@@ -829,6 +940,7 @@ impl Config {
             if pg.data_dir.as_os_str().is_empty() {
                 return Err(invalid("postgres.data_dir", "must not be empty"));
             }
+            pg.validate_connections()?;
             for (i, l) in pg.settings.iter().enumerate() {
                 let field = format!("postgres.settings[{i}]");
                 let Some((name, _)) = l.split_once('=').filter(|_| !l.contains('\n')) else {
@@ -1307,20 +1419,52 @@ admin = ["dba"]
     }
 
     #[test]
+    fn postgres_connection_settings_are_checked_by_name() {
+        let mut c = good();
+        for (i, m) in c.members.iter_mut().enumerate().take(2) {
+            m.postgres = Some(format!("127.0.0.1:{}", 5500 + i));
+        }
+        c.postgres = Some(PostgresConfig::new("/var/lib/pgw/data"));
+        c.validate().expect("defaults are fine");
+        let pg = c.postgres.as_ref().expect("pg");
+        assert_eq!((pg.replication_role(), pg.rewind_role()), ("postgres", "postgres"));
+        let cases: Vec<(Box<dyn Fn(&mut PostgresConfig)>, &str)> = vec![
+            (Box::new(|p| p.sslmode = "verify".into()), "postgres.sslmode"),
+            (Box::new(|p| p.sslmode = "verify-full".into()), "postgres.sslrootcert"),
+            (Box::new(|p| p.passfile = Some("pgpass".into())), "postgres.passfile"),
+            (Box::new(|p| p.passfile = Some("/etc/it's".into())), "postgres.passfile"),
+            (Box::new(|p| p.replication_user = Some("re pl".into())), "postgres.replication_user"),
+            (Box::new(|p| p.rewind_user = Some(String::new())), "postgres.rewind_user"),
+        ];
+        for (change, field) in cases {
+            let mut bad = c.clone();
+            if let Some(p) = bad.postgres.as_mut() {
+                change(p);
+            }
+            match bad.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        let mut ok = c.clone();
+        if let Some(p) = ok.postgres.as_mut() {
+            p.sslmode = "verify-ca".into();
+            p.sslrootcert = Some("/etc/pg-watcher/tls/ca.crt".into());
+            p.replication_user = Some("replicator".into());
+        }
+        ok.validate().expect("verify-ca with a CA");
+        assert_eq!(ok.postgres.as_ref().map(|p| p.replication_role()), Some("replicator"));
+    }
+
+    #[test]
     fn owned_postgres_settings_are_refused_by_name() {
         let mut c = good();
         for (i, m) in c.members.iter_mut().enumerate().take(2) {
             m.postgres = Some(format!("127.0.0.1:{}", 5500 + i));
         }
         c.postgres = Some(PostgresConfig {
-            cluster: None,
-            bin_dir: defaults::pg_bin_dir(),
-            data_dir: "/var/lib/pgw/data".into(),
-            os_user: defaults::pg_os_user(),
-            user: defaults::pg_user(),
-            conninfo: String::new(),
-            hba: defaults::pg_hba(),
             settings: vec!["shared_buffers = '64MB'".into(), "work_mem = '8MB'".into()],
+            ..PostgresConfig::new("/var/lib/pgw/data")
         });
         c.validate().expect("ordinary settings are fine");
         for (bad, name) in [

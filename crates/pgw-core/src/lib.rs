@@ -6,6 +6,7 @@ pub mod facts;
 pub mod failover;
 pub mod fingerprint;
 pub mod lease;
+pub mod pgpass;
 pub mod pgpool;
 
 pub use config::{Config, ConfigError, MemberConfig, Role};

@@ -74,6 +74,9 @@ struct SideState {
     reports_in_flight: usize,
     /// Sequence number of the last report made.
     report_seq: u64,
+    /// When the replication and rewind roles were last checked on our primary (`None`: not in
+    /// this run; a failed check is retried after a while).
+    roles_checked: Option<(Instant, bool)>,
 }
 
 pub struct Sidecar {
@@ -505,11 +508,41 @@ impl Sidecar {
         }
     }
 
+    /// Once per run on the primary (again every 10 s while it fails): the replication and
+    /// rewind roles exist. A failure is logged and shown, never fatal: replicas then cannot
+    /// log in, which status shows as well.
+    async fn ensure_roles(&self) {
+        let due = match self.lock().roles_checked {
+            None => true,
+            Some((_, true)) => false,
+            Some((at, false)) => at.elapsed() > Duration::from_secs(10),
+        };
+        if !due {
+            return;
+        }
+        let ok = match self.ctl.ensure_roles().await {
+            Ok(created) => {
+                for r in created {
+                    tracing::info!(role = %r, "created PostgreSQL role {r} (password from postgres.passfile)");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                false
+            }
+        };
+        self.lock().roles_checked = Some((Instant::now(), ok));
+    }
+
     fn managed_for(&self, f: &ClusterFacts, follow: Option<&str>) -> Managed {
         Managed {
             primary_conninfo: follow
                 .and_then(|p| self.members_pg.get(p))
-                .map(|a| self.ctl.conninfo(a, &self.s.cfg.member)),
+                .map(|a| {
+                    self.ctl
+                        .conninfo(a, &self.s.cfg.member, self.ctl.cfg.replication_role())
+                }),
             // Always the set recorded in Raft: degraded mode is recorded there first.
             synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg.member.as_str()) {
                 sync_names(f)
@@ -673,6 +706,11 @@ impl Sidecar {
         match action {
             LocalAction::Nothing => {
                 self.lock().stuck_since = None;
+                if local.role == Some(PgRole::Primary)
+                    && f.primary.as_deref() == Some(self.s.cfg.member.as_str())
+                {
+                    self.ensure_roles().await;
+                }
                 // Keep the owned settings current (sync names on the primary).
                 if running {
                     let m = self.managed_for(f, local.upstream.as_deref());

@@ -68,8 +68,8 @@ impl Observer {
     /// Connects to the local server. `Err(Some(why))`: it answered and refused us;
     /// `Err(None)`: no answer within the limit (only that may be a hang).
     async fn connect(ctl: &PgCtl) -> Result<Client, Option<String>> {
-        let ci = ctl.conninfo(&ctl.addr, "pg-watcher");
-        let fut = tokio_postgres::connect(&ci, NoTls);
+        let cfg = ctl.local_config().map_err(|e| Some(e.to_string()))?;
+        let fut = cfg.connect(NoTls);
         match tokio::time::timeout(Duration::from_millis(1000), fut).await {
             Ok(Ok((client, conn))) => {
                 tokio::spawn(async move {

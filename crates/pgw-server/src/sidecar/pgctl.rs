@@ -32,6 +32,15 @@ pub struct OsUser {
     pub gid: u32,
 }
 
+/// The home directory of an OS user (its `HOME`: libpq looks for client certificates there).
+pub fn home_of(name: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 6 && f[0] == name).then(|| PathBuf::from(f[5]))
+    })
+}
+
 /// Looks a user up in /etc/passwd.
 pub fn lookup_user(name: &str) -> Option<OsUser> {
     let text = std::fs::read_to_string("/etc/passwd").ok()?;
@@ -77,6 +86,8 @@ pub struct PgCtl {
     pub member: String,
     pub addr: PgAddr,
     pub os_user: Option<OsUser>,
+    /// `HOME` for the tools and the server when we switch to `os_user` (not root's).
+    home: Option<PathBuf>,
 }
 
 /// Settings the watcher owns, rendered into `pgw.conf`.
@@ -101,11 +112,16 @@ impl PgCtl {
         } else {
             None
         };
+        let home = os_user.and_then(|_| home_of(&cfg.os_user));
+        if let Some(p) = &cfg.passfile {
+            check_passfile(p, &cfg, os_user)?;
+        }
         Ok(PgCtl {
             cfg,
             member: member.to_string(),
             addr,
             os_user,
+            home,
         })
     }
 
@@ -128,18 +144,58 @@ impl PgCtl {
         self.data().join("PG_VERSION").exists()
     }
 
-    /// libpq conninfo to reach `addr` as the configured user (a password in it is for libpq
-    /// only: [`split_password`] keeps it off command lines and out of messages).
-    pub fn conninfo(&self, addr: &PgAddr, application_name: &str) -> String {
+    /// libpq conninfo to reach `addr` as `role` (replication, clone, rewind): TLS as
+    /// `[postgres] sslmode`, the password from `passfile` (never in the string itself).
+    pub fn conninfo(&self, addr: &PgAddr, application_name: &str, role: &str) -> String {
         let mut s = format!(
-            "host={} port={} user={} dbname=postgres application_name={} connect_timeout=2",
-            addr.host, addr.port, self.cfg.user, application_name
+            "host={} port={} user={} dbname=postgres application_name={} connect_timeout=2 sslmode={}",
+            quote(&addr.host),
+            addr.port,
+            quote(role),
+            quote(application_name),
+            self.cfg.sslmode
         );
-        if !self.cfg.conninfo.trim().is_empty() {
-            s.push(' ');
-            s.push_str(self.cfg.conninfo.trim());
+        if let Some(p) = &self.cfg.sslrootcert {
+            s.push_str(&format!(" sslrootcert={}", quote(&p.to_string_lossy())));
+        }
+        if let Some(p) = &self.cfg.passfile {
+            s.push_str(&format!(" passfile={}", quote(&p.to_string_lossy())));
         }
         s
+    }
+
+    /// The watcher's own session: the superuser over the local socket, which no `hba` host
+    /// rule, TLS setting or network fault can refuse, and which uses the reserved superuser
+    /// slots when `max_connections` is reached. The password (if the `local` hba line asks for
+    /// one) comes from `passfile`.
+    pub fn local_config(&self) -> Result<tokio_postgres::Config, PgError> {
+        let socket = self.run_dir();
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(&socket)
+            .port(self.addr.port)
+            .user(&self.cfg.user)
+            .dbname("postgres")
+            .application_name("pg-watcher")
+            .connect_timeout(Duration::from_secs(1));
+        if let Some(pw) = self.password_for(&socket.to_string_lossy(), &self.cfg.user)? {
+            c.password(pw);
+        }
+        Ok(c)
+    }
+
+    /// The passfile's password for a connection to this server's local socket as `user`.
+    fn password_for(&self, host: &str, user: &str) -> Result<Option<String>, PgError> {
+        let Some(p) = &self.cfg.passfile else {
+            return Ok(None);
+        };
+        let entries = read_passfile(p)?;
+        Ok(
+            pgw_core::pgpass::lookup(&entries, host, self.addr.port, "postgres", user)
+                .or_else(|| {
+                    pgw_core::pgpass::lookup(&entries, "localhost", self.addr.port, "postgres", user)
+                })
+                .map(str::to_string),
+        )
     }
 
     fn chown(&self, p: &Path) -> Result<(), PgError> {
@@ -171,25 +227,8 @@ impl PgCtl {
 
     async fn run(&self, tool: &str, args: &[&str], limit: Duration) -> Result<String, PgError> {
         let bin = self.cfg.bin_dir.join(tool);
-        // A password in a conninfo argument would be visible to every local user in the
-        // process list and would reach our error messages: it travels in the child's
-        // environment instead (readable by its owner only), and never into `what`.
-        let mut password = None;
-        let args: Vec<String> = args
-            .iter()
-            .map(|a| {
-                let (clean, pw) = split_password(a);
-                if pw.is_some() {
-                    password = pw;
-                }
-                clean
-            })
-            .collect();
         let mut cmd = tokio::process::Command::new(&bin);
-        if let Some(pw) = &password {
-            cmd.env("PGPASSWORD", pw);
-        }
-        cmd.args(&args)
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -198,9 +237,12 @@ impl PgCtl {
             .current_dir(self.run_dir());
         if let Some(u) = self.os_user {
             cmd.uid(u.uid).gid(u.gid);
+            if let Some(h) = &self.home {
+                cmd.env("HOME", h);
+            }
         }
         let what = format!("{} {}", bin.display(), args.join(" "));
-        let text_of = |b: &[u8]| redact(&String::from_utf8_lossy(b), password.as_deref());
+        let text_of = |b: &[u8]| String::from_utf8_lossy(b).to_string();
         let child = cmd.spawn().map_err(|e| PgError::Tool {
             what: what.clone(),
             message: e.to_string(),
@@ -300,26 +342,47 @@ impl PgCtl {
         Ok(())
     }
 
-    /// `initdb` with data checksums, then our configuration.
+    /// `initdb` with data checksums, then our configuration. The superuser gets its password
+    /// from `passfile` when the file has one for it (handed to initdb in a file only the
+    /// postgres user can read, removed at once).
     pub async fn initdb(&self) -> Result<(), PgError> {
         self.prepare_dirs()?;
         let d = self.data().display().to_string();
-        self.run(
-            "initdb",
-            &[
-                "-D",
-                &d,
-                "-U",
-                &self.cfg.user,
-                "--data-checksums",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ],
-            Duration::from_secs(120),
-        )
-        .await?;
+        let pw = match &self.cfg.passfile {
+            Some(p) => pgw_core::pgpass::role_password(&read_passfile(p)?, &self.cfg.user)
+                .map(str::to_string),
+            None => None,
+        };
+        let pwfile = self.run_dir().join("initdb.pw");
+        let mut args = vec![
+            "-D",
+            &d,
+            "-U",
+            &self.cfg.user,
+            "--data-checksums",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ];
+        let pwarg = format!("--pwfile={}", pwfile.display());
+        if let Some(pw) = &pw {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&pwfile)
+                .map_err(|e| ferr(&pwfile, e))?;
+            std::io::Write::write_all(&mut f, format!("{pw}\n").as_bytes())
+                .map_err(|e| ferr(&pwfile, e))?;
+            self.chown(&pwfile)?;
+            args.push(&pwarg);
+        }
+        let r = self.run("initdb", &args, Duration::from_secs(120)).await;
+        let _ = std::fs::remove_file(&pwfile);
+        r?;
         self.install_base_config()
     }
 
@@ -343,6 +406,7 @@ impl PgCtl {
 
     pub async fn start(&self) -> Result<(), PgError> {
         self.prepare_dirs()?;
+        self.clear_dead_lock_file().await?;
         let d = self.data().display().to_string();
         let log = self.log_file().display().to_string();
         self.run(
@@ -397,7 +461,7 @@ impl PgCtl {
     pub async fn basebackup(&self, source: &PgAddr) -> Result<(), PgError> {
         self.prepare_dirs()?;
         let d = self.data().display().to_string();
-        let ci = self.conninfo(source, &self.member);
+        let ci = self.conninfo(source, &self.member, self.cfg.replication_role());
         self.run(
             "pg_basebackup",
             &[
@@ -417,11 +481,12 @@ impl PgCtl {
         self.install_base_config()
     }
 
-    /// Rewinds a diverged former primary onto `source`'s timeline (the server must be stopped
-    /// cleanly; we run a single-user crash recovery first if it was not).
+    /// Rewinds a diverged former primary onto `source`'s timeline (pg_rewind itself runs crash
+    /// recovery first on a directory that was not shut down cleanly).
     pub async fn rewind(&self, source: &PgAddr) -> Result<(), PgError> {
+        self.clear_dead_lock_file().await?;
         let d = self.data().display().to_string();
-        let ci = self.conninfo(source, &self.member);
+        let ci = self.conninfo(source, &self.member, self.cfg.rewind_role());
         // A freshly promoted source updates its control file's timeline only at its next
         // checkpoint; without one pg_rewind may wrongly conclude no rewind is needed.
         self.checkpoint(source).await?;
@@ -434,65 +499,113 @@ impl PgCtl {
         self.install_base_config()
     }
 
-    /// Runs CHECKPOINT on `addr`.
-    pub async fn checkpoint(&self, addr: &PgAddr) -> Result<(), PgError> {
-        let ci = self.conninfo(addr, "pg-watcher");
+    /// Creates the replication and rewind roles on this server (the primary) when they are
+    /// missing, with the passfile's passwords as SCRAM verifiers computed here (no clear-text
+    /// password reaches the server or its log). An existing role is left as it is: rotating a
+    /// password is the operator's `ALTER ROLE` plus the passfile. Returns the roles created.
+    pub async fn ensure_roles(&self) -> Result<Vec<String>, PgError> {
+        // (role, replication, rewind)
+        let mut wanted: Vec<(&str, bool, bool)> = Vec::new();
+        let (repl, rew) = (self.cfg.replication_role(), self.cfg.rewind_role());
+        if repl != self.cfg.user {
+            wanted.push((repl, true, repl == rew));
+        }
+        if rew != self.cfg.user && rew != repl {
+            wanted.push((rew, false, true));
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
         let err = |m: String| PgError::Tool {
-            what: format!("CHECKPOINT on {}:{}", addr.host, addr.port),
+            what: "creating the replication and rewind roles".into(),
             message: m,
         };
-        let (client, conn) = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio_postgres::connect(&ci, tokio_postgres::NoTls),
-        )
-        .await
-        .map_err(|_| err("connect timed out".into()))?
-        .map_err(|e| err(e.to_string()))?;
+        let entries = match &self.cfg.passfile {
+            Some(p) => Some(read_passfile(p)?),
+            None => None,
+        };
+        let (client, conn) = self
+            .local_config()?
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| err(super::observe::refusal(&e)))?;
         let task = tokio::spawn(async move {
             let _ = conn.await;
         });
-        let r = tokio::time::timeout(Duration::from_secs(60), client.batch_execute("CHECKPOINT"))
-            .await
-            .map_err(|_| err("timed out".into()))
-            .and_then(|r| r.map_err(|e| err(e.to_string())));
+        let mut created = Vec::new();
+        let r = async {
+            for (role, replication, rewind) in wanted {
+                let exists = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role]),
+                )
+                .await
+                .map_err(|_| err("no answer within 5 s".into()))?
+                .map_err(|e| err(super::observe::refusal(&e)))?
+                .is_some();
+                if exists {
+                    continue;
+                }
+                let password = match &entries {
+                    Some(e) => {
+                        let pw = pgw_core::pgpass::role_password(e, role).ok_or_else(|| {
+                            err(format!(
+                                "postgres.passfile has no line for role `{role}` (`*:*:*:{role}:PASSWORD`)"
+                            ))
+                        })?;
+                        let v = postgres_protocol::password::scram_sha_256(pw.as_bytes());
+                        format!(" PASSWORD '{}'", v.replace('\'', "''"))
+                    }
+                    None => String::new(),
+                };
+                let attrs = if replication { "LOGIN REPLICATION" } else { "LOGIN" };
+                // The standbys need this role to connect: its commit must not wait for them
+                // (a role lost with the primary is created again by the next one).
+                let mut sql = format!(
+                    "BEGIN; SET LOCAL synchronous_commit = local; CREATE ROLE \"{role}\" {attrs}{password};"
+                );
+                if rewind {
+                    // What pg_rewind reads from its source, and the CHECKPOINT before it.
+                    for f in [
+                        "pg_ls_dir(text, boolean, boolean)",
+                        "pg_stat_file(text, boolean)",
+                        "pg_read_binary_file(text)",
+                        "pg_read_binary_file(text, bigint, bigint, boolean)",
+                    ] {
+                        sql.push_str(&format!(
+                            "GRANT EXECUTE ON FUNCTION pg_catalog.{f} TO \"{role}\";"
+                        ));
+                    }
+                    sql.push_str(&format!("GRANT pg_checkpoint TO \"{role}\";"));
+                }
+                sql.push_str("COMMIT;");
+                tokio::time::timeout(Duration::from_secs(10), client.batch_execute(&sql))
+                    .await
+                    .map_err(|_| err(format!("role `{role}`: no answer within 10 s")))?
+                    .map_err(|e| err(format!("role `{role}`: {}", super::observe::refusal(&e))))?;
+                created.push(role.to_string());
+            }
+            Ok::<_, PgError>(())
+        }
+        .await;
         drop(client);
         task.abort();
-        r
+        r.map(|_| created)
     }
 
-    /// Brings a crashed data directory to a clean shutdown state so pg_rewind accepts it.
-    pub async fn ensure_clean_shutdown(&self) -> Result<(), PgError> {
-        let d = self.data().display().to_string();
-        // Single-user mode replays WAL to a consistent point and shuts down cleanly.
-        let bin = self.cfg.bin_dir.join("postgres");
-        let mut cmd = tokio::process::Command::new(&bin);
-        cmd.args(["--single", "-D", &d, "-c", "archive_mode=off", "postgres"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .current_dir(self.run_dir());
-        if let Some(u) = self.os_user {
-            cmd.uid(u.uid).gid(u.gid);
-        }
-        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-            .await
-            .map_err(|_| PgError::Tool {
-                what: "postgres --single".into(),
-                message: "timed out".into(),
-            })?
-            .map_err(|e| PgError::Tool {
-                what: "postgres --single".into(),
-                message: e.to_string(),
-            })?;
-        if !out.status.success() {
-            return Err(PgError::Tool {
-                what: "postgres --single".into(),
-                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(())
+    /// Runs CHECKPOINT on `addr` as the rewind role (`pg_checkpoint`), through libpq like the
+    /// rewind itself: the same TLS and password file, and proof that `addr` answers.
+    pub async fn checkpoint(&self, addr: &PgAddr) -> Result<(), PgError> {
+        let ci = self.conninfo(addr, "pg-watcher", self.cfg.rewind_role());
+        self.run(
+            "psql",
+            &["-X", "-q", "-w", "-d", &ci, "-c", "CHECKPOINT"],
+            Duration::from_secs(60),
+        )
+        .await
+        .map(|_| ())
     }
+
 
     /// Moves the data directory aside (before a fresh clone); never deletes data.
     pub fn move_aside(&self) -> Result<PathBuf, PgError> {
@@ -520,6 +633,46 @@ impl PgCtl {
         }
     }
 
+    /// A crashed postmaster whose parent has not reaped it yet is a zombie: dead, but postgres'
+    /// own check (`kill(pid, 0)`) takes it for a running server and refuses to start, recover
+    /// or be rewound in that directory. Once no live process of the old instance is left
+    /// (backends work in the data directory: none has it as its cwd any more), its lock file
+    /// is removed. Waits up to 5 s for the old backends to exit.
+    pub async fn clear_dead_lock_file(&self) -> Result<(), PgError> {
+        let lock = self.data().join("postmaster.pid");
+        let Some(pid) = std::fs::read_to_string(&lock)
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+        else {
+            return Ok(());
+        };
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(false);
+        if !zombie {
+            return Ok(()); // running (we must not touch it) or gone (postgres handles that)
+        }
+        let data = std::fs::canonicalize(self.data()).unwrap_or_else(|_| self.data().to_path_buf());
+        let t0 = std::time::Instant::now();
+        loop {
+            let live: Vec<i32> = processes_in(&data);
+            if live.is_empty() {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                return Err(PgError::Tool {
+                    what: format!("{}", lock.display()),
+                    message: format!(
+                        "the old postmaster {pid} is dead but processes {live:?} still work in the data directory"
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(pid, "removing the lock file of a dead (unreaped) postmaster");
+        std::fs::remove_file(&lock).map_err(|e| ferr(&lock, e))
+    }
+
     /// Whether a `postmaster.pid` file exists (a server ran and did not shut down cleanly, or
     /// still runs).
     pub fn has_pid_file(&self) -> bool {
@@ -544,6 +697,47 @@ impl PgCtl {
             }
         }
     }
+}
+
+/// At start: the password file is one libpq will use (see [`read_passfile`]), postgres' own
+/// processes can read it (the walreceiver reads it as `os_user`), and it has a line for every
+/// role the watcher creates.
+fn check_passfile(p: &Path, cfg: &PostgresConfig, os_user: Option<OsUser>) -> Result<(), PgError> {
+    use std::os::unix::fs::MetadataExt;
+    let entries = read_passfile(p)?;
+    let bad = |m: String| PgError::Tool {
+        what: format!("postgres.passfile {}", p.display()),
+        message: m,
+    };
+    if let Some(u) = os_user {
+        let owner = std::fs::metadata(p).map_err(|e| bad(e.to_string()))?.uid();
+        if owner != u.uid {
+            return Err(bad(format!(
+                "owned by uid {owner}; postgres runs as `{}` (uid {}) and reads it too: chown it",
+                cfg.os_user, u.uid
+            )));
+        }
+    }
+    for role in [cfg.replication_role(), cfg.rewind_role()] {
+        if role != cfg.user && pgw_core::pgpass::role_password(&entries, role).is_none() {
+            return Err(bad(format!(
+                "no line for role `{role}` (add `*:*:*:{role}:PASSWORD`)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Live (not zombie) processes whose working directory is `dir`.
+fn processes_in(dir: &Path) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == dir))
+        .filter(|pid| pid_alive(*pid))
+        .collect()
 }
 
 /// Direct children of `pid`, from /proc (a postmaster's backends and auxiliary processes).
@@ -585,97 +779,55 @@ pub fn pid_alive(pid: i32) -> bool {
             .unwrap_or(false)
 }
 
-/// Splits a `password=...` (plain or single-quoted, libpq conninfo syntax) out of `arg`:
-/// (the argument without it, the password). Arguments that are not conninfo pass unchanged.
-pub fn split_password(arg: &str) -> (String, Option<String>) {
-    let Some(start) = find_key(arg, "password") else {
-        return (arg.to_string(), None);
-    };
-    let after = &arg[start..];
-    let Some(eq) = after.find('=') else {
-        return (arg.to_string(), None);
-    };
-    let mut rest = after[eq + 1..].trim_start().chars().peekable();
-    let mut value = String::new();
-    let mut consumed = after.len() - after[eq + 1..].trim_start().len();
-    if rest.peek() == Some(&'\'') {
-        rest.next();
-        consumed += 1;
-        let mut esc = false;
-        for c in rest {
-            consumed += c.len_utf8();
-            match (esc, c) {
-                (false, '\\') => esc = true,
-                (false, '\'') => break,
-                (_, c) => {
-                    value.push(c);
-                    esc = false;
-                }
-            }
-        }
-    } else {
-        for c in rest {
-            if c.is_whitespace() {
-                break;
-            }
-            consumed += c.len_utf8();
-            value.push(c);
-        }
+/// A libpq conninfo value, single-quoted when it needs to be.
+pub fn quote(v: &str) -> String {
+    if !v.is_empty() && !v.contains([' ', '\'', '\\', '=']) {
+        return v.to_string();
     }
-    let before = arg[..start].trim_end();
-    let after_pw = arg[start + consumed..].trim_start();
-    let clean = match (before.is_empty(), after_pw.is_empty()) {
-        (true, _) => after_pw.to_string(),
-        (_, true) => before.to_string(),
-        _ => format!("{before} {after_pw}"),
-    };
-    (clean, Some(value))
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// Where `key` starts as a conninfo keyword (at the start or after whitespace, then `=`).
-fn find_key(s: &str, key: &str) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = s[from..].find(key) {
-        let at = from + i;
-        let starts = at == 0 || s[..at].ends_with(char::is_whitespace);
-        let follows = s[at + key.len()..].trim_start().starts_with('=');
-        if starts && follows {
-            return Some(at);
-        }
-        from = at + key.len();
+/// Reads a libpq password file, refusing one libpq itself would ignore (group or world
+/// access) so that a mistake shows at start, naming the file, rather than as a refused login.
+pub fn read_passfile(path: &Path) -> Result<Vec<pgw_core::pgpass::Entry>, PgError> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |m: String| PgError::Tool {
+        what: format!("postgres.passfile {}", path.display()),
+        message: m,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(bad(format!(
+            "mode {:o}: libpq ignores a password file others can read; chmod 600 it",
+            meta.mode() & 0o777
+        )));
     }
-    None
-}
-
-/// `text` with `password` (if any) replaced.
-pub fn redact(text: &str, password: Option<&str>) -> String {
-    match password {
-        Some(p) if !p.is_empty() => text.replace(p, "********"),
-        _ => text.to_string(),
-    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    Ok(pgw_core::pgpass::parse(&text))
 }
 
 #[cfg(test)]
-mod password_tests {
+mod conninfo_tests {
     use super::*;
 
     #[test]
-    fn passwords_leave_conninfo_arguments() {
-        let (c, p) = split_password("host=a port=5 user=u password=s3cret dbname=postgres");
-        assert_eq!(c, "host=a port=5 user=u dbname=postgres");
-        assert_eq!(p.as_deref(), Some("s3cret"));
-        let (c, p) = split_password("host=a password = 'it''s x\\'y' connect_timeout=2");
-        assert_eq!(p.as_deref(), Some("it"));
-        assert!(!c.contains("password"), "{c}");
-        let (c, p) = split_password("password='a b\\'c'");
-        assert_eq!((c.as_str(), p.as_deref()), ("", Some("a b'c")));
-        let (c, p) = split_password("host=a passwordx=1 mypassword=2");
-        assert_eq!((c.as_str(), p), ("host=a passwordx=1 mypassword=2", None));
-        let (c, p) = split_password("-D");
-        assert_eq!((c.as_str(), p), ("-D", None));
-        assert_eq!(
-            redact("failed for s3cret", Some("s3cret")),
-            "failed for ********"
-        );
+    fn values_are_quoted_only_when_needed() {
+        assert_eq!(quote("10.1.0.11"), "10.1.0.11");
+        assert_eq!(quote("/etc/pg watcher/pgpass"), "'/etc/pg watcher/pgpass'");
+        assert_eq!(quote("it's"), "'it\\'s'");
+        assert_eq!(quote(""), "''");
+    }
+
+    #[test]
+    fn a_passfile_others_can_read_is_refused_by_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("pgpass");
+        std::fs::write(&p, "*:*:*:replicator:pw\n").expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = read_passfile(&p).expect_err("0644 refused");
+        assert!(e.to_string().contains("postgres.passfile") && e.to_string().contains("644"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(read_passfile(&p).expect("0600").len(), 1);
     }
 }
