@@ -768,12 +768,16 @@ async fn a_primary_that_refuses_its_watcher_is_not_fenced() {
 
 /// The longest time between two consecutive acknowledged writes in `acks` (ms).
 fn longest_gap_ms(acks: &Acks) -> u128 {
+    longest_gap(acks).map(|(_, ms)| ms).unwrap_or(0)
+}
+
+/// The longest gap between two consecutive acknowledged writes: (when it began, ms).
+fn longest_gap(acks: &Acks) -> Option<(Instant, u128)> {
     let mut all = acks.all();
     all.sort_by_key(|a| a.at);
     all.windows(2)
-        .map(|w| (w[1].at - w[0].at).as_millis())
-        .max()
-        .unwrap_or(0)
+        .map(|w| (w[0].at, (w[1].at - w[0].at).as_millis()))
+        .max_by_key(|x| x.1)
 }
 
 /// A rolling restart of pg-watcher (a package upgrade: SIGTERM, started again a second later)
@@ -854,5 +858,106 @@ async fn restarting_the_primarys_watcher_is_not_a_failover() {
         acks.all().len(),
         longest_gap_ms(&acks),
         h.len()
+    );
+}
+
+/// Runs `pgwctl` as an operator with the `operate` role; (success, stdout + stderr).
+async fn pgwctl(g: &Group, args: &[&str]) -> (bool, String) {
+    let mut cmd = tokio::process::Command::new(PGWCTL);
+    cmd.args(pki().pgwctl_args("operate"))
+        .arg("--endpoints")
+        .arg(g.endpoints().join(","))
+        .args(args);
+    let out = tokio::time::timeout(Duration::from_secs(200), cmd.output())
+        .await
+        .expect("pgwctl finished")
+        .expect("pgwctl ran");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `pgwctl restart` as documented: a replica restarts in place and rejoins; the primary is
+/// refused without a choice, restarts in place keeping its role and epoch (writes pause, none
+/// is lost), or switches over first. Prints the write gap of the in-place restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_postgres(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let p = primary_of(&s).expect("primary");
+    let e0 = epoch_of(&s);
+    let pi = g.index_of(&p);
+    let paddr = g.pg_addr(pi);
+    create_table(&paddr).await.expect("table");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer_paced(
+        vec![paddr.clone()],
+        stop.clone(),
+        1,
+        200_000,
+        Duration::from_secs(150),
+        Duration::from_millis(2),
+    );
+
+    // A replica.
+    let ri = (0..3).find(|i| *i != pi).expect("a replica");
+    let r = g.members[ri].name().to_string();
+    let rpm = g.postmaster_pid(ri).expect("replica postmaster");
+    let (ok, out) = pgwctl(&g, &["restart", &r]).await;
+    assert!(ok && out.contains("succeeded"), "{out}");
+    assert_ne!(g.postmaster_pid(ri), Some(rpm), "the replica was restarted");
+    let s1 = wait_healthy(&g, Duration::from_secs(30)).await;
+    assert_eq!((primary_of(&s1), epoch_of(&s1)), (Some(p.clone()), e0));
+
+    // The primary: a choice is required.
+    let (ok, out) = pgwctl(&g, &["restart", &p]).await;
+    assert!(!ok && out.contains("--in-place") && out.contains("--switchover"), "{out}");
+
+    // In place: same primary, same epoch, a new postmaster, writes resume.
+    let pm = g.postmaster_pid(pi).expect("postmaster");
+    let before = acks.all().len();
+    let t0 = Instant::now();
+    let (ok, out) = pgwctl(&g, &["restart", &p, "--in-place"]).await;
+    assert!(ok && out.contains("restarted in place"), "{out}");
+    let took = t0.elapsed();
+    assert_ne!(g.postmaster_pid(pi), Some(pm), "the primary was restarted");
+    let s2 = wait_healthy(&g, Duration::from_secs(30)).await;
+    assert_eq!(primary_of(&s2).as_deref(), Some(p.as_str()));
+    assert_eq!(epoch_of(&s2), e0, "an in-place restart is no failover");
+    let t1 = Instant::now();
+    while acks.all().len() < before + 200 {
+        assert!(t1.elapsed() < Duration::from_secs(30), "writes did not resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s3 = wait_healthy(&g, Duration::from_secs(30)).await;
+    assert_eq!(epoch_of(&s3), e0, "nor a failover after it");
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    let missing = missing_acks(&acks, &paddr).await;
+    assert!(missing.is_empty(), "acknowledged ids lost: {missing:?}");
+    let gap = longest_gap(&acks).expect("writes");
+    eprintln!(
+        "in-place restart of the primary: pgwctl took {} ms; longest write gap {} ms, starting {} ms after the restart was asked",
+        took.as_millis(),
+        gap.1,
+        gap.0.saturating_duration_since(t0).as_millis()
+    );
+    for e in acks.errors().iter().filter(|e| e.at >= t0).take(5) {
+        eprintln!("  write error at +{} ms: {}", (e.at - t0).as_millis(), e.message);
+    }
+
+    // With a switchover first: the primary moves, then the old one restarts as a replica.
+    let (ok, out) = pgwctl(&g, &["restart", &p, "--switchover"]).await;
+    assert!(ok && out.contains("restarted and streaming"), "{out}");
+    let s4 = wait_healthy(&g, Duration::from_secs(30)).await;
+    assert!(primary_of(&s4).is_some_and(|x| x != p), "{s4:?}");
+    let h = history(&g.endpoints()[0], "global", 64).await;
+    assert!(
+        h.iter().any(|e| e.event.contains("restart") && e.event.contains("asked by test-operate")),
+        "{h:?}"
     );
 }

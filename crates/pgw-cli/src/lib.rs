@@ -137,6 +137,27 @@ pub enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Planned restart of a member's PostgreSQL (`pg_ctl restart -m fast`, e.g. for a setting
+    /// that needs one, or a minor upgrade): a replica restarts in place and rejoins. For the
+    /// primary, choose: `--in-place` (it stays primary at the same epoch; writes pause for the
+    /// restart) or `--switchover` (the primary moves to a sync replica first, then the old one
+    /// restarts as a replica).
+    Restart {
+        member: String,
+        #[arg(long, default_value = "global")]
+        cluster: String,
+        /// The primary restarts in place and stays primary.
+        #[arg(long, conflicts_with = "switchover")]
+        in_place: bool,
+        /// If MEMBER is the primary, switch over first.
+        #[arg(long)]
+        switchover: bool,
+        /// Give up waiting after this many seconds (the restart itself goes on).
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Show an operation's progress and outcome.
     Operation {
         id: u64,
@@ -375,6 +396,23 @@ pub async fn recover(
     .await
 }
 
+/// Starts a planned restart of a member's postgres.
+pub async fn restart(
+    endpoints: &[String],
+    cluster: &str,
+    member: &str,
+) -> Result<OperationReply, CliError> {
+    let req = pgw_proto::RestartRequest {
+        cluster: cluster.to_string(),
+        member: member.to_string(),
+    };
+    first_accepting(endpoints, |mut c| {
+        let req = req.clone();
+        async move { c.restart(req).await }
+    })
+    .await
+}
+
 /// Waits until every reachable pgpool of `cluster` has `member` attached. Returns the rooms.
 pub async fn wait_attached(
     endpoints: &[String],
@@ -594,6 +632,33 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                     );
                 }
             }
+        }
+        Cmd::Restart {
+            member,
+            cluster,
+            in_place,
+            switchover: switch_first,
+            wait_secs,
+            no_wait,
+        } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let st = status::gather(&eps, timeout).await?;
+            let view = st
+                .clusters
+                .iter()
+                .find(|c| c.name == cluster)
+                .ok_or_else(|| CliError::Usage(format!("no cluster `{cluster}`")))?;
+            if view.primary.as_deref() == Some(member.as_str()) && !in_place {
+                if !switch_first {
+                    return Err(CliError::Usage(format!(
+                        "{member} is the primary of {cluster}: choose --in-place (it stays primary; writes pause while it restarts) or --switchover (the primary moves first)"
+                    )));
+                }
+                let op = switchover(&eps, &cluster, None).await?;
+                follow(&eps, op, Duration::from_secs(60), false).await?;
+            }
+            let op = restart(&eps, &cluster, &member).await?;
+            follow(&eps, op, Duration::from_secs(wait_secs.max(1)), no_wait).await?;
         }
         Cmd::Operation { id, cluster } => {
             let eps = need_endpoints(&cli.endpoints)?;

@@ -102,6 +102,9 @@ pub enum OperationKind {
     Failover,
     /// Rebuild a (failed) non-primary member from the primary; automation keeps running.
     Recover,
+    /// Restart a member's postgres in place (planned): a replica rejoins, the primary stays
+    /// primary at the same epoch.
+    Restart,
 }
 
 /// Progress of an operation.
@@ -462,6 +465,9 @@ impl Facts {
                         }
                         _ => {}
                     }
+                }
+                if *kind == OperationKind::Restart && target.is_none() {
+                    return reject("a restart needs a target member");
                 }
                 if *kind == OperationKind::Switchover {
                     let Some(old) = c.primary.take() else {

@@ -70,6 +70,9 @@ pub struct Observation {
     /// The highest recovery operation (`pgwctl recover`) this member has carried out.
     #[serde(default)]
     pub recovered: u64,
+    /// The highest restart operation (`pgwctl restart`) this member has carried out.
+    #[serde(default)]
+    pub restarted: u64,
     /// Which run of the sidecar made this report, and its place in that run: reports travel
     /// concurrently (a renewal must not wait for the previous one's round trip), so the leader
     /// keeps a report only if it is newer than the one it has from the same run.
@@ -278,6 +281,7 @@ fn unreachable_obs(member: &str) -> Observation {
         sync_since: None,
         standbys: BTreeMap::new(),
         recovered: 0,
+        restarted: 0,
         incarnation: 0,
         seq: 0,
         receiving: false,
@@ -463,6 +467,45 @@ pub fn decide_operation(
     };
     let serving = |m: &str| v.fresh(m).is_some_and(|o| o.role == PgRole::Primary);
     match (&f.primary, op.kind) {
+        (Some(p), OperationKind::Restart) if *p == t => {
+            // The primary restarts in place. Its watcher keeps renewing the lease meanwhile, so
+            // automation waits for it; once it falls silent, the ordinary rules (lease expiry)
+            // apply as to any silent primary.
+            let Some(o) = v.fresh(&t) else {
+                return decide(v);
+            };
+            if o.restarted >= op.id && o.role == PgRole::Primary && o.epoch == f.epoch {
+                return finish(true, format!("{t} restarted in place, primary at epoch {}", f.epoch));
+            }
+            if age_ms > timeout_ms {
+                return finish(false, format!("{t} did not come back as primary within {} s", timeout_ms / 1000));
+            }
+            Decision::Wait(format!("{t} (the primary) is restarting in place"))
+        }
+        (_, OperationKind::Restart) => {
+            let done = v.fresh(&t).is_some_and(|o| {
+                o.restarted >= op.id
+                    && o.role == PgRole::Replica
+                    && o.streaming
+                    && o.epoch_seen >= f.epoch
+            }) && f
+                .primary
+                .as_deref()
+                .and_then(|p| v.fresh(p))
+                .is_some_and(|p| p.standbys.contains_key(&t));
+            if done {
+                return finish(true, format!("{t} restarted and streaming again"));
+            }
+            if age_ms > timeout_ms {
+                return finish(false, format!("{t} did not come back as a streaming replica within {} s", timeout_ms / 1000));
+            }
+            match decide(v) {
+                Decision::Steady | Decision::Wait(_) => {
+                    Decision::Wait(format!("{t} is restarting"))
+                }
+                d => d,
+            }
+        }
         (_, OperationKind::Recover) => {
             // A rebuild never holds up automation: failover rules keep running meanwhile.
             if f.primary.as_deref() == Some(t.as_str()) {
@@ -739,6 +782,7 @@ mod tests {
             sync_since: None,
             standbys: BTreeMap::new(),
             recovered: 0,
+            restarted: 0,
             incarnation: 0,
             seq: 0,
             receiving: false,

@@ -150,6 +150,8 @@ impl LeaderState {
 const OPERATION_TIMEOUT_MS: u64 = 30_000;
 /// How long a recovery (a fresh base backup) may take before it is failed.
 const RECOVER_TIMEOUT_MS: u64 = 600_000;
+/// A planned restart (the shutdown checkpoint of a busy server can take a while).
+const RESTART_TIMEOUT_MS: u64 = 120_000;
 
 /// Runs the decision rule while this member leads. Runs on every member (arbiters too).
 pub async fn decision_loop(s: Shared) {
@@ -214,6 +216,7 @@ pub async fn decision_loop(s: Shared) {
                     let age = crate::service::now_ms().saturating_sub(op.started_ms);
                     let limit = match op.kind {
                         pgw_core::facts::OperationKind::Recover => RECOVER_TIMEOUT_MS,
+                        pgw_core::facts::OperationKind::Restart => RESTART_TIMEOUT_MS,
                         _ => OPERATION_TIMEOUT_MS,
                     };
                     decide_operation(&view, op, age, limit)

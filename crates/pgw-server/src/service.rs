@@ -10,7 +10,7 @@ use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{
     admin_server, raft_server, ClusterStatus, DecisionReply, FailoverRequest, HelloReply,
     HelloRequest, HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, NodeStatus,
-    OperationReply, OperationRequest, PcpReply, PcpRequest, RaftReply, RaftRequest, RecoverRequest,
+    OperationReply, OperationRequest, PcpReply, PcpRequest, RaftReply, RaftRequest, RecoverRequest, RestartRequest,
     ReportReply, ReportRequest, SetPausedRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
 use serde::Serialize;
@@ -659,6 +659,19 @@ impl AdminService {
                 }
                 target
             }
+            OperationKind::Restart => {
+                if target.is_empty() {
+                    return Err(Status::invalid_argument("a restart needs a MEMBER"));
+                }
+                let running = fresh(&target)
+                    .is_some_and(|o| matches!(o.role, PgRole::Primary | PgRole::Replica));
+                if !running {
+                    return Err(Status::failed_precondition(format!(
+                        "{target} is not reporting a running postgres; nothing to restart (`pgwctl recover` rebuilds a failed member)"
+                    )));
+                }
+                target
+            }
         };
         let detail = match kind {
             OperationKind::Switchover => format!(
@@ -669,6 +682,13 @@ impl AdminService {
                 "recover {target} from {}",
                 f.primary.clone().unwrap_or_default()
             ),
+            OperationKind::Restart => {
+                if f.primary.as_deref() == Some(target.as_str()) {
+                    format!("restart {target} (the primary) in place")
+                } else {
+                    format!("restart {target}")
+                }
+            }
             OperationKind::Failover => format!(
                 "forced failover to {target}{}",
                 if accept_data_loss {
@@ -949,6 +969,30 @@ impl admin_server::Admin for AdminService {
         self.begin_reply(
             &req.cluster,
             pgw_core::facts::OperationKind::Recover,
+            req.member,
+            false,
+            &who,
+        )
+        .await
+    }
+
+    async fn restart(
+        &self,
+        request: Request<RestartRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
+        let bearer = request.metadata().get("authorization").cloned();
+        let req = request.into_inner();
+        if !self.is_leader() {
+            return self
+                .leader_client(forwarded)?
+                .restart(forward_request(req, Some(&who), bearer)?)
+                .await;
+        }
+        self.begin_reply(
+            &req.cluster,
+            pgw_core::facts::OperationKind::Restart,
             req.member,
             false,
             &who,

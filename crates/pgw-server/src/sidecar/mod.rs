@@ -55,6 +55,9 @@ struct SideState {
     /// The actor is in the middle of an action (initdb, start, clone...): what the reporter
     /// sees of postgres meanwhile is transitional, not a crash.
     busy: bool,
+    /// When the actor last finished an action: an observation begun before then may have
+    /// caught the action's transitional state (a restart's stopped postmaster) too.
+    busy_ended: Option<Instant>,
     /// Since when our standby has been pointed at the primary without streaming.
     stuck_since: Option<Instant>,
     /// The next start as a replica must rewind first (the standby's history diverged).
@@ -70,6 +73,8 @@ struct SideState {
     sync_applied_at: Option<Instant>,
     /// The highest recovery operation (`pgwctl recover`) carried out here.
     recovered: u64,
+    /// The highest restart operation (`pgwctl restart`) carried out here.
+    restarted: u64,
     /// Reports sent and not answered yet (bounded: see `report`).
     reports_in_flight: usize,
     /// Sequence number of the last report made.
@@ -77,6 +82,13 @@ struct SideState {
     /// When the replication and rewind roles were last checked on our primary (`None`: not in
     /// this run; a failed check is retried after a while).
     roles_checked: Option<(Instant, bool)>,
+}
+
+impl SideState {
+    fn end_busy(&mut self) {
+        self.busy = false;
+        self.busy_ended = Some(Instant::now());
+    }
 }
 
 pub struct Sidecar {
@@ -308,6 +320,7 @@ impl Sidecar {
                     && local.died
                     && st.running_seen_epoch == Some(epoch)
                     && !st.busy
+                    && st.busy_ended.is_none_or(|e| e < t0)
                     && st.crashed_at_epoch != Some(epoch)
                     && st.fenced_at_epoch != Some(epoch)
                 {
@@ -412,6 +425,7 @@ impl Sidecar {
                 sync_since: self.sync_since(local, &st),
                 standbys: local.standbys.clone(),
                 recovered: st.recovered,
+                restarted: st.restarted,
                 incarnation: self.incarnation,
                 seq: st.report_seq,
                 error: local.refused.clone(),
@@ -587,7 +601,7 @@ impl Sidecar {
                 self.lock().busy = true;
                 let r = self.rebuild(&f, &primary).await;
                 let mut st = self.lock();
-                st.busy = false;
+                st.end_busy();
                 acted_on_seq = st.seq;
                 match r {
                     Ok(()) => {
@@ -607,11 +621,36 @@ impl Sidecar {
                 }
                 continue;
             }
+            if let Some(id) = self.restart_due(&f, &local) {
+                self.lock().busy = true;
+                let r = self.ctl.restart().await;
+                let mut st = self.lock();
+                st.end_busy();
+                match r {
+                    Ok(()) => {
+                        tracing::info!(operation = id, "postgres restarted in place (pgwctl restart)");
+                        st.restarted = id;
+                        drop(st);
+                        acted_on_seq = self.lock().seq;
+                        self.acted.notify_one();
+                        last_error = None;
+                    }
+                    Err(e) => {
+                        drop(st);
+                        let msg = format!("restart (operation {id}) failed: {e}");
+                        if last_error.as_deref() != Some(msg.as_str()) {
+                            tracing::error!("{msg}");
+                        }
+                        last_error = Some(msg);
+                    }
+                }
+                continue;
+            }
             let Some(role) = local.role else { continue }; // unresponsive: the reporter handles it
             let action = plan_local(&me, &f, role, local.upstream.as_deref());
             self.lock().busy = action != LocalAction::Nothing;
             let result = self.act(&f, &action, &local).await;
-            self.lock().busy = false;
+            self.lock().end_busy();
             match result {
                 Ok(did) => {
                     // StartDetached does nothing for a former primary: it stays down, which is
@@ -656,6 +695,25 @@ impl Sidecar {
         }
         let p = f.primary.clone().filter(|p| p != me)?;
         Some((op.id, p))
+    }
+
+    /// A `pgwctl restart` of this member not carried out yet, while postgres runs in the role
+    /// the group gave it (a primary only with a valid lease: it must come back as one).
+    fn restart_due(&self, f: &ClusterFacts, local: &Local) -> Option<u64> {
+        let me = &self.s.cfg.member;
+        let op = f.running_operation().filter(|o| {
+            o.kind == pgw_core::facts::OperationKind::Restart && o.target.as_ref() == Some(me)
+        })?;
+        if op.id <= self.lock().restarted {
+            return None;
+        }
+        let primary = f.primary.as_deref() == Some(me.as_str());
+        let ok = match local.role {
+            Some(PgRole::Primary) => primary && self.lease_valid(),
+            Some(PgRole::Replica) => !primary,
+            _ => false,
+        };
+        ok.then_some(op.id)
     }
 
     /// `pgwctl recover`: stop postgres, move its data directory aside (never deleted), clone

@@ -291,6 +291,9 @@ impl PgCtl {
         s.push_str("max_wal_senders = 10\nmax_replication_slots = 10\nwal_keep_size = '256MB'\n");
         s.push_str("synchronous_commit = on\nrecovery_target_timeline = 'latest'\n");
         s.push_str("wal_receiver_status_interval = '1s'\nwal_sender_timeout = '10s'\nwal_receiver_timeout = '10s'\n");
+        // Standbys reconnect within half a second of their primary coming back (the default,
+        // 5 s, is how long synchronous commits would wait after a planned primary restart).
+        s.push_str("wal_retrieve_retry_interval = '500ms'\n");
         s.push_str(&format!("cluster_name = '{}'\n", self.member));
         for line in &self.cfg.settings {
             s.push_str(line.trim());
@@ -413,6 +416,20 @@ impl PgCtl {
             "pg_ctl",
             &["start", "-D", &d, "-w", "-t", "60", "-l", &log],
             Duration::from_secs(90),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `pg_ctl restart -m fast`: a planned restart in place (sessions end, settings that need
+    /// a restart take effect).
+    pub async fn restart(&self) -> Result<(), PgError> {
+        let d = self.data().display().to_string();
+        let log = self.log_file().display().to_string();
+        self.run(
+            "pg_ctl",
+            &["restart", "-D", &d, "-m", "fast", "-w", "-t", "90", "-l", &log],
+            Duration::from_secs(120),
         )
         .await
         .map(|_| ())
