@@ -793,18 +793,19 @@ mod tests {
                 }),
             (
                 name.clone(),
-                any::<bool>(),
+                0u8..4,
                 proptest::option::of(name.clone()),
                 any::<u64>(),
                 any::<bool>()
             )
-                .prop_map(|(cluster, sw, target, expected_epoch, adl)| {
+                .prop_map(|(cluster, kind, target, expected_epoch, adl)| {
                     Command::BeginOperation {
                         cluster,
-                        operation: if sw {
-                            OperationKind::Recover
-                        } else {
-                            OperationKind::Failover
+                        operation: match kind {
+                            0 => OperationKind::Recover,
+                            1 => OperationKind::Restart,
+                            2 => OperationKind::Switchover,
+                            _ => OperationKind::Failover,
                         },
                         target,
                         expected_epoch,

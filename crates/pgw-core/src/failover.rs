@@ -833,6 +833,81 @@ mod tests {
         }
     }
 
+    fn restart_op(id: u64, target: &str) -> Operation {
+        Operation {
+            id,
+            kind: OperationKind::Restart,
+            target: Some(target.into()),
+            state: crate::facts::OperationState::Running,
+            detail: String::new(),
+            started_ms: 0,
+            finished_ms: None,
+            by: "ops".into(),
+            accept_data_loss: false,
+        }
+    }
+
+    fn finished_ok(d: &Decision) -> bool {
+        matches!(d, Decision::Propose(Command::FinishOperation { succeeded: true, .. }))
+    }
+
+    #[test]
+    fn a_restart_of_the_primary_holds_automation_only_while_its_watcher_reports() {
+        let m = members();
+        let f = facts_with(Some("a"), 5, &["b", "c"], 1);
+        let op = restart_op(7, "a");
+        let mut r = BTreeMap::new();
+        // Restarting: its postgres is down, its watcher reports; nothing moves.
+        r.insert("a".to_string(), (obs("a", PgRole::Down, 0, false, 5), 10));
+        for o in ["b", "c"] {
+            r.insert(o.to_string(), (obs(o, PgRole::Replica, 90, true, 5), 10));
+        }
+        let v = view(&f, &r, &m, 10, 0);
+        assert!(matches!(decide_operation(&v, &op, 1_000, 120_000), Decision::Wait(_)));
+        // Back as primary at the same epoch, having carried the operation out: done.
+        let mut back = obs("a", PgRole::Primary, 100, false, 5);
+        back.restarted = 7;
+        r.insert("a".to_string(), (back.clone(), 10));
+        assert!(finished_ok(&decide_operation(&view(&f, &r, &m, 10, 0), &op, 2_000, 120_000)));
+        // An earlier restart's report does not finish this one.
+        back.restarted = 6;
+        r.insert("a".to_string(), (back, 10));
+        assert!(!finished_ok(&decide_operation(&view(&f, &r, &m, 10, 0), &op, 2_000, 120_000)));
+        // Its watcher falls silent: the ordinary rules (lease expiry, failover) apply.
+        r.insert("a".to_string(), (obs("a", PgRole::Down, 0, false, 5), 0));
+        let v = view(&f, &r, &m, 5_000, 4_000);
+        assert_eq!(decide_operation(&v, &op, 5_000, 120_000), decide(&v));
+        // Too long: the operation fails and automation takes over.
+        r.insert("a".to_string(), (obs("a", PgRole::Down, 0, false, 5), 130_000));
+        let v = view(&f, &r, &m, 130_000, 0);
+        assert!(matches!(
+            decide_operation(&v, &op, 130_000, 120_000),
+            Decision::Propose(Command::FinishOperation { succeeded: false, .. })
+        ));
+    }
+
+    #[test]
+    fn a_restarted_replica_is_done_when_it_streams_to_the_primary_again() {
+        let m = members();
+        let mut f = facts_with(Some("a"), 5, &["b", "c"], 1);
+        f.bootstrapped = true;
+        let op = restart_op(9, "b");
+        let mut r = BTreeMap::new();
+        let mut a = obs("a", PgRole::Primary, 100, false, 5);
+        a.standbys.insert("c".into(), "quorum".into());
+        r.insert("a".to_string(), (a.clone(), 10));
+        let mut b = obs("b", PgRole::Replica, 100, true, 5);
+        b.restarted = 9;
+        r.insert("b".to_string(), (b, 10));
+        r.insert("c".to_string(), (obs("c", PgRole::Replica, 100, true, 5), 10));
+        // Streaming, but the primary does not see it yet.
+        let d = decide_operation(&view(&f, &r, &m, 10, 0), &op, 1_000, 120_000);
+        assert!(matches!(d, Decision::Wait(_)), "{d:?}");
+        a.standbys.insert("b".into(), "quorum".into());
+        r.insert("a".to_string(), (a, 10));
+        assert!(finished_ok(&decide_operation(&view(&f, &r, &m, 10, 0), &op, 1_000, 120_000)));
+    }
+
     #[test]
     fn candidate_needs_n_minus_k_plus_one_detached_reports() {
         let m = members();
