@@ -961,3 +961,70 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
         "{h:?}"
     );
 }
+
+async fn show(addr: &str, setting: &str) -> String {
+    let c = try_connect(addr).await.expect("client");
+    c.query_one(&format!("SHOW {setting}"), &[])
+        .await
+        .expect("SHOW")
+        .get::<_, String>(0)
+}
+
+/// `pgwctl reload` as documented: every member re-reads its file; changed [postgres] settings
+/// reach every server without a restart, those postgres takes only at a restart are named; a
+/// file that changes anything else (or an owned setting) is refused, naming the field, and
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgwctl_reload_applies_postgres_settings_everywhere_and_refuses_the_rest() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::with_postgres(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let e0 = epoch_of(&s);
+    let write = |g: &Group, i: usize, cfg: &pgw_core::Config| {
+        std::fs::write(&g.members[i].cfg_path, cfg.to_toml().expect("toml")).expect("write");
+    };
+    for i in 0..3 {
+        let mut c = g.members[i].cfg.clone();
+        if let Some(p) = c.postgres.as_mut() {
+            p.settings.push("work_mem = '7MB'".into());
+            p.settings.push("max_locks_per_transaction = 80".into());
+        }
+        write(&g, i, &c);
+    }
+    let (ok, out) = pgwctl(&g, &["reload"]).await;
+    assert!(ok, "{out}");
+    for i in 0..3 {
+        let name = g.members[i].name().to_string();
+        assert!(out.contains(&format!("{name}: reloaded (postgres settings changed)")), "{out}");
+        assert!(
+            out.contains("max_locks_per_transaction (pgwctl restart "),
+            "{out}"
+        );
+        assert_eq!(show(&g.pg_addr(i), "work_mem").await, "7MB");
+    }
+    eprintln!("{out}");
+
+    // Anything else changed in a file: refused by that member, naming the field; nothing of
+    // that file applied.
+    let mut c = g.members[1].cfg.clone();
+    c.raft.heartbeat_ms += 50;
+    if let Some(p) = c.postgres.as_mut() {
+        p.settings.push("work_mem = '9MB'".into());
+    }
+    write(&g, 1, &c);
+    let (ok, out) = pgwctl(&g, &["reload"]).await;
+    assert!(!ok && out.contains("raft.heartbeat_ms"), "{out}");
+    assert_eq!(show(&g.pg_addr(1), "work_mem").await, "7MB");
+    // An owned setting: refused, naming the line.
+    let mut c = g.members[1].cfg.clone();
+    if let Some(p) = c.postgres.as_mut() {
+        p.settings.push("synchronous_commit = local".into());
+    }
+    write(&g, 1, &c);
+    let (ok, out) = pgwctl(&g, &["reload"]).await;
+    assert!(!ok && out.contains("postgres.settings["), "{out}");
+    assert_eq!(show(&g.pg_addr(1), "synchronous_commit").await, "on");
+    let s2 = wait_healthy(&g, Duration::from_secs(30)).await;
+    assert_eq!(epoch_of(&s2), e0, "a reload moves nothing");
+}

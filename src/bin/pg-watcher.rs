@@ -42,7 +42,8 @@ fn main() -> ExitCode {
         eprintln!("pg-watcher: {e}");
         return ExitCode::from(2);
     }
-    match run(cfg) {
+    let path = std::fs::canonicalize(&path).unwrap_or(path);
+    match run(cfg, path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing_error(&format!("{e:#}"));
@@ -57,13 +58,13 @@ fn tracing_error(msg: &str) {
     pgw_server::telemetry::log_fatal(msg);
 }
 
-fn run(cfg: pgw_core::Config) -> anyhow::Result<()> {
+fn run(cfg: pgw_core::Config, path: PathBuf) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let r = rt.block_on(pgw_server::daemon::run(cfg));
+    let r = rt.block_on(pgw_server::daemon::run(cfg, path));
     // Do not wait for stuck blocking work (a full disk): a stopping member exits promptly.
     rt.shutdown_timeout(std::time::Duration::from_millis(300));
     r.context("pg-watcher stopped")?;

@@ -158,6 +158,11 @@ pub enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Every member re-reads its config file and applies what changes without a restart:
+    /// [postgres] settings and hba (postgres reloaded), certificates. A member whose file
+    /// changed anything else refuses, naming the field; settings postgres can only take at a
+    /// restart are listed (then `pgwctl restart MEMBER`).
+    Reload,
     /// Show an operation's progress and outcome.
     Operation {
         id: u64,
@@ -413,6 +418,30 @@ pub async fn restart(
     .await
 }
 
+/// `pgwctl reload` on every member of the group (found through `endpoints`): (member,
+/// outcome) for each.
+pub async fn reload_all(
+    endpoints: &[String],
+    timeout: Duration,
+) -> Result<Vec<(String, Result<pgw_proto::ReloadReply, CliError>)>, CliError> {
+    let st = status::gather(endpoints, timeout).await?;
+    let mut out = Vec::new();
+    for m in &st.members {
+        let r = async {
+            let mut c = status::connect(&m.grpc, timeout).await?;
+            let call = c.reload(pgw_proto::ReloadRequest {});
+            match tokio::time::timeout(Duration::from_secs(30), call).await {
+                Ok(Ok(r)) => Ok(r.into_inner()),
+                Ok(Err(s)) => Err(client::refusal(&s)),
+                Err(_) => Err(CliError::NoEndpoint(format!("{}: no answer within 30 s", m.grpc))),
+            }
+        }
+        .await;
+        out.push((m.name.clone(), r));
+    }
+    Ok(out)
+}
+
 /// Waits until every reachable pgpool of `cluster` has `member` attached. Returns the rooms.
 pub async fn wait_attached(
     endpoints: &[String],
@@ -659,6 +688,36 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
             }
             let op = restart(&eps, &cluster, &member).await?;
             follow(&eps, op, Duration::from_secs(wait_secs.max(1)), no_wait).await?;
+        }
+        Cmd::Reload => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let mut failed = Vec::new();
+            for (member, r) in reload_all(&eps, timeout).await? {
+                match r {
+                    Ok(r) => {
+                        println!(
+                            "{member}: reloaded{}",
+                            if r.changed { " (postgres settings changed)" } else { " (postgres settings unchanged)" }
+                        );
+                        for n in &r.notes {
+                            println!("  {n}");
+                        }
+                        if !r.pending_restart.is_empty() {
+                            println!(
+                                "  needs a restart to take effect: {} (pgwctl restart {member})",
+                                r.pending_restart.join(", ")
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        println!("{member}: not reloaded: {e}");
+                        failed.push(member);
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                return Err(CliError::Refused(format!("not reloaded on {}", failed.join(", "))));
+            }
         }
         Cmd::Operation { id, cluster } => {
             let eps = need_endpoints(&cli.endpoints)?;

@@ -652,6 +652,27 @@ fn valid_name(s: &str) -> bool {
         && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
 }
 
+/// The path (`a.b[2].c`) of the first place two TOML values differ.
+fn first_difference(a: &toml::Value, b: &toml::Value, at: String) -> Option<String> {
+    use toml::Value;
+    let join = |k: &str| if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+    match (a, b) {
+        (Value::Table(x), Value::Table(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
+                (Some(p), Some(q)) => first_difference(p, q, join(k)),
+                _ => Some(join(k)),
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (p, q))| first_difference(p, q, format!("{at}[{i}]"))),
+        _ => (a != b).then_some(at),
+    }
+}
+
 /// Checks `host:port` with a non-empty host and a non-zero port.
 fn check_addr(field: &str, addr: &str) -> Result<(), ConfigError> {
     let (host, port) = addr
@@ -1192,6 +1213,31 @@ impl Config {
     }
 
     /// Digest of the member list; every member of one group must have the same.
+    /// What reloading `new` (the config file read again) over this running config changes:
+    /// `Ok(true)` when `[postgres] settings` or `hba` differ (they apply without a restart),
+    /// `Ok(false)` when nothing does. Any other difference is refused, naming the field: it
+    /// takes effect only when pg-watcher restarts, and half-applied configs help nobody.
+    pub fn reload_diff(&self, new: &Config) -> Result<bool, ConfigError> {
+        new.validate()?;
+        let live = |c: &Config| c.postgres.as_ref().map(|p| (p.settings.clone(), p.hba.clone()));
+        let changed = live(self) != live(new);
+        let strip = |c: &Config| {
+            let mut c = c.clone();
+            if let Some(p) = c.postgres.as_mut() {
+                p.settings.clear();
+                p.hba.clear();
+            }
+            toml::Value::try_from(&c).unwrap_or(toml::Value::Boolean(false))
+        };
+        match first_difference(&strip(self), &strip(new), String::new()) {
+            None => Ok(changed),
+            Some(field) => Err(invalid(
+                field,
+                "changed in the file: takes effect only when pg-watcher restarts (a reload applies [postgres] settings and hba)",
+            )),
+        }
+    }
+
     pub fn members_fingerprint(&self) -> String {
         fnv1a_hex(self.members_canonical().as_bytes())
     }
@@ -1454,6 +1500,37 @@ admin = ["dba"]
         }
         ok.validate().expect("verify-ca with a CA");
         assert_eq!(ok.postgres.as_ref().map(|p| p.replication_role()), Some("replicator"));
+    }
+
+    #[test]
+    fn a_reload_applies_postgres_settings_and_hba_and_names_anything_else() {
+        let mut c = good();
+        for (i, m) in c.members.iter_mut().enumerate().take(2) {
+            m.postgres = Some(format!("127.0.0.1:{}", 5500 + i));
+        }
+        c.postgres = Some(PostgresConfig::new("/var/lib/pgw/data"));
+        assert_eq!(c.reload_diff(&c.clone()).ok(), Some(false));
+        let mut n = c.clone();
+        if let Some(p) = n.postgres.as_mut() {
+            p.settings.push("work_mem = '8MB'".into());
+            p.hba.push("host all all 10.0.0.0/8 scram-sha-256".into());
+        }
+        assert_eq!(c.reload_diff(&n).ok(), Some(true));
+        let field = |r: Result<bool, ConfigError>| match r {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let mut hb = n.clone();
+        hb.raft.heartbeat_ms += 10;
+        assert_eq!(field(c.reload_diff(&hb)), "raft.heartbeat_ms");
+        let mut m = n.clone();
+        m.members[1].priority = 7;
+        assert_eq!(field(c.reload_diff(&m)), "members[1].priority");
+        let mut owned = n.clone();
+        if let Some(p) = owned.postgres.as_mut() {
+            p.settings.push("synchronous_commit = local".into());
+        }
+        assert_eq!(field(c.reload_diff(&owned)), "postgres.settings[1]");
     }
 
     #[test]

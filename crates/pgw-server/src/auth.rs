@@ -83,7 +83,7 @@ pub fn need_for(path: &str) -> Option<Need> {
         ("pgwatcher.v1.Admin", "Hello" | "Status" | "History" | "GetOperation") => {
             Need::Role(OpRole::Read)
         }
-        ("pgwatcher.v1.Admin", "Switchover" | "SetPaused" | "Recover" | "Restart") => {
+        ("pgwatcher.v1.Admin", "Switchover" | "SetPaused" | "Recover" | "Restart" | "Reload") => {
             Need::Role(OpRole::Operate)
         }
         ("pgwatcher.v1.Admin", "Failover") => Need::Role(OpRole::Admin),

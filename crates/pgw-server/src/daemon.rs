@@ -19,7 +19,8 @@ async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
 }
 
 /// Runs one member until a termination signal. Returns an error for anything that stops it.
-pub async fn run(cfg: Config) -> Result<(), NodeError> {
+/// `path` is the config file it was read from (`pgwctl reload` reads it again).
+pub async fn run(cfg: Config, path: std::path::PathBuf) -> Result<(), NodeError> {
     let metrics = telemetry::install_metrics();
     cfg.validate()?;
     // Certificates first: a missing or wrong file is reported before anything is bound.
@@ -33,6 +34,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let reload_every = Duration::from_millis(cfg.tls.reload_check_ms);
     let channels = tls_channels(tls.clone(), &cfg, Duration::from_millis(500));
     let node = Node::start(cfg, channels, tls.clone()).await?;
+    node.shared.live.set_config_path(path);
     let policy = node.policy.clone();
     tls.spawn_reloader(reload_every, move || {
         if let Err(e) = policy.reload_tokens() {

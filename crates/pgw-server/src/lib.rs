@@ -7,6 +7,7 @@ pub mod http;
 pub mod leader;
 pub mod network;
 pub mod node;
+pub mod reload;
 pub mod pgpool;
 pub mod service;
 pub mod sidecar;

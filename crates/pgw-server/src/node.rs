@@ -149,6 +149,7 @@ impl Node {
                 .set_service_status(&c.name, ServingStatus::NotServing)
                 .await;
         }
+        let live = Arc::new(crate::reload::Live::new(cfg.postgres.as_ref()));
         let shared = Shared {
             cfg,
             raft,
@@ -159,6 +160,7 @@ impl Node {
             leader: crate::leader::LeaderState::new(),
             local_role: Default::default(),
             pgpool: Default::default(),
+            live,
             tls,
             refusals: Default::default(),
         };

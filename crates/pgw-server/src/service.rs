@@ -10,7 +10,7 @@ use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{
     admin_server, raft_server, ClusterStatus, DecisionReply, FailoverRequest, HelloReply,
     HelloRequest, HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, NodeStatus,
-    OperationReply, OperationRequest, PcpReply, PcpRequest, RaftReply, RaftRequest, RecoverRequest, RestartRequest,
+    OperationReply, OperationRequest, PcpReply, PcpRequest, RaftReply, RaftRequest, RecoverRequest, ReloadReply, ReloadRequest, RestartRequest,
     ReportReply, ReportRequest, SetPausedRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
 use serde::Serialize;
@@ -46,6 +46,8 @@ pub struct Shared {
     pub tls: crate::tls::Tls,
     /// Refused calls, logged once per interval per caller and reason.
     pub refusals: crate::tls::RefusalLog,
+    /// `pgwctl reload`: the config file's path and the live [postgres] settings.
+    pub live: Arc<crate::reload::Live>,
 }
 
 impl Shared {
@@ -998,6 +1000,51 @@ impl admin_server::Admin for AdminService {
             &who,
         )
         .await
+    }
+
+    async fn reload(
+        &self,
+        request: Request<ReloadRequest>,
+    ) -> Result<Response<ReloadReply>, Status> {
+        let who = caller(&request)?;
+        let path = self.0.live.config_path().ok_or_else(|| {
+            Status::failed_precondition("this member was not started from a config file")
+        })?;
+        let new = Config::load(&path)
+            .map_err(|e| Status::invalid_argument(format!("{}: {e}", path.display())))?;
+        self.0
+            .cfg
+            .reload_diff(&new)
+            .map_err(|e| Status::failed_precondition(format!("{}: {e}; nothing reloaded", path.display())))?;
+        tracing::info!(by = %who.name(), "reload of {} asked", path.display());
+        let mut notes = Vec::new();
+        match self.0.tls.reload() {
+            Ok(()) => notes.push("certificates re-read".to_string()),
+            Err(e) => notes.push(format!("certificates not reloaded (keeping the running ones): {e}")),
+        }
+        let (mut changed, mut pending_restart) = (false, Vec::new());
+        if let Some(pg) = &new.postgres {
+            let (c, outcome) = self
+                .0
+                .live
+                .apply(pg.settings.clone(), pg.hba.clone(), Duration::from_secs(20))
+                .await;
+            changed = c;
+            match outcome {
+                Some(Ok(p)) => pending_restart = p,
+                Some(Err(e)) => return Err(Status::internal(format!("postgres settings: {e}"))),
+                None => notes.push(
+                    "the watcher is busy (a clone or rewind): it applies the settings when done"
+                        .into(),
+                ),
+            }
+        }
+        Ok(Response::new(ReloadReply {
+            member: self.0.cfg.member.clone(),
+            changed,
+            pending_restart,
+            notes,
+        }))
     }
 
     async fn get_operation(

@@ -580,6 +580,8 @@ impl Sidecar {
     async fn actor(self: Arc<Self>) {
         let interval = Duration::from_millis(self.s.cfg.failover.report_interval_ms);
         let mut facts_rx = self.s.raft.metrics();
+        let mut reload_rx = self.s.live.subscribe();
+        let mut reload_applied = 0u64;
         let mut acted_on_seq = 0u64;
         let mut last_error: Option<String> = None;
         let me = self.s.cfg.member.clone();
@@ -587,7 +589,17 @@ impl Sidecar {
             tokio::select! {
                 _ = self.observed.notified() => {}
                 _ = facts_rx.changed() => {}
+                _ = reload_rx.changed() => {}
                 _ = tokio::time::sleep(interval) => {}
+            }
+            if reload_rx.borrow().generation > reload_applied {
+                let want = reload_rx.borrow_and_update().clone();
+                reload_applied = want.generation;
+                let result = self.apply_reload(&want).await;
+                self.s.live.report(crate::reload::Applied {
+                    generation: want.generation,
+                    result: result.map_err(|e| e.to_string()),
+                });
             }
             let Some(f) = self.facts() else { continue };
             let (local, seq) = {
@@ -695,6 +707,32 @@ impl Sidecar {
         }
         let p = f.primary.clone().filter(|p| p != me)?;
         Some((op.id, p))
+    }
+
+    /// `pgwctl reload`: new [postgres] settings and hba into the files and, if postgres runs,
+    /// `pg_ctl reload`; returns the settings that still need a restart.
+    async fn apply_reload(&self, want: &crate::reload::PgLive) -> Result<Vec<String>, PgError> {
+        self.ctl.set_live(want.settings.clone(), want.hba.clone());
+        let local = self.lock().local.clone();
+        let running = matches!(local.role, Some(PgRole::Primary) | Some(PgRole::Replica));
+        if !self.ctl.has_cluster() {
+            return Ok(Vec::new());
+        }
+        let mut changed = self.ctl.write_hba()?;
+        if let Some(f) = self.facts() {
+            let m = self.managed_for(&f, local.upstream.as_deref());
+            changed |= self.ctl.write_managed(&m)?;
+        }
+        if !running {
+            return Ok(Vec::new()); // read at its next start
+        }
+        if changed {
+            self.ctl.reload().await?;
+            tracing::info!("postgres settings reloaded (pgwctl reload)");
+            // The postmaster re-reads its files asynchronously.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.ctl.pending_restart().await
     }
 
     /// A `pgwctl restart` of this member not carried out yet, while postgres runs in the role

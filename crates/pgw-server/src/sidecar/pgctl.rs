@@ -88,6 +88,8 @@ pub struct PgCtl {
     pub os_user: Option<OsUser>,
     /// `HOME` for the tools and the server when we switch to `os_user` (not root's).
     home: Option<PathBuf>,
+    /// `[postgres] settings` and `hba` as last (re)loaded: (settings, hba).
+    live: std::sync::Arc<std::sync::RwLock<(Vec<String>, Vec<String>)>>,
 }
 
 /// Settings the watcher owns, rendered into `pgw.conf`.
@@ -116,12 +118,17 @@ impl PgCtl {
         if let Some(p) = &cfg.passfile {
             check_passfile(p, &cfg, os_user)?;
         }
+        let live = std::sync::Arc::new(std::sync::RwLock::new((
+            cfg.settings.clone(),
+            cfg.hba.clone(),
+        )));
         Ok(PgCtl {
             cfg,
             member: member.to_string(),
             addr,
             os_user,
             home,
+            live,
         })
     }
 
@@ -295,7 +302,7 @@ impl PgCtl {
         // 5 s, is how long synchronous commits would wait after a planned primary restart).
         s.push_str("wal_retrieve_retry_interval = '500ms'\n");
         s.push_str(&format!("cluster_name = '{}'\n", self.member));
-        for line in &self.cfg.settings {
+        for line in &self.live_settings().0 {
             s.push_str(line.trim());
             s.push('\n');
         }
@@ -319,6 +326,65 @@ impl PgCtl {
         Ok(true)
     }
 
+    /// (settings, hba) as last (re)loaded.
+    fn live_settings(&self) -> (Vec<String>, Vec<String>) {
+        match self.live.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Takes reloaded `[postgres] settings` and `hba` (written by the next `write_managed` and
+    /// `write_hba`).
+    pub fn set_live(&self, settings: Vec<String>, hba: Vec<String>) {
+        match self.live.write() {
+            Ok(mut g) => *g = (settings, hba),
+            Err(p) => *p.into_inner() = (settings, hba),
+        }
+    }
+
+    /// Writes `pg_hba.conf` from `[postgres] hba`. Returns true when it changed.
+    pub fn write_hba(&self) -> Result<bool, PgError> {
+        let hba = self.data().join("pg_hba.conf");
+        let mut h = String::from("# Written by pg-watcher from [postgres] hba\n");
+        for l in &self.live_settings().1 {
+            h.push_str(l.trim());
+            h.push('\n');
+        }
+        if std::fs::read_to_string(&hba).is_ok_and(|old| old == h) {
+            return Ok(false);
+        }
+        self.write_file(&hba, &h)?;
+        Ok(true)
+    }
+
+    /// Settings the running server has read but applies only after a restart.
+    pub async fn pending_restart(&self) -> Result<Vec<String>, PgError> {
+        let err = |m: String| PgError::Tool {
+            what: "reading pg_settings.pending_restart".into(),
+            message: m,
+        };
+        let (client, conn) = self
+            .local_config()?
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| err(super::observe::refusal(&e)))?;
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.query("SELECT name FROM pg_settings WHERE pending_restart ORDER BY 1", &[]),
+        )
+        .await;
+        drop(client);
+        task.abort();
+        let rows = r
+            .map_err(|_| err("no answer within 5 s".into()))?
+            .map_err(|e| err(super::observe::refusal(&e)))?;
+        Ok(rows.iter().filter_map(|r| r.try_get::<_, String>(0).ok()).collect())
+    }
+
     /// Makes `postgresql.conf` include `pgw.conf` (once) and writes `pg_hba.conf`.
     fn install_base_config(&self) -> Result<(), PgError> {
         let conf = self.data().join("postgresql.conf");
@@ -327,13 +393,7 @@ impl PgCtl {
             let t = format!("{text}\n# pg-watcher\ninclude_if_exists = 'pgw.conf'\n");
             self.write_file(&conf, &t)?;
         }
-        let hba = self.data().join("pg_hba.conf");
-        let mut h = String::from("# Written by pg-watcher from [postgres] hba\n");
-        for l in &self.cfg.hba {
-            h.push_str(l.trim());
-            h.push('\n');
-        }
-        self.write_file(&hba, &h)?;
+        self.write_hba()?;
         // postgresql.auto.conf must not override what we own.
         let auto = self.data().join("postgresql.auto.conf");
         if auto.exists() {
