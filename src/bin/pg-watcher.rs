@@ -4,21 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-/// One member of a pg-watcher group: a Raft member that decides, with the others, which
-/// PostgreSQL server is the primary, and carries the decisions out on its own host.
-#[derive(Debug, clap::Parser)]
-#[command(name = "pg-watcher", version)]
-struct Args {
-    /// The member's TOML config (see deploy/ for both layouts).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    config: PathBuf,
-    /// Validate the config and exit (0 when valid, 2 naming the bad field).
-    #[arg(long)]
-    check: bool,
-}
-
 fn main() -> ExitCode {
-    let args = <Args as clap::Parser>::parse();
+    let args = <pgw_server::daemon::Args as clap::Parser>::parse();
     let (path, check) = (args.config, args.check);
     let cfg = match pgw_core::Config::load(&path) {
         Ok(c) => c,

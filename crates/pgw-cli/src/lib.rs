@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod client;
 pub mod demo;
+pub mod docs;
 pub mod status;
 pub mod writer;
 
@@ -168,6 +169,14 @@ pub enum Cmd {
         id: u64,
         #[arg(long, default_value = "global")]
         cluster: String,
+    },
+    /// Print pgwctl's completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write both programs' man pages and completion scripts into a directory (packaging).
+    #[command(hide = true)]
+    GenDocs {
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// Make the group's certificates: a CA, one certificate per member, one per operator.
     Certs {
@@ -553,10 +562,16 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
             DemoCmd::Failover { dir, .. } => demo_auth(&cli, dir)?,
             DemoCmd::Up { .. } | DemoCmd::Down { .. } => {}
         },
-        Cmd::Certs { .. } => {}
+        Cmd::Certs { .. } | Cmd::Completions { .. } | Cmd::GenDocs { .. } => {}
         _ => setup_auth(&mut cli)?,
     }
     match cli.command {
+        Cmd::Completions { shell } => docs::completion(shell, &mut std::io::stdout()),
+        Cmd::GenDocs { out } => {
+            for f in docs::write_all(&out)? {
+                println!("{f}");
+            }
+        }
         Cmd::Certs { action } => certs::run(action)?,
         Cmd::Status { format } => {
             let eps = need_endpoints(&cli.endpoints)?;

@@ -18,6 +18,19 @@ async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
         })
 }
 
+/// One member of a pg-watcher group: a Raft member that decides, with the others, which
+/// PostgreSQL server is the primary, and carries the decisions out on its own host.
+#[derive(Debug, clap::Parser)]
+#[command(name = "pg-watcher", version)]
+pub struct Args {
+    /// The member's TOML config (examples: /usr/share/doc/pg-watcher/examples).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: std::path::PathBuf,
+    /// Validate the config and exit (0 when valid, 2 naming the bad field).
+    #[arg(long)]
+    pub check: bool,
+}
+
 /// Runs one member until a termination signal. Returns an error for anything that stops it.
 /// `path` is the config file it was read from (`pgwctl reload` reads it again).
 pub async fn run(cfg: Config, path: std::path::PathBuf) -> Result<(), NodeError> {
