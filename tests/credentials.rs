@@ -48,21 +48,28 @@ fn passfile(dir: &Path, super_pw: &str) -> PathBuf {
 }
 
 async fn wait_healthy(g: &Group, limit: Duration) -> GroupStatus {
-    wait_until(&g.endpoints(), limit, "a primary and two sync replicas", |s| {
-        let Some(p) = primary_of(s) else { return false };
-        node_role(s, &p).as_deref() == Some("primary")
-            && s.clusters[0]
-                .nodes
-                .iter()
-                .filter(|n| n.member != p)
-                .all(|n| n.role == "sync_replica")
-            && s.clusters[0].nodes.len() == 3
-    })
+    wait_until(
+        &g.endpoints(),
+        limit,
+        "a primary and two sync replicas",
+        |s| {
+            let Some(p) = primary_of(s) else { return false };
+            node_role(s, &p).as_deref() == Some("primary")
+                && s.clusters[0]
+                    .nodes
+                    .iter()
+                    .filter(|n| n.member != p)
+                    .all(|n| n.role == "sync_replica")
+                && s.clusters[0].nodes.len() == 3
+        },
+    )
     .await
 }
 
 async fn query_strings(addr: &str, sql: &str) -> Vec<String> {
-    let c = pgw_cli::writer::try_connect(addr).await.expect("test client");
+    let c = pgw_cli::writer::try_connect(addr)
+        .await
+        .expect("test client");
     c.query(sql, &[])
         .await
         .expect(sql)
@@ -87,8 +94,16 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
     for m in &mut g.members {
         let name = m.name().to_string();
         let (crt, key) = pki().member(&name);
-        let crt = secret(&secrets, &format!("{name}.crt"), &std::fs::read(crt).expect("crt"));
-        let key = secret(&secrets, &format!("{name}.key"), &std::fs::read(key).expect("key"));
+        let crt = secret(
+            &secrets,
+            &format!("{name}.crt"),
+            &std::fs::read(crt).expect("crt"),
+        );
+        let key = secret(
+            &secrets,
+            &format!("{name}.key"),
+            &std::fs::read(key).expect("key"),
+        );
         let pg = m.cfg.postgres.as_mut().expect("[postgres]");
         pg.replication_user = Some("replicator".into());
         pg.rewind_user = Some("rewinder".into());
@@ -138,7 +153,11 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
          JOIN pg_stat_ssl s USING (pid) ORDER BY 1",
     )
     .await;
-    assert_eq!(links, vec!["replicator:true", "replicator:true"], "{links:?}");
+    assert_eq!(
+        links,
+        vec!["replicator:true", "replicator:true"],
+        "{links:?}"
+    );
 
     // A failover: the old primary is rewound (as `rewinder`, over TLS) and rejoins.
     pgw_cli::writer::create_table(&paddr).await.expect("table");
@@ -147,16 +166,24 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
     unsafe {
         libc::kill(pm, libc::SIGKILL);
     }
-    let s2 = wait_until(&g.endpoints(), Duration::from_secs(60), "a new primary", |s| {
-        primary_of(s).is_some_and(|x| x != p)
-    })
+    let s2 = wait_until(
+        &g.endpoints(),
+        Duration::from_secs(60),
+        "a new primary",
+        |s| primary_of(s).is_some_and(|x| x != p),
+    )
     .await;
     assert!(epoch_of(&s2) > e0);
     let np = primary_of(&s2).expect("new primary");
-    wait_until(&g.endpoints(), Duration::from_secs(120), "the old primary rejoined", |s| {
-        primary_of(s).as_deref() == Some(np.as_str())
-            && node_role(s, &p).as_deref() == Some("sync_replica")
-    })
+    wait_until(
+        &g.endpoints(),
+        Duration::from_secs(120),
+        "the old primary rejoined",
+        |s| {
+            primary_of(s).as_deref() == Some(np.as_str())
+                && node_role(s, &p).as_deref() == Some("sync_replica")
+        },
+    )
     .await;
     let s3 = wait_healthy(&g, Duration::from_secs(60)).await;
     let ni = g.index_of(&np);
@@ -199,9 +226,11 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
     let e1 = epoch_of(&s3);
     let npm = g.postmaster_pid(ni).expect("postmaster");
     let c = pgw_cli::writer::try_connect(&naddr).await.expect("client");
-    c.batch_execute("SET password_encryption = 'scram-sha-256'; ALTER ROLE postgres PASSWORD 'Rotated-pw-2'")
-        .await
-        .expect("rotate");
+    c.batch_execute(
+        "SET password_encryption = 'scram-sha-256'; ALTER ROLE postgres PASSWORD 'Rotated-pw-2'",
+    )
+    .await
+    .expect("rotate");
     let t0 = Instant::now();
     let mut shown = None;
     while shown.is_none() && t0.elapsed() < Duration::from_secs(20) {
@@ -231,6 +260,9 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
     assert_eq!(g.postmaster_pid(ni), Some(npm), "the primary kept running");
     passfile(&secrets, "Rotated-pw-2");
     let s5 = wait_healthy(&g, Duration::from_secs(30)).await;
-    assert!(s5.clusters[0].nodes.iter().all(|n| n.error.is_none()), "{s5:?}");
+    assert!(
+        s5.clusters[0].nodes.iter().all(|n| n.error.is_none()),
+        "{s5:?}"
+    );
     assert_eq!(epoch_of(&s5), e1);
 }

@@ -73,7 +73,7 @@ fn every_data_member_has_a_pgpool_and_the_rendered_config_disables_pgpool_failov
                 continue;
             }
             let wd = c.pgpool_work_dir().expect("work dir");
-            let conf = pgw_server::pgpool::managed::render_conf(&c, &wd).expect("render");
+            let conf = pgw_server::pgpool::managed::render_conf(&c, &wd, "pw").expect("render");
             for line in [
                 "backend_clustering_mode = 'streaming_replication'",
                 "failover_on_backend_error = off",
@@ -89,8 +89,14 @@ fn every_data_member_has_a_pgpool_and_the_rendered_config_disables_pgpool_failov
                     c.member
                 );
             }
+            assert!(
+                conf.contains("sr_check_password = 'pw'"),
+                "{layout}/{}",
+                c.member
+            );
             for ph in [
                 "sr_check_user",
+                "sr_check_password",
                 "listen_host",
                 "port",
                 "pcp_host",
@@ -253,7 +259,8 @@ fn the_systemd_unit_verifies() {
         .arg(&path)
         .output()
         .expect("systemd-analyze (package systemd; .ci/deps installs it)");
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     // Complaints about other units installed on the machine are not ours.
     let ours: Vec<&str> = text
         .lines()

@@ -833,7 +833,11 @@ async fn restarting_the_primarys_watcher_is_not_a_failover() {
         // Past the lease, in case a late decision were pending.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let st = wait_healthy(&g, Duration::from_secs(30)).await;
-        assert_eq!(epoch_of(&st), e0, "round {round}: no failover after the lease");
+        assert_eq!(
+            epoch_of(&st),
+            e0,
+            "round {round}: no failover after the lease"
+        );
         assert_eq!(g.postmaster_pid(pi), Some(pm), "postgres was not restarted");
         assert!(acks.all().len() > before + 100, "writes flowed");
         eprintln!("watcher restart {round} (leader: {led}): primary {p} kept epoch {e0}");
@@ -914,7 +918,10 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
 
     // The primary: a choice is required.
     let (ok, out) = pgwctl(&g, &["restart", &p]).await;
-    assert!(!ok && out.contains("--in-place") && out.contains("--switchover"), "{out}");
+    assert!(
+        !ok && out.contains("--in-place") && out.contains("--switchover"),
+        "{out}"
+    );
 
     // In place: same primary, same epoch, a new postmaster, writes resume.
     let pm = g.postmaster_pid(pi).expect("postmaster");
@@ -929,7 +936,10 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
     assert_eq!(epoch_of(&s2), e0, "an in-place restart is no failover");
     let t1 = Instant::now();
     while acks.all().len() < before + 200 {
-        assert!(t1.elapsed() < Duration::from_secs(30), "writes did not resume");
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "writes did not resume"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -947,7 +957,11 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
         gap.0.saturating_duration_since(t0).as_millis()
     );
     for e in acks.errors().iter().filter(|e| e.at >= t0).take(5) {
-        eprintln!("  write error at +{} ms: {}", (e.at - t0).as_millis(), e.message);
+        eprintln!(
+            "  write error at +{} ms: {}",
+            (e.at - t0).as_millis(),
+            e.message
+        );
     }
 
     // With a switchover first: the primary moves, then the old one restarts as a replica.
@@ -957,7 +971,8 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
     assert!(primary_of(&s4).is_some_and(|x| x != p), "{s4:?}");
     let h = history(&g.endpoints()[0], "global", 64).await;
     assert!(
-        h.iter().any(|e| e.event.contains("restart") && e.event.contains("asked by test-operate")),
+        h.iter()
+            .any(|e| e.event.contains("restart") && e.event.contains("asked by test-operate")),
         "{h:?}"
     );
 }
@@ -996,7 +1011,10 @@ async fn pgwctl_reload_applies_postgres_settings_everywhere_and_refuses_the_rest
     assert!(ok, "{out}");
     for i in 0..3 {
         let name = g.members[i].name().to_string();
-        assert!(out.contains(&format!("{name}: reloaded (postgres settings changed)")), "{out}");
+        assert!(
+            out.contains(&format!("{name}: reloaded (postgres settings changed)")),
+            "{out}"
+        );
         assert!(
             out.contains("max_locks_per_transaction (pgwctl restart "),
             "{out}"

@@ -18,7 +18,9 @@ fn run(cmd: &mut Command) -> (bool, String) {
 struct Installed;
 impl Drop for Installed {
     fn drop(&mut self) {
-        let _ = Command::new("dpkg").args(["--purge", "pg-watcher"]).output();
+        let _ = Command::new("dpkg")
+            .args(["--purge", "pg-watcher"])
+            .output();
     }
 }
 
@@ -26,14 +28,15 @@ impl Drop for Installed {
 fn the_debian_package_installs_with_dpkg_and_its_examples_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (already, _) = run(Command::new("dpkg-query").args(["-W", "pg-watcher"]));
-    assert!(!already, "a pg-watcher package is installed on this machine: not touching it");
-    // The test's binaries are the dev profile's; the package is the same layout as a release.
-    let (ok, out) = run(
-        Command::new("bash")
-            .arg(root.join("deploy/deb/build.sh"))
-            .args(["--profile", "dev", "--fast"])
-            .current_dir(root),
+    assert!(
+        !already,
+        "a pg-watcher package is installed on this machine: not touching it"
     );
+    // The test's binaries are the dev profile's; the package is the same layout as a release.
+    let (ok, out) = run(Command::new("bash")
+        .arg(root.join("deploy/deb/build.sh"))
+        .args(["--profile", "dev", "--fast"])
+        .current_dir(root));
     assert!(ok, "deploy/deb/build.sh: {out}");
     let deb = out
         .lines()
@@ -48,13 +51,19 @@ fn the_debian_package_installs_with_dpkg_and_its_examples_check() {
     let (ok, out) = run(Command::new("/usr/bin/pg-watcher").arg("--version"));
     assert!(ok && out.starts_with("pg-watcher "), "{out}");
     let (ok, out) = run(Command::new("/usr/bin/pgwctl").arg("--help"));
-    assert!(ok && out.contains("restart") && out.contains("reload"), "{out}");
+    assert!(
+        ok && out.contains("restart") && out.contains("reload"),
+        "{out}"
+    );
     let examples = Path::new("/usr/share/doc/pg-watcher/examples");
     let mut checked = 0;
     for layout in ["three-rooms", "two-rooms-arbiter"] {
         for e in std::fs::read_dir(examples.join(layout)).expect("installed examples") {
             let p = e.expect("entry").path();
-            let (ok, out) = run(Command::new("/usr/bin/pg-watcher").arg("--config").arg(&p).arg("--check"));
+            let (ok, out) = run(Command::new("/usr/bin/pg-watcher")
+                .arg("--config")
+                .arg(&p)
+                .arg("--check"));
             assert!(ok && out.contains(": ok (member"), "{}: {out}", p.display());
             checked += 1;
         }
@@ -74,7 +83,9 @@ fn the_debian_package_installs_with_dpkg_and_its_examples_check() {
         assert!(Path::new(f).exists(), "{f} not installed");
     }
     // The installed unit as it is, pointing at the installed binary.
-    let (_, out) = run(Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/pg-watcher.service"]));
+    let (_, out) =
+        run(Command::new("systemd-analyze")
+            .args(["verify", "/lib/systemd/system/pg-watcher.service"]));
     assert!(
         !out.lines().any(|l| l.contains("pg-watcher.service")),
         "systemd-analyze verify: {out}"

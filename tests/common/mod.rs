@@ -277,6 +277,7 @@ impl Group {
                 work_dir: Some(dir.path().join(&c.member).join("pgpool")),
                 os_user: "postgres".into(),
                 pcp_user: "pgwatcher".into(),
+                check_user: None,
                 pcp_password_file: pass.clone(),
                 check_interval_ms: 1000,
                 settings: vec![],

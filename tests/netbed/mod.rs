@@ -116,6 +116,9 @@ pub struct Bed {
     blocked: Blocked,
     latency: Mutex<Option<switch::DelaySwitch>>,
     namespaces: Vec<String>,
+    /// Set for a bed started from the shipped examples: the watchers run as this OS user, from
+    /// this copy of the binary, on the config files as written (never re-rendered).
+    shipped: Option<(String, PathBuf)>,
 }
 
 /// Runs `ip ARGS`; panics with its stderr when it fails (test set-up must not half-succeed).
@@ -206,6 +209,12 @@ pub fn enter_ns(ns: &str) {
 impl Bed {
     /// Builds the namespaces, the bridge and the configs, and starts every member.
     pub fn start(layout: Layout) -> Bed {
+        let (prefix, dir) = Self::prepare();
+        let cfgs = configs(dir.path(), layout);
+        Self::start_from(layout, prefix, dir, cfgs, None)
+    }
+
+    fn prepare() -> (String, tempfile::TempDir) {
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
         assert_eq!(
@@ -217,7 +226,147 @@ impl Bed {
         let prefix = format!("{NS_PREFIX}{}-{n}", std::process::id());
         let dir = tempfile::tempdir().expect("tempdir");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
-        let cfgs = configs(dir.path(), layout);
+        (prefix, dir)
+    }
+
+    /// A bed running a layout of `deploy/` as shipped: the example files with only addresses,
+    /// ports (never 5432) and paths substituted, certificates made by `deploy/tls/make-certs.sh`,
+    /// the password file and PCP password written the way the README says, every watcher run
+    /// as the OS user `postgres` as the systemd unit runs it. Returns the bed and the
+    /// directory holding the operators' certificates (`ops.crt`...).
+    pub fn start_shipped(layout: Layout) -> (Bed, PathBuf) {
+        let (prefix, dir) = Self::prepare();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let src = root.join("deploy").join(match layout {
+            Layout::ThreeRooms => "three-rooms",
+            Layout::TwoRoomsArbiter => "two-rooms-arbiter",
+        });
+        let mut texts = std::collections::BTreeMap::new();
+        for e in fs::read_dir(&src).expect("deploy dir") {
+            let p = e.expect("entry").path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let t = fs::read_to_string(&p).expect("example");
+                let c = Config::from_toml(&t, &p.display().to_string()).expect("example parses");
+                texts.insert(c.member.clone(), t);
+            }
+        }
+        let first = texts.values().next().expect("examples");
+        let members = Config::from_toml(first, "example").expect("parses").members;
+        let old_ip = |m: &MemberConfig| {
+            m.grpc
+                .rsplit_once(':')
+                .map(|(h, _)| h.to_string())
+                .unwrap_or_default()
+        };
+        let pki = dir.path().join("pki");
+        let mut args: Vec<String> = vec![pki.display().to_string()];
+        for (i, m) in members.iter().enumerate() {
+            args.push(format!("{}=10.99.0.{}", m.name, 11 + i));
+        }
+        args.extend([
+            "--".to_string(),
+            "monitoring".into(),
+            "ops".into(),
+            "dba".into(),
+        ]);
+        let out = Command::new("bash")
+            .arg(root.join("deploy/tls/make-certs.sh"))
+            .args(&args)
+            .env("PGWCTL", crate::common::PGWCTL)
+            .output()
+            .expect("make-certs.sh");
+        assert!(
+            out.status.success(),
+            "make-certs.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pg = pgw_server::sidecar::pgctl::lookup_user("postgres").expect("OS user postgres");
+        let bin = dir.path().join("bin");
+        fs::create_dir_all(&bin).expect("mkdir bin");
+        let watcher = bin.join("pg-watcher");
+        fs::copy(WATCHER, &watcher).expect("copy the watcher binary");
+        let mut cfgs = Vec::new();
+        for (i, m) in members.iter().enumerate() {
+            let host = dir.path().join(&m.name);
+            let etc = host.join("etc");
+            fs::create_dir_all(etc.join("tls")).expect("mkdir etc");
+            let mut t = texts[&m.name].clone();
+            for (j, o) in members.iter().enumerate() {
+                t = t.replace(
+                    &format!("\"{}:", old_ip(o)),
+                    &format!("\"10.99.0.{}:", 11 + j),
+                );
+            }
+            for (from, to) in [
+                (":5432\"", ":25432\""),
+                (":9999\"", ":29999\""),
+                (":9898\"", ":29898\""),
+            ] {
+                t = t.replace(from, to);
+            }
+            let h = host.display().to_string();
+            t = t
+                .replace("/var/lib/pg-watcher-pgpool", &format!("{h}/pgpool"))
+                .replace("/var/lib/pg-watcher", &format!("{h}/data"))
+                .replace("/var/lib/postgresql/15/pgw", &format!("{h}/pg/data"))
+                .replace("/etc/pg-watcher/", &format!("{h}/etc/"));
+            assert!(
+                !t.contains("10.1.0.") && !t.contains("10.2.0.") && !t.contains("10.3.0."),
+                "{t}"
+            );
+            for f in [
+                "ca.crt".to_string(),
+                format!("{}.crt", m.name),
+                format!("{}.key", m.name),
+            ] {
+                if pki.join(&f).exists() {
+                    fs::copy(pki.join(&f), etc.join("tls").join(&f)).expect("copy certificate");
+                }
+            }
+            // The README's password file: one line per role, mode 0600, owned by postgres.
+            fs::write(
+                etc.join("pgpass"),
+                "*:*:*:replicator:Shipped-Repl-pw\n*:*:*:rewinder:Shipped-Rewind-pw\n*:*:*:pgpool:Shipped-Pool-pw\n",
+            )
+            .expect("pgpass");
+            fs::write(etc.join("pcp.pass"), "Shipped-pcp-pw\n").expect("pcp.pass");
+            let path = host.join("pg-watcher.toml");
+            fs::write(&path, &t).expect("config");
+            let _ = Command::new("chown")
+                .args(["-R", &format!("{}:{}", pg.uid, pg.gid)])
+                .arg(&host)
+                .status();
+            for f in [
+                etc.join("pgpass"),
+                etc.join("pcp.pass"),
+                etc.join("tls").join(format!("{}.key", m.name)),
+            ] {
+                if f.exists() {
+                    fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).expect("chmod 600");
+                }
+            }
+            fs::set_permissions(&host, fs::Permissions::from_mode(0o700)).expect("chmod host");
+            let _ = i;
+            cfgs.push(Config::load(&path).expect("the substituted example is valid"));
+        }
+        let bed = Self::start_from(
+            layout,
+            prefix,
+            dir,
+            cfgs,
+            Some(("postgres".into(), watcher)),
+        );
+        let ops = bed.dir.path().join("pki");
+        (bed, ops)
+    }
+
+    fn start_from(
+        layout: Layout,
+        prefix: String,
+        dir: tempfile::TempDir,
+        cfgs: Vec<Config>,
+        shipped: Option<(String, PathBuf)>,
+    ) -> Bed {
         let sw_ns = format!("{prefix}-sw");
         let client_ns = format!("{prefix}-client");
         let hosts: Vec<Host> = cfgs
@@ -249,6 +398,7 @@ impl Bed {
             blocked: Arc::new(Mutex::new(BTreeSet::new())),
             latency: Mutex::new(None),
             namespaces,
+            shipped,
         };
         bed.build_network();
         for i in 0..bed.hosts.len() {
@@ -474,17 +624,35 @@ impl Bed {
         let h = &self.hosts[i];
         let mut g = self.children.lock().expect("children");
         assert!(g[i].is_none(), "{} already running", h.name());
-        fs::create_dir_all(h.cfg_path.parent().expect("parent")).expect("mkdir");
-        fs::write(&h.cfg_path, h.cfg.to_toml().expect("toml")).expect("write config");
+        if self.shipped.is_none() {
+            fs::create_dir_all(h.cfg_path.parent().expect("parent")).expect("mkdir");
+            fs::write(&h.cfg_path, h.cfg.to_toml().expect("toml")).expect("write config");
+        }
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&h.log)
             .expect("log file");
         let err = out.try_clone().expect("dup");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &h.ns])
-            .arg(WATCHER)
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &h.ns]);
+        match &self.shipped {
+            // As the unit runs it: `User=postgres` (setpriv execs, so the pid is the watcher's).
+            Some((user, bin)) => {
+                cmd.args([
+                    "setpriv",
+                    &format!("--reuid={user}"),
+                    &format!("--regid={user}"),
+                    "--init-groups",
+                    "--",
+                ]);
+                cmd.arg(bin);
+            }
+            None => {
+                cmd.arg(WATCHER);
+            }
+        }
+        let child = cmd
             .arg("--config")
             .arg(&h.cfg_path)
             .stdin(Stdio::null())
@@ -721,7 +889,9 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                         "shared_buffers = '16MB'".into(),
                         "max_connections = 40".into(),
                     ],
-                    ..pgw_core::config::PostgresConfig::new(dir.join(&m.name).join("pg").join("data"))
+                    ..pgw_core::config::PostgresConfig::new(
+                        dir.join(&m.name).join("pg").join("data"),
+                    )
                 }),
                 failover: Default::default(),
                 tls: crate::common::pki().tls(&m.name),
@@ -732,6 +902,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                     work_dir: data.then(|| dir.join(&m.name).join("pgpool")),
                     os_user: "postgres".into(),
                     pcp_user: "pgwatcher".into(),
+                    check_user: None,
                     pcp_password_file: pass.clone(),
                     check_interval_ms: 1000,
                     settings: vec![],

@@ -415,6 +415,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
                 work_dir: Some(mdir.join("pgpool")),
                 os_user: pgw_core::config::defaults::pg_os_user(),
                 pcp_user: pgw_core::config::defaults::pcp_user(),
+                check_user: None,
                 pcp_password_file: pcp_pass.clone(),
                 check_interval_ms: pgw_core::config::defaults::PGPOOL_CHECK_INTERVAL_MS,
                 settings: vec![],

@@ -68,10 +68,17 @@ mod tests {
         let files = super::write_all(dir.path()).expect("docs");
         assert_eq!(files.len(), 8);
         let man = std::fs::read_to_string(dir.path().join("man/pgwctl.1")).expect("pgwctl.1");
-        assert!(man.contains(".TH pgwctl 1") && man.contains("switchover"), "{man}");
+        assert!(
+            man.contains(".TH pgwctl 1") && man.contains("switchover"),
+            "{man}"
+        );
         let man = std::fs::read_to_string(dir.path().join("man/pg-watcher.8")).expect("8");
-        assert!(man.contains("\\-\\-config") && man.contains("\\-\\-check"), "{man}");
-        let bash = std::fs::read_to_string(dir.path().join("completions/bash/pgwctl")).expect("bash");
+        assert!(
+            man.contains("\\-\\-config") && man.contains("\\-\\-check"),
+            "{man}"
+        );
+        let bash =
+            std::fs::read_to_string(dir.path().join("completions/bash/pgwctl")).expect("bash");
         assert!(bash.contains("restart") && bash.contains("reload"));
     }
 }

@@ -442,7 +442,10 @@ pub async fn reload_all(
             match tokio::time::timeout(Duration::from_secs(30), call).await {
                 Ok(Ok(r)) => Ok(r.into_inner()),
                 Ok(Err(s)) => Err(client::refusal(&s)),
-                Err(_) => Err(CliError::NoEndpoint(format!("{}: no answer within 30 s", m.grpc))),
+                Err(_) => Err(CliError::NoEndpoint(format!(
+                    "{}: no answer within 30 s",
+                    m.grpc
+                ))),
             }
         }
         .await;
@@ -712,7 +715,11 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                     Ok(r) => {
                         println!(
                             "{member}: reloaded{}",
-                            if r.changed { " (postgres settings changed)" } else { " (postgres settings unchanged)" }
+                            if r.changed {
+                                " (postgres settings changed)"
+                            } else {
+                                " (postgres settings unchanged)"
+                            }
                         );
                         for n in &r.notes {
                             println!("  {n}");
@@ -731,7 +738,10 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                 }
             }
             if !failed.is_empty() {
-                return Err(CliError::Refused(format!("not reloaded on {}", failed.join(", "))));
+                return Err(CliError::Refused(format!(
+                    "not reloaded on {}",
+                    failed.join(", ")
+                )));
             }
         }
         Cmd::Operation { id, cluster } => {

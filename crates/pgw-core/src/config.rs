@@ -231,7 +231,9 @@ impl PostgresConfig {
                 if !valid_name(v) {
                     return Err(invalid(
                         field,
-                        format!("`{v}` is not a role name (letters, digits, `_`, `-`, `.`; at most 63)"),
+                        format!(
+                            "`{v}` is not a role name (letters, digits, `_`, `-`, `.`; at most 63)"
+                        ),
                     ));
                 }
             }
@@ -239,13 +241,20 @@ impl PostgresConfig {
         if !PG_SSLMODES.contains(&self.sslmode.as_str()) {
             return Err(invalid(
                 "postgres.sslmode",
-                format!("`{}` is not one of {}", self.sslmode, PG_SSLMODES.join(", ")),
+                format!(
+                    "`{}` is not one of {}",
+                    self.sslmode,
+                    PG_SSLMODES.join(", ")
+                ),
             ));
         }
         if self.sslmode.starts_with("verify-") && self.sslrootcert.is_none() {
             return Err(invalid(
                 "postgres.sslrootcert",
-                format!("sslmode {} checks the servers' certificates: name the CA file", self.sslmode),
+                format!(
+                    "sslmode {} checks the servers' certificates: name the CA file",
+                    self.sslmode
+                ),
             ));
         }
         for (field, p) in [
@@ -260,7 +269,10 @@ impl PostgresConfig {
                     ));
                 }
                 if p.to_string_lossy().contains(['\'', '\\', '\n']) {
-                    return Err(invalid(field, "must not contain quotes, backslashes or newlines"));
+                    return Err(invalid(
+                        field,
+                        "must not contain quotes, backslashes or newlines",
+                    ));
                 }
             }
         }
@@ -291,6 +303,11 @@ pub struct PgpoolConfig {
     /// PCP user name (the same on every pgpool of the group).
     #[serde(default = "defaults::pcp_user")]
     pub pcp_user: String,
+    /// PostgreSQL role pgpool logs in as to find the primary (`sr_check_user`; member of
+    /// `pg_monitor`, created on the primary when missing, its password from
+    /// `[postgres] passfile`). Default: `[postgres] user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_user: Option<String>,
     /// File holding the PCP password (one line). Must not be readable by group or others.
     pub pcp_password_file: PathBuf,
     /// How often the leader reads each pgpool's node list while it agrees with the group
@@ -655,7 +672,13 @@ fn valid_name(s: &str) -> bool {
 /// The path (`a.b[2].c`) of the first place two TOML values differ.
 fn first_difference(a: &toml::Value, b: &toml::Value, at: String) -> Option<String> {
     use toml::Value;
-    let join = |k: &str| if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+    let join = |k: &str| {
+        if at.is_empty() {
+            k.to_string()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
     match (a, b) {
         (Value::Table(x), Value::Table(y)) => {
             let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
@@ -1116,6 +1139,12 @@ impl Config {
                 ),
             ));
         }
+        if let Some(u) = pp.check_user.as_deref().filter(|u| !valid_name(u)) {
+            return Err(invalid(
+                "pgpool.check_user",
+                format!("`{u}` is not a role name (letters, digits, `_`, `-`, `.`; at most 63)"),
+            ));
+        }
         if !(50..=60_000).contains(&pp.check_interval_ms) {
             return Err(invalid(
                 "pgpool.check_interval_ms",
@@ -1161,6 +1190,18 @@ impl Config {
     }
 
     /// Whether this member runs its room's pgpool.
+    /// The role pgpool finds the primary with (`[pgpool] check_user`, else `[postgres] user`),
+    /// when this group has pgpools.
+    pub fn pgpool_check_user(&self) -> Option<String> {
+        let pp = self.pgpool.as_ref()?;
+        Some(pp.check_user.clone().unwrap_or_else(|| {
+            self.postgres
+                .as_ref()
+                .map(|p| p.user.clone())
+                .unwrap_or_else(defaults::pg_user)
+        }))
+    }
+
     pub fn manages_pgpool(&self) -> bool {
         self.pgpool.as_ref().is_some_and(|p| p.manage)
             && self
@@ -1219,7 +1260,11 @@ impl Config {
     /// takes effect only when pg-watcher restarts, and half-applied configs help nobody.
     pub fn reload_diff(&self, new: &Config) -> Result<bool, ConfigError> {
         new.validate()?;
-        let live = |c: &Config| c.postgres.as_ref().map(|p| (p.settings.clone(), p.hba.clone()));
+        let live = |c: &Config| {
+            c.postgres
+                .as_ref()
+                .map(|p| (p.settings.clone(), p.hba.clone()))
+        };
         let changed = live(self) != live(new);
         let strip = |c: &Config| {
             let mut c = c.clone();
@@ -1401,6 +1446,7 @@ admin = ["dba"]
             work_dir: None,
             os_user: defaults::pg_os_user(),
             pcp_user: defaults::pcp_user(),
+            check_user: None,
             pcp_password_file: "/etc/pg-watcher/pcp.pass".into(),
             check_interval_ms: defaults::PGPOOL_CHECK_INTERVAL_MS,
             settings: vec![],
@@ -1473,14 +1519,35 @@ admin = ["dba"]
         c.postgres = Some(PostgresConfig::new("/var/lib/pgw/data"));
         c.validate().expect("defaults are fine");
         let pg = c.postgres.as_ref().expect("pg");
-        assert_eq!((pg.replication_role(), pg.rewind_role()), ("postgres", "postgres"));
+        assert_eq!(
+            (pg.replication_role(), pg.rewind_role()),
+            ("postgres", "postgres")
+        );
         let cases: Vec<(Box<dyn Fn(&mut PostgresConfig)>, &str)> = vec![
-            (Box::new(|p| p.sslmode = "verify".into()), "postgres.sslmode"),
-            (Box::new(|p| p.sslmode = "verify-full".into()), "postgres.sslrootcert"),
-            (Box::new(|p| p.passfile = Some("pgpass".into())), "postgres.passfile"),
-            (Box::new(|p| p.passfile = Some("/etc/it's".into())), "postgres.passfile"),
-            (Box::new(|p| p.replication_user = Some("re pl".into())), "postgres.replication_user"),
-            (Box::new(|p| p.rewind_user = Some(String::new())), "postgres.rewind_user"),
+            (
+                Box::new(|p| p.sslmode = "verify".into()),
+                "postgres.sslmode",
+            ),
+            (
+                Box::new(|p| p.sslmode = "verify-full".into()),
+                "postgres.sslrootcert",
+            ),
+            (
+                Box::new(|p| p.passfile = Some("pgpass".into())),
+                "postgres.passfile",
+            ),
+            (
+                Box::new(|p| p.passfile = Some("/etc/it's".into())),
+                "postgres.passfile",
+            ),
+            (
+                Box::new(|p| p.replication_user = Some("re pl".into())),
+                "postgres.replication_user",
+            ),
+            (
+                Box::new(|p| p.rewind_user = Some(String::new())),
+                "postgres.rewind_user",
+            ),
         ];
         for (change, field) in cases {
             let mut bad = c.clone();
@@ -1499,7 +1566,10 @@ admin = ["dba"]
             p.replication_user = Some("replicator".into());
         }
         ok.validate().expect("verify-ca with a CA");
-        assert_eq!(ok.postgres.as_ref().map(|p| p.replication_role()), Some("replicator"));
+        assert_eq!(
+            ok.postgres.as_ref().map(|p| p.replication_role()),
+            Some("replicator")
+        );
     }
 
     #[test]

@@ -475,10 +475,19 @@ pub fn decide_operation(
                 return decide(v);
             };
             if o.restarted >= op.id && o.role == PgRole::Primary && o.epoch == f.epoch {
-                return finish(true, format!("{t} restarted in place, primary at epoch {}", f.epoch));
+                return finish(
+                    true,
+                    format!("{t} restarted in place, primary at epoch {}", f.epoch),
+                );
             }
             if age_ms > timeout_ms {
-                return finish(false, format!("{t} did not come back as primary within {} s", timeout_ms / 1000));
+                return finish(
+                    false,
+                    format!(
+                        "{t} did not come back as primary within {} s",
+                        timeout_ms / 1000
+                    ),
+                );
             }
             Decision::Wait(format!("{t} (the primary) is restarting in place"))
         }
@@ -497,7 +506,13 @@ pub fn decide_operation(
                 return finish(true, format!("{t} restarted and streaming again"));
             }
             if age_ms > timeout_ms {
-                return finish(false, format!("{t} did not come back as a streaming replica within {} s", timeout_ms / 1000));
+                return finish(
+                    false,
+                    format!(
+                        "{t} did not come back as a streaming replica within {} s",
+                        timeout_ms / 1000
+                    ),
+                );
             }
             match decide(v) {
                 Decision::Steady | Decision::Wait(_) => {
@@ -848,7 +863,13 @@ mod tests {
     }
 
     fn finished_ok(d: &Decision) -> bool {
-        matches!(d, Decision::Propose(Command::FinishOperation { succeeded: true, .. }))
+        matches!(
+            d,
+            Decision::Propose(Command::FinishOperation {
+                succeeded: true,
+                ..
+            })
+        )
     }
 
     #[test]
@@ -863,26 +884,45 @@ mod tests {
             r.insert(o.to_string(), (obs(o, PgRole::Replica, 90, true, 5), 10));
         }
         let v = view(&f, &r, &m, 10, 0);
-        assert!(matches!(decide_operation(&v, &op, 1_000, 120_000), Decision::Wait(_)));
+        assert!(matches!(
+            decide_operation(&v, &op, 1_000, 120_000),
+            Decision::Wait(_)
+        ));
         // Back as primary at the same epoch, having carried the operation out: done.
         let mut back = obs("a", PgRole::Primary, 100, false, 5);
         back.restarted = 7;
         r.insert("a".to_string(), (back.clone(), 10));
-        assert!(finished_ok(&decide_operation(&view(&f, &r, &m, 10, 0), &op, 2_000, 120_000)));
+        assert!(finished_ok(&decide_operation(
+            &view(&f, &r, &m, 10, 0),
+            &op,
+            2_000,
+            120_000
+        )));
         // An earlier restart's report does not finish this one.
         back.restarted = 6;
         r.insert("a".to_string(), (back, 10));
-        assert!(!finished_ok(&decide_operation(&view(&f, &r, &m, 10, 0), &op, 2_000, 120_000)));
+        assert!(!finished_ok(&decide_operation(
+            &view(&f, &r, &m, 10, 0),
+            &op,
+            2_000,
+            120_000
+        )));
         // Its watcher falls silent: the ordinary rules (lease expiry, failover) apply.
         r.insert("a".to_string(), (obs("a", PgRole::Down, 0, false, 5), 0));
         let v = view(&f, &r, &m, 5_000, 4_000);
         assert_eq!(decide_operation(&v, &op, 5_000, 120_000), decide(&v));
         // Too long: the operation fails and automation takes over.
-        r.insert("a".to_string(), (obs("a", PgRole::Down, 0, false, 5), 130_000));
+        r.insert(
+            "a".to_string(),
+            (obs("a", PgRole::Down, 0, false, 5), 130_000),
+        );
         let v = view(&f, &r, &m, 130_000, 0);
         assert!(matches!(
             decide_operation(&v, &op, 130_000, 120_000),
-            Decision::Propose(Command::FinishOperation { succeeded: false, .. })
+            Decision::Propose(Command::FinishOperation {
+                succeeded: false,
+                ..
+            })
         ));
     }
 
@@ -899,13 +939,21 @@ mod tests {
         let mut b = obs("b", PgRole::Replica, 100, true, 5);
         b.restarted = 9;
         r.insert("b".to_string(), (b, 10));
-        r.insert("c".to_string(), (obs("c", PgRole::Replica, 100, true, 5), 10));
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Replica, 100, true, 5), 10),
+        );
         // Streaming, but the primary does not see it yet.
         let d = decide_operation(&view(&f, &r, &m, 10, 0), &op, 1_000, 120_000);
         assert!(matches!(d, Decision::Wait(_)), "{d:?}");
         a.standbys.insert("b".into(), "quorum".into());
         r.insert("a".to_string(), (a, 10));
-        assert!(finished_ok(&decide_operation(&view(&f, &r, &m, 10, 0), &op, 1_000, 120_000)));
+        assert!(finished_ok(&decide_operation(
+            &view(&f, &r, &m, 10, 0),
+            &op,
+            1_000,
+            120_000
+        )));
     }
 
     #[test]

@@ -102,9 +102,18 @@ mod tests {
              \n",
         );
         assert_eq!(e.len(), 3);
-        assert_eq!(lookup(&e, "10.1.0.11", 5432, "replication", "replicator"), Some("r:pw"));
-        assert_eq!(lookup(&e, "10.2.0.11", 5432, "postgres", "replicator"), Some("fallback"));
-        assert_eq!(lookup(&e, "10.2.0.11", 5432, "postgres", "rewinder"), Some("w\\x"));
+        assert_eq!(
+            lookup(&e, "10.1.0.11", 5432, "replication", "replicator"),
+            Some("r:pw")
+        );
+        assert_eq!(
+            lookup(&e, "10.2.0.11", 5432, "postgres", "replicator"),
+            Some("fallback")
+        );
+        assert_eq!(
+            lookup(&e, "10.2.0.11", 5432, "postgres", "rewinder"),
+            Some("w\\x")
+        );
         assert_eq!(lookup(&e, "10.2.0.11", 5432, "postgres", "nobody"), None);
         assert_eq!(role_password(&e, "replicator"), Some("r:pw"));
         assert_eq!(role_password(&parse("*:*:*:*:x\n"), "replicator"), None);

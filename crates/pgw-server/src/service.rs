@@ -10,8 +10,9 @@ use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{
     admin_server, raft_server, ClusterStatus, DecisionReply, FailoverRequest, HelloReply,
     HelloRequest, HistoryEntry, HistoryReply, HistoryRequest, Identity, MemberInfo, NodeStatus,
-    OperationReply, OperationRequest, PcpReply, PcpRequest, RaftReply, RaftRequest, RecoverRequest, ReloadReply, ReloadRequest, RestartRequest,
-    ReportReply, ReportRequest, SetPausedRequest, StatusReply, StatusRequest, SwitchoverRequest,
+    OperationReply, OperationRequest, PcpReply, PcpRequest, RaftReply, RaftRequest, RecoverRequest,
+    ReloadReply, ReloadRequest, ReportReply, ReportRequest, RestartRequest, SetPausedRequest,
+    StatusReply, StatusRequest, SwitchoverRequest,
 };
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -1012,15 +1013,16 @@ impl admin_server::Admin for AdminService {
         })?;
         let new = Config::load(&path)
             .map_err(|e| Status::invalid_argument(format!("{}: {e}", path.display())))?;
-        self.0
-            .cfg
-            .reload_diff(&new)
-            .map_err(|e| Status::failed_precondition(format!("{}: {e}; nothing reloaded", path.display())))?;
+        self.0.cfg.reload_diff(&new).map_err(|e| {
+            Status::failed_precondition(format!("{}: {e}; nothing reloaded", path.display()))
+        })?;
         tracing::info!(by = %who.name(), "reload of {} asked", path.display());
         let mut notes = Vec::new();
         match self.0.tls.reload() {
             Ok(()) => notes.push("certificates re-read".to_string()),
-            Err(e) => notes.push(format!("certificates not reloaded (keeping the running ones): {e}")),
+            Err(e) => notes.push(format!(
+                "certificates not reloaded (keeping the running ones): {e}"
+            )),
         }
         let (mut changed, mut pending_restart) = (false, Vec::new());
         if let Some(pg) = &new.postgres {

@@ -39,8 +39,33 @@ fn split_addr(field: &str, a: &str) -> Result<(String, u16), PgpoolError> {
     ))
 }
 
-/// Renders this member's `pgpool.conf`.
-pub fn render_conf(cfg: &Config, work_dir: &Path) -> Result<String, PgpoolError> {
+/// The check role's password from `[postgres] passfile` (empty without one: trust setups).
+fn check_password(cfg: &Config) -> Result<String, PgpoolError> {
+    let Some(path) = cfg.postgres.as_ref().and_then(|p| p.passfile.as_ref()) else {
+        return Ok(String::new());
+    };
+    let user = cfg.pgpool_check_user().unwrap_or_default();
+    let entries = crate::secrets::read_passfile(path).map_err(|e| PgpoolError::Config {
+        field: "postgres.passfile".into(),
+        message: e.to_string(),
+    })?;
+    pgw_core::pgpass::role_password(&entries, &user)
+        .map(str::to_string)
+        .ok_or_else(|| PgpoolError::Config {
+            field: "postgres.passfile".into(),
+            message: format!(
+                "no line for role `{user}`, which pgpool logs in as (pgpool.check_user): add `*:*:*:{user}:PASSWORD`"
+            ),
+        })
+}
+
+/// Renders this member's `pgpool.conf`; `sr_password` is the check role's password (written
+/// only into this file, mode 0600 in a 0700 directory, as pgpool needs it in clear).
+pub fn render_conf(
+    cfg: &Config,
+    work_dir: &Path,
+    sr_password: &str,
+) -> Result<String, PgpoolError> {
     let me = cfg.me().ok_or_else(|| PgpoolError::Config {
         field: "member".into(),
         message: "not in members".into(),
@@ -48,13 +73,15 @@ pub fn render_conf(cfg: &Config, work_dir: &Path) -> Result<String, PgpoolError>
     let (host, port) = split_addr("pgpool", me.pgpool.as_deref().unwrap_or_default())?;
     let (pcp_host, pcp_port) = split_addr("pcp", me.pcp.as_deref().unwrap_or_default())?;
     let sr_user = cfg
-        .postgres
-        .as_ref()
-        .map(|p| p.user.clone())
+        .pgpool_check_user()
         .unwrap_or_else(pgw_core::config::defaults::pg_user);
     let wd = work_dir.display().to_string();
     let mut s = TEMPLATE
         .replace("{{sr_check_user}}", &sr_user)
+        .replace(
+            "{{sr_check_password}}",
+            &sr_password.replace('\\', "\\\\").replace('\'', "''"),
+        )
         .replace("{{listen_host}}", &host)
         .replace("{{port}}", &port.to_string())
         .replace("{{pcp_host}}", &pcp_host)
@@ -154,7 +181,7 @@ impl ManagedPgpool {
         }
         Ok(Some(ManagedPgpool {
             bin,
-            conf: render_conf(cfg, &work_dir)?,
+            conf: render_conf(cfg, &work_dir, &check_password(cfg)?)?,
             pcp_conf: format!("{}:{}\n", pp.pcp_user, md5_hex(password.as_bytes())),
             work_dir,
             ports: [port, pcp_port],

@@ -158,7 +158,11 @@ mod tests {
         let sent = Instant::now() - Duration::from_millis(300);
         r.store(sent).expect("store");
         let back = r.load().expect("a record of this boot");
-        let diff = if back > sent { back - sent } else { sent - back };
+        let diff = if back > sent {
+            back - sent
+        } else {
+            sent - back
+        };
         assert!(diff < Duration::from_millis(20), "{diff:?}");
         std::fs::write(dir.path().join(crate::store::LEASE_FILE), b"junk").expect("corrupt");
         assert!(r.load().is_none(), "a corrupt record is ignored");

@@ -155,7 +155,9 @@ impl Sidecar {
     pub fn spawn(self) {
         tracing::info!(cluster = %self.cluster, data_dir = %self.ctl.data().display(), "sidecar started");
         if let Some(p) = self.prior_sent {
-            let left = self.lease_deadline().saturating_duration_since(Instant::now());
+            let left = self
+                .lease_deadline()
+                .saturating_duration_since(Instant::now());
             tracing::info!(
                 "a previous run renewed the primary lease {} ms ago: its fencing deadline holds ({} ms left)",
                 p.elapsed().as_millis(),
@@ -222,7 +224,9 @@ impl Sidecar {
         // A watcher that starts beside a running primary keeps its predecessor's deadline (the
         // leader counts from its last grant, not from our restart); with no record of one, it
         // counts its own start as the last renewal.
-        let first = self.prior_sent.map_or(self.started, |p| p.min(self.started));
+        let first = self
+            .prior_sent
+            .map_or(self.started, |p| p.min(self.started));
         let sent = self.lock().lease_sent.unwrap_or(first);
         sent + Duration::from_millis(self.s.cfg.failover.lease().fence_at(0))
     }
@@ -534,7 +538,8 @@ impl Sidecar {
         if !due {
             return;
         }
-        let ok = match self.ctl.ensure_roles().await {
+        let monitor = self.s.cfg.pgpool_check_user();
+        let ok = match self.ctl.ensure_roles(monitor.as_deref()).await {
             Ok(created) => {
                 for r in created {
                     tracing::info!(role = %r, "created PostgreSQL role {r} (password from postgres.passfile)");
@@ -551,12 +556,10 @@ impl Sidecar {
 
     fn managed_for(&self, f: &ClusterFacts, follow: Option<&str>) -> Managed {
         Managed {
-            primary_conninfo: follow
-                .and_then(|p| self.members_pg.get(p))
-                .map(|a| {
-                    self.ctl
-                        .conninfo(a, &self.s.cfg.member, self.ctl.cfg.replication_role())
-                }),
+            primary_conninfo: follow.and_then(|p| self.members_pg.get(p)).map(|a| {
+                self.ctl
+                    .conninfo(a, &self.s.cfg.member, self.ctl.cfg.replication_role())
+            }),
             // Always the set recorded in Raft: degraded mode is recorded there first.
             synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg.member.as_str()) {
                 sync_names(f)
@@ -640,7 +643,10 @@ impl Sidecar {
                 st.end_busy();
                 match r {
                     Ok(()) => {
-                        tracing::info!(operation = id, "postgres restarted in place (pgwctl restart)");
+                        tracing::info!(
+                            operation = id,
+                            "postgres restarted in place (pgwctl restart)"
+                        );
                         st.restarted = id;
                         drop(st);
                         acted_on_seq = self.lock().seq;

@@ -18,6 +18,15 @@ pub enum PgError {
     File { path: String, message: String },
 }
 
+impl From<crate::secrets::SecretError> for PgError {
+    fn from(e: crate::secrets::SecretError) -> PgError {
+        PgError::Tool {
+            what: e.what,
+            message: e.message,
+        }
+    }
+}
+
 fn ferr(path: &Path, e: impl std::fmt::Display) -> PgError {
     PgError::File {
         path: path.display().to_string(),
@@ -32,12 +41,17 @@ pub struct OsUser {
     pub gid: u32,
 }
 
-/// The home directory of an OS user (its `HOME`: libpq looks for client certificates there).
-pub fn home_of(name: &str) -> Option<PathBuf> {
+/// The home directory of an OS user, by name or uid (its `HOME`: libpq looks for client
+/// certificates and keys there, and fails on one it cannot read, as root's is to others).
+pub fn home_of(name: Option<&str>, uid: u32) -> Option<PathBuf> {
     let text = std::fs::read_to_string("/etc/passwd").ok()?;
     text.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 6 && f[0] == name).then(|| PathBuf::from(f[5]))
+        let hit = match name {
+            Some(n) => f.first() == Some(&n),
+            None => f.get(2).and_then(|u| u.parse::<u32>().ok()) == Some(uid),
+        };
+        (f.len() >= 6 && hit).then(|| PathBuf::from(f[5]))
     })
 }
 
@@ -86,7 +100,7 @@ pub struct PgCtl {
     pub member: String,
     pub addr: PgAddr,
     pub os_user: Option<OsUser>,
-    /// `HOME` for the tools and the server when we switch to `os_user` (not root's).
+    /// `HOME` for the tools and the server: that of the user they run as.
     home: Option<PathBuf>,
     /// `[postgres] settings` and `hba` as last (re)loaded: (settings, hba).
     live: std::sync::Arc<std::sync::RwLock<(Vec<String>, Vec<String>)>>,
@@ -114,7 +128,12 @@ impl PgCtl {
         } else {
             None
         };
-        let home = os_user.and_then(|_| home_of(&cfg.os_user));
+        // The tools and the server get the HOME of the user they run as, whatever ours is.
+        let home = match os_user {
+            Some(_) => home_of(Some(&cfg.os_user), 0),
+            // SAFETY: geteuid has no preconditions.
+            None => home_of(None, unsafe { libc::geteuid() }),
+        };
         if let Some(p) = &cfg.passfile {
             check_passfile(p, &cfg, os_user)?;
         }
@@ -195,11 +214,17 @@ impl PgCtl {
         let Some(p) = &self.cfg.passfile else {
             return Ok(None);
         };
-        let entries = read_passfile(p)?;
+        let entries = crate::secrets::read_passfile(p)?;
         Ok(
             pgw_core::pgpass::lookup(&entries, host, self.addr.port, "postgres", user)
                 .or_else(|| {
-                    pgw_core::pgpass::lookup(&entries, "localhost", self.addr.port, "postgres", user)
+                    pgw_core::pgpass::lookup(
+                        &entries,
+                        "localhost",
+                        self.addr.port,
+                        "postgres",
+                        user,
+                    )
                 })
                 .map(str::to_string),
         )
@@ -244,9 +269,9 @@ impl PgCtl {
             .current_dir(self.run_dir());
         if let Some(u) = self.os_user {
             cmd.uid(u.uid).gid(u.gid);
-            if let Some(h) = &self.home {
-                cmd.env("HOME", h);
-            }
+        }
+        if let Some(h) = &self.home {
+            cmd.env("HOME", h);
         }
         let what = format!("{} {}", bin.display(), args.join(" "));
         let text_of = |b: &[u8]| String::from_utf8_lossy(b).to_string();
@@ -374,7 +399,10 @@ impl PgCtl {
         });
         let r = tokio::time::timeout(
             Duration::from_secs(5),
-            client.query("SELECT name FROM pg_settings WHERE pending_restart ORDER BY 1", &[]),
+            client.query(
+                "SELECT name FROM pg_settings WHERE pending_restart ORDER BY 1",
+                &[],
+            ),
         )
         .await;
         drop(client);
@@ -382,7 +410,10 @@ impl PgCtl {
         let rows = r
             .map_err(|_| err("no answer within 5 s".into()))?
             .map_err(|e| err(super::observe::refusal(&e)))?;
-        Ok(rows.iter().filter_map(|r| r.try_get::<_, String>(0).ok()).collect())
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.try_get::<_, String>(0).ok())
+            .collect())
     }
 
     /// Makes `postgresql.conf` include `pgw.conf` (once) and writes `pg_hba.conf`.
@@ -412,8 +443,10 @@ impl PgCtl {
         self.prepare_dirs()?;
         let d = self.data().display().to_string();
         let pw = match &self.cfg.passfile {
-            Some(p) => pgw_core::pgpass::role_password(&read_passfile(p)?, &self.cfg.user)
-                .map(str::to_string),
+            Some(p) => {
+                pgw_core::pgpass::role_password(&crate::secrets::read_passfile(p)?, &self.cfg.user)
+                    .map(str::to_string)
+            }
             None => None,
         };
         let pwfile = self.run_dir().join("initdb.pw");
@@ -488,7 +521,9 @@ impl PgCtl {
         let log = self.log_file().display().to_string();
         self.run(
             "pg_ctl",
-            &["restart", "-D", &d, "-m", "fast", "-w", "-t", "90", "-l", &log],
+            &[
+                "restart", "-D", &d, "-m", "fast", "-w", "-t", "90", "-l", &log,
+            ],
             Duration::from_secs(120),
         )
         .await
@@ -576,19 +611,19 @@ impl PgCtl {
         self.install_base_config()
     }
 
-    /// Creates the replication and rewind roles on this server (the primary) when they are
-    /// missing, with the passfile's passwords as SCRAM verifiers computed here (no clear-text
+    /// Creates the replication and rewind roles (and pgpool's check role, `monitor`) on this
+    /// server (the primary) when they are missing, with the passfile's passwords as SCRAM verifiers computed here (no clear-text
     /// password reaches the server or its log). An existing role is left as it is: rotating a
     /// password is the operator's `ALTER ROLE` plus the passfile. Returns the roles created.
-    pub async fn ensure_roles(&self) -> Result<Vec<String>, PgError> {
-        // (role, replication, rewind)
-        let mut wanted: Vec<(&str, bool, bool)> = Vec::new();
+    pub async fn ensure_roles(&self, monitor: Option<&str>) -> Result<Vec<String>, PgError> {
+        // (role, replication, rewind, monitor): one role may serve several purposes.
+        let mut wanted: Vec<(&str, bool, bool, bool)> = Vec::new();
         let (repl, rew) = (self.cfg.replication_role(), self.cfg.rewind_role());
-        if repl != self.cfg.user {
-            wanted.push((repl, true, repl == rew));
-        }
-        if rew != self.cfg.user && rew != repl {
-            wanted.push((rew, false, true));
+        for r in [Some(repl), Some(rew), monitor].into_iter().flatten() {
+            if r == self.cfg.user || wanted.iter().any(|w| w.0 == r) {
+                continue;
+            }
+            wanted.push((r, r == repl, r == rew, Some(r) == monitor));
         }
         if wanted.is_empty() {
             return Ok(Vec::new());
@@ -598,7 +633,7 @@ impl PgCtl {
             message: m,
         };
         let entries = match &self.cfg.passfile {
-            Some(p) => Some(read_passfile(p)?),
+            Some(p) => Some(crate::secrets::read_passfile(p)?),
             None => None,
         };
         let (client, conn) = self
@@ -611,7 +646,7 @@ impl PgCtl {
         });
         let mut created = Vec::new();
         let r = async {
-            for (role, replication, rewind) in wanted {
+            for (role, replication, rewind, monitoring) in wanted {
                 let exists = tokio::time::timeout(
                     Duration::from_secs(5),
                     client.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role]),
@@ -655,6 +690,10 @@ impl PgCtl {
                     }
                     sql.push_str(&format!("GRANT pg_checkpoint TO \"{role}\";"));
                 }
+                if monitoring {
+                    // pgpool's primary search (`pg_is_in_recovery()`, replication views).
+                    sql.push_str(&format!("GRANT pg_monitor TO \"{role}\";"));
+                }
                 sql.push_str("COMMIT;");
                 tokio::time::timeout(Duration::from_secs(10), client.batch_execute(&sql))
                     .await
@@ -682,7 +721,6 @@ impl PgCtl {
         .await
         .map(|_| ())
     }
-
 
     /// Moves the data directory aside (before a fresh clone); never deletes data.
     pub fn move_aside(&self) -> Result<PathBuf, PgError> {
@@ -724,7 +762,11 @@ impl PgCtl {
             return Ok(());
         };
         let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
             .unwrap_or(false);
         if !zombie {
             return Ok(()); // running (we must not touch it) or gone (postgres handles that)
@@ -746,7 +788,10 @@ impl PgCtl {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tracing::info!(pid, "removing the lock file of a dead (unreaped) postmaster");
+        tracing::info!(
+            pid,
+            "removing the lock file of a dead (unreaped) postmaster"
+        );
         std::fs::remove_file(&lock).map_err(|e| ferr(&lock, e))
     }
 
@@ -776,12 +821,12 @@ impl PgCtl {
     }
 }
 
-/// At start: the password file is one libpq will use (see [`read_passfile`]), postgres' own
+/// At start: the password file is one libpq will use (see [`crate::secrets::read_passfile`]), postgres' own
 /// processes can read it (the walreceiver reads it as `os_user`), and it has a line for every
 /// role the watcher creates.
 fn check_passfile(p: &Path, cfg: &PostgresConfig, os_user: Option<OsUser>) -> Result<(), PgError> {
     use std::os::unix::fs::MetadataExt;
-    let entries = read_passfile(p)?;
+    let entries = crate::secrets::read_passfile(p)?;
     let bad = |m: String| PgError::Tool {
         what: format!("postgres.passfile {}", p.display()),
         message: m,
@@ -864,25 +909,6 @@ pub fn quote(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// Reads a libpq password file, refusing one libpq itself would ignore (group or world
-/// access) so that a mistake shows at start, naming the file, rather than as a refused login.
-pub fn read_passfile(path: &Path) -> Result<Vec<pgw_core::pgpass::Entry>, PgError> {
-    use std::os::unix::fs::MetadataExt;
-    let bad = |m: String| PgError::Tool {
-        what: format!("postgres.passfile {}", path.display()),
-        message: m,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-    if meta.mode() & 0o077 != 0 {
-        return Err(bad(format!(
-            "mode {:o}: libpq ignores a password file others can read; chmod 600 it",
-            meta.mode() & 0o777
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    Ok(pgw_core::pgpass::parse(&text))
-}
-
 #[cfg(test)]
 mod conninfo_tests {
     use super::*;
@@ -902,9 +928,12 @@ mod conninfo_tests {
         let p = dir.path().join("pgpass");
         std::fs::write(&p, "*:*:*:replicator:pw\n").expect("write");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let e = read_passfile(&p).expect_err("0644 refused");
-        assert!(e.to_string().contains("postgres.passfile") && e.to_string().contains("644"), "{e}");
+        let e = crate::secrets::read_passfile(&p).expect_err("0644 refused");
+        assert!(
+            e.to_string().contains("postgres.passfile") && e.to_string().contains("644"),
+            "{e}"
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert_eq!(read_passfile(&p).expect("0600").len(), 1);
+        assert_eq!(crate::secrets::read_passfile(&p).expect("0600").len(), 1);
     }
 }
