@@ -659,6 +659,7 @@ const PGPOOL_OWNED: &[&str] = &[
     "pid_file_name",
     "logdir",
     "sr_check_user",
+    "sr_check_password",
 ];
 
 fn valid_name(s: &str) -> bool {

@@ -491,43 +491,15 @@ pub fn decide_operation(
             }
             Decision::Wait(format!("{t} (the primary) is restarting in place"))
         }
-        (_, OperationKind::Restart) => {
-            let done = v.fresh(&t).is_some_and(|o| {
-                o.restarted >= op.id
-                    && o.role == PgRole::Replica
-                    && o.streaming
-                    && o.epoch_seen >= f.epoch
-            }) && f
-                .primary
-                .as_deref()
-                .and_then(|p| v.fresh(p))
-                .is_some_and(|p| p.standbys.contains_key(&t));
-            if done {
-                return finish(true, format!("{t} restarted and streaming again"));
-            }
-            if age_ms > timeout_ms {
-                return finish(
-                    false,
-                    format!(
-                        "{t} did not come back as a streaming replica within {} s",
-                        timeout_ms / 1000
-                    ),
-                );
-            }
-            match decide(v) {
-                Decision::Steady | Decision::Wait(_) => {
-                    Decision::Wait(format!("{t} is restarting"))
-                }
-                d => d,
-            }
-        }
-        (_, OperationKind::Recover) => {
-            // A rebuild never holds up automation: failover rules keep running meanwhile.
+        (_, OperationKind::Recover | OperationKind::Restart) => {
+            // A rebuild or a replica's restart never holds up automation: the failover rules
+            // keep running meanwhile.
+            let recover = op.kind == OperationKind::Recover;
             if f.primary.as_deref() == Some(t.as_str()) {
                 return finish(false, format!("{t} became the primary during its recovery"));
             }
             let done = v.fresh(&t).is_some_and(|o| {
-                o.recovered >= op.id
+                (if recover { o.recovered } else { o.restarted }) >= op.id
                     && o.role == PgRole::Replica
                     && o.streaming
                     && o.epoch_seen >= f.epoch
@@ -537,12 +509,14 @@ pub fn decide_operation(
                 .and_then(|p| v.fresh(p))
                 .is_some_and(|p| p.standbys.contains_key(&t));
             if done {
+                let p = f.primary.clone().unwrap_or_default();
                 return finish(
                     true,
-                    format!(
-                        "{t} rebuilt and streaming from {}",
-                        f.primary.clone().unwrap_or_default()
-                    ),
+                    if recover {
+                        format!("{t} rebuilt and streaming from {p}")
+                    } else {
+                        format!("{t} restarted and streaming again from {p}")
+                    },
                 );
             }
             if age_ms > timeout_ms {
@@ -555,9 +529,11 @@ pub fn decide_operation(
                 );
             }
             match decide(v) {
-                Decision::Steady | Decision::Wait(_) => {
-                    Decision::Wait(format!("{t} is being rebuilt from the primary"))
-                }
+                Decision::Steady | Decision::Wait(_) => Decision::Wait(if recover {
+                    format!("{t} is being rebuilt from the primary")
+                } else {
+                    format!("{t} is restarting")
+                }),
                 d => d,
             }
         }

@@ -457,6 +457,33 @@ pub struct AdminService(pub Shared);
 
 impl AdminService {
     /// A client to the leader for forwarding an operator call, or an error if we cannot.
+    /// An operator operation: begun here when this member leads, else forwarded to the leader
+    /// (which checks the caller again against its own policy). `args` gives (cluster, target,
+    /// accept_data_loss) of the request.
+    async fn operation<R, F, Fut>(
+        &self,
+        request: Request<R>,
+        kind: pgw_core::facts::OperationKind,
+        args: impl FnOnce(&R) -> (String, String, bool),
+        forward: F,
+    ) -> Result<Response<OperationReply>, Status>
+    where
+        F: FnOnce(AdminClient<tonic::transport::Channel>, Request<R>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<OperationReply>, Status>>,
+    {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
+        let bearer = request.metadata().get("authorization").cloned();
+        let req = request.into_inner();
+        if !self.is_leader() {
+            let c = self.leader_client(forwarded)?;
+            return forward(c, forward_request(req, Some(&who), bearer)?).await;
+        }
+        let (cluster, target, accept_data_loss) = args(&req);
+        self.begin_reply(&cluster, kind, target, accept_data_loss, &who)
+            .await
+    }
+
     fn leader_client(
         &self,
         forwarded: bool,
@@ -911,22 +938,11 @@ impl admin_server::Admin for AdminService {
         &self,
         request: Request<SwitchoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        let who = caller(&request)?;
-        let bearer = request.metadata().get("authorization").cloned();
-        let req = request.into_inner();
-        if !self.is_leader() {
-            return self
-                .leader_client(forwarded)?
-                .switchover(forward_request(req, Some(&who), bearer)?)
-                .await;
-        }
-        self.begin_reply(
-            &req.cluster,
+        self.operation(
+            request,
             pgw_core::facts::OperationKind::Switchover,
-            req.target,
-            false,
-            &who,
+            |r| (r.cluster.clone(), r.target.clone(), false),
+            |mut c, r| async move { c.switchover(r).await },
         )
         .await
     }
@@ -935,22 +951,11 @@ impl admin_server::Admin for AdminService {
         &self,
         request: Request<FailoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        let who = caller(&request)?;
-        let bearer = request.metadata().get("authorization").cloned();
-        let req = request.into_inner();
-        if !self.is_leader() {
-            return self
-                .leader_client(forwarded)?
-                .failover(forward_request(req, Some(&who), bearer)?)
-                .await;
-        }
-        self.begin_reply(
-            &req.cluster,
+        self.operation(
+            request,
             pgw_core::facts::OperationKind::Failover,
-            req.target,
-            req.accept_data_loss,
-            &who,
+            |r| (r.cluster.clone(), r.target.clone(), r.accept_data_loss),
+            |mut c, r| async move { c.failover(r).await },
         )
         .await
     }
@@ -959,22 +964,11 @@ impl admin_server::Admin for AdminService {
         &self,
         request: Request<RecoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        let who = caller(&request)?;
-        let bearer = request.metadata().get("authorization").cloned();
-        let req = request.into_inner();
-        if !self.is_leader() {
-            return self
-                .leader_client(forwarded)?
-                .recover(forward_request(req, Some(&who), bearer)?)
-                .await;
-        }
-        self.begin_reply(
-            &req.cluster,
+        self.operation(
+            request,
             pgw_core::facts::OperationKind::Recover,
-            req.member,
-            false,
-            &who,
+            |r| (r.cluster.clone(), r.member.clone(), false),
+            |mut c, r| async move { c.recover(r).await },
         )
         .await
     }
@@ -983,22 +977,11 @@ impl admin_server::Admin for AdminService {
         &self,
         request: Request<RestartRequest>,
     ) -> Result<Response<OperationReply>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        let who = caller(&request)?;
-        let bearer = request.metadata().get("authorization").cloned();
-        let req = request.into_inner();
-        if !self.is_leader() {
-            return self
-                .leader_client(forwarded)?
-                .restart(forward_request(req, Some(&who), bearer)?)
-                .await;
-        }
-        self.begin_reply(
-            &req.cluster,
+        self.operation(
+            request,
             pgw_core::facts::OperationKind::Restart,
-            req.member,
-            false,
-            &who,
+            |r| (r.cluster.clone(), r.member.clone(), false),
+            |mut c, r| async move { c.restart(r).await },
         )
         .await
     }

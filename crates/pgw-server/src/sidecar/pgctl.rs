@@ -34,6 +34,9 @@ fn ferr(path: &Path, e: impl std::fmt::Display) -> PgError {
     }
 }
 
+/// A client and the task driving its connection (aborted by the caller when done).
+struct LocalSession(tokio_postgres::Client, tokio::task::JoinHandle<()>);
+
 /// The OS identity postgres runs as (only switched to when we are root).
 #[derive(Debug, Clone, Copy)]
 pub struct OsUser {
@@ -383,20 +386,28 @@ impl PgCtl {
         Ok(true)
     }
 
+    /// A session of the watcher's own (see [`PgCtl::local_config`]); the error is the server's
+    /// refusal or the client-side reason.
+    async fn local_session(&self) -> Result<LocalSession, String> {
+        let (client, conn) = self
+            .local_config()
+            .map_err(|e| e.to_string())?
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| super::observe::refusal(&e))?;
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(LocalSession(client, task))
+    }
+
     /// Settings the running server has read but applies only after a restart.
     pub async fn pending_restart(&self) -> Result<Vec<String>, PgError> {
         let err = |m: String| PgError::Tool {
             what: "reading pg_settings.pending_restart".into(),
             message: m,
         };
-        let (client, conn) = self
-            .local_config()?
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| err(super::observe::refusal(&e)))?;
-        let task = tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let LocalSession(client, task) = self.local_session().await.map_err(err)?;
         let r = tokio::time::timeout(
             Duration::from_secs(5),
             client.query(
@@ -636,14 +647,7 @@ impl PgCtl {
             Some(p) => Some(crate::secrets::read_passfile(p)?),
             None => None,
         };
-        let (client, conn) = self
-            .local_config()?
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| err(super::observe::refusal(&e)))?;
-        let task = tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let LocalSession(client, task) = self.local_session().await.map_err(err)?;
         let mut created = Vec::new();
         let r = async {
             for (role, replication, rewind, monitoring) in wanted {
