@@ -256,6 +256,27 @@ pub fn pool_primary(view: &[PoolNode]) -> Option<usize> {
     view.iter().position(|n| n.primary && n.status.attached())
 }
 
+/// One backend as `pcp_node_info` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub host: String,
+    pub port: u16,
+    pub status: PoolStatus,
+    /// pgpool's routing role: writes go to the node with `primary`.
+    pub primary: bool,
+    /// What pgpool last saw the server itself report (`primary`/`standby`/`unknown`).
+    pub pg_role: String,
+}
+
+impl NodeInfo {
+    pub fn pool_node(&self) -> PoolNode {
+        PoolNode {
+            status: self.status,
+            primary: self.primary,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,8 @@ use pgw_core::failover::PgRole;
 use pgw_core::Role;
 use tokio::net::TcpListener;
 
-use crate::service::{state_name, Shared};
+use crate::member::Shared;
+use crate::service::state_name;
 
 fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));

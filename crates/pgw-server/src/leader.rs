@@ -2,149 +2,12 @@
 //! the committed facts (intended state), grants primary leases, and runs the decision rule.
 //! Only decisions go through the Raft log; reports stay in the leader's memory.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgw_core::failover::{decide, decide_operation, Candidate, Decision, LeaderView, Observation};
+use pgw_core::failover::{decide, decide_operation, Candidate, Decision, LeaderView};
 use pgw_core::Role;
-use tokio::sync::Notify;
-use tokio::time::Instant;
 
-use crate::service::Shared;
-
-#[derive(Default)]
-struct Inner {
-    /// cluster -> member -> (latest report, leader-clock ms when it arrived)
-    reports: BTreeMap<String, BTreeMap<String, (Observation, u64)>>,
-    /// cluster -> leader-clock ms of the last lease grant to its primary
-    granted: BTreeMap<String, u64>,
-    /// Whether we were leader at the last check, and since when.
-    leader_since: Option<u64>,
-    /// cluster -> why the last decision had to wait (for logs and status)
-    waiting: BTreeMap<String, String>,
-    /// cluster -> epoch at which a proposal that moves the primary record is in flight: no
-    /// lease is granted at that epoch meanwhile (the decision used the grants before it).
-    replacing: BTreeMap<String, u64>,
-}
-
-/// Longer than any report can travel: a sidecar gives up on a report at its fence point
-/// (`lease_ms - fence_budget_ms`), and a relay adds at most `lease_ms` (both far below this with
-/// any sane lease). A run numbered lower than the previous one (a wall-clock step back across a
-/// watcher restart) is heard again after this.
-const REPORT_IN_FLIGHT_MS: u64 = 5_000;
-
-/// Shared leader-side failover state (empty on followers).
-#[derive(Clone)]
-pub struct LeaderState {
-    inner: Arc<Mutex<Inner>>,
-    base: Instant,
-    pub wake: Arc<Notify>,
-}
-
-impl Default for LeaderState {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl LeaderState {
-    pub fn new() -> Self {
-        Self {
-            inner: Arc::default(),
-            base: Instant::now(),
-            wake: Arc::new(Notify::new()),
-        }
-    }
-
-    /// Leader monotonic clock in ms.
-    pub fn now_ms(&self) -> u64 {
-        self.base.elapsed().as_millis() as u64
-    }
-
-    /// Keeps a report unless an older one would replace a newer one. Returns whether it may
-    /// renew a lease: a report strictly newer (same run, later sequence; or a later run) than
-    /// the kept one; one kept only because the kept one has aged (a restarted sidecar whose
-    /// clock stepped back) counts only when it came straight from its member (`direct`), never
-    /// when relayed, so a relayed copy replayed later cannot renew anything.
-    pub fn record_report(&self, obs: Observation, direct: bool) -> bool {
-        let now = self.now_ms();
-        let mut renews = false;
-        if let Ok(mut g) = self.inner.lock() {
-            let per = g.reports.entry(obs.cluster.clone()).or_default();
-            let (newer, replaces) = match per.get(&obs.member) {
-                None => (true, true),
-                Some((old, at)) => (
-                    (obs.incarnation, obs.seq) > (old.incarnation, old.seq),
-                    obs.supersedes(old, now.saturating_sub(*at), REPORT_IN_FLIGHT_MS),
-                ),
-            };
-            if replaces {
-                renews = newer || direct;
-                per.insert(obs.member.clone(), (obs, now));
-            }
-        }
-        self.wake.notify_one();
-        renews
-    }
-
-    /// Records a lease grant to `cluster`'s primary at `epoch`; false (no grant) while a
-    /// proposal that moves the primary record at that epoch is in flight.
-    pub fn record_grant(&self, cluster: &str, epoch: u64) -> bool {
-        let now = self.now_ms();
-        let Ok(mut g) = self.inner.lock() else {
-            return false;
-        };
-        if g.replacing.get(cluster) == Some(&epoch) {
-            return false;
-        }
-        g.granted.insert(cluster.to_string(), now);
-        true
-    }
-
-    /// Latest reports of one cluster (for status).
-    pub fn reports(&self, cluster: &str) -> BTreeMap<String, (Observation, u64)> {
-        self.inner
-            .lock()
-            .ok()
-            .and_then(|g| g.reports.get(cluster).cloned())
-            .unwrap_or_default()
-    }
-
-    /// Leader-clock ms since which this member leads (`None`: not leading, or not noticed yet).
-    pub fn leader_since(&self) -> Option<u64> {
-        self.inner.lock().ok().and_then(|g| g.leader_since)
-    }
-
-    pub fn waiting(&self, cluster: &str) -> Option<String> {
-        self.inner
-            .lock()
-            .ok()
-            .and_then(|g| g.waiting.get(cluster).cloned())
-    }
-
-    /// Called on every leadership check; on becoming leader, forgets old reports and treats
-    /// "now" as the last possible lease grant of the predecessor (see `pgw_core::lease`).
-    fn leadership(&self, is_leader: bool, clusters: &[String]) {
-        let now = self.now_ms();
-        if let Ok(mut g) = self.inner.lock() {
-            match (is_leader, g.leader_since) {
-                (true, None) => {
-                    g.leader_since = Some(now);
-                    g.reports.clear();
-                    for c in clusters {
-                        g.granted.insert(c.clone(), now);
-                    }
-                }
-                (false, Some(_)) => {
-                    g.leader_since = None;
-                    g.reports.clear();
-                }
-                _ => {}
-            }
-        }
-    }
-}
+use crate::member::{now_ms, Shared};
 
 /// How long a switchover or forced failover may take before it is failed.
 const OPERATION_TIMEOUT_MS: u64 = 30_000;
@@ -192,13 +55,7 @@ pub async fn decision_loop(s: Shared) {
                 continue;
             };
             let reports = s.leader.reports(&c.name);
-            let granted = s
-                .leader
-                .inner
-                .lock()
-                .ok()
-                .and_then(|g| g.granted.get(&c.name).copied())
-                .unwrap_or(0);
+            let granted = s.leader.granted(&c.name);
             let view = LeaderView {
                 facts: f,
                 reports: &reports,
@@ -213,7 +70,7 @@ pub async fn decision_loop(s: Shared) {
             // A running operator operation takes precedence (and works while paused).
             let decision = match f.running_operation() {
                 Some(op) => {
-                    let age = crate::service::now_ms().saturating_sub(op.started_ms);
+                    let age = now_ms().saturating_sub(op.started_ms);
                     let limit = match op.kind {
                         pgw_core::facts::OperationKind::Recover => RECOVER_TIMEOUT_MS,
                         pgw_core::facts::OperationKind::Restart => RESTART_TIMEOUT_MS,
@@ -225,21 +82,10 @@ pub async fn decision_loop(s: Shared) {
             };
             match decision {
                 Decision::Steady => {
-                    if let Ok(mut g) = s.leader.inner.lock() {
-                        g.waiting.remove(&c.name);
-                    }
+                    s.leader.set_waiting(&c.name, None);
                 }
                 Decision::Wait(why) => {
-                    let changed = s
-                        .leader
-                        .inner
-                        .lock()
-                        .ok()
-                        .map(|mut g| {
-                            g.waiting.insert(c.name.clone(), why.clone()) != Some(why.clone())
-                        })
-                        .unwrap_or(false);
-                    if changed {
+                    if s.leader.set_waiting(&c.name, Some(&why)) {
                         tracing::warn!(cluster = %c.name, "waiting: {why}");
                     }
                 }
@@ -252,13 +98,9 @@ pub async fn decision_loop(s: Shared) {
                     if moves_primary {
                         // No grant may slip in between the view this decision used and its
                         // commit: a grant newer than the view's means the primary renewed.
-                        let Ok(mut g) = s.leader.inner.lock() else {
-                            continue;
-                        };
-                        if g.granted.get(&c.name).copied().unwrap_or(0) != granted {
+                        if !s.leader.begin_replacing(&c.name, f.epoch, granted) {
                             continue;
                         }
-                        g.replacing.insert(c.name.clone(), f.epoch);
                     }
                     tracing::info!(cluster = %c.name, ?cmd, "decision");
                     let kind = serde_json::to_value(&cmd)
@@ -277,9 +119,7 @@ pub async fn decision_loop(s: Shared) {
                     if moves_primary {
                         // Committed: the epoch moved and grants at the old one are refused by
                         // the report handler; not committed: grants may resume.
-                        if let Ok(mut g) = s.leader.inner.lock() {
-                            g.replacing.remove(&c.name);
-                        }
+                        s.leader.end_replacing(&c.name);
                     }
                 }
             }

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod durable;
 pub mod http;
 pub mod leader;
+pub mod member;
 pub mod network;
 pub mod node;
 pub mod pgpool;
@@ -18,4 +19,5 @@ pub mod tls;
 pub mod types;
 pub mod x509;
 
-pub use node::{tls_channels, ChannelMaker, Node, NodeError};
+pub use network::ChannelMaker;
+pub use node::{tls_channels, Node, NodeError};

@@ -25,7 +25,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::node::ChannelMaker;
 use crate::telemetry;
 use crate::types::{NodeId, TypeConfig};
 
@@ -101,6 +100,9 @@ pub struct TransportConfig {
 }
 
 pub use crate::tls::{configure, endpoint};
+
+/// Opens gRPC channels to peers. The daemon uses TCP; the simulator plugs in its own network.
+pub type ChannelMaker = Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>;
 
 /// Creates one client per peer, reusing one channel per peer address.
 pub struct GrpcNetworkFactory {

@@ -15,8 +15,10 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 use crate::auth::{AuthLayer, Policy};
+use crate::member::Shared;
+use crate::network::ChannelMaker;
 use crate::network::{GrpcNetworkFactory, Reachability, TransportConfig};
-use crate::service::{AdminService, RaftService, Shared};
+use crate::service::{AdminService, RaftService};
 use crate::store::{self, StoreError};
 use crate::telemetry;
 use crate::tls::Tls;
@@ -44,9 +46,6 @@ pub enum NodeError {
     #[error("storage failed, stopping so that the service manager restarts this member: {0}")]
     Storage(String),
 }
-
-/// Opens gRPC channels to peers. The daemon uses TCP; the simulator plugs in its own network.
-pub type ChannelMaker = Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>;
 
 /// The default channel maker: lazily connected TCP channels with mutual TLS, each verifying
 /// that the peer's certificate names the member configured at that address.
@@ -157,7 +156,7 @@ impl Node {
             reach,
             started: Instant::now(),
             channels: channels.clone(),
-            leader: crate::leader::LeaderState::new(),
+            leader: crate::member::LeaderState::new(),
             local_role: Default::default(),
             pgpool: Default::default(),
             live,

@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use md5::{Digest, Md5};
-use pgw_core::pgpool::{PoolNode, PoolStatus};
+pub use pgw_core::pgpool::NodeInfo;
+use pgw_core::pgpool::PoolStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -53,27 +54,6 @@ impl std::fmt::Debug for Credentials {
 pub fn md5_hex(data: &[u8]) -> String {
     let d = Md5::digest(data);
     d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One backend as `pcp_node_info` describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeInfo {
-    pub host: String,
-    pub port: u16,
-    pub status: PoolStatus,
-    /// pgpool's routing role: writes go to the node with `primary`.
-    pub primary: bool,
-    /// What pgpool last saw the server itself report (`primary`/`standby`/`unknown`).
-    pub pg_role: String,
-}
-
-impl NodeInfo {
-    pub fn pool_node(&self) -> PoolNode {
-        PoolNode {
-            status: self.status,
-            primary: self.primary,
-        }
-    }
 }
 
 /// An authenticated PCP connection.

@@ -20,7 +20,7 @@ use pgw_proto::ReportRequest;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::service::Shared;
+use crate::member::Shared;
 use lease_record::LeaseRecord;
 use observe::{Local, Observer};
 use pgctl::{Managed, PgAddr, PgCtl, PgError};

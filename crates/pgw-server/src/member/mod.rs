@@ -1,0 +1,207 @@
+//! The member context: what every part of this member shares (config, Raft, the applied facts,
+//! peer reachability, certificates) and the state the leader keeps beside the facts. The gRPC
+//! and HTTP services, the leader's decision loop, the sidecar and the pgpool reconciler all work
+//! from it; it depends on none of them.
+
+pub mod leader_state;
+pub mod pool_views;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use pgw_core::{Command, Config, Outcome, Proposal};
+use pgw_proto::Identity;
+use tonic::Status;
+
+use crate::auth::Caller;
+use crate::network::Reachability;
+use crate::store::StateMachineStore;
+use crate::telemetry;
+use crate::types::Raft;
+pub use leader_state::LeaderState;
+pub use pool_views::{PoolReport, PoolViews};
+
+/// Wall-clock milliseconds since the epoch: for stamps people read (history, operations).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What every service needs to know about this member.
+#[derive(Clone)]
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub reach: Reachability,
+    pub started: Instant,
+    /// Opens channels to other members (TCP in the daemon, simulated in tests).
+    pub channels: crate::network::ChannelMaker,
+    /// Observed state and leases, used while this member leads.
+    pub leader: LeaderState,
+    /// What the local sidecar last saw its postgres doing (`None` without a sidecar).
+    pub local_role: std::sync::Arc<std::sync::RwLock<Option<pgw_core::failover::PgRole>>>,
+    /// What the leader last saw of every room's pgpool (empty on followers).
+    pub pgpool: PoolViews,
+    /// This member's certificates (signs its reports, verifies relayed ones).
+    pub tls: crate::tls::Tls,
+    /// Refused calls, logged once per interval per caller and reason.
+    pub refusals: crate::tls::RefusalLog,
+    /// `pgwctl reload`: the config file's path and the live [postgres] settings.
+    pub live: Arc<crate::reload::Live>,
+}
+
+impl Shared {
+    pub fn identity(&self) -> Identity {
+        let me = self.cfg.me();
+        Identity {
+            cluster_id: self.cfg.cluster_id.clone(),
+            fingerprint: self.cfg.members_fingerprint(),
+            from: me.map(|m| m.id).unwrap_or_default(),
+            from_name: self.cfg.member.clone(),
+        }
+    }
+
+    /// Refuses a member call whose identity is not the member its certificate names, or whose
+    /// cluster id or member list differs from ours.
+    pub fn check_member(&self, id: Option<&Identity>, caller: &Caller) -> Result<(), Status> {
+        let Caller::Member { name, id: cert_id } = caller else {
+            return Err(Status::permission_denied(
+                "only members of the group may call this",
+            ));
+        };
+        let Some(ident) = id else {
+            return Err(Status::failed_precondition("call carries no identity"));
+        };
+        if ident.from != *cert_id || ident.from_name != *name {
+            self.refusals.refuse_key(
+                name,
+                &format!(
+                    "impersonation: claims to come from `{}` (id {})",
+                    ident.from_name, ident.from
+                ),
+            );
+            return Err(Status::permission_denied(format!(
+                "member `{name}` may only speak for itself, not for `{}` (id {})",
+                ident.from_name, ident.from
+            )));
+        }
+        self.check_identity(Some(ident))
+    }
+
+    /// Refuses a caller whose cluster id or member list differs from ours.
+    pub fn check_identity(&self, id: Option<&Identity>) -> Result<(), Status> {
+        let Some(id) = id else {
+            return Err(Status::failed_precondition("call carries no identity"));
+        };
+        if id.cluster_id != self.cfg.cluster_id {
+            self.refusals.refuse_key(
+                &id.from_name,
+                &format!(
+                    "cluster id: `{}` differs from ours `{}`",
+                    id.cluster_id, self.cfg.cluster_id
+                ),
+            );
+            return Err(Status::failed_precondition(format!(
+                "cluster id mismatch: caller `{}` has `{}`, member `{}` has `{}`",
+                id.from_name, id.cluster_id, self.cfg.member, self.cfg.cluster_id
+            )));
+        }
+        let ours = self.cfg.members_fingerprint();
+        if id.fingerprint != ours {
+            self.refusals.refuse_key(
+                &id.from_name,
+                &format!(
+                    "member list: fingerprint {} differs from ours {ours}",
+                    id.fingerprint
+                ),
+            );
+            return Err(Status::failed_precondition(format!(
+                "member list mismatch: caller `{}` has fingerprint {}, member `{}` has {} ({})",
+                id.from_name,
+                id.fingerprint,
+                self.cfg.member,
+                ours,
+                self.cfg.members_canonical()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn member_name(&self, id: u64) -> String {
+        self.cfg
+            .member_by_id(id)
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| format!("node-{id}"))
+    }
+
+    /// Proposes a decision and waits until it is committed and applied. On a follower the
+    /// decision is handed to the leader. Returns (log index, outcome, committing member).
+    pub async fn propose(&self, command: Command) -> Result<(u64, Outcome, String), Status> {
+        self.propose_as(command, None).await
+    }
+
+    /// [`Self::propose`] for an operator request: `asked_by` (who asked) is recorded with the
+    /// decision and shown in the history.
+    pub async fn propose_as(
+        &self,
+        command: Command,
+        asked_by: Option<&str>,
+    ) -> Result<(u64, Outcome, String), Status> {
+        // A configured cluster is registered in the facts before its first decision.
+        let name = command.cluster().to_string();
+        let registered = self.sm.applied().facts.cluster(&name).is_some();
+        if !registered && !matches!(command, Command::EnsureCluster { .. }) {
+            if let Some(c) = self.cfg.clusters.iter().find(|c| c.name == name) {
+                let ensure = Command::EnsureCluster {
+                    cluster: c.name.clone(),
+                    sync_quorum: c.sync_quorum,
+                };
+                Box::pin(self.propose(ensure)).await?;
+            }
+        }
+        let p = Proposal {
+            command,
+            at_ms: now_ms(),
+            by: self.cfg.member.clone(),
+            asked_by: asked_by.map(str::to_string),
+        };
+        let t0 = Instant::now();
+        match self.raft.client_write(p).await {
+            Ok(resp) => {
+                telemetry::commit_latency(t0.elapsed());
+                Ok((resp.log_id.index, resp.data, self.cfg.member.clone()))
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(match f.leader_id {
+                    Some(l) => Status::unavailable(format!(
+                        "not the leader; leader is {}",
+                        self.member_name(l)
+                    ))
+                    .with_leader(l),
+                    None => Status::unavailable("no leader elected at the moment; retry"),
+                })
+            }
+            Err(e) => Err(Status::unavailable(format!("decision not committed: {e}"))),
+        }
+    }
+
+    pub fn leader_addr(&self, id: u64) -> Option<String> {
+        self.cfg.member_by_id(id).map(|m| m.grpc.clone())
+    }
+}
+
+pub trait WithLeader {
+    fn with_leader(self, id: u64) -> Self;
+}
+impl WithLeader for Status {
+    fn with_leader(mut self, id: u64) -> Self {
+        if let Ok(v) = id.to_string().parse() {
+            self.metadata_mut().insert("x-pgw-leader", v);
+        }
+        self
+    }
+}
