@@ -1,6 +1,7 @@
 //! The pure core of pg-watcher: configuration, the replicated cluster facts and the rules that
 //! change them. Nothing here performs I/O or reads a clock; callers pass time in.
 
+pub mod arbiter;
 pub mod config;
 pub mod facts;
 pub mod failover;

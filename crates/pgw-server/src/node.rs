@@ -149,6 +149,7 @@ impl Node {
                 .await;
         }
         let live = Arc::new(crate::reload::Live::new(cfg.postgres.as_ref()));
+        let leader = crate::member::LeaderState::new(&cfg);
         let shared = Shared {
             cfg,
             raft,
@@ -156,7 +157,7 @@ impl Node {
             reach,
             started: Instant::now(),
             channels: channels.clone(),
-            leader: crate::member::LeaderState::new(),
+            leader,
             local_role: Default::default(),
             pgpool: Default::default(),
             live,
@@ -332,7 +333,7 @@ async fn watch_metrics(s: Shared, health: HealthReporter) {
     loop {
         let m = rx.borrow_and_update().clone();
         metrics::gauge!(telemetry::RAFT_TERM).set(m.current_term as f64);
-        metrics::gauge!(telemetry::RAFT_IS_LEADER).set(if m.current_leader == me && me.is_some() {
+        metrics::gauge!(telemetry::RAFT_IS_LEADER).set(if crate::member::leads(&m, me) {
             1.0
         } else {
             0.0

@@ -323,8 +323,7 @@ impl AdminService {
     }
 
     fn is_leader(&self) -> bool {
-        let m = self.0.raft.metrics().borrow().clone();
-        m.state == ServerState::Leader && m.current_leader == self.0.cfg.me().map(|x| x.id)
+        self.0.is_leader()
     }
 
     fn operation_reply(&self, cluster: &str, id: u64) -> Result<OperationReply, Status> {
@@ -394,7 +393,7 @@ impl AdminService {
         }
         let reports = self.0.leader.reports(cluster);
         let now = self.0.leader.now_ms();
-        let fresh_ms = (self.0.cfg.failover.report_interval_ms * 5).max(500);
+        let fresh_ms = self.0.leader.fresh_ms();
         let fresh = |m: &str| {
             reports
                 .get(m)
@@ -692,8 +691,7 @@ impl admin_server::Admin for AdminService {
         }
         obs.standbys.retain(|m, _| data_member(m));
         let m = self.0.raft.metrics().borrow().clone();
-        let me = self.0.cfg.me().map(|x| x.id);
-        if m.current_leader != me || m.state != ServerState::Leader {
+        if !crate::member::leads(&m, self.0.cfg.me().map(|x| x.id)) {
             // A member that cannot reach the leader sends its reports through the others too:
             // relay once (the leader still confirms its leadership before granting; the lease
             // counts from when the reporter sent it, so a relay only makes it shorter).
@@ -925,7 +923,7 @@ impl admin_server::Admin for AdminService {
                             .and_then(|p| reports.get(p))
                             .map(|(o, _)| o.clone());
                         let now = s.leader.now_ms();
-                        let stale_ms = (s.cfg.failover.report_interval_ms * 5).max(500);
+                        let stale_ms = s.leader.fresh_ms();
                         reports
                             .values()
                             .map(|(o, at)| NodeStatus {

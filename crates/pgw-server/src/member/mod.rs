@@ -22,6 +22,12 @@ use crate::types::Raft;
 pub use leader_state::LeaderState;
 pub use pool_views::{PoolReport, PoolViews};
 
+/// Whether Raft metrics `m` say member `me` leads: it is in the leader state and names itself
+/// leader. The one leadership rule (decisions, grants, pgpool, forwarding, the metric).
+pub fn leads(m: &openraft::RaftMetrics<u64, openraft::BasicNode>, me: Option<u64>) -> bool {
+    me.is_some() && m.current_leader == me && m.state == openraft::ServerState::Leader
+}
+
 /// Wall-clock milliseconds since the epoch: for stamps people read (history, operations).
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -129,6 +135,11 @@ impl Shared {
             )));
         }
         Ok(())
+    }
+
+    /// Whether this member leads now (see [`leads`]).
+    pub fn is_leader(&self) -> bool {
+        leads(&self.raft.metrics().borrow(), self.cfg.me().map(|m| m.id))
     }
 
     pub fn member_name(&self, id: u64) -> String {

@@ -346,7 +346,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
     let names: Vec<String> = backends.iter().map(|b| b.0.clone()).collect();
     let me = s.cfg.me().map(|m| m.id);
     let fo = s.cfg.failover.clone();
-    let fresh_ms = (fo.report_interval_ms * 5).max(500);
+    let fresh_ms = pgw_core::arbiter::fresh_ms(fo.report_interval_ms);
     let fast = Duration::from_millis(fo.report_interval_ms);
     let slow = Duration::from_millis(
         s.cfg
@@ -374,8 +374,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         if m.state == openraft::ServerState::Shutdown {
             return;
         }
-        let leading =
-            me.is_some() && m.current_leader == me && m.state == openraft::ServerState::Leader;
+        let leading = crate::member::leads(&m, me);
         if !leading {
             if last_target.is_some() {
                 s.pgpool.clear(&room);
