@@ -6,6 +6,7 @@ pub mod config;
 pub mod facts;
 pub mod failover;
 pub mod fingerprint;
+pub mod guard;
 pub mod lease;
 pub mod pgpass;
 pub mod pgpool;

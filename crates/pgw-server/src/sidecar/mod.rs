@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgw_core::failover::{plan_local, LocalAction, Observation, PgRole};
+use pgw_core::guard::{step as guard_step, FenceReason, GuardAction, GuardInput, GuardState};
 use pgw_core::ClusterFacts;
 use pgw_proto::admin_client::AdminClient;
 use pgw_proto::ReportRequest;
@@ -45,11 +46,9 @@ struct SideState {
     seq: u64,
     /// The highest epoch of the facts the actor has brought postgres in line with.
     epoch_seen: u64,
-    /// Our postgres died (or could not be started) while primary at this epoch: it is not
-    /// restarted as primary until the group decides again.
-    crashed_at_epoch: Option<u64>,
-    /// We killed postgres ourselves (lease lost, or hung) at this epoch.
-    fenced_at_epoch: Option<u64>,
+    /// The local guard's memory: when postgres was last seen as primary, fenced, crashed
+    /// ([`pgw_core::guard`], the one place the fence and crash rules live).
+    guard: GuardState,
     /// When the last renewal that the leader acknowledged was sent.
     lease_sent: Option<Instant>,
     /// The actor is in the middle of an action (initdb, start, clone...): what the reporter
@@ -66,9 +65,6 @@ struct SideState {
     degraded: bool,
     /// Since when the primary has had no standby connected.
     no_standby_since: Option<Instant>,
-    /// The epoch at which we last saw our postgres running as primary (a dead postmaster at
-    /// another epoch is an old crash, not a new one).
-    running_seen_epoch: Option<u64>,
     /// When the actor applied a widened sync set while the group waits for resync.
     sync_applied_at: Option<Instant>,
     /// The highest recovery operation (`pgwctl recover`) carried out here.
@@ -172,7 +168,7 @@ impl Sidecar {
 
     /// Fences on time whatever the reporter is doing: an observation of a hung postgres can take
     /// seconds (each step has a 1 s timeout), and the lease rule needs fencing finished by
-    /// `sent + lease_ms`. The reporter checks too; this task only makes the deadline exact.
+    /// `sent + lease_ms`. The reporter runs the same guard; this task makes the deadline exact.
     async fn lease_guard(self: Arc<Self>) {
         let tick = Duration::from_millis((self.s.cfg.failover.report_interval_ms / 2).max(10));
         loop {
@@ -182,29 +178,7 @@ impl Sidecar {
                 tokio::time::sleep((deadline - now).min(tick)).await;
                 continue;
             }
-            if let Some(f) = self.facts() {
-                // A postgres that may accept writes at this epoch: seen as primary now, seen as
-                // primary earlier at this epoch (a hung one is observed as unknown), or in the
-                // actor's hands (a promotion finishing after the deadline). A replica named
-                // primary but not promoted yet is left alone: the actor promotes only with a
-                // lease granted at this epoch.
-                let (may_write, fenced) = {
-                    let st = self.lock();
-                    (
-                        st.local.role == Some(PgRole::Primary)
-                            || st.running_seen_epoch == Some(f.epoch)
-                            || st.busy,
-                        st.fenced_at_epoch == Some(f.epoch),
-                    )
-                };
-                if f.primary.as_deref() == Some(self.s.cfg.member.as_str())
-                    && may_write
-                    && !fenced
-                    && self.ctl.postmaster_alive()
-                {
-                    self.fence_now(f.epoch, "primary lease not renewed in time");
-                }
-            }
+            self.guard(None);
             tokio::time::sleep(tick).await;
         }
     }
@@ -235,16 +209,82 @@ impl Sidecar {
         self.lock().lease_sent.is_some() && Instant::now() < self.lease_deadline()
     }
 
-    fn fence_now(&self, epoch: u64, why: &str) {
-        tracing::error!(epoch, "fencing local postgres: {why}");
-        self.ctl.kill_all();
-        self.lock().fenced_at_epoch = Some(epoch);
+    /// Milliseconds of the sidecar's clock (since its start; earlier instants count as 0).
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    /// Runs the local guard ([`pgw_core::guard::step`]) on the committed facts and what is known
+    /// of postgres: `seen` is a fresh observation (with when it began and since when postgres
+    /// has not answered), `None` from the watchdog. Carries the actions out; returns whether it
+    /// fenced.
+    fn guard(&self, seen: Option<(&Local, Instant, Option<Instant>)>) -> bool {
+        let Some(f) = self.facts() else {
+            return false;
+        };
+        let now = Instant::now();
+        let deadline = self.lease_deadline();
+        let actions = {
+            let mut st = self.lock();
+            let role = match seen {
+                Some((l, _, _)) => l.role,
+                None => st.local.role,
+            };
+            let input = GuardInput {
+                now: self.ms(now),
+                named_primary: f.primary.as_deref() == Some(self.s.cfg.member.as_str()),
+                epoch: f.epoch,
+                lease_deadline: self.ms(deadline),
+                role,
+                postmaster_alive: self.ctl.postmaster_alive(),
+                died: seen.is_some_and(|(l, _, _)| l.died),
+                unresponsive_since: seen.and_then(|(_, _, u)| u).map(|u| self.ms(u)),
+                observed_at: seen.map(|(_, t0, _)| self.ms(t0)).unwrap_or(self.ms(now)),
+                busy: st.busy,
+                busy_ended: st.busy_ended.map(|e| self.ms(e)),
+                hung_after_ms: self.s.cfg.failover.hung_after_ms,
+            };
+            // A deadline before this run began (a previous run's) is already past.
+            let input = if deadline <= self.started {
+                GuardInput {
+                    lease_deadline: 0,
+                    ..input
+                }
+            } else {
+                input
+            };
+            guard_step(&mut st.guard, &input)
+        };
+        let mut fenced = false;
+        for a in actions {
+            match a {
+                GuardAction::Fence { epoch, reason } => {
+                    let why = match reason {
+                        FenceReason::LeaseExpired => {
+                            "primary lease not renewed in time".to_string()
+                        }
+                        FenceReason::Hung { for_ms } => {
+                            format!("not answering for {for_ms} ms (hung)")
+                        }
+                    };
+                    tracing::error!(epoch, "fencing local postgres: {why}");
+                    self.ctl.kill_all();
+                    fenced = true;
+                }
+                GuardAction::ReleaseCrashed { epoch } => {
+                    tracing::error!(
+                        epoch,
+                        "our postgres died while primary; not restarting it, handing over"
+                    );
+                }
+            }
+        }
+        fenced
     }
 
     /// Observes postgres, enforces the lease and hang rules, reports to the leader.
     async fn reporter(self: Arc<Self>) {
         let interval = Duration::from_millis(self.s.cfg.failover.report_interval_ms);
-        let hung_after = Duration::from_millis(self.s.cfg.failover.hung_after_ms);
         let mut observer = Observer::new();
         let mut unresponsive_since: Option<Instant> = None;
         let mut last_refusal: Option<String> = None;
@@ -254,17 +294,10 @@ impl Sidecar {
             // What the actor had done before this observation: reported with it, so that a
             // WAL position is never paired with an epoch acted on after it was read.
             let epoch_seen_before = self.lock().epoch_seen;
-            // The lease is checked before observing too: a slow observation must not delay
-            // fencing past the deadline.
-            if let Some(f) = self.facts() {
-                let was_primary = self.lock().local.role == Some(PgRole::Primary);
-                if f.primary.as_deref() == Some(self.s.cfg.member.as_str())
-                    && was_primary
-                    && Instant::now() >= self.lease_deadline()
-                {
-                    self.fence_now(f.epoch, "primary lease not renewed in time");
-                    observer.reset();
-                }
+            // The guard runs before observing too: a slow observation must not delay fencing
+            // past the deadline.
+            if self.guard(None) {
+                observer.reset();
             }
             let mut local = observer.observe(&self.ctl, &self.members_pg).await;
             let facts = self.facts();
@@ -291,49 +324,22 @@ impl Sidecar {
                 last_refusal = local.refused.clone();
             }
             if local.unresponsive {
-                let since = *unresponsive_since.get_or_insert(t0);
-                if i_am_primary && since.elapsed() >= hung_after {
-                    self.fence_now(
-                        epoch,
-                        &format!(
-                            "not answering for {} ms (hung)",
-                            since.elapsed().as_millis()
-                        ),
-                    );
-                    observer.reset();
-                    local = observer.observe(&self.ctl, &self.members_pg).await;
-                }
+                unresponsive_since.get_or_insert(t0);
             } else {
                 unresponsive_since = None;
             }
-            if i_am_primary
-                && local.role == Some(PgRole::Primary)
-                && Instant::now() >= self.lease_deadline()
-            {
-                self.fence_now(epoch, "primary lease not renewed in time");
+            if self.guard(Some((&local, t0, unresponsive_since))) {
+                // Fenced: see what is left, and let the guard record it.
                 observer.reset();
                 local = observer.observe(&self.ctl, &self.members_pg).await;
+                if !local.unresponsive {
+                    unresponsive_since = None;
+                }
+                self.guard(Some((&local, t0, unresponsive_since)));
             }
             self.track_degraded(i_am_primary, &local);
             {
                 let mut st = self.lock();
-                if i_am_primary && local.role == Some(PgRole::Primary) {
-                    st.running_seen_epoch = Some(epoch);
-                }
-                if i_am_primary
-                    && local.died
-                    && st.running_seen_epoch == Some(epoch)
-                    && !st.busy
-                    && st.busy_ended.is_none_or(|e| e < t0)
-                    && st.crashed_at_epoch != Some(epoch)
-                    && st.fenced_at_epoch != Some(epoch)
-                {
-                    tracing::error!(
-                        epoch,
-                        "our postgres died while primary; not restarting it, handing over"
-                    );
-                    st.crashed_at_epoch = Some(epoch);
-                }
                 st.local = local.clone();
                 st.seq += 1;
                 if let Ok(mut r) = self.s.local_role.write() {
@@ -423,7 +429,8 @@ impl Sidecar {
                 streaming: local.streaming,
                 receiving: local.receiving,
                 epoch_seen: epoch_seen_before.min(st.epoch_seen),
-                crashed: st.crashed_at_epoch == Some(epoch) || st.fenced_at_epoch == Some(epoch),
+                crashed: st.guard.crashed_at_epoch == Some(epoch)
+                    || st.guard.fenced_at_epoch == Some(epoch),
                 epoch,
                 degraded: st.degraded,
                 sync_since: self.sync_since(local, &st),
@@ -693,7 +700,7 @@ impl Sidecar {
                         LocalAction::StartPrimary | LocalAction::InitPrimary | LocalAction::Promote
                     ) {
                         // We cannot serve as primary: hand over rather than retry forever.
-                        self.lock().crashed_at_epoch = Some(f.epoch);
+                        self.lock().guard.crashed_at_epoch = Some(f.epoch);
                     }
                     last_error = Some(msg);
                     acted_on_seq = self.lock().seq;
@@ -826,7 +833,9 @@ impl Sidecar {
                 }
                 {
                     let st = self.lock();
-                    if st.crashed_at_epoch == Some(f.epoch) || st.fenced_at_epoch == Some(f.epoch) {
+                    if st.guard.crashed_at_epoch == Some(f.epoch)
+                        || st.guard.fenced_at_epoch == Some(f.epoch)
+                    {
                         return Ok(false); // the group must decide again
                     }
                 }
@@ -866,14 +875,14 @@ impl Sidecar {
                 Ok(true)
             }
             LocalAction::DataDirLost => {
-                let e = self.lock().crashed_at_epoch;
+                let e = self.lock().guard.crashed_at_epoch;
                 if e != Some(f.epoch) {
                     tracing::error!(
                         epoch = f.epoch,
                         data_dir = %self.ctl.data().display(),
                         "we are the primary but our data directory is empty (lost disk?): not running initdb over an existing cluster; handing over"
                     );
-                    self.lock().crashed_at_epoch = Some(f.epoch);
+                    self.lock().guard.crashed_at_epoch = Some(f.epoch);
                 }
                 Ok(false)
             }
