@@ -135,6 +135,21 @@ pub struct Operation {
 pub const OPERATIONS_LIMIT: usize = 64;
 
 impl Command {
+    /// The command's kind, as in its serialized `kind` tag (metrics label, logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::EnsureCluster { .. } => "ensure_cluster",
+            Command::SetPrimary { .. } => "set_primary",
+            Command::ClearPrimary { .. } => "clear_primary",
+            Command::SetSyncSet { .. } => "set_sync_set",
+            Command::SetPaused { .. } => "set_paused",
+            Command::BeginOperation { .. } => "begin_operation",
+            Command::MarkBootstrapped { .. } => "mark_bootstrapped",
+            Command::ResyncDone { .. } => "resync_done",
+            Command::FinishOperation { .. } => "finish_operation",
+        }
+    }
+
     /// Every member name the command refers to.
     pub fn members(&self) -> Vec<&str> {
         match self {
@@ -826,6 +841,32 @@ mod tests {
                 }
             ),
         ]
+    }
+
+    #[test]
+    fn a_commands_kind_is_its_serialized_tag() {
+        let cmds = [
+            Command::EnsureCluster {
+                cluster: "g".into(),
+                sync_quorum: 1,
+            },
+            Command::MarkBootstrapped {
+                cluster: "g".into(),
+            },
+            Command::ResyncDone {
+                cluster: "g".into(),
+                lsn: 1,
+            },
+            Command::ClearPrimary {
+                cluster: "g".into(),
+                expected_epoch: 1,
+                reason: String::new(),
+            },
+        ];
+        for c in cmds {
+            let v = serde_json::to_value(&c).expect("json");
+            assert_eq!(v["kind"].as_str(), Some(c.kind()));
+        }
     }
 
     proptest! {

@@ -66,7 +66,7 @@ pub struct Observation {
     #[serde(default)]
     pub sync_since: Option<u64>,
     /// Primary only: standbys connected (application_name -> sync_state).
-    pub standbys: BTreeMap<String, String>,
+    pub standbys: BTreeMap<String, SyncState>,
     /// The highest recovery operation (`pgwctl recover`) this member has carried out.
     #[serde(default)]
     pub recovered: u64,
@@ -94,6 +94,36 @@ impl Observation {
     /// out).
     pub fn supersedes(&self, older: &Observation, older_age_ms: u64, in_flight_ms: u64) -> bool {
         (self.incarnation, self.seq) > (older.incarnation, older.seq) || older_age_ms > in_flight_ms
+    }
+}
+
+/// A standby's `pg_stat_replication.sync_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncState {
+    Sync,
+    Quorum,
+    Potential,
+    Async,
+    /// Anything else a server says (a newer release's value).
+    #[serde(other)]
+    Unknown,
+}
+
+impl SyncState {
+    pub fn parse(s: &str) -> SyncState {
+        match s {
+            "sync" => SyncState::Sync,
+            "quorum" => SyncState::Quorum,
+            "potential" => SyncState::Potential,
+            "async" => SyncState::Async,
+            _ => SyncState::Unknown,
+        }
+    }
+
+    /// Its flush can acknowledge a commit (`sync`, or one of the `ANY k` quorum).
+    pub fn is_synchronous(self) -> bool {
+        matches!(self, SyncState::Sync | SyncState::Quorum)
     }
 }
 
@@ -910,7 +940,7 @@ mod tests {
         let op = restart_op(9, "b");
         let mut r = BTreeMap::new();
         let mut a = obs("a", PgRole::Primary, 100, false, 5);
-        a.standbys.insert("c".into(), "quorum".into());
+        a.standbys.insert("c".into(), SyncState::Quorum);
         r.insert("a".to_string(), (a.clone(), 10));
         let mut b = obs("b", PgRole::Replica, 100, true, 5);
         b.restarted = 9;
@@ -922,7 +952,7 @@ mod tests {
         // Streaming, but the primary does not see it yet.
         let d = decide_operation(&view(&f, &r, &m, 10, 0), &op, 1_000, 120_000);
         assert!(matches!(d, Decision::Wait(_)), "{d:?}");
-        a.standbys.insert("b".into(), "quorum".into());
+        a.standbys.insert("b".into(), SyncState::Quorum);
         r.insert("a".to_string(), (a, 10));
         assert!(finished_ok(&decide_operation(
             &view(&f, &r, &m, 10, 0),

@@ -39,11 +39,7 @@ pub async fn decision_loop(s: Shared) {
                 }
                 Action::Propose { cluster, command } => {
                     tracing::info!(%cluster, ?command, "decision");
-                    let kind = serde_json::to_value(&command)
-                        .ok()
-                        .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string))
-                        .unwrap_or_default();
-                    metrics::counter!(crate::telemetry::DECISIONS, "cluster" => cluster.clone(), "kind" => kind).increment(1);
+                    metrics::counter!(crate::telemetry::DECISIONS, "cluster" => cluster.clone(), "kind" => command.kind()).increment(1);
                     match s.propose(command).await {
                         Ok((idx, out, _)) => {
                             tracing::info!(%cluster, log_index = idx, ?out, "decision committed")

@@ -421,10 +421,7 @@ impl AdminService {
                 // Healthy sync replicas of the current primary.
                 let healthy = |m: &str| -> Option<u64> {
                     let o = fresh(m)?;
-                    let sync = po
-                        .standbys
-                        .get(m)
-                        .is_some_and(|s| s == "sync" || s == "quorum");
+                    let sync = po.standbys.get(m).is_some_and(|s| s.is_synchronous());
                     (o.role == PgRole::Replica
                         && o.streaming
                         && sync
@@ -619,7 +616,7 @@ fn node_role(
         PgRole::Replica => {
             let sync = primary_obs
                 .and_then(|p| p.standbys.get(&o.member))
-                .is_some_and(|st| st == "sync" || st == "quorum");
+                .is_some_and(|st| st.is_synchronous());
             if sync {
                 "sync_replica"
             } else {

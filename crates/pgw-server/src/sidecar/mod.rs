@@ -359,10 +359,7 @@ impl Sidecar {
         let f = self.facts()?;
         let me = self.s.cfg.member.as_str();
         let applied = st.sync_applied_at?;
-        let sync = local
-            .standbys
-            .values()
-            .any(|v| v == "sync" || v == "quorum");
+        let sync = local.standbys.values().any(|v| v.is_synchronous());
         (f.resync_pending
             && f.primary.as_deref() == Some(me)
             && local.role == Some(PgRole::Primary)

@@ -20,7 +20,7 @@ pub struct Local {
     pub receiving: bool,
     /// Member the walreceiver streams from, if any.
     pub upstream: Option<String>,
-    pub standbys: BTreeMap<String, String>,
+    pub standbys: BTreeMap<String, pgw_core::failover::SyncState>,
     /// The postmaster is alive but does not answer.
     pub unresponsive: bool,
     /// The server answered but refused us (authentication, too many connections, starting up
@@ -184,7 +184,8 @@ impl Observer {
                     let name: Option<String> = r.get(0);
                     let st: Option<String> = r.get(1);
                     if let (Some(n), Some(s)) = (name, st) {
-                        l.standbys.insert(n, s);
+                        l.standbys
+                            .insert(n, pgw_core::failover::SyncState::parse(&s));
                     }
                 }
             }
