@@ -1524,7 +1524,8 @@ admin = ["dba"]
             (pg.replication_role(), pg.rewind_role()),
             ("postgres", "postgres")
         );
-        let cases: Vec<(Box<dyn Fn(&mut PostgresConfig)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut PostgresConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
             (
                 Box::new(|p| p.sslmode = "verify".into()),
                 "postgres.sslmode",

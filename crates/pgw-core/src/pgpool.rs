@@ -458,16 +458,16 @@ mod tests {
             if let Some(p) = really {
                 prop_assert_eq!(pool_primary(&view), Some(p));
             }
-            for i in 0..n {
+            for (i, v) in view.iter().enumerate().take(n) {
                 if Some(i) != primary && t.health[i] == Health::Serving {
-                    prop_assert!(view[i].status.attached());
+                    prop_assert!(v.status.attached());
                 }
                 if Some(i) != primary && t.health[i] == Health::Failed {
-                    prop_assert!(!view[i].status.attached() || (transition && view[i].primary && really.is_none()));
+                    prop_assert!(!v.status.attached() || (transition && v.primary && really.is_none()));
                 }
                 // A stopped old primary may stay flagged only until the new one serves.
-                if Some(i) != primary && t.health[i] == Health::Down && view[i].status.attached() && !transition {
-                    prop_assert!(view[i].primary && really.is_none());
+                if Some(i) != primary && t.health[i] == Health::Down && v.status.attached() && !transition {
+                    prop_assert!(v.primary && really.is_none());
                 }
             }
         }
