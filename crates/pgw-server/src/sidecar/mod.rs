@@ -61,6 +61,13 @@ struct SideState {
     stuck_since: Option<Instant>,
     /// The next start as a replica must rewind first (the standby's history diverged).
     force_rewind: bool,
+    /// The next start as a replica must clone afresh: a rewind did not make it stream (its
+    /// checks can be fooled, e.g. by two promotions that reached the same timeline number).
+    force_clone: bool,
+    /// When the last rewind finished.
+    rewound_at: Option<Instant>,
+    /// Since when our standby has been "starting up" (not consistent, refusing connections).
+    starting_since: Option<Instant>,
     /// Primary in degraded mode: not waiting for synchronous standbys.
     degraded: bool,
     /// Since when the primary has had no standby connected.
@@ -668,6 +675,10 @@ impl Sidecar {
                 }
                 continue;
             }
+            if self.stuck_starting_up(&f, &local).await {
+                acted_on_seq = self.lock().seq;
+                continue;
+            }
             let Some(role) = local.role else { continue }; // unresponsive: the reporter handles it
             let action = plan_local(&me, &f, role, local.upstream.as_deref());
             self.lock().busy = action != LocalAction::Nothing;
@@ -743,6 +754,50 @@ impl Sidecar {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         self.ctl.pending_restart().await
+    }
+
+    /// A standby we just rewound that stays "starting up" (it never reaches a consistent state,
+    /// so it refuses every connection, ours included) while the group wants it to follow a
+    /// primary: the rewind's checks were fooled (e.g. two promotions that reached the same
+    /// timeline number), and it would wait forever for WAL no primary has. After a while it is
+    /// stopped and cloned afresh (the old directory kept). A standby that was not just rewound
+    /// is left to its recovery, however long. Returns whether it acted.
+    async fn stuck_starting_up(&self, f: &ClusterFacts, local: &Local) -> bool {
+        let me = self.s.cfg.member.as_str();
+        let rewound_recently = self
+            .lock()
+            .rewound_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(300));
+        let starting = rewound_recently
+            && local.role.is_none()
+            && local
+                .refused
+                .as_deref()
+                .is_some_and(|r| r.contains("57P03"))
+            && f.primary.as_deref().is_some_and(|p| p != me)
+            && self.ctl.is_standby_dir();
+        if !starting {
+            self.lock().starting_since = None;
+            return false;
+        }
+        let since = *self.lock().starting_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < STUCK_REPLICA * 2 {
+            return false;
+        }
+        {
+            let mut st = self.lock();
+            st.starting_since = None;
+            st.rewound_at = None;
+            st.force_clone = true;
+        }
+        tracing::warn!(
+            "our standby has been starting up for {} s after a rewind without becoming consistent: stopping it to clone afresh",
+            since.elapsed().as_secs()
+        );
+        if self.ctl.stop(true).await.is_err() {
+            self.ctl.kill_all();
+        }
+        true
     }
 
     /// A `pgwctl restart` of this member not carried out yet, while postgres runs in the role
@@ -932,12 +987,22 @@ impl Sidecar {
                             .await
                             .is_ok()
                     {
-                        tracing::warn!(%primary, "not streaming from {primary} for {} s: stopping to rewind", since.elapsed().as_secs());
-                        {
+                        let clone = {
                             let mut st = self.lock();
-                            st.force_rewind = true;
+                            // Rewound a moment ago and still not streaming: the rewind did
+                            // not help.
+                            let clone = st
+                                .rewound_at
+                                .is_some_and(|t| t.elapsed() < STUCK_REPLICA * 3);
+                            if clone {
+                                st.force_clone = true;
+                            } else {
+                                st.force_rewind = true;
+                            }
                             st.stuck_since = None;
-                        }
+                            clone
+                        };
+                        tracing::warn!(%primary, "not streaming from {primary} for {} s: stopping to {}", since.elapsed().as_secs(), if clone { "clone afresh" } else { "rewind" });
                         if self.ctl.stop(false).await.is_err() {
                             self.ctl.kill_all();
                         }
@@ -957,6 +1022,12 @@ impl Sidecar {
                 if local.role == Some(PgRole::Empty) {
                     tracing::info!(%primary, "cloning from the primary (pg_basebackup)");
                     self.ctl.basebackup(&src).await?;
+                } else if std::mem::take(&mut self.lock().force_clone) {
+                    // The source must answer before anything here is touched.
+                    self.ctl.checkpoint(&src).await?;
+                    let old = self.ctl.move_aside()?;
+                    tracing::warn!(moved_to = %old.display(), %primary, "a rewind did not make this standby stream: cloning afresh, old data directory kept");
+                    self.ctl.basebackup(&src).await?;
                 } else if !self.ctl.is_standby_dir()
                     || std::mem::take(&mut self.lock().force_rewind)
                 {
@@ -968,6 +1039,8 @@ impl Sidecar {
                         let old = self.ctl.move_aside()?;
                         tracing::warn!(moved_to = %old.display(), "old data directory kept");
                         self.ctl.basebackup(&src).await?;
+                    } else {
+                        self.lock().rewound_at = Some(Instant::now());
                     }
                 }
                 self.ctl.set_standby(true)?;
