@@ -703,6 +703,26 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                 }
                 let op = switchover(&eps, &cluster, None).await?;
                 follow(&eps, op, Duration::from_secs(60), false).await?;
+                // The old primary rejoins as a replica (a rewind first): restart it once it runs.
+                let t0 = std::time::Instant::now();
+                loop {
+                    let st = status::gather(&eps, timeout).await?;
+                    let back = st
+                        .clusters
+                        .iter()
+                        .find(|c| c.name == cluster)
+                        .and_then(|c| c.nodes.iter().find(|n| n.member == member))
+                        .is_some_and(|n| n.role == "sync_replica" || n.role == "replica");
+                    if back {
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(wait_secs.max(1)) {
+                        return Err(CliError::Refused(format!(
+                            "{member} did not rejoin as a replica within {wait_secs} s after the switchover; not restarting it"
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
             let op = restart(&eps, &cluster, &member).await?;
             follow(&eps, op, Duration::from_secs(wait_secs.max(1)), no_wait).await?;

@@ -715,15 +715,37 @@ impl PgCtl {
 
     /// Runs CHECKPOINT on `addr` as the rewind role (`pg_checkpoint`), through libpq like the
     /// rewind itself: the same TLS and password file, and proof that `addr` answers.
+    ///
+    /// `addr` must run as a primary: a server still in recovery (promotion not finished) would
+    /// make pg_rewind compare against its old timeline and find nothing to do.
     pub async fn checkpoint(&self, addr: &PgAddr) -> Result<(), PgError> {
         let ci = self.conninfo(addr, "pg-watcher", self.cfg.rewind_role());
-        self.run(
-            "psql",
-            &["-X", "-q", "-w", "-d", &ci, "-c", "CHECKPOINT"],
-            Duration::from_secs(60),
-        )
-        .await
-        .map(|_| ())
+        let out = self
+            .run(
+                "psql",
+                &[
+                    "-X",
+                    "-q",
+                    "-A",
+                    "-t",
+                    "-w",
+                    "-d",
+                    &ci,
+                    "-c",
+                    "SELECT pg_is_in_recovery()",
+                    "-c",
+                    "CHECKPOINT",
+                ],
+                Duration::from_secs(60),
+            )
+            .await?;
+        if out.lines().next().map(str::trim) != Some("f") {
+            return Err(PgError::Tool {
+                what: format!("source {}:{}", addr.host, addr.port),
+                message: "not running as primary yet (still in recovery); retrying".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Moves the data directory aside (before a fresh clone); never deletes data.
@@ -796,7 +818,19 @@ impl PgCtl {
             pid,
             "removing the lock file of a dead (unreaped) postmaster"
         );
-        std::fs::remove_file(&lock).map_err(|e| ferr(&lock, e))
+        std::fs::remove_file(&lock).map_err(|e| ferr(&lock, e))?;
+        // Its socket's lock file names it too.
+        let sock = self
+            .run_dir()
+            .join(format!(".s.PGSQL.{}.lock", self.addr.port));
+        let names_it = std::fs::read_to_string(&sock)
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+            == Some(pid);
+        if names_it {
+            std::fs::remove_file(&sock).map_err(|e| ferr(&sock, e))?;
+        }
+        Ok(())
     }
 
     /// Whether a `postmaster.pid` file exists (a server ran and did not shut down cleanly, or
