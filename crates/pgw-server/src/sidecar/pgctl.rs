@@ -44,33 +44,31 @@ pub struct OsUser {
     pub gid: u32,
 }
 
-/// The home directory of an OS user, by name or uid (its `HOME`: libpq looks for client
-/// certificates and keys there, and fails on one it cannot read, as root's is to others).
-pub fn home_of(name: Option<&str>, uid: u32) -> Option<PathBuf> {
+/// The /etc/passwd line (its fields) of the first user `hit` accepts.
+fn passwd_entry(hit: impl Fn(&[&str]) -> bool) -> Option<Vec<String>> {
     let text = std::fs::read_to_string("/etc/passwd").ok()?;
     text.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        let hit = match name {
-            Some(n) => f.first() == Some(&n),
-            None => f.get(2).and_then(|u| u.parse::<u32>().ok()) == Some(uid),
-        };
-        (f.len() >= 6 && hit).then(|| PathBuf::from(f[5]))
+        (f.len() >= 6 && hit(&f)).then(|| f.iter().map(|x| x.to_string()).collect())
     })
+}
+
+/// The home directory of an OS user, by name or uid (its `HOME`: libpq looks for client
+/// certificates and keys there, and fails on one it cannot read, as root's is to others).
+pub fn home_of(name: Option<&str>, uid: u32) -> Option<PathBuf> {
+    let f = passwd_entry(|f| match name {
+        Some(n) => f[0] == n,
+        None => f[2].parse::<u32>().ok() == Some(uid),
+    })?;
+    Some(PathBuf::from(&f[5]))
 }
 
 /// Looks a user up in /etc/passwd.
 pub fn lookup_user(name: &str) -> Option<OsUser> {
-    let text = std::fs::read_to_string("/etc/passwd").ok()?;
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        if f.len() >= 4 && f[0] == name {
-            Some(OsUser {
-                uid: f[2].parse().ok()?,
-                gid: f[3].parse().ok()?,
-            })
-        } else {
-            None
-        }
+    let f = passwd_entry(|f| f[0] == name)?;
+    Some(OsUser {
+        uid: f[2].parse().ok()?,
+        gid: f[3].parse().ok()?,
     })
 }
 
@@ -766,8 +764,7 @@ impl PgCtl {
     /// PID in `postmaster.pid`, if that process is a postgres (a stale file whose pid was
     /// reused by another program yields `None`).
     pub fn postmaster_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        let pid = lock_file_pid(&self.data().join("postmaster.pid"))?;
         match std::fs::read(format!("/proc/{pid}/cmdline")) {
             Ok(c) if !String::from_utf8_lossy(&c).contains("postgres") => None,
             _ => Some(pid),
@@ -781,19 +778,10 @@ impl PgCtl {
     /// is removed. Waits up to 5 s for the old backends to exit.
     pub async fn clear_dead_lock_file(&self) -> Result<(), PgError> {
         let lock = self.data().join("postmaster.pid");
-        let Some(pid) = std::fs::read_to_string(&lock)
-            .ok()
-            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
-        else {
+        let Some(pid) = lock_file_pid(&lock) else {
             return Ok(());
         };
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(false);
+        let zombie = is_zombie(pid);
         if !zombie {
             return Ok(()); // running (we must not touch it) or gone (postgres handles that)
         }
@@ -823,11 +811,7 @@ impl PgCtl {
         let sock = self
             .run_dir()
             .join(format!(".s.PGSQL.{}.lock", self.addr.port));
-        let names_it = std::fs::read_to_string(&sock)
-            .ok()
-            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
-            == Some(pid);
-        if names_it {
+        if lock_file_pid(&sock) == Some(pid) {
             std::fs::remove_file(&sock).map_err(|e| ferr(&sock, e))?;
         }
         Ok(())
@@ -929,14 +913,30 @@ pub fn pid_alive(pid: i32) -> bool {
     // SAFETY: kill(pid, 0) only checks for existence.
     let r = unsafe { libc::kill(pid, 0) };
     let exists = r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    exists
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(false)
+    exists && !is_zombie(pid)
+}
+
+/// The pid a postgres lock file (`postmaster.pid`, `.s.PGSQL.<port>.lock`) names on its
+/// first line.
+fn lock_file_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` has exited but its parent has not reaped it yet.
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// A libpq conninfo value, single-quoted when it needs to be.
