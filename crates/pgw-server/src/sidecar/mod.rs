@@ -88,9 +88,13 @@ struct SideState {
 }
 
 impl SideState {
+    /// Ends an action; only a real one (busy) stamps `busy_ended`: an idle round of the actor
+    /// must not hide a crash observed meanwhile.
     fn end_busy(&mut self) {
+        if self.busy {
+            self.busy_ended = Some(Instant::now());
+        }
         self.busy = false;
-        self.busy_ended = Some(Instant::now());
     }
 }
 
