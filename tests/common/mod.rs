@@ -118,8 +118,7 @@ impl Pki {
 }
 
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    l.local_addr().expect("local addr").port()
+    free_port_on("127.0.0.1")
 }
 
 pub struct Member {
@@ -232,10 +231,21 @@ pub fn spawn(cfg: &Config, path: &Path, log: &Path) -> Child {
         .expect("spawn pg-watcher")
 }
 
-/// A free TCP port on `ip` (a loopback address).
+/// A free TCP port on `ip` (a loopback address), never one this process handed out
+/// before: the kernel may return a just-released port again, and two servers of one
+/// member were once given the same port (postgres answered by the HTTP listener).
 pub fn free_port_on(ip: &str) -> u16 {
-    let l = TcpListener::bind((ip, 0)).expect("bind an ephemeral loopback port");
-    l.local_addr().expect("local addr").port()
+    static ISSUED: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..1000 {
+        let l = TcpListener::bind((ip, 0)).expect("bind an ephemeral loopback port");
+        let port = l.local_addr().expect("local addr").port();
+        let mut issued = ISSUED.lock().unwrap_or_else(|e| e.into_inner());
+        if issued.insert(port) {
+            return port;
+        }
+    }
+    panic!("no fresh port on {ip} after 1000 tries");
 }
 
 impl Group {

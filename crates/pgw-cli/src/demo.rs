@@ -130,12 +130,27 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     }
 }
 
-/// A free port on a loopback address (the kernel picks it; we release it right away).
+/// A free port on a loopback address (the kernel picks it; we release it right away),
+/// never one handed out before by this process: the kernel may return a just-released
+/// port again, and two listeners of one member must not share it.
 fn free_port(ip: &str) -> Result<u16, CliError> {
-    let l = TcpListener::bind((ip, 0)).map_err(io_err(Path::new(ip)))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(io_err(Path::new(ip)))
+    static ISSUED: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..1000 {
+        let l = TcpListener::bind((ip, 0)).map_err(io_err(Path::new(ip)))?;
+        let port = l
+            .local_addr()
+            .map(|a| a.port())
+            .map_err(io_err(Path::new(ip)))?;
+        let mut issued = ISSUED.lock().unwrap_or_else(|e| e.into_inner());
+        if issued.insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(CliError::Io {
+        path: ip.to_string(),
+        message: "no fresh port after 1000 tries".into(),
+    })
 }
 
 /// The `pg-watcher` binary: `$PGW_WATCHER_BIN`, else next to this `pgwctl`.
