@@ -84,6 +84,14 @@ impl ArbiterConfig {
     }
 }
 
+/// A lease renewal waiting for the leader's majority confirmation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GrantRequest {
+    pub cluster: String,
+    pub member: String,
+    pub epoch: u64,
+}
+
 /// What the server must do after a tick.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -174,6 +182,43 @@ impl Arbiter {
         }
         per.insert(obs.member.clone(), (obs, now));
         newer || direct
+    }
+
+    /// A report arrived (`direct`: from its own member, not relayed). Keeps it (see
+    /// [`Arbiter::on_report`]) and returns the lease grant to confirm when it may renew the
+    /// primary's lease: only a report about the current epoch from the member the facts name
+    /// primary (one just cleared or replaced must not get a lease from a report made before it
+    /// knew). The server confirms with a majority that it still leads, then calls
+    /// [`Arbiter::confirm_grant`] with the facts applied by then.
+    pub fn on_renewal(
+        &mut self,
+        obs: Observation,
+        direct: bool,
+        facts: &Facts,
+        now: u64,
+    ) -> Option<GrantRequest> {
+        let epoch = facts.cluster(&obs.cluster).map(|f| f.epoch).unwrap_or(0);
+        let is_primary = facts
+            .cluster(&obs.cluster)
+            .and_then(|f| f.primary.as_deref())
+            == Some(obs.member.as_str())
+            && obs.epoch == epoch;
+        let req = GrantRequest {
+            cluster: obs.cluster.clone(),
+            member: obs.member.clone(),
+            epoch,
+        };
+        let renews = self.on_report(obs, direct, now);
+        (is_primary && renews).then_some(req)
+    }
+
+    /// After the majority confirmed this member still leads: grants the lease `req` asked for
+    /// if the facts still name that member primary at that epoch; see [`Arbiter::grant`].
+    pub fn confirm_grant(&mut self, req: &GrantRequest, facts: &Facts, now: u64) -> bool {
+        let still = facts.cluster(&req.cluster).is_some_and(|f| {
+            f.epoch == req.epoch && f.primary.as_deref() == Some(req.member.as_str())
+        });
+        still && self.grant(&req.cluster, req.epoch, now)
     }
 
     /// Records a lease grant to `cluster`'s primary at `epoch` (the caller confirmed with a
@@ -507,5 +552,38 @@ mod tests {
         assert_eq!(a.reports("g").len(), 1);
         a.on_leadership(false, 20);
         assert!(a.reports("g").is_empty() && a.leader_since().is_none());
+    }
+
+    #[test]
+    fn only_the_named_primary_at_the_current_epoch_gets_a_grant_to_confirm() {
+        let mut a = arbiter();
+        a.on_leadership(true, 0);
+        let f = facts();
+        // A replica's report, or the primary's made at an older epoch: nothing to grant.
+        assert_eq!(
+            a.on_renewal(obs("b", PgRole::Replica, 1), true, &f, 10),
+            None
+        );
+        let mut old = obs("a", PgRole::Primary, 2);
+        old.epoch = 3;
+        assert_eq!(a.on_renewal(old, true, &f, 20), None);
+        let req = a
+            .on_renewal(obs("a", PgRole::Primary, 3), true, &f, 30)
+            .expect("the primary's current report asks for a grant");
+        assert_eq!(
+            req,
+            GrantRequest {
+                cluster: "g".into(),
+                member: "a".into(),
+                epoch: 4
+            }
+        );
+        // The record moved while the majority was being asked: no grant.
+        let mut moved = f.clone();
+        let c = moved.clusters.get_mut("g").expect("g");
+        c.primary = None;
+        c.epoch = 5;
+        assert!(!a.confirm_grant(&req, &moved, 40));
+        assert!(a.confirm_grant(&req, &f, 40));
     }
 }

@@ -712,28 +712,17 @@ impl admin_server::Admin for AdminService {
             });
         }
         let facts = self.0.sm.applied().facts;
-        let f = facts.cluster(&obs.cluster);
-        let epoch = f.map(|f| f.epoch).unwrap_or(0);
-        // Only a report about the current epoch renews: a primary that was just cleared (or
-        // replaced) must not get a lease from a report made before it knew.
-        let is_primary =
-            f.and_then(|f| f.primary.as_deref()) == Some(obs.member.as_str()) && obs.epoch == epoch;
-        let cluster = obs.cluster.clone();
-        let member = obs.member.clone();
-        let renews = self.0.leader.record_report(obs, !relayed);
+        let epoch = facts.cluster(&obs.cluster).map(|f| f.epoch).unwrap_or(0);
         let mut lease_ok = false;
-        if is_primary && renews {
-            // Renew only after a majority confirmed we still lead (a deposed leader cannot),
-            // only if the primary record did not move meanwhile, and not while a decision to
-            // move it is in flight.
+        if let Some(req) = self.0.leader.record_report(obs, !relayed, &facts) {
+            // Renew only after a majority confirmed we still lead (a deposed leader cannot);
+            // the arbiter then checks the primary record did not move meanwhile and that no
+            // decision to move it is in flight.
             let limit = Duration::from_millis(self.0.cfg.raft.rpc_timeout_ms);
             if let Ok(Ok(_)) = tokio::time::timeout(limit, self.0.raft.ensure_linearizable()).await
             {
                 let facts = self.0.sm.applied().facts;
-                let still = facts.cluster(&cluster).is_some_and(|f| {
-                    f.epoch == epoch && f.primary.as_deref() == Some(member.as_str())
-                });
-                lease_ok = still && self.0.leader.record_grant(&cluster, epoch);
+                lease_ok = self.0.leader.record_grant(&req, &facts);
             }
         }
         Ok(Response::new(ReportReply {

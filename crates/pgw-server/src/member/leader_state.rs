@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pgw_core::arbiter::{Action, Arbiter, ArbiterConfig};
+use pgw_core::arbiter::{Action, Arbiter, ArbiterConfig, GrantRequest};
 use pgw_core::failover::Observation;
 use pgw_core::Facts;
 use tokio::sync::Notify;
@@ -40,18 +40,23 @@ impl LeaderState {
         }
     }
 
-    /// See [`Arbiter::on_report`]; wakes the decision loop.
-    pub fn record_report(&self, obs: Observation, direct: bool) -> bool {
+    /// See [`Arbiter::on_renewal`]; wakes the decision loop.
+    pub fn record_report(
+        &self,
+        obs: Observation,
+        direct: bool,
+        facts: &Facts,
+    ) -> Option<GrantRequest> {
         let now = self.now_ms();
-        let renews = self.lock().on_report(obs, direct, now);
+        let req = self.lock().on_renewal(obs, direct, facts, now);
         self.wake.notify_one();
-        renews
+        req
     }
 
-    /// See [`Arbiter::grant`].
-    pub fn record_grant(&self, cluster: &str, epoch: u64) -> bool {
+    /// See [`Arbiter::confirm_grant`].
+    pub fn record_grant(&self, req: &GrantRequest, facts: &Facts) -> bool {
         let now = self.now_ms();
-        self.lock().grant(cluster, epoch, now)
+        self.lock().confirm_grant(req, facts, now)
     }
 
     pub fn leadership(&self, is_leader: bool) {
