@@ -39,7 +39,7 @@ pub fn fresh_ms(report_interval_ms: u64) -> u64 {
 }
 
 /// One cluster's rules, from the config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClusterRules {
     pub name: String,
     pub bootstrap: Option<String>,
@@ -48,7 +48,7 @@ pub struct ClusterRules {
 }
 
 /// What the arbiter needs of the config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ArbiterConfig {
     pub candidates: Vec<Candidate>,
     pub clusters: Vec<ClusterRules>,
@@ -93,7 +93,7 @@ pub struct GrantRequest {
 }
 
 /// What the server must do after a tick.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Action {
     /// Propose `command`; then call [`Arbiter::on_proposed`] for the cluster (committed or
     /// not). While it is in flight no lease is granted at the epoch it was decided at when it
@@ -107,7 +107,7 @@ pub enum Action {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Arbiter {
     cfg: ArbiterConfig,
     /// cluster -> member -> (latest report, when it arrived)

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const HISTORY_LIMIT: usize = 256;
 
 /// A decision proposed to the Raft log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct Proposal {
     pub command: Command,
     /// Wall-clock milliseconds at the proposer (informational; never used to decide).
@@ -27,7 +27,7 @@ pub struct Proposal {
 }
 
 /// The decisions the group can take. Every variant is keyed by PostgreSQL cluster name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Command {
     /// Makes a configured cluster known to the group (idempotent).
@@ -93,7 +93,7 @@ pub enum Command {
 }
 
 /// Kinds of operator operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationKind {
     /// Planned, zero-loss change of primary.
@@ -108,7 +108,7 @@ pub enum OperationKind {
 }
 
 /// Progress of an operation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationState {
     Running,
@@ -117,7 +117,7 @@ pub enum OperationState {
 }
 
 /// An operator operation, as recorded in the log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct Operation {
     pub id: u64,
     pub kind: OperationKind,
@@ -187,7 +187,7 @@ impl Command {
 }
 
 /// What applying a proposal did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     Applied { epoch: u64 },
@@ -202,7 +202,7 @@ impl Outcome {
 }
 
 /// One line of a cluster's operation history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct HistoryEntry {
     pub log_index: u64,
     pub at_ms: u64,
@@ -215,7 +215,7 @@ pub struct HistoryEntry {
 }
 
 /// What the group knows about one PostgreSQL cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct ClusterFacts {
     pub name: String,
     /// Member currently holding the primary role, if any.
@@ -292,7 +292,7 @@ impl ClusterFacts {
 }
 
 /// All replicated facts, keyed by PostgreSQL cluster name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct Facts {
     pub clusters: BTreeMap<String, ClusterFacts>,
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::facts::{ClusterFacts, Command, Operation, OperationKind};
 
 /// What the local PostgreSQL is doing, as its sidecar sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum PgRole {
     /// Accepting writes (not in recovery).
@@ -33,7 +33,7 @@ pub enum PgRole {
 }
 
 /// One sidecar report about its local PostgreSQL of one cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct Observation {
     pub member: String,
     pub cluster: String,
@@ -128,7 +128,7 @@ impl SyncState {
 }
 
 /// A data member as the decision rule needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Candidate {
     pub name: String,
     pub priority: u32,

@@ -6,7 +6,7 @@
 use crate::failover::PgRole;
 
 /// What the guard remembers between steps (per run of the sidecar).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct GuardState {
     /// The epoch at which our postgres was last seen running as primary (a dead postmaster at
     /// another epoch is an old crash, not a new one).

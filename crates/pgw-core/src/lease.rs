@@ -26,7 +26,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Lease settings (milliseconds, parts per million).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct LeaseTiming {
     pub lease_ms: u64,
     pub fence_budget_ms: u64,
