@@ -17,7 +17,8 @@
 //!   configured for that drift. The lease watchdog runs at every tick, as the real one wakes at
 //!   the deadline.
 //! - Messages: at most one report per member in flight (a newer one replaces it) and one lease
-//!   answer; any in flight may be delivered late, in any order, or lost.
+//!   answer; any in flight may be delivered late, in any order, lost, or (a report) delivered
+//!   twice. A sidecar reports at most three times per tick.
 //! - Faults: a link cut, a room isolated, a postmaster crash, a watcher crash (its Raft member,
 //!   arbiter and sidecar with it; it restarts with its durable log and lease record).
 
@@ -72,7 +73,7 @@ pub struct Bounds {
     pub max_t: u64,
     /// Link cuts, isolations, postmaster and watcher crashes.
     pub faults: u8,
-    /// Lost messages.
+    /// Lost or duplicated messages.
     pub drops: u8,
     /// Client writes.
     pub writes: u8,
@@ -771,7 +772,7 @@ impl System {
 
     /// The fault-free, fair continuation used by the liveness check; safety is checked after
     /// every round of it too.
-    fn settle(&self, s: &Sys) -> Result<Sys, (Sys, Option<String>)> {
+    fn settle(&self, s: &Sys) -> Result<(), Box<(Sys, Option<String>)>> {
         let mut s = s.clone();
         s.cut.clear();
         for m in 0..self.n() {
@@ -781,10 +782,10 @@ impl System {
         }
         for _ in 0..60 {
             if let Err(e) = self.safety(&s) {
-                return Err((s, Some(e)));
+                return Err(Box::new((s, Some(e))));
             }
             if self.recovered(&s) {
-                return Ok(s);
+                return Ok(());
             }
             if s.leader.is_none_or(|l| !self.majority(&s, l)) {
                 if let Some(m) = (0..self.n()).find(|&m| self.eligible_leader(&s, m)) {
@@ -807,9 +808,9 @@ impl System {
             self.tick(&mut s);
         }
         if self.recovered(&s) {
-            Ok(s)
+            Ok(())
         } else {
-            Err((s, None))
+            Err(Box::new((s, None)))
         }
     }
 
@@ -945,6 +946,18 @@ impl Model for System {
                     x.reports[m] = None;
                     x.drops += 1;
                     push(format!("{}'s report is lost", name(m)), x);
+                    if s.leader.is_some_and(|l| self.up(s, m, l) && s.w[l].alive) {
+                        // Duplicated: one copy arrives, the other stays in flight.
+                        let mut x = s.clone();
+                        let copy = x.reports[m].clone();
+                        self.deliver_report(&mut x, m);
+                        x.reports[m] = copy;
+                        x.drops += 1;
+                        push(
+                            format!("the leader receives a copy of {}'s report", name(m)),
+                            x,
+                        );
+                    }
                 }
             }
             if let Some((from, _, _)) = s.acks[m] {
@@ -1020,29 +1033,33 @@ impl Model for System {
             push("the network heals".into(), x);
         }
         if let Some(l) = s.leader.filter(|&l| s.w[l].alive) {
-            if s.pending.is_none() {
-                // A decision to wait changes only the reason shown to people: not a step.
-                let mut x = s.clone();
-                self.decide(&mut x);
-                if let Some(c) = &x.pending {
+            match &s.pending {
+                None => {
+                    // A decision to wait changes only the reason shown to people: not a step.
+                    let mut x = s.clone();
+                    self.decide(&mut x);
+                    if let Some(c) = &x.pending {
+                        let what = describe(c);
+                        push(format!("the leader {} proposes {what}", name(l)), x);
+                    }
+                }
+                Some(c) if self.majority(s, l) => {
                     let what = describe(c);
-                    push(format!("the leader {} proposes {what}", name(l)), x);
+                    let mut x = s.clone();
+                    self.commit(&mut x);
+                    push(
+                        format!("{what} commits (epoch {})", self.cluster(&x).epoch),
+                        x,
+                    );
                 }
-            } else if self.majority(s, l) {
-                let mut x = s.clone();
-                let what = describe(s.pending.as_ref().expect("pending"));
-                self.commit(&mut x);
-                push(
-                    format!("{what} commits (epoch {})", self.cluster(&x).epoch),
-                    x,
-                );
-            } else {
-                let mut x = s.clone();
-                x.pending = None;
-                if let Some(a) = x.arbiter.as_mut() {
-                    a.on_proposed(CLUSTER);
+                Some(_) => {
+                    let mut x = s.clone();
+                    x.pending = None;
+                    if let Some(a) = x.arbiter.as_mut() {
+                        a.on_proposed(CLUSTER);
+                    }
+                    push("the proposal fails (no majority)".into(), x);
                 }
-                push("the proposal fails (no majority)".into(), x);
             }
         }
         // Last, so that a depth-first search tries the protocol's own steps first.
@@ -1098,19 +1115,22 @@ impl Model for System {
     }
 
     fn liveness(&self, s: &Sys) -> Result<(), String> {
-        match self.settle(s) {
-            Ok(_) => Ok(()),
-            Err((end, Some(e))) => Err(format!(
+        let Err(failed) = self.settle(s) else {
+            return Ok(());
+        };
+        let (end, unsafe_) = *failed;
+        Err(match unsafe_ {
+            Some(e) => format!(
                 "{e}, in the fault-free continuation after this state; it ended as: {}",
                 self.show(&end)
-            )),
-            Err((end, None)) => Err(format!(
+            ),
+            None => format!(
                 "60 fault-free rounds after this state left no primary that can acknowledge \
                  every acknowledged write; it ended as: {} (leader's reason: {:?})",
                 self.show(&end),
                 end.arbiter.as_ref().and_then(|a| a.waiting(CLUSTER))
-            )),
-        }
+            ),
+        })
     }
 
     fn show(&self, s: &Sys) -> String {
