@@ -16,7 +16,7 @@ use pgw_proto::{
     FailoverRequest, Identity, RaftRequest, ReportRequest, SetPausedRequest, StatusRequest,
     SwitchoverRequest,
 };
-use pgw_server::types::TypeConfig;
+use pgw_server::raft::types::TypeConfig;
 
 const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
 const LIMIT: Duration = Duration::from_secs(30);

@@ -53,7 +53,7 @@ impl AsyncWrite for SimStream {
 /// TLS channels over turmoil's network; the server must be the member named by the host.
 fn sim_channel(addr: &str, client: Arc<rustls::ClientConfig>) -> Result<Channel, String> {
     let ep = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
-    let ep = pgw_server::network::configure(ep, Duration::from_millis(500));
+    let ep = pgw_server::raft::network::configure(ep, Duration::from_millis(500));
     Ok(
         ep.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
             let client = client.clone();

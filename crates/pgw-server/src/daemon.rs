@@ -105,7 +105,7 @@ pub async fn run(cfg: Config, path: std::path::PathBuf) -> Result<(), NodeError>
 }
 
 /// Resolves when openraft has stopped on a fatal error (a storage error names its file).
-async fn storage_failure(raft: crate::types::Raft) -> NodeError {
+async fn storage_failure(raft: crate::raft::types::Raft) -> NodeError {
     let mut rx = raft.metrics();
     loop {
         let state = rx.borrow_and_update().running_state.clone();

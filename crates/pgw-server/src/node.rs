@@ -16,13 +16,13 @@ use tonic_health::ServingStatus;
 
 use crate::auth::{AuthLayer, Policy};
 use crate::member::Shared;
-use crate::network::ChannelMaker;
-use crate::network::{GrpcNetworkFactory, Reachability, TransportConfig};
+use crate::raft::network::ChannelMaker;
+use crate::raft::network::{GrpcNetworkFactory, Reachability, TransportConfig};
+use crate::raft::store::{self, StoreError};
+use crate::raft::types::Raft;
 use crate::service::{AdminService, RaftService};
-use crate::store::{self, StoreError};
 use crate::telemetry;
 use crate::tls::Tls;
-use crate::types::Raft;
 
 /// Why a member could not start or had to stop.
 #[derive(Debug, thiserror::Error)]

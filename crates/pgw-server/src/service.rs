@@ -16,8 +16,8 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use crate::member::{Shared, WithLeader};
+use crate::raft::types::TypeConfig;
 use crate::telemetry;
-use crate::types::TypeConfig;
 
 use crate::auth::{caller, Caller, FORWARDED, FORWARDED_CALLER, FORWARDED_ROLE};
 
@@ -196,7 +196,7 @@ impl RaftService {
         }
         buf.extend_from_slice(&r.data);
         if r.done {
-            crate::store::check_snapshot(&buf)
+            crate::raft::store::check_snapshot(&buf)
                 .map_err(|e| Status::invalid_argument(format!("snapshot {id}: {e}")))?;
             return Ok(None);
         }

@@ -5,7 +5,7 @@
 
 use openraft::{SnapshotMeta, StoredMembership, Vote};
 use pgw_core::failover::Observation;
-use pgw_server::types::TypeConfig;
+use pgw_server::raft::types::TypeConfig;
 use proptest::prelude::*;
 use prost::Message;
 

@@ -9,8 +9,8 @@ use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, Vote};
 use pgw_core::{Command as Cmd, Config, Proposal};
-use pgw_server::store::{self, LogStore, StateMachineStore, StoreError};
-use pgw_server::types::{Entry, StorageError, TypeConfig};
+use pgw_server::raft::store::{self, LogStore, StateMachineStore, StoreError};
+use pgw_server::raft::types::{Entry, StorageError, TypeConfig};
 
 fn config_for(dir: &Path, member: &str) -> Config {
     let text = format!(

@@ -15,10 +15,10 @@ use pgw_proto::Identity;
 use tonic::Status;
 
 use crate::auth::Caller;
-use crate::network::Reachability;
-use crate::store::StateMachineStore;
+use crate::raft::network::Reachability;
+use crate::raft::store::StateMachineStore;
+use crate::raft::types::Raft;
 use crate::telemetry;
-use crate::types::Raft;
 pub use leader_state::LeaderState;
 pub use pool_views::{PoolReport, PoolViews};
 
@@ -45,7 +45,7 @@ pub struct Shared {
     pub reach: Reachability,
     pub started: Instant,
     /// Opens channels to other members (TCP in the daemon, simulated in tests).
-    pub channels: crate::network::ChannelMaker,
+    pub channels: crate::raft::network::ChannelMaker,
     /// Observed state and leases, used while this member leads.
     pub leader: LeaderState,
     /// What the local sidecar last saw its postgres doing (`None` without a sidecar).

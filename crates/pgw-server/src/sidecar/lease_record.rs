@@ -80,7 +80,7 @@ pub struct LeaseRecord {
 impl LeaseRecord {
     pub fn new(data_dir: &Path) -> LeaseRecord {
         LeaseRecord {
-            path: data_dir.join(crate::store::LEASE_FILE),
+            path: data_dir.join(crate::raft::store::LEASE_FILE),
             last: std::sync::Mutex::new(0),
         }
     }
@@ -164,7 +164,7 @@ mod tests {
             sent - back
         };
         assert!(diff < Duration::from_millis(20), "{diff:?}");
-        std::fs::write(dir.path().join(crate::store::LEASE_FILE), b"junk").expect("corrupt");
+        std::fs::write(dir.path().join(crate::raft::store::LEASE_FILE), b"junk").expect("corrupt");
         assert!(r.load().is_none(), "a corrupt record is ignored");
         r.clear();
         assert!(r.load().is_none());

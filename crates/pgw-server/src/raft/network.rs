@@ -25,8 +25,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use crate::raft::types::{NodeId, TypeConfig};
 use crate::telemetry;
-use crate::types::{NodeId, TypeConfig};
 
 /// What this member last saw of each peer.
 #[derive(Debug, Clone, Default)]
