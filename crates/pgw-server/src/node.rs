@@ -158,7 +158,7 @@ impl Node {
             started: Instant::now(),
             channels: channels.clone(),
             leader,
-            local_role: Default::default(),
+            local: Default::default(),
             pgpool: Default::default(),
             live,
             tls,

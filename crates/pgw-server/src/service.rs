@@ -713,6 +713,7 @@ impl admin_server::Admin for AdminService {
         }
         let facts = self.0.sm.applied().facts;
         let epoch = facts.cluster(&obs.cluster).map(|f| f.epoch).unwrap_or(0);
+        let cluster = obs.cluster.clone();
         let mut lease_ok = false;
         if let Some(req) = self.0.leader.record_report(obs, !relayed, &facts) {
             // Renew only after a majority confirmed we still lead (a deposed leader cannot);
@@ -725,10 +726,24 @@ impl admin_server::Admin for AdminService {
                 lease_ok = self.0.leader.record_grant(&req, &facts);
             }
         }
+        let primary_flush_lsn = facts
+            .cluster(&cluster)
+            .and_then(|f| f.primary.clone())
+            .and_then(|p| {
+                let fresh = self.0.leader.fresh_ms();
+                let now = self.0.leader.now_ms();
+                self.0
+                    .leader
+                    .reports(&cluster)
+                    .get(&p)
+                    .filter(|(_, at)| now.saturating_sub(*at) <= fresh)
+                    .map(|(o, _)| o.flush_lsn)
+            });
         Ok(Response::new(ReportReply {
             lease_ok,
             epoch,
             leader: self.0.cfg.member.clone(),
+            primary_flush_lsn,
         }))
     }
 

@@ -49,7 +49,7 @@ pub struct Shared {
     /// Observed state and leases, used while this member leads.
     pub leader: LeaderState,
     /// What the local sidecar last saw its postgres doing (`None` without a sidecar).
-    pub local_role: std::sync::Arc<std::sync::RwLock<Option<pgw_core::failover::PgRole>>>,
+    pub local: std::sync::Arc<std::sync::RwLock<LocalView>>,
     /// What the leader last saw of every room's pgpool (empty on followers).
     pub pgpool: PoolViews,
     /// This member's certificates (signs its reports, verifies relayed ones).
@@ -214,5 +214,24 @@ impl WithLeader for Status {
             self.metadata_mut().insert("x-pgw-leader", v);
         }
         self
+    }
+}
+
+/// What this member's sidecar last saw of its own server (for the HTTP checks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalView {
+    /// `None`: not observed yet, or the server did not answer.
+    pub role: Option<pgw_core::failover::PgRole>,
+    /// A walreceiver is streaming (replicas).
+    pub streaming: bool,
+    pub flush_lsn: u64,
+    /// The primary's flushed LSN as the leader last heard it (from the reply to our report).
+    pub primary_lsn: Option<u64>,
+}
+
+impl LocalView {
+    /// Bytes this replica is behind the primary; `None` when unknown.
+    pub fn lag_bytes(&self) -> Option<u64> {
+        self.primary_lsn.map(|p| p.saturating_sub(self.flush_lsn))
     }
 }

@@ -353,8 +353,10 @@ impl Sidecar {
                 let mut st = self.lock();
                 st.local = local.clone();
                 st.seq += 1;
-                if let Ok(mut r) = self.s.local_role.write() {
-                    *r = local.role;
+                if let Ok(mut r) = self.s.local.write() {
+                    r.role = local.role;
+                    r.streaming = local.streaming;
+                    r.flush_lsn = local.flush_lsn;
                 }
             }
             self.observed.notify_one();
@@ -526,7 +528,11 @@ impl Sidecar {
                 st.reports_in_flight = st.reports_in_flight.saturating_sub(1);
                 match res {
                     Ok(Ok(r)) => {
-                        if r.into_inner().lease_ok && st.lease_sent.is_none_or(|s| s < sent) {
+                        let r = r.into_inner();
+                        if let Ok(mut v) = me.s.local.write() {
+                            v.primary_lsn = r.primary_flush_lsn;
+                        }
+                        if r.lease_ok && st.lease_sent.is_none_or(|s| s < sent) {
                             st.lease_sent = Some(sent);
                             drop(st);
                             if let Err(e) = me.record.store(sent) {
