@@ -1,0 +1,238 @@
+//! Debian's real HAProxy in front of a group of real PostgreSQL servers, configured with the
+//! shipped `deploy/haproxy/haproxy.cfg` (only addresses and ports substituted): the HTTP checks
+//! steer writes to the primary and reads to replicas, and writes through HAProxy resume after
+//! the primary's postmaster is killed, with no acknowledged write lost. Needs `haproxy` and the
+//! PostgreSQL 15 server binaries (`.ci/run` installs them).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgw_cli::status::GroupStatus;
+use pgw_cli::writer::*;
+use pgw_core::Role;
+
+const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
+
+/// Waits until there is a primary and every other data member is a sync replica.
+async fn wait_healthy(g: &Group, limit: Duration) -> GroupStatus {
+    let names: Vec<String> = g.members.iter().map(|m| m.name().to_string()).collect();
+    wait_until(
+        &g.endpoints(),
+        limit,
+        "a primary and all replicas in sync",
+        |s| {
+            let Some(p) = primary_of(s) else { return false };
+            node_role(s, &p).as_deref() == Some("primary")
+                && names
+                    .iter()
+                    .filter(|n| **n != p)
+                    .all(|n| node_role(s, n).as_deref() == Some("sync_replica"))
+        },
+    )
+    .await
+}
+
+/// The shipped config with the example's addresses replaced by the group's.
+fn render(g: &Group, write: &str, read: &str) -> String {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/haproxy/haproxy.cfg"
+    ))
+    .expect("deploy/haproxy/haproxy.cfg");
+    let mut text = shipped
+        .replace("bind 0.0.0.0:5000", &format!("bind {write}"))
+        .replace("bind 0.0.0.0:5001", &format!("bind {read}"));
+    for (i, m) in g.members.iter().enumerate() {
+        let (ip, http_port) = m
+            .http()
+            .rsplit_once(':')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .expect("http address");
+        let example = format!("10.{}.0.11", i + 1);
+        text = text.replace(
+            &format!("{example}:5432 check port 7401"),
+            &format!("{} check addr {ip} port {http_port}", g.pg_addr(i)),
+        );
+    }
+    assert!(
+        !text.contains("10.1.0.11") && !text.contains("0.0.0.0"),
+        "every example address substituted:\n{text}"
+    );
+    text
+}
+
+struct Haproxy(Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_sends_writes_to_the_primary_through_a_failover() {
+    assert!(
+        Command::new("haproxy").arg("-v").output().is_ok(),
+        "haproxy is not installed (apt-get install haproxy; .ci/deps does it)"
+    );
+    let mut g = Group::with_postgres(&THREE);
+    g.start_all();
+    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let old = primary_of(&s).expect("primary");
+    let oi = g.index_of(&old);
+
+    // The Patroni-style checks HAProxy relies on.
+    for i in 0..3 {
+        let http = g.members[i].http();
+        let code = |p: &'static str| {
+            let http = http.clone();
+            async move { http_get(&http, p).await.0 }
+        };
+        assert_eq!(code("/read-only").await, 200, "{}", g.members[i].name());
+        if i == oi {
+            assert_eq!(code("/read-write").await, 200);
+            assert_eq!(code("/replica").await, 503);
+            assert_eq!(code("/sync").await, 503);
+        } else {
+            assert_eq!(code("/read-write").await, 503);
+            assert_eq!(
+                code("/sync").await,
+                200,
+                "both replicas are in the sync set"
+            );
+            assert_eq!(code("/async").await, 503);
+            let (c, body) = http_get(&http, "/replica?lag=lots").await;
+            assert_eq!(c, 400, "{body}");
+            assert!(body.contains("query parameter `lag`"), "{body}");
+            // The lag is known once a report's reply carried the primary's position.
+            let t0 = Instant::now();
+            while http_get(&http, "/replica?lag=16MB").await.0 != 200 {
+                assert!(t0.elapsed() < Duration::from_secs(10), "lag never known");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = format!("127.0.0.1:{}", free_port());
+    let read = format!("127.0.0.1:{}", free_port());
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&cfg, render(&g, &write, &read)).expect("write haproxy.cfg");
+    let check = Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&cfg)
+        .output()
+        .expect("haproxy -c");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let log = std::fs::File::create(dir.path().join("haproxy.log")).expect("log");
+    let _haproxy = Haproxy(
+        Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn haproxy"),
+    );
+    let t0 = Instant::now();
+    while is_primary(&write).await != Some(true) || is_primary(&read).await != Some(false) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "haproxy never routed writes to the primary and reads to a replica"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    create_table(&write)
+        .await
+        .expect("create table through haproxy");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer(
+        vec![write.clone()],
+        stop.clone(),
+        1_000_000,
+        Duration::from_secs(90),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!acks.all().is_empty(), "writes flow through haproxy");
+    let old_backend = g.pg_addr(oi);
+    assert!(acks.all().iter().all(|a| a.backend == old_backend));
+
+    let fault_at = Instant::now();
+    let pid = g.postmaster_pid(oi).expect("postmaster pid");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let s2 = wait_until(
+        &g.endpoints(),
+        Duration::from_secs(60),
+        "a new primary",
+        |s| primary_of(s).is_some_and(|p| p != old),
+    )
+    .await;
+    let new = primary_of(&s2).expect("new primary");
+    let new_backend = g.pg_addr(g.index_of(&new));
+    let t1 = Instant::now();
+    while !acks
+        .all()
+        .iter()
+        .any(|a| a.at > fault_at && a.backend == new_backend)
+    {
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "writes through haproxy never resumed on {new}: {:?}",
+            acks.errors().last()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resumed = acks
+        .all()
+        .iter()
+        .find(|a| a.at > fault_at && a.backend == new_backend)
+        .map(|a| a.at.duration_since(fault_at))
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+
+    // No write acknowledged through haproxy after the fault came from the old primary, and
+    // every acknowledged write is on the new one.
+    assert!(
+        acks.all()
+            .iter()
+            .filter(|a| a.sent > fault_at)
+            .all(|a| a.backend == new_backend),
+        "a write sent after the fault was acknowledged by the old primary"
+    );
+    let missing = missing_acks(&acks, &new_backend).await;
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    // Reads now reach the remaining replica.
+    let t2 = Instant::now();
+    while is_primary(&read).await != Some(false) {
+        assert!(
+            t2.elapsed() < Duration::from_secs(20),
+            "no replica behind the read port"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "haproxy: {} writes acknowledged, first write after the crash {} ms after it, {} errors seen",
+        acks.all().len(),
+        resumed.as_millis(),
+        acks.errors().len()
+    );
+}
