@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod client;
 pub mod demo;
+pub mod doctor;
 pub mod docs;
 pub mod status;
 pub mod writer;
@@ -33,6 +34,8 @@ pub enum CliError {
     Refused(String),
     #[error(transparent)]
     Config(#[from] pgw_core::ConfigError),
+    #[error("{0} problem(s) found")]
+    Findings(usize),
 }
 
 #[derive(Debug, Parser)]
@@ -73,6 +76,13 @@ pub enum Format {
 pub enum Cmd {
     /// Show the group: members, leader, and each PostgreSQL cluster's facts.
     Status {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Check everything in the runbook's order (names, watchers and certificates, Raft, each
+    /// cluster's servers, each room's pgpool, the HTTP checks); each finding says what to do.
+    /// Exits 1 when it finds an error.
+    Doctor {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -585,6 +595,36 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                     serde_json::to_string_pretty(&s).map_err(|e| CliError::Usage(e.to_string()))?
                 ),
                 Format::Table => print!("{}", status::render_table(&s)),
+            }
+        }
+        Cmd::Doctor { format } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let findings = match status::gather(&eps, timeout).await {
+                Ok(s) => {
+                    let p = doctor::probe(&s, timeout).await;
+                    doctor::diagnose(&s, &p)
+                }
+                Err(e) => vec![doctor::Finding {
+                    level: doctor::Level::Error,
+                    area: "grpc".into(),
+                    what: format!("no member answered: {e}"),
+                    fix: "check --endpoints, that pg-watcher runs on those hosts, and the client certificate (--ca/--cert/--key)".into(),
+                }],
+            };
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&findings)
+                        .map_err(|e| CliError::Usage(e.to_string()))?
+                ),
+                Format::Table => print!("{}", doctor::render(&findings)),
+            }
+            let errors = findings
+                .iter()
+                .filter(|f| f.level == doctor::Level::Error)
+                .count();
+            if errors > 0 {
+                return Err(CliError::Findings(errors));
             }
         }
         Cmd::Pause { cluster, reason } | Cmd::Resume { cluster, reason } if cluster.is_empty() => {
