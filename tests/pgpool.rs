@@ -377,6 +377,15 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
         table.contains("UNREACHABLE"),
         "status shows the unreachable pgpool:\n{table}"
     );
+    // `pgwctl doctor` names the frozen pgpool (it still routes to the crashed old primary) and
+    // exits 1.
+    let (ok, out) = doctor(&g, &[]).await;
+    println!("pgwctl doctor with a frozen pgpool:\n{out}");
+    assert!(!ok, "doctor must fail:\n{out}");
+    assert!(
+        out.contains(&format!("ERROR pgpool {frozen_room}")) && out.contains("does not answer PCP"),
+        "doctor names the frozen pgpool:\n{out}"
+    );
     // SAFETY: as above.
     unsafe {
         libc::kill(-ppid, libc::SIGCONT);
@@ -538,8 +547,68 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
         tonic::Code::FailedPrecondition,
         "{foreign:?}"
     );
-    // Still in line after all that.
+    // Still in line after all that, and the doctor agrees.
     wait_healthy(&g, Duration::from_secs(30)).await;
+    let (ok, out) = doctor(&g, &[]).await;
+    assert!(ok, "a healthy group:\n{out}");
+    assert!(out.contains("0 errors"), "{out}");
+    // A member down (its watcher and its postgres killed): named in JSON too, exit 1.
+    let s5 = wait_healthy(&g, Duration::from_secs(30)).await;
+    let p = primary_of(&s5).expect("primary");
+    let di = (0..3)
+        .find(|i| g.members[*i].name() != p)
+        .expect("a replica");
+    let down = g.members[di].name().to_string();
+    g.signal_pg(di, libc::SIGKILL);
+    g.kill9(di);
+    let t0 = Instant::now();
+    loop {
+        let (ok, out) = doctor(&g, &["--format", "json"]).await;
+        let found: Vec<serde_json::Value> = serde_json::from_str(
+            out.lines()
+                .take_while(|l| !l.starts_with("pgwctl:"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .as_str(),
+        )
+        .unwrap_or_default();
+        let named = |area: &str, needle: &str| {
+            found.iter().any(|f| {
+                f["level"] == "error"
+                    && f["area"] == area
+                    && f["what"].as_str().is_some_and(|w| w.contains(needle))
+                    && f["fix"].as_str().is_some_and(|x| !x.is_empty())
+            })
+        };
+        if !ok
+            && named("grpc", &format!("{down} ("))
+            && named("cluster global", &format!("{down}'s PostgreSQL is down"))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "doctor never named {down} down:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `pgwctl doctor` as an operator runs it: (exit status 0, stdout and stderr).
+async fn doctor(g: &Group, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(PGWCTL)
+        .args(pki().pgwctl_args("read"))
+        .arg("--endpoints")
+        .arg(g.endpoints().join(","))
+        .arg("doctor")
+        .args(args)
+        .output()
+        .await
+        .expect("pgwctl doctor ran");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

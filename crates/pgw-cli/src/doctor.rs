@@ -213,7 +213,11 @@ pub fn diagnose(s: &GroupStatus, p: &Probes) -> Vec<Finding> {
             problems += 1;
             out.push(f(level, &area, what, fix));
         }
-        for m in c.sync_standbys.iter().filter(|m| !c.nodes.iter().any(|n| &n.member == *m)) {
+        for m in c
+            .sync_standbys
+            .iter()
+            .filter(|m| !c.nodes.iter().any(|n| &n.member == *m))
+        {
             problems += 1;
             out.push(f(
                 Level::Error,
@@ -226,7 +230,10 @@ pub fn diagnose(s: &GroupStatus, p: &Probes) -> Vec<Finding> {
             out.push(f(
                 Level::Ok,
                 &area,
-                format!("{primary} primary (epoch {}), every standby synchronous", c.epoch),
+                format!(
+                    "{primary} primary (epoch {}), every standby synchronous",
+                    c.epoch
+                ),
                 "",
             ));
         }
@@ -327,18 +334,18 @@ pub async fn probe(s: &GroupStatus, timeout: Duration) -> Probes {
             if addr.is_empty() {
                 continue;
             }
-            let r = match tokio::time::timeout(timeout, tokio::net::lookup_host(addr.as_str())).await
-            {
-                Ok(Ok(mut it)) => {
-                    if it.next().is_some() {
-                        Ok(())
-                    } else {
-                        Err("no address".to_string())
+            let r =
+                match tokio::time::timeout(timeout, tokio::net::lookup_host(addr.as_str())).await {
+                    Ok(Ok(mut it)) => {
+                        if it.next().is_some() {
+                            Ok(())
+                        } else {
+                            Err("no address".to_string())
+                        }
                     }
-                }
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-            };
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                };
             p.names.push((m.name.clone(), addr.clone(), r));
         }
         if !m.http.is_empty() {
@@ -406,7 +413,12 @@ mod tests {
         MemberStatus {
             name: name.into(),
             role: "data".into(),
-            raft: if error.is_some() { "unreachable" } else { "follower" }.into(),
+            raft: if error.is_some() {
+                "unreachable"
+            } else {
+                "follower"
+            }
+            .into(),
             grpc: format!("{name}:7400"),
             http: format!("{name}:7401"),
             term: error.is_none().then_some(3),
@@ -439,7 +451,11 @@ mod tests {
                 paused: false,
                 sync_standbys: vec!["b".into(), "c".into()],
                 sync_quorum: 1,
-                nodes: vec![node("a", "primary"), node("b", "sync_replica"), node("c", "sync_replica")],
+                nodes: vec![
+                    node("a", "primary"),
+                    node("b", "sync_replica"),
+                    node("c", "sync_replica"),
+                ],
                 pgpool: vec![PgpoolView {
                     room: "a".into(),
                     primary: Some("a".into()),
@@ -505,10 +521,19 @@ mod tests {
         s.clusters[0].pgpool[0].nodes[2].status = "up".into();
         p.http[2].1.health = Err("connection refused".into());
         let e = errors(&diagnose(&s, &p));
-        assert!(e.iter().any(|x| x.starts_with("grpc: c (c:7400): unreachable")), "{e:?}");
-        assert!(e.iter().any(|x| x == "cluster global: c's PostgreSQL is down"), "{e:?}");
         assert!(
-            e.iter().any(|x| x == "pgpool a: sends sessions to c, whose PostgreSQL is not running"),
+            e.iter()
+                .any(|x| x.starts_with("grpc: c (c:7400): unreachable")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|x| x == "cluster global: c's PostgreSQL is down"),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|x| x == "pgpool a: sends sessions to c, whose PostgreSQL is not running"),
             "{e:?}"
         );
         // The HTTP port of a watcher that is down is not reported twice.
@@ -521,15 +546,32 @@ mod tests {
         s.leader = None;
         let v = diagnose(&s, &p);
         let e = errors(&v);
-        assert!(e.contains(&"pgpool a: writes go to b but the record names a".to_string()), "{e:?}");
-        assert!(e.iter().any(|x| x.starts_with("names: b: `b:7400` does not resolve")), "{e:?}");
-        assert!(e.iter().any(|x| x.starts_with("raft: no Raft leader")), "{e:?}");
-        assert!(v.iter().filter(|x| x.level == Level::Error).all(|x| !x.fix.is_empty()));
+        assert!(
+            e.contains(&"pgpool a: writes go to b but the record names a".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|x| x.starts_with("names: b: `b:7400` does not resolve")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|x| x.starts_with("raft: no Raft leader")),
+            "{e:?}"
+        );
+        assert!(v
+            .iter()
+            .filter(|x| x.level == Level::Error)
+            .all(|x| !x.fix.is_empty()));
 
         // An HTTP check that contradicts the record.
         let (s, mut p) = healthy();
         p.http[1].1.primary = Ok(200);
         let e = errors(&diagnose(&s, &p));
-        assert!(e.iter().any(|x| x.starts_with("http: b: /health 200, /primary 200")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|x| x.starts_with("http: b: /health 200, /primary 200")),
+            "{e:?}"
+        );
     }
 }

@@ -3,8 +3,8 @@
 pub mod certs;
 pub mod client;
 pub mod demo;
-pub mod doctor;
 pub mod docs;
+pub mod doctor;
 pub mod status;
 pub mod writer;
 
