@@ -37,33 +37,21 @@ async fn wait_healthy(g: &Group, limit: Duration) -> GroupStatus {
     .await
 }
 
-/// The shipped config with the example's addresses replaced by the group's.
+/// The shipped config (read from `deploy/`) with the example's addresses replaced by the
+/// group's.
 fn render(g: &Group, write: &str, read: &str) -> String {
     let shipped = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/haproxy/haproxy.cfg"
     ))
     .expect("deploy/haproxy/haproxy.cfg");
-    let mut text = shipped
-        .replace("bind 0.0.0.0:5000", &format!("bind {write}"))
-        .replace("bind 0.0.0.0:5001", &format!("bind {read}"));
-    for (i, m) in g.members.iter().enumerate() {
-        let (ip, http_port) = m
-            .http()
-            .rsplit_once(':')
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .expect("http address");
-        let example = format!("10.{}.0.11", i + 1);
-        text = text.replace(
-            &format!("{example}:5432 check port 7401"),
-            &format!("{} check addr {ip} port {http_port}", g.pg_addr(i)),
-        );
-    }
-    assert!(
-        !text.contains("10.1.0.11") && !text.contains("0.0.0.0"),
-        "every example address substituted:\n{text}"
-    );
-    text
+    let servers: Vec<pgw_cli::haproxy::Server> = (0..g.members.len())
+        .map(|i| pgw_cli::haproxy::Server {
+            postgres: g.pg_addr(i),
+            http: g.members[i].http(),
+        })
+        .collect();
+    pgw_cli::haproxy::render(&shipped, write, read, &servers).expect("render the shipped config")
 }
 
 struct Haproxy(Child);

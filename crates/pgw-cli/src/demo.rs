@@ -27,6 +27,22 @@ pub struct DemoFile {
     /// The demo's CA and a client certificate per operator role (`pgwctl --ca --cert --key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<DemoTls>,
+    /// HAProxy in front of the servers (`deploy/haproxy/haproxy.cfg`), when it is installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub haproxy: Option<DemoHaproxy>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoHaproxy {
+    /// host:port that sends sessions to the primary.
+    pub write: String,
+    /// host:port that sends sessions to the replicas.
+    pub read: String,
+    pub write_dsn: String,
+    pub read_dsn: String,
+    pub pid: u32,
+    pub config: String,
+    pub log: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -320,6 +336,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
         for p in &d.pgpool {
             pgw_server::pgpool::managed::stop_pgpool(Path::new(&p.work_dir));
         }
+        stop_haproxy(&d);
     }
     let bin = watcher_bin()?;
     fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -362,6 +379,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
         postgres: Vec::new(),
         pgpool: Vec::new(),
         tls: None,
+        haproxy: None,
     };
     // A CA of the demo's own, a certificate per member (its name and its loopback address)
     // and one client certificate per operator role. A new demo makes new ones.
@@ -468,6 +486,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             log: log.display().to_string(),
         });
     }
+    demo.haproxy = start_haproxy(dir, &demo)?;
     write_demo(dir, &demo)?;
     crate::client::set_default(certs.client_auth("admin")?);
     let eps: Vec<String> = members.iter().map(|m| m.grpc.clone()).collect();
@@ -554,6 +573,9 @@ pub fn down(dir: &Path) -> Result<Vec<String>, CliError> {
             }
         }
     }
+    if stop_haproxy(&d) {
+        stopped.push("haproxy".into());
+    }
     // And the rooms' pgpools.
     for p in &d.pgpool {
         if pgw_server::pgpool::managed::stop_pgpool(Path::new(&p.work_dir)) {
@@ -570,6 +592,65 @@ pub fn down(dir: &Path) -> Result<Vec<String>, CliError> {
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(stopped)
+}
+
+/// Starts HAProxy with the shipped configuration in front of the demo's servers; `None` when
+/// `haproxy` is not installed.
+fn start_haproxy(dir: &Path, demo: &DemoFile) -> Result<Option<DemoHaproxy>, CliError> {
+    use std::os::unix::process::CommandExt;
+    if Command::new("haproxy").arg("-v").output().is_err() {
+        return Ok(None);
+    }
+    let hdir = dir.join("haproxy");
+    fs::create_dir_all(&hdir).map_err(io_err(&hdir))?;
+    let write = format!("127.0.0.1:{}", free_port("127.0.0.1")?);
+    let read = format!("127.0.0.1:{}", free_port("127.0.0.1")?);
+    let servers: Vec<crate::haproxy::Server> = demo
+        .postgres
+        .iter()
+        .zip(&demo.members)
+        .map(|(p, m)| crate::haproxy::Server {
+            postgres: format!("{}:{}", p.host, p.port),
+            http: m.http.clone(),
+        })
+        .collect();
+    let text = crate::haproxy::render(crate::haproxy::SHIPPED, &write, &read, &servers)?;
+    let config = hdir.join("haproxy.cfg");
+    fs::write(&config, text).map_err(io_err(&config))?;
+    let log = hdir.join("haproxy.log");
+    let out = fs::File::create(&log).map_err(io_err(&log))?;
+    let err = out.try_clone().map_err(io_err(&log))?;
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(io_err(Path::new("haproxy")))?;
+    let dsn = |a: &str| {
+        let (h, p) = a.rsplit_once(':').unwrap_or((a, ""));
+        format!("host={h} port={p} user=postgres dbname=postgres")
+    };
+    Ok(Some(DemoHaproxy {
+        write_dsn: dsn(&write),
+        read_dsn: dsn(&read),
+        write,
+        read,
+        pid: child.id(),
+        config: config.display().to_string(),
+        log: log.display().to_string(),
+    }))
+}
+
+/// Stops the demo's HAProxy if it still runs; whether it did.
+fn stop_haproxy(d: &DemoFile) -> bool {
+    let Some(h) = &d.haproxy else { return false };
+    let ours = fs::read_to_string(format!("/proc/{}/cmdline", h.pid))
+        .is_ok_and(|c| c.contains("haproxy") && c.contains(&h.config));
+    ours && signal(h.pid, libc::SIGTERM)
 }
 
 fn postmaster_pid(data_dir: &Path) -> Option<u32> {

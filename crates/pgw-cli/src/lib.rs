@@ -5,6 +5,7 @@ pub mod client;
 pub mod demo;
 pub mod docs;
 pub mod doctor;
+pub mod haproxy;
 pub mod status;
 pub mod writer;
 
@@ -830,6 +831,15 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                         "  pgpool of {:<10} {}   (PCP port {})",
                         p.room, p.dsn, p.pcp_port
                     );
+                }
+                match &d.haproxy {
+                    Some(h) => {
+                        println!("  haproxy, writes     {}", h.write_dsn);
+                        println!("  haproxy, reads      {}", h.read_dsn);
+                    }
+                    None => {
+                        println!("  (haproxy is not installed: no HAProxy in front of the servers)")
+                    }
                 }
                 let pgwctl = std::env::current_exe()
                     .map(|p| p.display().to_string())
