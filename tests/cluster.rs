@@ -172,6 +172,7 @@ async fn mismatching_config_is_refused_and_group_unharmed() {
         postgres: None,
         pgpool: None,
         pcp: None,
+        room: None,
     });
     bad.data_dir = g.dir.path().join("bad3").join("data");
     let dir = g.dir.path().join("bad3");

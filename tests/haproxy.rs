@@ -74,6 +74,10 @@ async fn haproxy_sends_writes_to_the_primary_through_a_failover() {
     let s = wait_healthy(&g, Duration::from_secs(120)).await;
     let old = primary_of(&s).expect("primary");
     let oi = g.index_of(&old);
+    // The group's active room is the room of the first cluster's primary (rooms default to
+    // member names).
+    assert_eq!(s.active_cluster.as_deref(), Some("global"));
+    assert_eq!(s.active_room.as_deref(), Some(old.as_str()));
 
     // The Patroni-style checks HAProxy relies on.
     for i in 0..3 {
@@ -173,6 +177,13 @@ async fn haproxy_sends_writes_to_the_primary_through_a_failover() {
     )
     .await;
     let new = primary_of(&s2).expect("new primary");
+    assert_eq!(
+        s2.active_room.as_deref(),
+        Some(new.as_str()),
+        "the active room moved"
+    );
+    let table = pgw_cli::status::render_table(&s2);
+    assert!(table.contains(&format!("active room: {new}")), "{table}");
     let new_backend = g.pg_addr(g.index_of(&new));
     let t1 = Instant::now();
     while !acks

@@ -92,6 +92,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             postgres: None,
             pgpool: None,
             pcp: None,
+            room: None,
         })
         .collect();
     members
@@ -104,6 +105,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             listen: ListenConfig::default(),
             raft: RaftConfig::default(),
             clusters: pgw_core::config::defaults::clusters(),
+            active_cluster: None,
             log: LogConfig::default(),
             postgres: None,
             failover: Default::default(),

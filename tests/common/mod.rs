@@ -180,6 +180,7 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
                     .then(|| format!("{ip}:{}", free_port_on(&ip))),
                 pgpool: None,
                 pcp: None,
+                room: None,
             }
         })
         .collect();
@@ -193,6 +194,7 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
             listen: ListenConfig::default(),
             raft: RaftConfig::default(),
             clusters: pgw_core::config::defaults::clusters(),
+            active_cluster: None,
             log: LogConfig {
                 level: "info,openraft=warn".into(),
             },

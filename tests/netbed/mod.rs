@@ -860,6 +860,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                 postgres: data.then(|| format!("{ip}:{PG_PORT}")),
                 pgpool: data.then(|| format!("{ip}:{PGPOOL_PORT}")),
                 pcp: data.then(|| format!("{ip}:{PCP_PORT}")),
+                room: None,
             }
         })
         .collect();
@@ -875,6 +876,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                 listen: ListenConfig::default(),
                 raft: RaftConfig::default(),
                 clusters: pgw_core::config::defaults::clusters(),
+                active_cluster: None,
                 log: LogConfig {
                     level: "info,openraft=warn".into(),
                 },

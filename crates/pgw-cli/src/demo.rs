@@ -366,6 +366,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             postgres: Some(format!("{ip}:{}", free_port(&ip)?)),
             pgpool: Some(format!("{ip}:{}", free_port(&ip)?)),
             pcp: Some(format!("{ip}:{}", free_port(&ip)?)),
+            room: None,
         });
     }
     let mut demo = DemoFile {
@@ -433,6 +434,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             listen: ListenConfig::default(),
             raft: RaftConfig::default(),
             clusters: pgw_core::config::defaults::clusters(),
+            active_cluster: None,
             log: LogConfig::default(),
             postgres: Some(pgw_core::config::PostgresConfig {
                 bin_dir: pg_bin.clone(),

@@ -412,6 +412,7 @@ mod tests {
     fn member(name: &str, error: Option<&str>) -> MemberStatus {
         MemberStatus {
             name: name.into(),
+            room: name.into(),
             role: "data".into(),
             raft: if error.is_some() {
                 "unreachable"
@@ -444,9 +445,12 @@ mod tests {
             leader: Some("a".into()),
             term: 3,
             members: vec![member("a", None), member("b", None), member("c", None)],
+            active_cluster: Some("global".into()),
+            active_room: Some("a".into()),
             clusters: vec![ClusterView {
                 name: "global".into(),
                 primary: Some("a".into()),
+                primary_room: Some("a".into()),
                 epoch: 5,
                 paused: false,
                 sync_standbys: vec!["b".into(), "c".into()],

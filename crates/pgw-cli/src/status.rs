@@ -16,11 +16,17 @@ pub struct GroupStatus {
     pub term: u64,
     pub members: Vec<MemberStatus>,
     pub clusters: Vec<ClusterView>,
+    /// The cluster whose primary's room is the group's active room.
+    pub active_cluster: Option<String>,
+    /// The room of that cluster's primary (`None` while it has none).
+    pub active_room: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct MemberStatus {
     pub name: String,
+    /// The machine room it stands in.
+    pub room: String,
     /// `data` or `arbiter`.
     pub role: String,
     /// leader | follower | candidate | learner | unreachable
@@ -75,6 +81,8 @@ pub struct PgpoolNodeView {
 pub struct ClusterView {
     pub name: String,
     pub primary: Option<String>,
+    /// The room of the primary.
+    pub primary_room: Option<String>,
     pub epoch: u64,
     pub paused: bool,
     pub sync_standbys: Vec<String>,
@@ -142,6 +150,7 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
                 }
                 members.push(MemberStatus {
                     name: m.name.clone(),
+                    room: room_of(m),
                     role: m.role.clone(),
                     raft: s.raft_state.clone(),
                     grpc: m.grpc.clone(),
@@ -153,6 +162,7 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
             }
             Err(e) => members.push(MemberStatus {
                 name: m.name.clone(),
+                room: room_of(m),
                 role: m.role.clone(),
                 raft: "unreachable".into(),
                 grpc: m.grpc.clone(),
@@ -164,12 +174,17 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
         }
     }
     let view = best.unwrap_or(first);
-    let clusters = view
+    let clusters: Vec<ClusterView> = view
         .clusters
         .iter()
         .map(|c| ClusterView {
             name: c.name.clone(),
             primary: (!c.primary.is_empty()).then(|| c.primary.clone()),
+            primary_room: view
+                .members
+                .iter()
+                .find(|m| m.name == c.primary)
+                .map(room_of),
             epoch: c.epoch,
             paused: c.paused,
             sync_standbys: c.sync_standbys.clone(),
@@ -212,13 +227,29 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
             waiting_for: (!c.waiting_for.is_empty()).then(|| c.waiting_for.clone()),
         })
         .collect();
+    let active_cluster = (!view.active_cluster.is_empty()).then(|| view.active_cluster.clone());
+    let active_room = clusters
+        .iter()
+        .find(|c| Some(&c.name) == active_cluster.as_ref())
+        .and_then(|c| c.primary_room.clone());
     Ok(GroupStatus {
         cluster_id: view.cluster_id.clone(),
         leader: leader.as_ref().map(|(_, n)| n.clone()),
         term: leader.map(|(t, _)| t).unwrap_or(view.term),
         members,
         clusters,
+        active_cluster,
+        active_room,
     })
+}
+
+/// A member's room (older members send none: its name).
+fn room_of(m: &pgw_proto::MemberInfo) -> String {
+    if m.room.is_empty() {
+        m.name.clone()
+    } else {
+        m.room.clone()
+    }
 }
 
 /// Runs futures concurrently and collects their results in order (no extra dependency).
@@ -243,10 +274,15 @@ where
 pub fn render_table(s: &GroupStatus) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "cluster id: {}    leader: {}    term: {}\n\n",
+        "cluster id: {}    leader: {}    term: {}    active room: {}{}\n\n",
         s.cluster_id,
         s.leader.as_deref().unwrap_or("(none)"),
-        s.term
+        s.term,
+        s.active_room.as_deref().unwrap_or("(none)"),
+        s.active_cluster
+            .as_ref()
+            .map(|c| format!(" (where {c}'s primary is)"))
+            .unwrap_or_default()
     ));
     out.push_str(&format!(
         "{:<14} {:<8} {:<12} {:<22} {:>8} {:>12}\n",

@@ -73,6 +73,16 @@ pub struct MemberConfig {
     /// `host:port` of that pgpool's PCP port; the Raft leader repoints it through PCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pcp: Option<String>,
+    /// The machine room this member stands in (default: its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+}
+
+impl MemberConfig {
+    /// The machine room this member stands in: `room`, else its name.
+    pub fn room(&self) -> &str {
+        self.room.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// Addresses this member binds. Default: the member's own `grpc` / `http` addresses.
@@ -395,6 +405,10 @@ pub struct Config {
     pub raft: RaftConfig,
     #[serde(default = "defaults::clusters")]
     pub clusters: Vec<PgClusterConfig>,
+    /// The cluster whose primary's room is the group's active room (the seed's
+    /// `ks_master_zone`); default: the first cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_cluster: Option<String>,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -716,6 +730,13 @@ fn check_addr(field: &str, addr: &str) -> Result<(), ConfigError> {
 }
 
 impl Config {
+    /// The cluster whose primary's room is the group's active room.
+    pub fn active_cluster(&self) -> Option<&str> {
+        self.active_cluster
+            .as_deref()
+            .or_else(|| self.clusters.first().map(|c| c.name.as_str()))
+    }
+
     /// Parses TOML text. Does not validate.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -898,6 +919,22 @@ impl Config {
                 "clusters",
                 "at least one PostgreSQL cluster is required",
             ));
+        }
+        if let Some(a) = &self.active_cluster {
+            if !self.clusters.iter().any(|c| &c.name == a) {
+                return Err(invalid(
+                    "active_cluster",
+                    format!("`{a}` is not one of the configured clusters"),
+                ));
+            }
+        }
+        for (i, m) in self.members.iter().enumerate() {
+            if m.room.as_deref().is_some_and(|r| !valid_name(r)) {
+                return Err(invalid(
+                    format!("members[{i}].room"),
+                    "must be 1-63 characters of [A-Za-z0-9._-]",
+                ));
+            }
         }
         let mut cnames = BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
@@ -1726,6 +1763,33 @@ admin = ["dba"]
                     let _ = c.validate();
                 }
             }
+        }
+    }
+
+    #[test]
+    fn rooms_and_the_active_cluster() {
+        let c = good();
+        assert_eq!(c.active_cluster(), Some("global"));
+        assert_eq!(c.members[0].room(), c.members[0].name);
+        let mut named = c.clone();
+        named.members[1].room = Some("dc-2".into());
+        named.active_cluster = Some("global".into());
+        assert!(named.validate().is_ok());
+        assert_eq!(named.members[1].room(), "dc-2");
+        let mut bad = c.clone();
+        bad.active_cluster = Some("recovery".into());
+        match bad.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "active_cluster");
+                assert!(message.contains("`recovery`"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut bad = c;
+        bad.members[2].room = Some("room c".into());
+        match bad.validate() {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "members[2].room"),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -900,6 +900,7 @@ impl admin_server::Admin for AdminService {
                 grpc: mc.grpc.clone(),
                 http: mc.http.clone(),
                 reachable: mc.id == me_id || s.reach.get(mc.id).is_some_and(|p| p.reachable),
+                room: mc.room().to_string(),
             })
             .collect();
         let clusters = s
@@ -979,6 +980,7 @@ impl admin_server::Admin for AdminService {
             members,
             clusters,
             uptime_ms: s.started.elapsed().as_millis() as u64,
+            active_cluster: s.cfg.active_cluster().unwrap_or_default().to_string(),
         }))
     }
 
