@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use pgw_cli::status::GroupStatus;
 use pgw_core::Role;
 
 const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
@@ -45,25 +44,6 @@ fn passfile(dir: &Path, super_pw: &str) -> PathBuf {
         )
         .as_bytes(),
     )
-}
-
-async fn wait_healthy(g: &Group, limit: Duration) -> GroupStatus {
-    wait_until(
-        &g.endpoints(),
-        limit,
-        "a primary and two sync replicas",
-        |s| {
-            let Some(p) = primary_of(s) else { return false };
-            node_role(s, &p).as_deref() == Some("primary")
-                && s.clusters[0]
-                    .nodes
-                    .iter()
-                    .filter(|n| n.member != p)
-                    .all(|n| n.role == "sync_replica")
-                && s.clusters[0].nodes.len() == 3
-        },
-    )
-    .await
 }
 
 async fn query_strings(addr: &str, sql: &str) -> Vec<String> {
@@ -126,7 +106,7 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
         ]);
     }
     g.start_all();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let p = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let pi = g.index_of(&p);
@@ -185,7 +165,7 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
         },
     )
     .await;
-    let s3 = wait_healthy(&g, Duration::from_secs(60)).await;
+    let s3 = wait_in_sync(&g, Duration::from_secs(60)).await;
     let ni = g.index_of(&np);
     let log = g.log_text(pi);
     assert!(
@@ -259,7 +239,7 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
     assert_eq!(epoch_of(&s4), e1, "a refused login is no failover");
     assert_eq!(g.postmaster_pid(ni), Some(npm), "the primary kept running");
     passfile(&secrets, "Rotated-pw-2");
-    let s5 = wait_healthy(&g, Duration::from_secs(30)).await;
+    let s5 = wait_in_sync(&g, Duration::from_secs(30)).await;
     assert!(
         s5.clusters[0].nodes.iter().all(|n| n.error.is_none()),
         "{s5:?}"

@@ -18,30 +18,6 @@ const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
 /// at a time so that one test's load does not look like a fault to another.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Waits until there is a primary and every other data member is a sync replica.
-async fn wait_healthy(g: &Group, limit: Duration) -> GroupStatus {
-    let names: Vec<String> = g
-        .members
-        .iter()
-        .filter(|m| m.cfg.me().is_some_and(|x| x.role == Role::Data))
-        .map(|m| m.name().to_string())
-        .collect();
-    wait_until(
-        &g.endpoints(),
-        limit,
-        "a primary and all replicas in sync",
-        |s| {
-            let Some(p) = primary_of(s) else { return false };
-            node_role(s, &p).as_deref() == Some("primary")
-                && names
-                    .iter()
-                    .filter(|n| **n != p)
-                    .all(|n| node_role(s, n).as_deref() == Some("sync_replica"))
-        },
-    )
-    .await
-}
-
 fn kill_pid(pid: i32, sig: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
@@ -69,7 +45,7 @@ async fn primary_fault(fault: Fault) {
     let _serial = SERIAL.lock().await;
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let old = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let oi = g.index_of(&old);
@@ -263,7 +239,7 @@ async fn replica_losses_writes_continue_then_wait_then_resume() {
     let _serial = SERIAL.lock().await;
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let p = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let pi = g.index_of(&p);
@@ -326,7 +302,7 @@ async fn replica_losses_writes_continue_then_wait_then_resume() {
     )
     .await;
     g.signal_pg(r2, libc::SIGCONT);
-    let s2 = wait_healthy(&g, Duration::from_secs(60)).await;
+    let s2 = wait_in_sync(&g, Duration::from_secs(60)).await;
     assert_eq!(primary_of(&s2).as_deref(), Some(p.as_str()));
     assert_eq!(epoch_of(&s2), e0);
 
@@ -372,7 +348,7 @@ async fn full_restart_keeps_primary_and_epoch_and_pause_stops_automation() {
     let _serial = SERIAL.lock().await;
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let p = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let pi = g.index_of(&p);
@@ -387,7 +363,7 @@ async fn full_restart_keeps_primary_and_epoch_and_pause_stops_automation() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     g.start_all();
-    let s2 = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s2 = wait_in_sync(&g, Duration::from_secs(120)).await;
     assert_eq!(
         primary_of(&s2).as_deref(),
         Some(p.as_str()),
@@ -441,7 +417,7 @@ async fn switchover_both_ways_and_forced_failover_rules() {
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
     let eps = g.endpoints();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let a = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let ai = g.index_of(&a);
@@ -492,7 +468,7 @@ async fn switchover_both_ways_and_forced_failover_rules() {
         .await
         .expect("finishes");
     assert_eq!(done.state, "succeeded", "{done:?}");
-    let s1 = wait_healthy(&g, Duration::from_secs(60)).await;
+    let s1 = wait_in_sync(&g, Duration::from_secs(60)).await;
     assert_eq!(primary_of(&s1).as_deref(), Some(b.as_str()));
     assert!(epoch_of(&s1) > e0);
     wait_acks(
@@ -515,7 +491,7 @@ async fn switchover_both_ways_and_forced_failover_rules() {
         .await
         .expect("finishes");
     assert_eq!(done.state, "succeeded", "{done:?}");
-    let s2 = wait_healthy(&g, Duration::from_secs(60)).await;
+    let s2 = wait_in_sync(&g, Duration::from_secs(60)).await;
     assert_eq!(primary_of(&s2).as_deref(), Some(a.as_str()));
     wait_acks(
         &acks,
@@ -617,7 +593,7 @@ async fn degraded_mode_is_explicit_and_visible() {
     g.allow_degraded(2000);
     g.start_all();
     let eps = g.endpoints();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let p = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let pi = g.index_of(&p);
@@ -669,7 +645,7 @@ async fn degraded_mode_is_explicit_and_visible() {
     for i in (0..3).filter(|i| *i != pi) {
         g.signal_pg(i, libc::SIGCONT);
     }
-    let s2 = wait_healthy(&g, Duration::from_secs(60)).await;
+    let s2 = wait_in_sync(&g, Duration::from_secs(60)).await;
     let s2 = if s2.clusters[0].degraded {
         wait_until(&eps, Duration::from_secs(20), "not degraded", |s| {
             !s.clusters[0].degraded
@@ -696,7 +672,7 @@ async fn a_primary_that_refuses_its_watcher_is_not_fenced() {
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
     let eps = g.endpoints();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let p = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let pi = g.index_of(&p);
@@ -759,7 +735,7 @@ async fn a_primary_that_refuses_its_watcher_is_not_fenced() {
     assert!(table.contains("refuses the watcher"), "{table}");
     // A slot frees: the watcher is back in, the error clears, the cluster is healthy.
     drop(held);
-    let s4 = wait_healthy(&g, Duration::from_secs(30)).await;
+    let s4 = wait_in_sync(&g, Duration::from_secs(30)).await;
     assert!(s4.clusters[0].nodes.iter().all(|n| n.error.is_none()));
     assert_eq!(epoch_of(&s4), e0);
     let log = g.log_text(pi);
@@ -789,7 +765,7 @@ async fn restarting_the_primarys_watcher_is_not_a_failover() {
     let _serial = SERIAL.lock().await;
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     // Make the primary's member the Raft leader too (the harder case: the group must elect a
     // new leader, which knows nothing of the last grant, while the primary's watcher is away).
     let leader = s.leader.clone().expect("leader");
@@ -802,7 +778,7 @@ async fn restarting_the_primarys_watcher_is_not_a_failover() {
         })
         .await;
     }
-    let s = wait_healthy(&g, Duration::from_secs(60)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(60)).await;
     let p = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let pi = g.index_of(&p);
@@ -820,19 +796,19 @@ async fn restarting_the_primarys_watcher_is_not_a_failover() {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     for round in 0..3 {
-        let st = wait_healthy(&g, Duration::from_secs(30)).await;
+        let st = wait_in_sync(&g, Duration::from_secs(30)).await;
         let led = st.leader.as_deref() == Some(p.as_str());
         let before = acks.all().len();
         g.terminate(pi);
         tokio::time::sleep(Duration::from_secs(1)).await;
         g.start(pi);
         // Back: reporting again, still primary at the same epoch.
-        let st = wait_healthy(&g, Duration::from_secs(30)).await;
+        let st = wait_in_sync(&g, Duration::from_secs(30)).await;
         assert_eq!(primary_of(&st).as_deref(), Some(p.as_str()), "{st:?}");
         assert_eq!(epoch_of(&st), e0, "round {round}: no failover");
         // Past the lease, in case a late decision were pending.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let st = wait_healthy(&g, Duration::from_secs(30)).await;
+        let st = wait_in_sync(&g, Duration::from_secs(30)).await;
         assert_eq!(
             epoch_of(&st),
             e0,
@@ -890,7 +866,7 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
     let _serial = SERIAL.lock().await;
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let p = primary_of(&s).expect("primary");
     let e0 = epoch_of(&s);
     let pi = g.index_of(&p);
@@ -913,7 +889,7 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
     let (ok, out) = pgwctl(&g, &["restart", &r]).await;
     assert!(ok && out.contains("succeeded"), "{out}");
     assert_ne!(g.postmaster_pid(ri), Some(rpm), "the replica was restarted");
-    let s1 = wait_healthy(&g, Duration::from_secs(30)).await;
+    let s1 = wait_in_sync(&g, Duration::from_secs(30)).await;
     assert_eq!((primary_of(&s1), epoch_of(&s1)), (Some(p.clone()), e0));
 
     // The primary: a choice is required.
@@ -931,7 +907,7 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
     assert!(ok && out.contains("restarted in place"), "{out}");
     let took = t0.elapsed();
     assert_ne!(g.postmaster_pid(pi), Some(pm), "the primary was restarted");
-    let s2 = wait_healthy(&g, Duration::from_secs(30)).await;
+    let s2 = wait_in_sync(&g, Duration::from_secs(30)).await;
     assert_eq!(primary_of(&s2).as_deref(), Some(p.as_str()));
     assert_eq!(epoch_of(&s2), e0, "an in-place restart is no failover");
     let t1 = Instant::now();
@@ -943,7 +919,7 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let s3 = wait_healthy(&g, Duration::from_secs(30)).await;
+    let s3 = wait_in_sync(&g, Duration::from_secs(30)).await;
     assert_eq!(epoch_of(&s3), e0, "nor a failover after it");
     stop.store(true, Ordering::Relaxed);
     let _ = writer.await;
@@ -967,7 +943,7 @@ async fn planned_postgres_restarts_of_a_replica_and_of_the_primary() {
     // With a switchover first: the primary moves, then the old one restarts as a replica.
     let (ok, out) = pgwctl(&g, &["restart", &p, "--switchover"]).await;
     assert!(ok && out.contains("restarted and streaming"), "{out}");
-    let s4 = wait_healthy(&g, Duration::from_secs(30)).await;
+    let s4 = wait_in_sync(&g, Duration::from_secs(30)).await;
     assert!(primary_of(&s4).is_some_and(|x| x != p), "{s4:?}");
     let h = history(&g.endpoints()[0], "global", 64).await;
     assert!(
@@ -994,7 +970,7 @@ async fn pgwctl_reload_applies_postgres_settings_everywhere_and_refuses_the_rest
     let _serial = SERIAL.lock().await;
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let e0 = epoch_of(&s);
     let write = |g: &Group, i: usize, cfg: &pgw_core::Config| {
         std::fs::write(&g.members[i].cfg_path, cfg.to_toml().expect("toml")).expect("write");
@@ -1043,6 +1019,6 @@ async fn pgwctl_reload_applies_postgres_settings_everywhere_and_refuses_the_rest
     let (ok, out) = pgwctl(&g, &["reload"]).await;
     assert!(!ok && out.contains("postgres.settings["), "{out}");
     assert_eq!(show(&g.pg_addr(1), "synchronous_commit").await, "on");
-    let s2 = wait_healthy(&g, Duration::from_secs(30)).await;
+    let s2 = wait_in_sync(&g, Duration::from_secs(30)).await;
     assert_eq!(epoch_of(&s2), e0, "a reload moves nothing");
 }

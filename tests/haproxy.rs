@@ -12,30 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pgw_cli::status::GroupStatus;
 use pgw_cli::writer::*;
 use pgw_core::Role;
 
 const THREE: [Role; 3] = [Role::Data, Role::Data, Role::Data];
-
-/// Waits until there is a primary and every other data member is a sync replica.
-async fn wait_healthy(g: &Group, limit: Duration) -> GroupStatus {
-    let names: Vec<String> = g.members.iter().map(|m| m.name().to_string()).collect();
-    wait_until(
-        &g.endpoints(),
-        limit,
-        "a primary and all replicas in sync",
-        |s| {
-            let Some(p) = primary_of(s) else { return false };
-            node_role(s, &p).as_deref() == Some("primary")
-                && names
-                    .iter()
-                    .filter(|n| **n != p)
-                    .all(|n| node_role(s, n).as_deref() == Some("sync_replica"))
-        },
-    )
-    .await
-}
 
 /// The shipped config (read from `deploy/`) with the example's addresses replaced by the
 /// group's.
@@ -71,7 +51,7 @@ async fn haproxy_sends_writes_to_the_primary_through_a_failover() {
     );
     let mut g = Group::with_postgres(&THREE);
     g.start_all();
-    let s = wait_healthy(&g, Duration::from_secs(120)).await;
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let old = primary_of(&s).expect("primary");
     let oi = g.index_of(&old);
     // The group's active room is the room of the first cluster's primary (rooms default to

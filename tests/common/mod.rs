@@ -564,6 +564,30 @@ pub fn node_role(s: &GroupStatus, member: &str) -> Option<String> {
 }
 
 /// Polls until a leader is known (other than `not`), within `limit`.
+/// Waits until there is a primary and every other data member is a sync replica.
+pub async fn wait_in_sync(g: &Group, limit: Duration) -> GroupStatus {
+    let names: Vec<String> = g
+        .members
+        .iter()
+        .filter(|m| m.cfg.me().is_some_and(|x| x.role == Role::Data))
+        .map(|m| m.name().to_string())
+        .collect();
+    wait_until(
+        &g.endpoints(),
+        limit,
+        "a primary and all replicas in sync",
+        |s| {
+            let Some(p) = primary_of(s) else { return false };
+            node_role(s, &p).as_deref() == Some("primary")
+                && names
+                    .iter()
+                    .filter(|n| **n != p)
+                    .all(|n| node_role(s, n).as_deref() == Some("sync_replica"))
+        },
+    )
+    .await
+}
+
 pub async fn wait_leader(eps: &[String], not: Option<&str>, limit: Duration) -> GroupStatus {
     let t0 = Instant::now();
     loop {
