@@ -144,18 +144,7 @@ async fn haproxy_sends_writes_to_the_primary_through_a_failover() {
     assert!(acks.all().iter().all(|a| a.backend == old_backend));
 
     let fault_at = Instant::now();
-    let pid = g.postmaster_pid(oi).expect("postmaster pid");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
-    let s2 = wait_until(
-        &g.endpoints(),
-        Duration::from_secs(60),
-        "a new primary",
-        |s| primary_of(s).is_some_and(|p| p != old),
-    )
-    .await;
+    let s2 = crash_primary(&g, oi, &old).await;
     let new = primary_of(&s2).expect("new primary");
     assert_eq!(
         s2.active_room.as_deref(),

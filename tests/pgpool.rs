@@ -239,18 +239,7 @@ async fn writes_through_every_pgpool_follow_a_crash_and_a_switchover() {
     }
     let idx0 = last_applied(&s);
     let fault = Instant::now();
-    let pid = g.postmaster_pid(oi).expect("postmaster pid");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
-    let s2 = wait_until(
-        &g.endpoints(),
-        Duration::from_secs(60),
-        "a new primary",
-        |s| primary_of(s).is_some_and(|p| p != old),
-    )
-    .await;
+    let s2 = crash_primary(&g, oi, &old).await;
     let new = primary_of(&s2).expect("new primary");
     let ni = g.index_of(&new);
     w.wait_on(&g.pg_addr(ni), fault, 20, Duration::from_secs(60))

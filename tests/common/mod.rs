@@ -588,6 +588,22 @@ pub async fn wait_in_sync(g: &Group, limit: Duration) -> GroupStatus {
     .await
 }
 
+/// `kill -9` of member `oi`'s postmaster (the primary `old`), then waits for another primary.
+pub async fn crash_primary(g: &Group, oi: usize, old: &str) -> GroupStatus {
+    let pid = g.postmaster_pid(oi).expect("postmaster pid");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    wait_until(
+        &g.endpoints(),
+        Duration::from_secs(60),
+        "a new primary",
+        |s| primary_of(s).is_some_and(|p| p != old),
+    )
+    .await
+}
+
 pub async fn wait_leader(eps: &[String], not: Option<&str>, limit: Duration) -> GroupStatus {
     let t0 = Instant::now();
     loop {
