@@ -318,6 +318,15 @@ impl Arbiter {
         out
     }
 
+    /// `member`'s latest report in `cluster` if it is still fresh at `now` (see [`fresh_ms`]).
+    pub fn fresh_report(&self, cluster: &str, member: &str, now: u64) -> Option<&Observation> {
+        self.reports
+            .get(cluster)?
+            .get(member)
+            .filter(|(_, at)| now.saturating_sub(*at) <= self.cfg.fresh_ms)
+            .map(|(o, _)| o)
+    }
+
     /// Latest reports of one cluster, with when they arrived (for status and pgpool targets).
     pub fn reports(&self, cluster: &str) -> BTreeMap<String, (Observation, u64)> {
         self.reports.get(cluster).cloned().unwrap_or_default()

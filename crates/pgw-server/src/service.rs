@@ -391,15 +391,7 @@ impl AdminService {
                 r.id, r.kind
             )));
         }
-        let reports = self.0.leader.reports(cluster);
-        let now = self.0.leader.now_ms();
-        let fresh_ms = self.0.leader.fresh_ms();
-        let fresh = |m: &str| {
-            reports
-                .get(m)
-                .filter(|(_, at)| now.saturating_sub(*at) <= fresh_ms)
-                .map(|(o, _)| o.clone())
-        };
+        let fresh = |m: &str| self.0.leader.fresh_report(cluster, m);
         let data: Vec<&pgw_core::MemberConfig> = self.0.cfg.data_members().collect();
         if !target.is_empty() && !data.iter().any(|m| m.name == target) {
             return Err(Status::invalid_argument(format!(
@@ -729,16 +721,8 @@ impl admin_server::Admin for AdminService {
         let primary_flush_lsn = facts
             .cluster(&cluster)
             .and_then(|f| f.primary.clone())
-            .and_then(|p| {
-                let fresh = self.0.leader.fresh_ms();
-                let now = self.0.leader.now_ms();
-                self.0
-                    .leader
-                    .reports(&cluster)
-                    .get(&p)
-                    .filter(|(_, at)| now.saturating_sub(*at) <= fresh)
-                    .map(|(o, _)| o.flush_lsn)
-            });
+            .and_then(|p| self.0.leader.fresh_report(&cluster, &p))
+            .map(|o| o.flush_lsn);
         Ok(Response::new(ReportReply {
             lease_ok,
             epoch,

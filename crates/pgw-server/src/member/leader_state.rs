@@ -73,6 +73,12 @@ impl LeaderState {
         self.lock().on_proposed(cluster);
     }
 
+    /// See [`Arbiter::fresh_report`], on this leader's clock.
+    pub fn fresh_report(&self, cluster: &str, member: &str) -> Option<Observation> {
+        let now = self.now_ms();
+        self.lock().fresh_report(cluster, member, now).cloned()
+    }
+
     /// Latest reports of one cluster (for status and the pgpool targets).
     pub fn reports(&self, cluster: &str) -> BTreeMap<String, (Observation, u64)> {
         self.lock().reports(cluster)
