@@ -84,7 +84,7 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
             &format!("{name}.key"),
             &std::fs::read(key).expect("key"),
         );
-        let pg = m.cfg.postgres.as_mut().expect("[postgres]");
+        let pg = m.cfg.postgres.first_mut().expect("[postgres]");
         pg.replication_user = Some("replicator".into());
         pg.rewind_user = Some("rewinder".into());
         pg.passfile = Some(pass.clone());
@@ -179,7 +179,7 @@ async fn scram_roles_passfile_and_tls_between_servers_through_a_failover_and_a_r
             g.members[i]
                 .cfg
                 .postgres
-                .as_ref()
+                .first()
                 .expect("pg")
                 .data_dir
                 .join("pgw.conf"),

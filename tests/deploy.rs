@@ -72,8 +72,9 @@ fn every_data_member_has_a_pgpool_and_the_rendered_config_disables_pgpool_failov
             if !c.manages_pgpool() {
                 continue;
             }
-            let wd = c.pgpool_work_dir().expect("work dir");
-            let conf = pgw_server::pgpool::managed::render_conf(&c, &wd, "pw").expect("render");
+            let wd = c.pgpool_work_dir("global").expect("work dir");
+            let conf =
+                pgw_server::pgpool::managed::render_conf(&c, "global", &wd, "pw").expect("render");
             for line in [
                 "backend_clustering_mode = 'streaming_replication'",
                 "failover_on_backend_error = off",
@@ -173,7 +174,7 @@ fn the_documented_certificate_script_makes_what_the_configs_need() {
 #[test]
 fn an_owned_postgres_setting_is_refused_by_the_daemon() {
     let mut c = load_dir("three-rooms").remove(0);
-    if let Some(pg) = c.postgres.as_mut() {
+    if let Some(pg) = c.postgres.first_mut() {
         pg.settings = vec![
             "shared_buffers = '1GB'".into(),
             "synchronous_commit = local".into(),
@@ -225,9 +226,9 @@ fn the_systemd_unit_lets_every_example_config_write_where_it_writes() {
     for layout in ["three-rooms", "two-rooms-arbiter"] {
         for c in load_dir(layout) {
             let mut dirs = vec![c.data_dir.clone()];
-            dirs.extend(c.postgres.as_ref().map(|p| p.data_dir.clone()));
+            dirs.extend(c.postgres.first().map(|p| p.data_dir.clone()));
             if c.manages_pgpool() {
-                dirs.extend(c.pgpool_work_dir());
+                dirs.extend(c.pgpool_work_dir("global"));
             }
             for d in dirs {
                 assert!(

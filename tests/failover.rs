@@ -457,7 +457,7 @@ async fn switchover_both_ways_and_forced_failover_rules() {
     let err = pgw_cli::switchover(&eps, "global", Some("nobody"))
         .await
         .expect_err("refused");
-    assert!(err.to_string().contains("not a data member"), "{err}");
+    assert!(err.to_string().contains("not a server of cluster"), "{err}");
 
     // Switchover a -> b.
     let t1 = Instant::now();
@@ -977,7 +977,7 @@ async fn pgwctl_reload_applies_postgres_settings_everywhere_and_refuses_the_rest
     };
     for i in 0..3 {
         let mut c = g.members[i].cfg.clone();
-        if let Some(p) = c.postgres.as_mut() {
+        if let Some(p) = c.postgres.first_mut() {
             p.settings.push("work_mem = '7MB'".into());
             p.settings.push("max_locks_per_transaction = 80".into());
         }
@@ -1003,7 +1003,7 @@ async fn pgwctl_reload_applies_postgres_settings_everywhere_and_refuses_the_rest
     // that file applied.
     let mut c = g.members[1].cfg.clone();
     c.raft.heartbeat_ms += 50;
-    if let Some(p) = c.postgres.as_mut() {
+    if let Some(p) = c.postgres.first_mut() {
         p.settings.push("work_mem = '9MB'".into());
     }
     write(&g, 1, &c);
@@ -1012,7 +1012,7 @@ async fn pgwctl_reload_applies_postgres_settings_everywhere_and_refuses_the_rest
     assert_eq!(show(&g.pg_addr(1), "work_mem").await, "7MB");
     // An owned setting: refused, naming the line.
     let mut c = g.members[1].cfg.clone();
-    if let Some(p) = c.postgres.as_mut() {
+    if let Some(p) = c.postgres.first_mut() {
         p.settings.push("synchronous_commit = local".into());
     }
     write(&g, 1, &c);

@@ -683,7 +683,7 @@ async fn recover_rebuilds_a_failed_old_primary_and_pgpool_reads_reach_it_again()
     let pg_data = g.members[oi]
         .cfg
         .postgres
-        .as_ref()
+        .first()
         .expect("pg")
         .data_dir
         .clone();

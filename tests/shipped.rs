@@ -21,7 +21,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// `psql` on member `i`'s own server, over its local socket as the OS user postgres (peer).
 fn psql(bed: &Bed, i: usize, sql: &str) -> String {
     let h = &bed.hosts[i];
-    let pg = h.cfg.postgres.as_ref().expect("data member");
+    let pg = h.cfg.postgres.first().expect("data member");
     let mut run = pg.data_dir.clone().into_os_string();
     run.push(".run");
     let port = h

@@ -107,7 +107,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             clusters: pgw_core::config::defaults::clusters(),
             active_cluster: None,
             log: LogConfig::default(),
-            postgres: None,
+            postgres: Vec::new(),
             failover: Default::default(),
             pgpool: None,
             tls: common::pki().tls(&m.name),

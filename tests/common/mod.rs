@@ -170,6 +170,7 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
                 name: match r {
                     Role::Data => format!("room-{}", (b'a' + i as u8) as char),
                     Role::Arbiter => "arbiter".to_string(),
+                    Role::Sidecar => format!("sidecar-{}", (b'a' + i as u8) as char),
                 },
                 id: i as u64 + 1,
                 role: *r,
@@ -198,13 +199,18 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
             log: LogConfig {
                 level: "info,openraft=warn".into(),
             },
-            postgres: (with_pg && m.role == Role::Data).then(|| pgw_core::config::PostgresConfig {
-                settings: vec![
-                    "shared_buffers = '16MB'".into(),
-                    "max_connections = 40".into(),
-                ],
-                ..pgw_core::config::PostgresConfig::new(dir.join(&m.name).join("pg").join("data"))
-            }),
+            postgres: (with_pg && m.role == Role::Data)
+                .then(|| pgw_core::config::PostgresConfig {
+                    settings: vec![
+                        "shared_buffers = '16MB'".into(),
+                        "max_connections = 40".into(),
+                    ],
+                    ..pgw_core::config::PostgresConfig::new(
+                        dir.join(&m.name).join("pg").join("data"),
+                    )
+                })
+                .into_iter()
+                .collect(),
             failover: Default::default(),
             pgpool: None,
             tls: pki().tls(&m.name),
@@ -302,7 +308,7 @@ impl Group {
     pub fn pgpool_dir(&self, i: usize) -> Option<PathBuf> {
         let m = self.members[i].cfg.me()?;
         m.pgpool.as_ref()?;
-        self.members[i].cfg.pgpool_work_dir()
+        self.members[i].cfg.pgpool_work_dir("global")
     }
 
     /// The client address of member `i`'s pgpool.
@@ -357,7 +363,7 @@ impl Group {
 
     /// The postmaster pid of a data member, from its pid file.
     pub fn postmaster_pid(&self, i: usize) -> Option<i32> {
-        let d = &self.members[i].cfg.postgres.as_ref()?.data_dir;
+        let d = &self.members[i].cfg.postgres.first()?.data_dir;
         let t = fs::read_to_string(d.join("postmaster.pid")).ok()?;
         t.lines().next()?.trim().parse().ok()
     }
@@ -472,7 +478,7 @@ impl Group {
                 &keep,
                 m.name(),
                 &m.log,
-                m.cfg.postgres.as_ref().map(|pg| pg.data_dir.as_path()),
+                m.cfg.postgres.first().map(|pg| pg.data_dir.as_path()),
                 self.pgpool_dir(i).as_deref(),
             );
         }

@@ -85,7 +85,7 @@ impl Host {
         &self.cfg.member
     }
     pub fn is_data(&self) -> bool {
-        self.cfg.postgres.is_some()
+        !self.cfg.postgres.is_empty()
     }
     pub fn grpc(&self) -> String {
         format!("{}:{GRPC_PORT}", self.ip)
@@ -97,7 +97,9 @@ impl Host {
         format!("{}:{PGPOOL_PORT}", self.ip)
     }
     pub fn pgpool_dir(&self) -> Option<PathBuf> {
-        self.is_data().then(|| self.cfg.pgpool_work_dir()).flatten()
+        self.is_data()
+            .then(|| self.cfg.pgpool_work_dir("global"))
+            .flatten()
     }
 }
 
@@ -679,7 +681,7 @@ impl Bed {
     }
 
     pub fn postmaster_pid(&self, i: usize) -> Option<i32> {
-        let d = &self.hosts[i].cfg.postgres.as_ref()?.data_dir;
+        let d = &self.hosts[i].cfg.postgres.first()?.data_dir;
         let t = fs::read_to_string(d.join("postmaster.pid")).ok()?;
         t.lines().next()?.trim().parse().ok()
     }
@@ -796,7 +798,7 @@ impl Bed {
                 &keep,
                 h.name(),
                 &h.log,
-                h.cfg.postgres.as_ref().map(|pg| pg.data_dir.as_path()),
+                h.cfg.postgres.first().map(|pg| pg.data_dir.as_path()),
                 h.pgpool_dir().as_deref(),
             );
         }
@@ -851,6 +853,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                 name: match r {
                     Role::Data => format!("room-{}", (b'a' + i as u8) as char),
                     Role::Arbiter => "arbiter".to_string(),
+                    Role::Sidecar => format!("sidecar-{}", (b'a' + i as u8) as char),
                 },
                 id: i as u64 + 1,
                 role: *r,
@@ -880,21 +883,24 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                 log: LogConfig {
                     level: "info,openraft=warn".into(),
                 },
-                postgres: data.then(|| pgw_core::config::PostgresConfig {
-                    hba: vec![
-                        "local all all trust".into(),
-                        "host all all 127.0.0.0/8 trust".into(),
-                        format!("host all all {SUBNET} trust"),
-                        format!("host replication all {SUBNET} trust"),
-                    ],
-                    settings: vec![
-                        "shared_buffers = '16MB'".into(),
-                        "max_connections = 40".into(),
-                    ],
-                    ..pgw_core::config::PostgresConfig::new(
-                        dir.join(&m.name).join("pg").join("data"),
-                    )
-                }),
+                postgres: data
+                    .then(|| pgw_core::config::PostgresConfig {
+                        hba: vec![
+                            "local all all trust".into(),
+                            "host all all 127.0.0.0/8 trust".into(),
+                            format!("host all all {SUBNET} trust"),
+                            format!("host replication all {SUBNET} trust"),
+                        ],
+                        settings: vec![
+                            "shared_buffers = '16MB'".into(),
+                            "max_connections = 40".into(),
+                        ],
+                        ..pgw_core::config::PostgresConfig::new(
+                            dir.join(&m.name).join("pg").join("data"),
+                        )
+                    })
+                    .into_iter()
+                    .collect(),
                 failover: Default::default(),
                 tls: crate::common::pki().tls(&m.name),
                 auth: crate::common::pki().auth(),

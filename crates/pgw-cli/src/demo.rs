@@ -436,11 +436,11 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             clusters: pgw_core::config::defaults::clusters(),
             active_cluster: None,
             log: LogConfig::default(),
-            postgres: Some(pgw_core::config::PostgresConfig {
+            postgres: vec![pgw_core::config::PostgresConfig {
                 bin_dir: pg_bin.clone(),
                 settings: vec!["shared_buffers = '32MB'".into()],
                 ..pgw_core::config::PostgresConfig::new(pg_data)
-            }),
+            }],
             failover: Default::default(),
             tls: certs.tls(&m.name),
             auth: certs.auth(),

@@ -18,7 +18,6 @@ use crate::config::Config;
 use crate::facts::{Command, Facts, OperationKind};
 use crate::failover::{decide, decide_operation, Candidate, Decision, LeaderView, Observation};
 use crate::lease::LeaseTiming;
-use crate::Role;
 
 /// Longer than any report can travel: a sidecar gives up on a report at its fence point
 /// (`lease_ms - fence_budget_ms`), and a relay adds at most `lease_ms` (both far below this with
@@ -42,6 +41,8 @@ pub fn fresh_ms(report_interval_ms: u64) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClusterRules {
     pub name: String,
+    /// The cluster's servers: the only candidates and synchronous standbys.
+    pub candidates: Vec<Candidate>,
     pub bootstrap: Option<String>,
     pub sync_quorum: u32,
     pub allow_degraded: bool,
@@ -50,7 +51,6 @@ pub struct ClusterRules {
 /// What the arbiter needs of the config.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ArbiterConfig {
-    pub candidates: Vec<Candidate>,
     pub clusters: Vec<ClusterRules>,
     pub lease: LeaseTiming,
     pub fresh_ms: u64,
@@ -59,20 +59,20 @@ pub struct ArbiterConfig {
 impl ArbiterConfig {
     pub fn from_config(cfg: &Config) -> ArbiterConfig {
         ArbiterConfig {
-            candidates: cfg
-                .members
-                .iter()
-                .filter(|m| m.role == Role::Data)
-                .map(|m| Candidate {
-                    name: m.name.clone(),
-                    priority: m.priority,
-                })
-                .collect(),
             clusters: cfg
                 .clusters
                 .iter()
                 .map(|c| ClusterRules {
                     name: c.name.clone(),
+                    candidates: cfg
+                        .servers(&c.name)
+                        .iter()
+                        .filter_map(|x| cfg.members.iter().find(|m| m.name == x.member))
+                        .map(|m| Candidate {
+                            name: m.name.clone(),
+                            priority: m.priority,
+                        })
+                        .collect(),
                     bootstrap: c.bootstrap_primary.clone(),
                     sync_quorum: c.sync_quorum,
                     allow_degraded: c.allow_degraded,
@@ -257,7 +257,7 @@ impl Arbiter {
             let view = LeaderView {
                 facts: f,
                 reports,
-                data_members: &self.cfg.candidates,
+                data_members: &rules.candidates,
                 now,
                 fresh_ms: self.cfg.fresh_ms,
                 replace_after: self.cfg.lease.replace_after(granted),
@@ -356,15 +356,15 @@ mod tests {
 
     fn arbiter() -> Arbiter {
         Arbiter::new(ArbiterConfig {
-            candidates: ["a", "b", "c"]
-                .iter()
-                .map(|n| Candidate {
-                    name: n.to_string(),
-                    priority: 100,
-                })
-                .collect(),
             clusters: vec![ClusterRules {
                 name: "g".into(),
+                candidates: ["a", "b", "c"]
+                    .iter()
+                    .map(|n| Candidate {
+                        name: n.to_string(),
+                        priority: 100,
+                    })
+                    .collect(),
                 bootstrap: None,
                 sync_quorum: 1,
                 allow_degraded: false,

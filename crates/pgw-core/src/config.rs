@@ -37,6 +37,10 @@ pub enum Role {
     Data,
     /// Votes only; never runs a database.
     Arbiter,
+    /// Runs beside a PostgreSQL server of some cluster (listed in that cluster's `servers`),
+    /// reports and carries out the group's decisions, but never votes: a Raft learner. Lets a
+    /// cluster live on hosts of its own, or have more servers than the group has voters.
+    Sidecar,
 }
 
 impl fmt::Display for Role {
@@ -44,6 +48,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Data => "data",
             Role::Arbiter => "arbiter",
+            Role::Sidecar => "sidecar",
         })
     }
 }
@@ -139,6 +144,45 @@ pub struct PgClusterConfig {
     pub allow_degraded: bool,
     #[serde(default = "defaults::degrade_after_ms")]
     pub degrade_after_ms: u64,
+    /// The servers that hold this cluster: only they are candidates and synchronous standbys.
+    /// Empty: every data member, at its own `postgres`/`pgpool`/`pcp` addresses (one such
+    /// cluster per group when those addresses are set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<ServerConfig>,
+    /// Position in `pgwctl switchover --room ROOM --all` (lower moves first; default 100,
+    /// ties in the order of `clusters`).
+    #[serde(default = "defaults::switch_order")]
+    pub switch_order: u32,
+}
+
+/// One PostgreSQL server of a cluster, run beside member `member` (a data or sidecar member).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub member: String,
+    /// `host:port` of the server (required in a cluster's `servers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<String>,
+    /// `host:port` of this server's room pgpool-II for this cluster (with `pcp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgpool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcp: Option<String>,
+}
+
+/// `[postgres]` (one table) or `[[postgres]]` (one entry per local server).
+fn one_or_many<'de, D>(d: D) -> Result<Vec<PostgresConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let v = toml::Value::deserialize(d)?;
+    match v {
+        toml::Value::Array(_) => Vec::<PostgresConfig>::deserialize(v).map_err(D::Error::custom),
+        other => PostgresConfig::deserialize(other)
+            .map(|p| vec![p])
+            .map_err(D::Error::custom),
+    }
 }
 
 /// The local PostgreSQL this member manages (data members only; absent: no sidecar).
@@ -230,17 +274,17 @@ impl PostgresConfig {
         self.rewind_user.as_deref().unwrap_or(&self.user)
     }
 
-    fn validate_connections(&self) -> Result<(), ConfigError> {
+    fn validate_connections(&self, at: &str) -> Result<(), ConfigError> {
         for (field, v) in [
-            ("postgres.user", Some(&self.user)),
-            ("postgres.replication_user", self.replication_user.as_ref()),
-            ("postgres.rewind_user", self.rewind_user.as_ref()),
-            ("postgres.os_user", Some(&self.os_user)),
+            ("user", Some(&self.user)),
+            ("replication_user", self.replication_user.as_ref()),
+            ("rewind_user", self.rewind_user.as_ref()),
+            ("os_user", Some(&self.os_user)),
         ] {
             if let Some(v) = v {
                 if !valid_name(v) {
                     return Err(invalid(
-                        field,
+                        format!("{at}.{field}"),
                         format!(
                             "`{v}` is not a role name (letters, digits, `_`, `-`, `.`; at most 63)"
                         ),
@@ -250,7 +294,7 @@ impl PostgresConfig {
         }
         if !PG_SSLMODES.contains(&self.sslmode.as_str()) {
             return Err(invalid(
-                "postgres.sslmode",
+                format!("{at}.sslmode"),
                 format!(
                     "`{}` is not one of {}",
                     self.sslmode,
@@ -260,7 +304,7 @@ impl PostgresConfig {
         }
         if self.sslmode.starts_with("verify-") && self.sslrootcert.is_none() {
             return Err(invalid(
-                "postgres.sslrootcert",
+                format!("{at}.sslrootcert"),
                 format!(
                     "sslmode {} checks the servers' certificates: name the CA file",
                     self.sslmode
@@ -268,19 +312,19 @@ impl PostgresConfig {
             ));
         }
         for (field, p) in [
-            ("postgres.passfile", self.passfile.as_ref()),
-            ("postgres.sslrootcert", self.sslrootcert.as_ref()),
+            ("passfile", self.passfile.as_ref()),
+            ("sslrootcert", self.sslrootcert.as_ref()),
         ] {
             if let Some(p) = p {
                 if !p.is_absolute() {
                     return Err(invalid(
-                        field,
+                        format!("{at}.{field}"),
                         format!("`{}` must be an absolute path (postgres reads it too, from its own directory)", p.display()),
                     ));
                 }
                 if p.to_string_lossy().contains(['\'', '\\', '\n']) {
                     return Err(invalid(
-                        field,
+                        format!("{at}.{field}"),
                         "must not contain quotes, backslashes or newlines",
                     ));
                 }
@@ -411,8 +455,14 @@ pub struct Config {
     pub active_cluster: Option<String>,
     #[serde(default)]
     pub log: LogConfig,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postgres: Option<PostgresConfig>,
+    /// The PostgreSQL servers this member runs beside, one per cluster it serves (`[postgres]`
+    /// or `[[postgres]]`; each names its `cluster` when there are several).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "one_or_many"
+    )]
+    pub postgres: Vec<PostgresConfig>,
     #[serde(default)]
     pub failover: FailoverConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -582,7 +632,12 @@ pub mod defaults {
             bootstrap_primary: None,
             allow_degraded: false,
             degrade_after_ms: DEGRADE_AFTER_MS,
+            servers: Vec::new(),
+            switch_order: switch_order(),
         }]
+    }
+    pub fn switch_order() -> u32 {
+        100
     }
 }
 
@@ -772,11 +827,20 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
-        let n = self.members.len();
+        let n = self.voters().count();
         if !(2..=7).contains(&n) {
             return Err(invalid(
                 "members",
-                format!("a group has 2 to 7 members (3 recommended), found {n}"),
+                format!("a group has 2 to 7 voting members (3 recommended), found {n}"),
+            ));
+        }
+        if self.members.len() > 32 {
+            return Err(invalid(
+                "members",
+                format!(
+                    "at most 32 members (voters and sidecars), found {}",
+                    self.members.len()
+                ),
             ));
         }
         let mut names = BTreeSet::new();
@@ -950,20 +1014,45 @@ impl Config {
                     format!("duplicate cluster `{}`", c.name),
                 ));
             }
+            self.validate_servers(i, c)?;
+            let servers = self.server_names(&c.name);
             if let Some(b) = &c.bootstrap_primary {
-                if !self.data_members().any(|m| &m.name == b) {
+                if !servers.contains(b) {
                     return Err(invalid(
                         format!("clusters[{i}].bootstrap_primary"),
-                        format!("`{b}` is not a data member"),
+                        format!("`{b}` is not one of the cluster's servers"),
                     ));
                 }
             }
-            let standbys = (data - 1) as u32;
+            let standbys = (servers.len().max(1) - 1) as u32;
             if c.sync_quorum < 1 || c.sync_quorum > standbys {
                 return Err(invalid(
                     format!("clusters[{i}].sync_quorum"),
                     format!("must be between 1 and the number of standbys ({standbys})"),
                 ));
+            }
+        }
+        for (i, m) in self.members.iter().enumerate() {
+            if m.role == Role::Sidecar {
+                if !self
+                    .clusters
+                    .iter()
+                    .any(|c| c.servers.iter().any(|x| x.member == m.name))
+                {
+                    return Err(invalid(
+                        format!("members[{i}].role"),
+                        format!(
+                            "sidecar member `{}` is not one of any cluster's servers",
+                            m.name
+                        ),
+                    ));
+                }
+                if m.postgres.is_some() || m.pgpool.is_some() || m.pcp.is_some() {
+                    return Err(invalid(
+                        format!("members[{i}].postgres"),
+                        "a sidecar member's addresses go in its cluster's `servers` entry",
+                    ));
+                }
             }
         }
         let fo = &self.failover;
@@ -1011,20 +1100,37 @@ impl Config {
                 "must be at least 2 x failover.report_interval_ms",
             ));
         }
-        if let Some(pg) = &self.postgres {
+        let mut local = BTreeSet::new();
+        let mut dirs = BTreeSet::new();
+        let several = self.postgres.len() > 1;
+        for (k, pg) in self.postgres.iter().enumerate() {
+            let at = if several {
+                format!("postgres[{k}]")
+            } else {
+                "postgres".to_string()
+            };
             let me = self.me();
             if me.is_some_and(|m| m.role == Role::Arbiter) {
                 return Err(invalid(
-                    "postgres",
+                    at,
                     "an arbiter runs no database; remove [postgres]",
                 ));
             }
             if pg.data_dir.as_os_str().is_empty() {
-                return Err(invalid("postgres.data_dir", "must not be empty"));
+                return Err(invalid(format!("{at}.data_dir"), "must not be empty"));
             }
-            pg.validate_connections()?;
+            if !dirs.insert(pg.data_dir.clone()) {
+                return Err(invalid(
+                    format!("{at}.data_dir"),
+                    format!(
+                        "`{}` is used by another [[postgres]] entry",
+                        pg.data_dir.display()
+                    ),
+                ));
+            }
+            pg.validate_connections(&at)?;
             for (i, l) in pg.settings.iter().enumerate() {
-                let field = format!("postgres.settings[{i}]");
+                let field = format!("{at}.settings[{i}]");
                 let Some((name, _)) = l.split_once('=').filter(|_| !l.contains('\n')) else {
                     return Err(invalid(
                         field,
@@ -1045,32 +1151,160 @@ impl Config {
                     ));
                 }
             }
+            if several && pg.cluster.is_none() {
+                return Err(invalid(
+                    format!("{at}.cluster"),
+                    "required when a member runs several servers: name the cluster this one belongs to",
+                ));
+            }
             if let Some(c) = &pg.cluster {
-                if !self.clusters.iter().any(|x| &x.name == c) {
+                if self.cluster(c).is_none() {
                     return Err(invalid(
-                        "postgres.cluster",
+                        format!("{at}.cluster"),
                         format!("`{c}` is not in clusters"),
                     ));
                 }
             }
-            for (i, m) in self.members.iter().enumerate() {
-                if m.role == Role::Data {
-                    match &m.postgres {
-                        Some(a) => check_addr(&format!("members[{i}].postgres"), a)?,
-                        None => {
-                            return Err(invalid(
-                                format!("members[{i}].postgres"),
-                                "every data member needs its PostgreSQL host:port when [postgres] is set",
-                            ))
+            let cluster = self.pg_cluster_of(pg);
+            if !local.insert(cluster.clone()) {
+                return Err(invalid(
+                    format!("{at}.cluster"),
+                    format!("a second server of cluster `{cluster}` on this member"),
+                ));
+            }
+            let servers = self.servers(&cluster);
+            match servers.iter().find(|x| x.member == self.member) {
+                None => {
+                    return Err(invalid(
+                        format!("{at}.cluster"),
+                        format!(
+                            "member `{}` is not one of cluster `{cluster}`'s servers",
+                            self.member
+                        ),
+                    ))
+                }
+                Some(_) => {
+                    for (i, m) in self.members.iter().enumerate() {
+                        if servers.iter().any(|x| x.member == m.name) && m.role == Role::Data {
+                            if let Some(a) = &m.postgres {
+                                check_addr(&format!("members[{i}].postgres"), a)?;
+                            }
                         }
+                    }
+                    if let Some((j, x)) = servers
+                        .iter()
+                        .enumerate()
+                        .find(|(_, x)| x.postgres.is_none())
+                    {
+                        let ci = self
+                            .clusters
+                            .iter()
+                            .position(|c| c.name == cluster)
+                            .unwrap_or(0);
+                        let field = if self.clusters[ci].servers.is_empty() {
+                            let mi = self
+                                .members
+                                .iter()
+                                .position(|m| m.name == x.member)
+                                .unwrap_or(0);
+                            format!("members[{mi}].postgres")
+                        } else {
+                            format!("clusters[{ci}].servers[{j}].postgres")
+                        };
+                        return Err(invalid(
+                            field,
+                            format!("every server of cluster `{cluster}` needs its PostgreSQL host:port when [postgres] is set"),
+                        ));
                     }
                 }
             }
+        }
+        if self.me().is_some_and(|m| m.role == Role::Sidecar) && self.postgres.is_empty() {
+            return Err(invalid(
+                "postgres",
+                "a sidecar member runs beside a PostgreSQL server: [postgres] is required",
+            ));
         }
         self.validate_pgpool()?;
         self.validate_security(&names)?;
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// One cluster's `servers` (explicit, or the data members for a cluster that lists none).
+    fn validate_servers(&self, i: usize, c: &PgClusterConfig) -> Result<(), ConfigError> {
+        if c.servers.is_empty() {
+            let member_level = self.data_members().any(|m| m.postgres.is_some());
+            let first_implicit = self.clusters.iter().position(|x| x.servers.is_empty());
+            if member_level && first_implicit != Some(i) {
+                return Err(invalid(
+                    format!("clusters[{i}].servers"),
+                    format!(
+                        "the members' own `postgres` addresses already serve cluster `{}`: list this cluster's servers",
+                        first_implicit.map(|k| self.clusters[k].name.as_str()).unwrap_or("")
+                    ),
+                ));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (j, x) in c.servers.iter().enumerate() {
+            let f = |w: &str| format!("clusters[{i}].servers[{j}].{w}");
+            let Some(m) = self.members.iter().find(|m| m.name == x.member) else {
+                return Err(invalid(
+                    f("member"),
+                    format!("`{}` is not the name of any entry in members", x.member),
+                ));
+            };
+            if m.role == Role::Arbiter {
+                return Err(invalid(
+                    f("member"),
+                    format!("`{}` is an arbiter: it runs no database", x.member),
+                ));
+            }
+            if !seen.insert(x.member.as_str()) {
+                return Err(invalid(
+                    f("member"),
+                    format!("`{}` holds cluster `{}` twice", x.member, c.name),
+                ));
+            }
+            match &x.postgres {
+                Some(a) => check_addr(&f("postgres"), a)?,
+                None => return Err(invalid(f("postgres"), "required: the server's host:port")),
+            }
+            for (what, a) in [("pgpool", &x.pgpool), ("pcp", &x.pcp)] {
+                if let Some(a) = a {
+                    check_addr(&f(what), a)?;
+                }
+            }
+            if x.pgpool.is_some() != x.pcp.is_some() {
+                return Err(invalid(
+                    f(if x.pcp.is_none() { "pcp" } else { "pgpool" }),
+                    "a room's pgpool needs both its client address (`pgpool`) and its PCP address (`pcp`)",
+                ));
+            }
+        }
+        let n = self.servers(&c.name).len();
+        if n < 2 {
+            return Err(invalid(
+                format!("clusters[{i}].servers"),
+                format!("a cluster needs at least 2 servers (a primary and a synchronous standby), found {n}"),
+            ));
+        }
+        // No address serves twice, across every cluster.
+        let mut addrs: BTreeSet<String> = BTreeSet::new();
+        for (k, other) in self.clusters.iter().enumerate().take(i + 1) {
+            for x in self.servers(&other.name) {
+                for a in [&x.postgres, &x.pgpool, &x.pcp].into_iter().flatten() {
+                    if !addrs.insert(a.clone()) && k == i {
+                        return Err(invalid(
+                            format!("clusters[{i}].servers"),
+                            format!("address `{a}` is used by two servers"),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -1156,6 +1390,10 @@ impl Config {
                 ));
             }
         }
+        any |= self
+            .clusters
+            .iter()
+            .any(|c| c.servers.iter().any(|x| x.pcp.is_some()));
         let Some(pp) = &self.pgpool else {
             if any {
                 return Err(invalid(
@@ -1208,11 +1446,15 @@ impl Config {
             }
         }
         if pp.manage {
-            if let Some(me) = self.me() {
-                if me.role == Role::Data && me.pgpool.is_none() {
+            for c in self.pooled_clusters() {
+                let mine = self
+                    .servers(&c)
+                    .into_iter()
+                    .find(|x| x.member == self.member);
+                if mine.is_some_and(|x| x.pgpool.is_none()) {
                     return Err(invalid(
                         "pgpool.manage",
-                        format!("member `{}` has no `pgpool`/`pcp` address to run its pgpool on (set them, or manage = false)", me.name),
+                        format!("member `{}` has no `pgpool`/`pcp` address for cluster `{c}` to run its pgpool on (set them, or manage = false)", self.member),
                     ));
                 }
             }
@@ -1220,43 +1462,129 @@ impl Config {
         Ok(())
     }
 
-    /// pgpool backends in backend order: every data member with a postgres address.
-    pub fn pgpool_backends(&self) -> Vec<(String, String)> {
+    /// The cluster named `name`.
+    pub fn cluster(&self, name: &str) -> Option<&PgClusterConfig> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// The servers of cluster `name` in backend order: its `servers`, or, when it lists none,
+    /// every data member at its own addresses.
+    pub fn servers(&self, name: &str) -> Vec<ServerConfig> {
+        let Some(c) = self.cluster(name) else {
+            return Vec::new();
+        };
+        if !c.servers.is_empty() {
+            return c.servers.clone();
+        }
         self.data_members()
-            .filter_map(|m| m.postgres.clone().map(|a| (m.name.clone(), a)))
+            .map(|m| ServerConfig {
+                member: m.name.clone(),
+                postgres: m.postgres.clone(),
+                pgpool: m.pgpool.clone(),
+                pcp: m.pcp.clone(),
+            })
             .collect()
     }
 
-    /// Whether this member runs its room's pgpool.
+    /// The members that hold cluster `name` (its candidates and possible standbys).
+    pub fn server_names(&self, name: &str) -> BTreeSet<String> {
+        self.servers(name).into_iter().map(|s| s.member).collect()
+    }
+
+    /// The cluster a `[[postgres]]` entry belongs to (`cluster`, else the first).
+    pub fn pg_cluster_of(&self, pg: &PostgresConfig) -> String {
+        pg.cluster
+            .clone()
+            .or_else(|| self.clusters.first().map(|c| c.name.clone()))
+            .unwrap_or_default()
+    }
+
+    /// This member's server of cluster `name`, if it runs one.
+    pub fn postgres_for(&self, name: &str) -> Option<&PostgresConfig> {
+        self.postgres.iter().find(|p| self.pg_cluster_of(p) == name)
+    }
+
+    /// The clusters this member runs a server of, in `[[postgres]]` order.
+    pub fn local_clusters(&self) -> Vec<String> {
+        self.postgres
+            .iter()
+            .map(|p| self.pg_cluster_of(p))
+            .collect()
+    }
+
+    /// The clusters whose servers have pgpools (repointed by the leader).
+    pub fn pooled_clusters(&self) -> Vec<String> {
+        self.clusters
+            .iter()
+            .filter(|c| self.servers(&c.name).iter().any(|s| s.pcp.is_some()))
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// pgpool backends of cluster `name` in backend order: every server with an address.
+    pub fn pgpool_backends(&self, name: &str) -> Vec<(String, String)> {
+        self.servers(name)
+            .into_iter()
+            .filter_map(|s| s.postgres.map(|a| (s.member, a)))
+            .collect()
+    }
+
     /// The role pgpool finds the primary with (`[pgpool] check_user`, else `[postgres] user`),
     /// when this group has pgpools.
     pub fn pgpool_check_user(&self) -> Option<String> {
         let pp = self.pgpool.as_ref()?;
         Some(pp.check_user.clone().unwrap_or_else(|| {
             self.postgres
-                .as_ref()
+                .first()
                 .map(|p| p.user.clone())
                 .unwrap_or_else(defaults::pg_user)
         }))
     }
 
-    pub fn manages_pgpool(&self) -> bool {
-        self.pgpool.as_ref().is_some_and(|p| p.manage)
-            && self
-                .me()
-                .is_some_and(|m| m.role == Role::Data && m.pgpool.is_some())
+    /// The clusters whose room pgpool this member runs (managed pgpool).
+    pub fn managed_pgpools(&self) -> Vec<String> {
+        if !self.pgpool.as_ref().is_some_and(|p| p.manage) {
+            return Vec::new();
+        }
+        self.clusters
+            .iter()
+            .filter(|c| {
+                self.servers(&c.name)
+                    .iter()
+                    .any(|s| s.member == self.member && s.pgpool.is_some())
+            })
+            .map(|c| c.name.clone())
+            .collect()
     }
 
-    /// The managed pgpool's work directory.
-    pub fn pgpool_work_dir(&self) -> Option<PathBuf> {
+    /// Whether this member runs a room pgpool.
+    pub fn manages_pgpool(&self) -> bool {
+        !self.managed_pgpools().is_empty()
+    }
+
+    /// The managed pgpool's work directory for cluster `name` (the first cluster's keeps the
+    /// name without a suffix).
+    pub fn pgpool_work_dir(&self, name: &str) -> Option<PathBuf> {
         let p = self.pgpool.as_ref()?;
-        Some(p.work_dir.clone().unwrap_or_else(|| {
+        let first = self.clusters.first().is_some_and(|c| c.name == name);
+        let base = p.work_dir.clone().unwrap_or_else(|| {
             // A sibling of the Raft data directory, like postgres's `.run` directory: pgpool runs
             // as another OS user and must not need access to the watcher's own files.
             let mut d = self.data_dir.clone().into_os_string();
             d.push("-pgpool");
             PathBuf::from(d)
-        }))
+        });
+        if first {
+            return Some(base);
+        }
+        let mut d = base.into_os_string();
+        d.push(format!("-{name}"));
+        Some(PathBuf::from(d))
+    }
+
+    /// The members that vote (data and arbiter members; sidecar members are learners).
+    pub fn voters(&self) -> impl Iterator<Item = &MemberConfig> {
+        self.members.iter().filter(|m| m.role != Role::Sidecar)
     }
 
     pub fn me(&self) -> Option<&MemberConfig> {
@@ -1275,7 +1603,8 @@ impl Config {
     pub fn members_canonical(&self) -> String {
         let mut ms: Vec<&MemberConfig> = self.members.iter().collect();
         ms.sort_by_key(|m| m.id);
-        ms.iter()
+        let members = ms
+            .iter()
             .map(|m| {
                 format!(
                     "{}={}/{}/{}/{}/{}",
@@ -1288,7 +1617,19 @@ impl Config {
                 )
             })
             .collect::<Vec<_>>()
-            .join(",")
+            .join(",");
+        // Explicit servers decide candidates, so they are part of what every member must share
+        // (a group with none keeps the digest it always had).
+        let mut out = members;
+        for c in self.clusters.iter().filter(|c| !c.servers.is_empty()) {
+            let list: Vec<String> = c
+                .servers
+                .iter()
+                .map(|x| format!("{}/{}", x.member, x.postgres.as_deref().unwrap_or("-")))
+                .collect();
+            out.push_str(&format!(";{}=[{}]", c.name, list.join(",")));
+        }
+        out
     }
 
     /// Digest of the member list; every member of one group must have the same.
@@ -1300,13 +1641,14 @@ impl Config {
         new.validate()?;
         let live = |c: &Config| {
             c.postgres
-                .as_ref()
+                .iter()
                 .map(|p| (p.settings.clone(), p.hba.clone()))
+                .collect::<Vec<_>>()
         };
         let changed = live(self) != live(new);
         let strip = |c: &Config| {
             let mut c = c.clone();
-            if let Some(p) = c.postgres.as_mut() {
+            for p in c.postgres.iter_mut() {
                 p.settings.clear();
                 p.hba.clear();
             }
@@ -1333,17 +1675,12 @@ impl Config {
             .unwrap_or_default()
     }
 
-    /// Whether the group manages PostgreSQL (every data member has a `postgres` address).
+    /// Whether the group manages PostgreSQL: some cluster's servers all have addresses.
     pub fn manages_postgres(&self) -> bool {
-        self.data_members().all(|m| m.postgres.is_some())
-    }
-
-    /// The PostgreSQL cluster the local sidecar manages, if any.
-    pub fn local_pg_cluster(&self) -> Option<String> {
-        let pg = self.postgres.as_ref()?;
-        pg.cluster
-            .clone()
-            .or_else(|| self.clusters.first().map(|c| c.name.clone()))
+        self.clusters.iter().any(|c| {
+            let sv = self.servers(&c.name);
+            !sv.is_empty() && sv.iter().all(|s| s.postgres.is_some())
+        })
     }
 
     pub fn http_listen(&self) -> String {
@@ -1496,9 +1833,9 @@ admin = ["dba"]
     fn pgpool_settings_are_checked_and_named() {
         let c = with_pgpool();
         c.validate().expect("valid");
-        assert_eq!(c.pgpool_backends().len(), 2);
+        assert_eq!(c.pgpool_backends("global").len(), 2);
         assert_eq!(
-            c.pgpool_work_dir(),
+            c.pgpool_work_dir("global"),
             Some(PathBuf::from("/var/lib/pg-watcher-pgpool"))
         );
 
@@ -1554,9 +1891,9 @@ admin = ["dba"]
         for (i, m) in c.members.iter_mut().enumerate().take(2) {
             m.postgres = Some(format!("127.0.0.1:{}", 5500 + i));
         }
-        c.postgres = Some(PostgresConfig::new("/var/lib/pgw/data"));
+        c.postgres = vec![PostgresConfig::new("/var/lib/pgw/data")];
         c.validate().expect("defaults are fine");
-        let pg = c.postgres.as_ref().expect("pg");
+        let pg = c.postgres.first().expect("pg");
         assert_eq!(
             (pg.replication_role(), pg.rewind_role()),
             ("postgres", "postgres")
@@ -1590,7 +1927,7 @@ admin = ["dba"]
         ];
         for (change, field) in cases {
             let mut bad = c.clone();
-            if let Some(p) = bad.postgres.as_mut() {
+            if let Some(p) = bad.postgres.first_mut() {
                 change(p);
             }
             match bad.validate() {
@@ -1599,14 +1936,14 @@ admin = ["dba"]
             }
         }
         let mut ok = c.clone();
-        if let Some(p) = ok.postgres.as_mut() {
+        if let Some(p) = ok.postgres.first_mut() {
             p.sslmode = "verify-ca".into();
             p.sslrootcert = Some("/etc/pg-watcher/tls/ca.crt".into());
             p.replication_user = Some("replicator".into());
         }
         ok.validate().expect("verify-ca with a CA");
         assert_eq!(
-            ok.postgres.as_ref().map(|p| p.replication_role()),
+            ok.postgres.first().map(|p| p.replication_role()),
             Some("replicator")
         );
     }
@@ -1617,10 +1954,10 @@ admin = ["dba"]
         for (i, m) in c.members.iter_mut().enumerate().take(2) {
             m.postgres = Some(format!("127.0.0.1:{}", 5500 + i));
         }
-        c.postgres = Some(PostgresConfig::new("/var/lib/pgw/data"));
+        c.postgres = vec![PostgresConfig::new("/var/lib/pgw/data")];
         assert_eq!(c.reload_diff(&c.clone()).ok(), Some(false));
         let mut n = c.clone();
-        if let Some(p) = n.postgres.as_mut() {
+        if let Some(p) = n.postgres.first_mut() {
             p.settings.push("work_mem = '8MB'".into());
             p.hba.push("host all all 10.0.0.0/8 scram-sha-256".into());
         }
@@ -1636,7 +1973,7 @@ admin = ["dba"]
         m.members[1].priority = 7;
         assert_eq!(field(c.reload_diff(&m)), "members[1].priority");
         let mut owned = n.clone();
-        if let Some(p) = owned.postgres.as_mut() {
+        if let Some(p) = owned.postgres.first_mut() {
             p.settings.push("synchronous_commit = local".into());
         }
         assert_eq!(field(c.reload_diff(&owned)), "postgres.settings[1]");
@@ -1648,10 +1985,10 @@ admin = ["dba"]
         for (i, m) in c.members.iter_mut().enumerate().take(2) {
             m.postgres = Some(format!("127.0.0.1:{}", 5500 + i));
         }
-        c.postgres = Some(PostgresConfig {
+        c.postgres = vec![PostgresConfig {
             settings: vec!["shared_buffers = '64MB'".into(), "work_mem = '8MB'".into()],
             ..PostgresConfig::new("/var/lib/pgw/data")
-        });
+        }];
         c.validate().expect("ordinary settings are fine");
         for (bad, name) in [
             ("synchronous_commit = local", "synchronous_commit"),
@@ -1666,7 +2003,7 @@ admin = ["dba"]
             ("recovery_target_lsn = '0/1'", "recovery_target_lsn"),
         ] {
             let mut c2 = c.clone();
-            if let Some(pg) = c2.postgres.as_mut() {
+            if let Some(pg) = c2.postgres.first_mut() {
                 pg.settings.push(bad.into());
             }
             let e = c2.validate().unwrap_err();
@@ -1674,7 +2011,7 @@ admin = ["dba"]
             assert_eq!(field_of(e), "postgres.settings[2]", "{bad}");
         }
         let mut c3 = c.clone();
-        if let Some(pg) = c3.postgres.as_mut() {
+        if let Some(pg) = c3.postgres.first_mut() {
             pg.settings = vec!["nonsense".into()];
         }
         assert_eq!(field_of(c3.validate().unwrap_err()), "postgres.settings[0]");
@@ -1791,5 +2128,249 @@ admin = ["dba"]
             Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "members[2].room"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Two clusters: "global" on the data members' own addresses, "recovery" on room-b and a
+    /// sidecar member; this member (room-b) runs a server of each.
+    const TWO: &str = r#"
+cluster_id = "prod"
+member = "room-b"
+data_dir = "/var/lib/pg-watcher"
+
+[[members]]
+name = "room-a"
+id = 1
+role = "data"
+grpc = "127.0.0.1:7001"
+http = "127.0.0.1:7101"
+postgres = "127.0.0.1:5501"
+
+[[members]]
+name = "room-b"
+id = 2
+role = "data"
+grpc = "127.0.0.1:7002"
+http = "127.0.0.1:7102"
+postgres = "127.0.0.1:5502"
+
+[[members]]
+name = "arbiter"
+id = 3
+role = "arbiter"
+grpc = "127.0.0.1:7003"
+http = "127.0.0.1:7103"
+
+[[members]]
+name = "rec-a"
+id = 4
+role = "sidecar"
+grpc = "127.0.0.1:7004"
+http = "127.0.0.1:7104"
+room = "room-a"
+
+[[clusters]]
+name = "global"
+
+[[clusters]]
+name = "recovery"
+switch_order = 1
+
+[[clusters.servers]]
+member = "rec-a"
+postgres = "127.0.0.1:5601"
+
+[[clusters.servers]]
+member = "room-b"
+postgres = "127.0.0.1:5602"
+
+[[postgres]]
+cluster = "global"
+data_dir = "/var/lib/pgw/global"
+
+[[postgres]]
+cluster = "recovery"
+data_dir = "/var/lib/pgw/recovery"
+
+[tls]
+ca = "/etc/pg-watcher/tls/ca.crt"
+cert = "/etc/pg-watcher/tls/room-b.crt"
+key = "/etc/pg-watcher/tls/room-b.key"
+"#;
+
+    fn two() -> Config {
+        let c = Config::from_toml(TWO, "test").expect("parses");
+        c.validate().expect("valid");
+        c
+    }
+
+    #[test]
+    fn several_clusters_each_with_its_own_servers() {
+        let c = two();
+        assert_eq!(c.voters().count(), 3);
+        assert_eq!(
+            c.server_names("global").into_iter().collect::<Vec<_>>(),
+            ["room-a", "room-b"]
+        );
+        assert_eq!(
+            c.server_names("recovery").into_iter().collect::<Vec<_>>(),
+            ["rec-a", "room-b"]
+        );
+        assert_eq!(c.local_clusters(), ["global", "recovery"]);
+        assert_eq!(
+            c.postgres_for("recovery").map(|p| p.data_dir.clone()),
+            Some(PathBuf::from("/var/lib/pgw/recovery"))
+        );
+        assert_eq!(
+            c.pgpool_backends("recovery"),
+            vec![
+                ("rec-a".to_string(), "127.0.0.1:5601".to_string()),
+                ("room-b".to_string(), "127.0.0.1:5602".to_string())
+            ]
+        );
+        // The explicit servers are part of what every member must share.
+        let mut moved = c.clone();
+        moved.clusters[1].servers[0].postgres = Some("127.0.0.1:5603".into());
+        assert_ne!(moved.members_fingerprint(), c.members_fingerprint());
+        // A group without explicit servers keeps the digest it always had.
+        assert!(!good().members_canonical().contains(';'));
+        // Round trip through TOML keeps both servers.
+        let back = Config::from_toml(&c.to_toml().expect("toml"), "rt").expect("parses");
+        assert_eq!(back, c);
+        // A single `[postgres]` table is one entry.
+        let one = Config::from_toml(
+            &GOOD.replace(
+                "[tls]",
+                "[postgres]\ndata_dir = \"/var/lib/pgw/data\"\n\n[tls]",
+            ),
+            "one",
+        )
+        .expect("parses");
+        assert_eq!(one.postgres.len(), 1);
+    }
+
+    #[test]
+    fn bad_servers_and_sidecars_are_named() {
+        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str, &str)> = vec![
+            (
+                Box::new(|c| c.clusters[1].servers[0].member = "nobody".into()),
+                "clusters[1].servers[0].member",
+                "`nobody`",
+            ),
+            (
+                Box::new(|c| c.clusters[1].servers[0].member = "arbiter".into()),
+                "clusters[1].servers[0].member",
+                "arbiter",
+            ),
+            (
+                Box::new(|c| c.clusters[1].servers[1].member = "rec-a".into()),
+                "clusters[1].servers[1].member",
+                "twice",
+            ),
+            (
+                Box::new(|c| c.clusters[1].servers[1].postgres = None),
+                "clusters[1].servers[1].postgres",
+                "required",
+            ),
+            (
+                Box::new(|c| c.clusters[1].servers[1].postgres = Some("127.0.0.1:5501".into())),
+                "clusters[1].servers",
+                "127.0.0.1:5501",
+            ),
+            (
+                Box::new(|c| {
+                    c.clusters[1].servers.pop();
+                }),
+                "clusters[1].servers",
+                "at least 2",
+            ),
+            (
+                Box::new(|c| c.clusters[1].servers[0].pcp = Some("127.0.0.1:9800".into())),
+                "clusters[1].servers[0].pgpool",
+                "both",
+            ),
+            (
+                Box::new(|c| c.clusters[1].servers.clear()),
+                "clusters[1].servers",
+                "already serve cluster `global`",
+            ),
+            (
+                Box::new(|c| c.postgres[1].cluster = None),
+                "postgres[1].cluster",
+                "required",
+            ),
+            (
+                Box::new(|c| c.postgres[1].data_dir = "/var/lib/pgw/global".into()),
+                "postgres[1].data_dir",
+                "another",
+            ),
+            (
+                Box::new(|c| c.postgres[1].user = "bad user".into()),
+                "postgres[1].user",
+                "role name",
+            ),
+            (
+                Box::new(|c| c.member = "room-a".into()),
+                "postgres[1].cluster",
+                "not one of cluster `recovery`'s servers",
+            ),
+            (
+                Box::new(|c| c.clusters[1].bootstrap_primary = Some("room-a".into())),
+                "clusters[1].bootstrap_primary",
+                "servers",
+            ),
+            (
+                Box::new(|c| c.clusters[1].servers[0].member = "room-a".into()),
+                "members[3].role",
+                "not one of any cluster's servers",
+            ),
+            (
+                Box::new(|c| {
+                    c.members[3].role = Role::Data;
+                    c.members[3].postgres = Some("127.0.0.1:5509".into());
+                    c.members.push(MemberConfig {
+                        name: "x".into(),
+                        id: 9,
+                        grpc: "127.0.0.1:7009".into(),
+                        http: "127.0.0.1:7109".into(),
+                        ..c.members[2].clone()
+                    });
+                    for k in 10..14 {
+                        c.members.push(MemberConfig {
+                            name: format!("v{k}"),
+                            id: k,
+                            grpc: format!("127.0.0.1:{}", 7000 + k),
+                            http: format!("127.0.0.1:{}", 7100 + k),
+                            ..c.members[2].clone()
+                        });
+                    }
+                }),
+                "members",
+                "voting members",
+            ),
+        ];
+        for (mutate, field, words) in cases {
+            let mut c = two();
+            mutate(&mut c);
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, message }) => {
+                    assert_eq!(f, field, "{message}");
+                    assert!(message.contains(words), "{field}: {message}");
+                }
+                other => panic!("{field}: expected an error, got {other:?}"),
+            }
+        }
+        // A sidecar member needs its server.
+        let mut c = two();
+        c.member = "rec-a".into();
+        c.postgres.clear();
+        match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "postgres"),
+            other => panic!("{other:?}"),
+        }
+        c.postgres = vec![PostgresConfig {
+            cluster: Some("recovery".into()),
+            ..PostgresConfig::new("/var/lib/pgw/recovery")
+        }];
+        c.validate().expect("a sidecar member with its server");
     }
 }

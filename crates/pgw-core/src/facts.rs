@@ -309,21 +309,26 @@ impl Facts {
     }
 
     /// Applies one committed proposal, first refusing a command that names a member that is
-    /// not one of the group's data members (`data_members`, from the member list every member
-    /// shares): such a command is rejected and changes nothing. Deterministic; never panics.
+    /// not one of its cluster's servers (`servers`: cluster name -> members holding it, from
+    /// the config every member shares): such a command is rejected and changes nothing.
+    /// Deterministic; never panics.
     pub fn apply_checked(
         &mut self,
         log_index: u64,
         p: &Proposal,
-        data_members: &BTreeSet<String>,
+        servers: &BTreeMap<String, BTreeSet<String>>,
     ) -> Outcome {
+        let cluster = p.command.cluster();
+        let held = servers.get(cluster);
         if let Some(unknown) = p
             .command
             .members()
             .into_iter()
-            .find(|m| !data_members.contains(*m))
+            .find(|m| !held.is_some_and(|h| h.contains(*m)))
         {
-            return reject(format!("`{unknown}` is not a data member of this group"));
+            return reject(format!(
+                "`{unknown}` is not a server of cluster `{cluster}` in this group"
+            ));
         }
         self.apply(log_index, p)
     }
@@ -762,6 +767,7 @@ mod tests {
     fn arb_wild_command() -> impl Strategy<Value = Command> {
         let name = prop_oneof![
             Just("global".to_string()),
+            Just("recovery".to_string()),
             Just("a".to_string()),
             Just("b".to_string()),
             any::<String>()
@@ -878,11 +884,17 @@ mod tests {
             cmds in proptest::collection::vec(arb_wild_command(), 0..80)
         ) {
             let members: BTreeSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+            // "global" is held by a, b, c; "recovery" by a and b only.
+            let mut servers = BTreeMap::new();
+            servers.insert("global".to_string(), members.clone());
+            let recovery: BTreeSet<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+            servers.insert("recovery".to_string(), recovery);
             let mut f = Facts::default();
             for (i, c) in cmds.iter().enumerate() {
                 let before = f.clone();
-                let out = f.apply_checked(i as u64 + 1, &prop(c.clone()), &members);
-                if c.members().iter().any(|m| !members.contains(*m)) {
+                let out = f.apply_checked(i as u64 + 1, &prop(c.clone()), &servers);
+                let held = servers.get(c.cluster());
+                if c.members().iter().any(|m| !held.is_some_and(|h| h.contains(*m))) {
                     prop_assert!(out.is_rejected());
                 }
                 if out.is_rejected() {

@@ -10,7 +10,6 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pgw_core::failover::PgRole;
-use pgw_core::Role;
 use tokio::net::TcpListener;
 
 use crate::member::Shared;
@@ -26,7 +25,7 @@ fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
 }
 
 /// Answers one request. `cluster` query parameter selects the PostgreSQL cluster (default: the
-/// first configured one).
+/// first one this member runs a server of, else the first configured one).
 pub fn handle(
     s: &Shared,
     metrics: Option<&PrometheusHandle>,
@@ -39,6 +38,7 @@ pub fn handle(
         .split('&')
         .find_map(|kv| kv.strip_prefix("cluster="))
         .map(str::to_string)
+        .or_else(|| s.cfg.local_clusters().into_iter().next())
         .or_else(|| s.cfg.clusters.first().map(|c| c.name.clone()))
         .unwrap_or_default();
     let m = s.raft.metrics().borrow().clone();
@@ -46,7 +46,8 @@ pub fn handle(
     let f = facts.cluster(&cluster);
     let has_leader = m.current_leader.is_some();
     let me = &s.cfg.member;
-    let is_data = s.cfg.me().is_some_and(|m| m.role == Role::Data);
+    // This member holds a server of the cluster (it may be a replica or the primary).
+    let is_data = s.cfg.server_names(&cluster).contains(me);
     let primary = f.and_then(|f| f.primary.clone());
     let json = |ok: bool| {
         let body = serde_json::json!({
@@ -66,8 +67,13 @@ pub fn handle(
         reply(code, "application/json", format!("{body}\n"))
     };
     // With a sidecar, the local server must also be doing what the group decided.
-    let local = s.local.read().map(|r| *r).unwrap_or_default();
-    let managed = s.cfg.postgres.is_some();
+    let local = s
+        .local
+        .read()
+        .ok()
+        .and_then(|r| r.get(&cluster).copied())
+        .unwrap_or_default();
+    let managed = s.cfg.postgres_for(&cluster).is_some();
     let lag_limit = match query.split('&').find_map(|kv| kv.strip_prefix("lag=")) {
         None => None,
         Some(v) => match parse_bytes(v) {

@@ -148,7 +148,7 @@ impl Node {
                 .set_service_status(&c.name, ServingStatus::NotServing)
                 .await;
         }
-        let live = Arc::new(crate::reload::Live::new(cfg.postgres.as_ref()));
+        let live = Arc::new(crate::reload::Live::new(&cfg));
         let leader = crate::member::LeaderState::new(&cfg);
         let shared = Shared {
             cfg,
@@ -167,10 +167,11 @@ impl Node {
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));
         tokio::spawn(crate::leader::decision_loop(shared.clone()));
-        match crate::sidecar::Sidecar::new(shared.clone()) {
-            Ok(Some(sc)) => sc.spawn(),
-            Ok(None) => {}
-            Err(e) => return Err(NodeError::Raft(format!("postgres sidecar: {e}"))),
+        for pg in &shared.cfg.postgres {
+            match crate::sidecar::Sidecar::new(shared.clone(), pg.clone()) {
+                Ok(sc) => sc.spawn(),
+                Err(e) => return Err(NodeError::Raft(format!("postgres sidecar: {e}"))),
+            }
         }
         crate::pgpool::spawn(&shared).map_err(|e| NodeError::Pgpool(e.to_string()))?;
         Ok(Node {
@@ -291,10 +292,17 @@ impl Node {
             tracing::info!("group already initialised by peers; waiting to be replicated to");
             return Ok(());
         }
+        if s.cfg
+            .me()
+            .is_some_and(|m| m.role == pgw_core::Role::Sidecar)
+        {
+            // A sidecar member never votes: the leader adds it as a learner.
+            tracing::info!("sidecar member: waiting for the leader to add it as a non-voter");
+            return Ok(());
+        }
         let members: BTreeMap<u64, BasicNode> = s
             .cfg
-            .members
-            .iter()
+            .voters()
             .map(|m| {
                 (
                     m.id,
@@ -306,7 +314,10 @@ impl Node {
             .collect();
         match s.raft.initialize(members).await {
             Ok(()) => {
-                tracing::info!("initialised the group with {} members", s.cfg.members.len());
+                tracing::info!(
+                    "initialised the group with {} voters",
+                    s.cfg.voters().count()
+                );
                 Ok(())
             }
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
@@ -377,7 +388,36 @@ async fn watch_metrics(s: Shared, health: HealthReporter) {
     }
 }
 
-/// While this member leads, registers every configured PostgreSQL cluster in the facts.
+/// Adds every configured sidecar member the membership lacks as a learner (non-voter): it
+/// receives the log, knows the leader and reports, and never counts toward a quorum.
+async fn ensure_learners(s: &Shared, m: &openraft::RaftMetrics<u64, BasicNode>) {
+    let known: std::collections::BTreeSet<u64> = m
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect();
+    for x in s
+        .cfg
+        .members
+        .iter()
+        .filter(|x| x.role == pgw_core::Role::Sidecar)
+    {
+        if known.contains(&x.id) {
+            continue;
+        }
+        let node = BasicNode {
+            addr: x.grpc.clone(),
+        };
+        match s.raft.add_learner(x.id, node, false).await {
+            Ok(_) => tracing::info!(member = %x.name, "sidecar member added as a non-voter"),
+            Err(e) => tracing::debug!(member = %x.name, "adding sidecar member: {e}"),
+        }
+    }
+}
+
+/// While this member leads, registers every configured PostgreSQL cluster in the facts (and
+/// adds sidecar members as learners).
 async fn ensure_clusters(s: Shared) {
     let me = s.cfg.me().map(|m| m.id);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -390,6 +430,7 @@ async fn ensure_clusters(s: Shared) {
         if m.current_leader != me || me.is_none() {
             continue;
         }
+        ensure_learners(&s, &m).await;
         let facts = s.sm.applied().facts;
         for c in &s.cfg.clusters {
             if facts.cluster(&c.name).is_none() {

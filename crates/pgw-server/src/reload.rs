@@ -23,27 +23,43 @@ pub struct Applied {
     pub result: Result<Vec<String>, String>,
 }
 
-pub struct Live {
-    config_path: std::sync::RwLock<Option<PathBuf>>,
+/// One local server's channel: what it should run with, and what it did.
+struct Channel {
     want: watch::Sender<PgLive>,
     done: watch::Sender<Applied>,
 }
 
+pub struct Live {
+    config_path: std::sync::RwLock<Option<PathBuf>>,
+    /// One per local server, by cluster.
+    servers: std::collections::BTreeMap<String, Channel>,
+}
+
 impl Live {
-    pub fn new(pg: Option<&pgw_core::config::PostgresConfig>) -> Live {
-        let start = PgLive {
-            generation: 0,
-            settings: pg.map(|p| p.settings.clone()).unwrap_or_default(),
-            hba: pg.map(|p| p.hba.clone()).unwrap_or_default(),
-        };
+    pub fn new(cfg: &pgw_core::Config) -> Live {
+        let servers = cfg
+            .postgres
+            .iter()
+            .map(|p| {
+                let start = PgLive {
+                    generation: 0,
+                    settings: p.settings.clone(),
+                    hba: p.hba.clone(),
+                };
+                let ch = Channel {
+                    want: watch::channel(start).0,
+                    done: watch::channel(Applied {
+                        generation: 0,
+                        result: Ok(Vec::new()),
+                    })
+                    .0,
+                };
+                (cfg.pg_cluster_of(p), ch)
+            })
+            .collect();
         Live {
             config_path: std::sync::RwLock::new(None),
-            want: watch::channel(start).0,
-            done: watch::channel(Applied {
-                generation: 0,
-                result: Ok(Vec::new()),
-            })
-            .0,
+            servers,
         }
     }
 
@@ -57,29 +73,35 @@ impl Live {
         self.config_path.read().ok().and_then(|g| g.clone())
     }
 
-    /// The sidecar's side: what to run with.
-    pub fn subscribe(&self) -> watch::Receiver<PgLive> {
-        self.want.subscribe()
+    /// The sidecar's side: what to run with (`None`: no local server of `cluster`).
+    pub fn subscribe(&self, cluster: &str) -> Option<watch::Receiver<PgLive>> {
+        self.servers.get(cluster).map(|c| c.want.subscribe())
     }
 
     /// The sidecar's side: the outcome of a generation.
-    pub fn report(&self, a: Applied) {
-        self.done.send_replace(a);
+    pub fn report(&self, cluster: &str, a: Applied) {
+        if let Some(c) = self.servers.get(cluster) {
+            c.done.send_replace(a);
+        }
     }
 
-    /// Asks for `settings`/`hba`; returns (changed, the sidecar's outcome) once it applied
-    /// them, or `None` as the outcome if it did not within `limit` (it is busy: it applies
-    /// them when done).
+    /// Asks the server of `cluster` for `settings`/`hba`; returns (changed, the sidecar's
+    /// outcome) once it applied them, or `None` as the outcome if it did not within `limit`
+    /// (it is busy: it applies them when done) or runs no server of `cluster`.
     pub async fn apply(
         &self,
+        cluster: &str,
         settings: Vec<String>,
         hba: Vec<String>,
         limit: Duration,
     ) -> (bool, Option<Result<Vec<String>, String>>) {
-        let mut rx = self.done.subscribe();
+        let Some(ch) = self.servers.get(cluster) else {
+            return (false, None);
+        };
+        let mut rx = ch.done.subscribe();
         let mut changed = false;
         let mut generation = 0;
-        self.want.send_modify(|w| {
+        ch.want.send_modify(|w| {
             changed = w.settings != settings || w.hba != hba;
             w.generation += 1;
             w.settings = settings;

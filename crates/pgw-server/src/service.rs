@@ -392,10 +392,17 @@ impl AdminService {
             )));
         }
         let fresh = |m: &str| self.0.leader.fresh_report(cluster, m);
-        let data: Vec<&pgw_core::MemberConfig> = self.0.cfg.data_members().collect();
+        let servers = self.0.cfg.server_names(cluster);
+        let data: Vec<&pgw_core::MemberConfig> = self
+            .0
+            .cfg
+            .members
+            .iter()
+            .filter(|m| servers.contains(&m.name))
+            .collect();
         if !target.is_empty() && !data.iter().any(|m| m.name == target) {
             return Err(Status::invalid_argument(format!(
-                "`{target}` is not a data member of this group"
+                "`{target}` is not a server of cluster `{cluster}`"
             )));
         }
         let target = match kind {
@@ -643,19 +650,20 @@ impl admin_server::Admin for AdminService {
                 obs.member
             )));
         }
-        let data_member = |m: &str| self.0.cfg.data_members().any(|d| d.name == m);
-        if !data_member(&obs.member) {
-            telemetry::report_dropped("unknown_member");
-            return Err(Status::invalid_argument(format!(
-                "`{}` is not a data member of this group",
-                obs.member
-            )));
-        }
         if !self.0.cfg.clusters.iter().any(|c| c.name == obs.cluster) {
             telemetry::report_dropped("unknown_cluster");
             return Err(Status::invalid_argument(format!(
                 "`{}` is not a cluster of this group",
                 obs.cluster
+            )));
+        }
+        let servers = self.0.cfg.server_names(&obs.cluster);
+        let data_member = |m: &str| servers.contains(m);
+        if !data_member(&obs.member) {
+            telemetry::report_dropped("unknown_member");
+            return Err(Status::invalid_argument(format!(
+                "`{}` is not a server of cluster `{}`",
+                obs.member, obs.cluster
             )));
         }
         if relayed {
@@ -805,20 +813,36 @@ impl admin_server::Admin for AdminService {
             )),
         }
         let (mut changed, mut pending_restart) = (false, Vec::new());
-        if let Some(pg) = &new.postgres {
+        for pg in &new.postgres {
+            let cluster = new.pg_cluster_of(pg);
             let (c, outcome) = self
                 .0
                 .live
-                .apply(pg.settings.clone(), pg.hba.clone(), Duration::from_secs(20))
+                .apply(
+                    &cluster,
+                    pg.settings.clone(),
+                    pg.hba.clone(),
+                    Duration::from_secs(20),
+                )
                 .await;
-            changed = c;
+            changed |= c;
+            let several = new.postgres.len() > 1;
             match outcome {
-                Some(Ok(p)) => pending_restart = p,
-                Some(Err(e)) => return Err(Status::internal(format!("postgres settings: {e}"))),
-                None => notes.push(
-                    "the watcher is busy (a clone or rewind): it applies the settings when done"
-                        .into(),
-                ),
+                Some(Ok(p)) => pending_restart.extend(p.into_iter().map(|x| {
+                    if several {
+                        format!("{cluster}: {x}")
+                    } else {
+                        x
+                    }
+                })),
+                Some(Err(e)) => {
+                    return Err(Status::internal(format!(
+                        "postgres settings of cluster `{cluster}`: {e}"
+                    )))
+                }
+                None => notes.push(format!(
+                    "the watcher of cluster `{cluster}` is busy (a clone or rewind): it applies the settings when done"
+                )),
             }
         }
         Ok(Response::new(ReloadReply {
@@ -939,13 +963,13 @@ impl admin_server::Admin for AdminService {
                             f.primary.is_some() && f.sync_standbys.is_empty() && f.epoch > 0
                         }),
                     waiting_for: s.leader.waiting(&c.name).unwrap_or_default(),
-                    pgpool: if crate::pgpool::pgpool_cluster(&s.cfg).as_deref()
-                        == Some(c.name.as_str())
-                    {
-                        s.pgpool.all().into_iter().map(pgpool_status).collect()
-                    } else {
-                        Vec::new()
-                    },
+                    pgpool: s
+                        .pgpool
+                        .all()
+                        .into_iter()
+                        .filter(|p| p.cluster == c.name)
+                        .map(pgpool_status)
+                        .collect(),
                 }
             })
             .collect();

@@ -163,17 +163,17 @@ impl System {
             _ => LEASE,
         };
         let arbiter_cfg = ArbiterConfig {
-            candidates: names
-                .iter()
-                .zip(&data)
-                .filter(|(_, d)| **d)
-                .map(|(n, _)| Candidate {
-                    name: n.clone(),
-                    priority: 100,
-                })
-                .collect(),
             clusters: vec![ClusterRules {
                 name: CLUSTER.into(),
+                candidates: names
+                    .iter()
+                    .zip(&data)
+                    .filter(|(_, d)| **d)
+                    .map(|(n, _)| Candidate {
+                        name: n.clone(),
+                        priority: 100,
+                    })
+                    .collect(),
                 bootstrap: None,
                 sync_quorum: 1,
                 allow_degraded: false,

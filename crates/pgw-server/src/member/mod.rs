@@ -48,8 +48,8 @@ pub struct Shared {
     pub channels: crate::raft::network::ChannelMaker,
     /// Observed state and leases, used while this member leads.
     pub leader: LeaderState,
-    /// What the local sidecar last saw its postgres doing (`None` without a sidecar).
-    pub local: std::sync::Arc<std::sync::RwLock<LocalView>>,
+    /// What each local sidecar last saw its postgres doing, by cluster (empty without one).
+    pub local: std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, LocalView>>>,
     /// What the leader last saw of every room's pgpool (empty on followers).
     pub pgpool: PoolViews,
     /// This member's certificates (signs its reports, verifies relayed ones).

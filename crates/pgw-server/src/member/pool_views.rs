@@ -9,6 +9,7 @@ use tokio::time::Instant;
 /// What the leader last saw of one room's pgpool.
 #[derive(Debug, Clone, Default)]
 pub struct PoolReport {
+    pub cluster: String,
     pub room: String,
     /// Client address (what applications connect to).
     pub address: String,
@@ -28,9 +29,10 @@ pub struct PoolReport {
 
 /// The leader's view of every pgpool, shared with the status service.
 #[derive(Clone, Default)]
-pub struct PoolViews(Arc<Mutex<BTreeMap<String, PoolReport>>>);
+pub struct PoolViews(Arc<Mutex<BTreeMap<(String, String), PoolReport>>>);
 
 impl PoolViews {
+    /// Every pgpool's report, by cluster then room.
     pub fn all(&self) -> Vec<PoolReport> {
         self.0
             .lock()
@@ -40,13 +42,13 @@ impl PoolViews {
 
     pub fn put(&self, r: PoolReport) {
         if let Ok(mut g) = self.0.lock() {
-            g.insert(r.room.clone(), r);
+            g.insert((r.cluster.clone(), r.room.clone()), r);
         }
     }
 
-    pub fn clear(&self, room: &str) {
+    pub fn clear(&self, cluster: &str, room: &str) {
         if let Ok(mut g) = self.0.lock() {
-            g.remove(room);
+            g.remove(&(cluster.to_string(), room.to_string()));
         }
     }
 }

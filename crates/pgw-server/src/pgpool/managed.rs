@@ -39,9 +39,21 @@ fn split_addr(field: &str, a: &str) -> Result<(String, u16), PgpoolError> {
     ))
 }
 
+/// This member's server entry of `cluster` (its pgpool and PCP addresses).
+fn my_server(cfg: &Config, cluster: &str) -> Result<pgw_core::config::ServerConfig, PgpoolError> {
+    cfg.servers(cluster)
+        .into_iter()
+        .find(|x| x.member == cfg.member)
+        .ok_or_else(|| PgpoolError::Config {
+            field: "member".into(),
+            message: format!("`{}` is not a server of cluster `{cluster}`", cfg.member),
+        })
+}
+
 /// The check role's password from `[postgres] passfile` (empty without one: trust setups).
-fn check_password(cfg: &Config) -> Result<String, PgpoolError> {
-    let Some(path) = cfg.postgres.as_ref().and_then(|p| p.passfile.as_ref()) else {
+fn check_password(cfg: &Config, cluster: &str) -> Result<String, PgpoolError> {
+    let pg = cfg.postgres_for(cluster).or(cfg.postgres.first());
+    let Some(path) = pg.and_then(|p| p.passfile.as_ref()) else {
         return Ok(String::new());
     };
     let user = cfg.pgpool_check_user().unwrap_or_default();
@@ -63,13 +75,11 @@ fn check_password(cfg: &Config) -> Result<String, PgpoolError> {
 /// only into this file, mode 0600 in a 0700 directory, as pgpool needs it in clear).
 pub fn render_conf(
     cfg: &Config,
+    cluster: &str,
     work_dir: &Path,
     sr_password: &str,
 ) -> Result<String, PgpoolError> {
-    let me = cfg.me().ok_or_else(|| PgpoolError::Config {
-        field: "member".into(),
-        message: "not in members".into(),
-    })?;
+    let me = my_server(cfg, cluster)?;
     let (host, port) = split_addr("pgpool", me.pgpool.as_deref().unwrap_or_default())?;
     let (pcp_host, pcp_port) = split_addr("pcp", me.pcp.as_deref().unwrap_or_default())?;
     let sr_user = cfg
@@ -88,7 +98,7 @@ pub fn render_conf(
         .replace("{{pcp_port}}", &pcp_port.to_string())
         .replace("{{work_dir}}", &wd);
     s.push_str("\n# --- Backends: every data member's postgres, in member order (rendered) ---\n");
-    for (i, (member, addr)) in cfg.pgpool_backends().iter().enumerate() {
+    for (i, (member, addr)) in cfg.pgpool_backends(cluster).iter().enumerate() {
         let (h, p) = split_addr(&format!("members.{member}.postgres"), addr)?;
         s.push_str(&format!(
             "backend_hostname{i} = '{h}'\nbackend_port{i} = {p}\nbackend_weight{i} = 1\nbackend_flag{i} = 'ALLOW_TO_FAILOVER'\nbackend_application_name{i} = '{member}'\n"
@@ -147,14 +157,18 @@ pub struct ManagedPgpool {
 }
 
 impl ManagedPgpool {
-    pub fn new(cfg: &Config, password: &str) -> Result<Option<ManagedPgpool>, PgpoolError> {
-        if !cfg.manages_pgpool() {
+    pub fn new(
+        cfg: &Config,
+        cluster: &str,
+        password: &str,
+    ) -> Result<Option<ManagedPgpool>, PgpoolError> {
+        if !cfg.managed_pgpools().iter().any(|c| c == cluster) {
             return Ok(None);
         }
         let Some(pp) = cfg.pgpool.as_ref() else {
             return Ok(None);
         };
-        let work_dir = cfg.pgpool_work_dir().unwrap_or_default();
+        let work_dir = cfg.pgpool_work_dir(cluster).unwrap_or_default();
         let os_user = if crate::sidecar::pgctl::running_as_root() {
             Some(lookup_user(&pp.os_user).ok_or_else(|| PgpoolError::Config {
                 field: "pgpool.os_user".into(),
@@ -163,10 +177,7 @@ impl ManagedPgpool {
         } else {
             None
         };
-        let me = cfg.me().ok_or_else(|| PgpoolError::Config {
-            field: "member".into(),
-            message: "not in members".into(),
-        })?;
+        let me = my_server(cfg, cluster)?;
         let port = split_addr("pgpool", me.pgpool.as_deref().unwrap_or_default())?.1;
         let pcp_port = split_addr("pcp", me.pcp.as_deref().unwrap_or_default())?.1;
         let bin = pp.bin_dir.join("pgpool");
@@ -181,7 +192,7 @@ impl ManagedPgpool {
         }
         Ok(Some(ManagedPgpool {
             bin,
-            conf: render_conf(cfg, &work_dir, &check_password(cfg)?)?,
+            conf: render_conf(cfg, cluster, &work_dir, &check_password(cfg, cluster)?)?,
             pcp_conf: format!("{}:{}\n", pp.pcp_user, md5_hex(password.as_bytes())),
             work_dir,
             ports: [port, pcp_port],

@@ -32,34 +32,34 @@ pub enum PgpoolError {
     Start { message: String },
 }
 
-/// The cluster the rooms' pgpools serve.
-pub fn pgpool_cluster(cfg: &pgw_core::Config) -> Option<String> {
-    cfg.local_pg_cluster()
-        .or_else(|| cfg.clusters.first().map(|c| c.name.clone()))
-}
-
-/// Starts the supervisor of the local pgpool (if managed) and one reconciler per room.
+/// Starts the supervisor of each local pgpool (if managed) and one reconciler per pgpool of
+/// every cluster (each cluster has its own pgpool in each room).
 pub fn spawn(s: &Shared) -> Result<(), PgpoolError> {
     let Some(pp) = s.cfg.pgpool.clone() else {
         return Ok(());
     };
     let password = managed::read_password(&pp.pcp_password_file)?;
-    if let Some(m) = managed::ManagedPgpool::new(&s.cfg, &password)? {
-        tokio::spawn(m.supervise());
+    for cluster in s.cfg.managed_pgpools() {
+        if let Some(m) = managed::ManagedPgpool::new(&s.cfg, &cluster, &password)? {
+            tokio::spawn(m.supervise());
+        }
     }
     let creds = Credentials {
         user: pp.pcp_user.clone(),
         password,
     };
-    for m in s.cfg.data_members() {
-        if let (Some(addr), Some(pcp)) = (m.pgpool.clone(), m.pcp.clone()) {
-            tokio::spawn(reconcile(
-                s.clone(),
-                m.name.clone(),
-                addr,
-                pcp,
-                creds.clone(),
-            ));
+    for cluster in s.cfg.pooled_clusters() {
+        for x in s.cfg.servers(&cluster) {
+            if let (Some(addr), Some(pcp)) = (x.pgpool.clone(), x.pcp.clone()) {
+                tokio::spawn(reconcile(
+                    s.clone(),
+                    cluster.clone(),
+                    x.member.clone(),
+                    addr,
+                    pcp,
+                    creds.clone(),
+                ));
+            }
         }
     }
     Ok(())
@@ -129,10 +129,19 @@ pub async fn local_pcp(
         .pgpool
         .as_ref()
         .ok_or_else(|| Status::failed_precondition("this member has no [pgpool] section"))?;
-    let pcp_addr = s.cfg.me().and_then(|m| m.pcp.clone()).ok_or_else(|| {
-        Status::failed_precondition("this member runs no pgpool (no pcp address)")
-    })?;
-    let backends = s.cfg.pgpool_backends();
+    let pcp_addr = s
+        .cfg
+        .servers(&req.cluster)
+        .into_iter()
+        .find(|x| x.member == s.cfg.member)
+        .and_then(|x| x.pcp)
+        .ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "this member runs no pgpool of cluster `{}` (no pcp address)",
+                req.cluster
+            ))
+        })?;
+    let backends = s.cfg.pgpool_backends(&req.cluster);
     let node = req.node as usize;
     let action = match req.command.as_str() {
         "info" => None,
@@ -322,10 +331,14 @@ impl PoolLink {
 /// ms; after this, a pgpool still writing to the old primary has it detached.
 const TRANSITION_HOLD: Duration = Duration::from_millis(2000);
 
-async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, creds: Credentials) {
-    let Some(cluster) = pgpool_cluster(&s.cfg) else {
-        return;
-    };
+async fn reconcile(
+    s: Shared,
+    cluster: String,
+    room: String,
+    address: String,
+    pcp_addr: String,
+    creds: Credentials,
+) {
     let mut link = PoolLink {
         s: s.clone(),
         cluster: cluster.clone(),
@@ -342,7 +355,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         timeout: Duration::from_millis(s.cfg.raft.rpc_timeout_ms),
         silent: 0,
     };
-    let backends = s.cfg.pgpool_backends();
+    let backends = s.cfg.pgpool_backends(&cluster);
     let names: Vec<String> = backends.iter().map(|b| b.0.clone()).collect();
     let me = s.cfg.me().map(|m| m.id);
     let fo = s.cfg.failover.clone();
@@ -356,11 +369,12 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
             .unwrap_or(pgw_core::config::defaults::PGPOOL_CHECK_INTERVAL_MS),
     );
     let timeout = Duration::from_millis(s.cfg.raft.rpc_timeout_ms);
-    let label = [("room", room.clone())];
+    let label = [("room", room.clone()), ("cluster", cluster.clone())];
     let mut last_target: Option<Target> = None;
     let mut last_check = Instant::now() - slow;
     let mut last_action: Option<(PcpAction, Instant)> = None;
     let mut report = PoolReport {
+        cluster: cluster.clone(),
         room: room.clone(),
         address: address.clone(),
         ..Default::default()
@@ -377,7 +391,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         let leading = crate::member::leads(&m, me);
         if !leading {
             if last_target.is_some() {
-                s.pgpool.clear(&room);
+                s.pgpool.clear(&cluster, &room);
                 last_target = None;
             }
             epoch_at = None;
@@ -426,7 +440,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
             set_agrees(&mut report, false, &label);
             s.pgpool.put(report.clone());
             if last_error != why {
-                tracing::error!(%room, "pgpool not repointed: {why}");
+                tracing::error!(%room, %cluster, "pgpool not repointed: {why}");
                 last_error = why;
             }
             continue;
@@ -464,7 +478,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
         match r {
             Ok(_) => {
                 tracing::info!(%room, epoch = f.epoch, "pgpool: {text}");
-                metrics::counter!(crate::telemetry::PGPOOL_COMMANDS, "room" => room.clone(), "command" => kind).increment(1);
+                metrics::counter!(crate::telemetry::PGPOOL_COMMANDS, "room" => room.clone(), "cluster" => cluster.clone(), "command" => kind).increment(1);
                 report.last_command = text;
                 s.pgpool.put(report.clone());
             }
@@ -480,7 +494,7 @@ async fn reconcile(s: Shared, room: String, address: String, pcp_addr: String, c
     }
 }
 
-fn set_agrees(report: &mut PoolReport, agrees: bool, label: &[(&'static str, String); 1]) {
+fn set_agrees(report: &mut PoolReport, agrees: bool, label: &[(&'static str, String); 2]) {
     report.agrees = agrees;
     if agrees {
         report.disagreeing_since = None;
@@ -493,7 +507,7 @@ fn set_agrees(report: &mut PoolReport, agrees: bool, label: &[(&'static str, Str
 fn unreachable(
     s: &Shared,
     report: &mut PoolReport,
-    label: &[(&'static str, String); 1],
+    label: &[(&'static str, String); 2],
     why: String,
     last_error: &mut String,
 ) {

@@ -46,6 +46,21 @@ const KEY_PURGED: &str = "last_purged";
 
 pub const IDENTITY_FILE: &str = "identity.pgw";
 pub const LEASE_FILE: &str = "lease.pgw";
+
+/// The lease record of a cluster: `lease.pgw` for the first cluster, `lease-<cluster>.pgw` for
+/// the others (a member may run servers of several clusters).
+pub fn lease_file(cluster: Option<&str>) -> String {
+    match cluster {
+        None => LEASE_FILE.to_string(),
+        Some(c) => format!("lease-{c}.pgw"),
+    }
+}
+
+fn is_cluster_lease(name: &str) -> bool {
+    name.strip_prefix("lease-")
+        .and_then(|n| n.strip_suffix(".pgw"))
+        .is_some_and(|c| !c.is_empty() && !c.contains('/'))
+}
 pub const DB_FILE: &str = "raft.redb";
 pub const SNAPSHOT_FILE: &str = "snapshot.pgw";
 
@@ -113,9 +128,11 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
         let name = e.file_name().to_string_lossy().to_string();
         match name.as_str() {
             IDENTITY_FILE | DB_FILE | SNAPSHOT_FILE | LEASE_FILE => {}
+            n if is_cluster_lease(n) => {}
             n if n == format!("{IDENTITY_FILE}.tmp")
                 || n == format!("{SNAPSHOT_FILE}.tmp")
-                || n == format!("{LEASE_FILE}.tmp") =>
+                || n == format!("{LEASE_FILE}.tmp")
+                || n.strip_suffix(".tmp").is_some_and(is_cluster_lease) =>
             {
                 std::fs::remove_file(e.path()).map_err(|source| durable::DurableError::Io {
                     file: e.path(),
@@ -194,8 +211,12 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
         db: Arc::new(db),
         file: db_path,
     };
-    let data_members = cfg.data_members().map(|m| m.name.clone()).collect();
-    let sm = StateMachineStore::open(dir.join(SNAPSHOT_FILE), data_members)?;
+    let servers = cfg
+        .clusters
+        .iter()
+        .map(|c| (c.name.clone(), cfg.server_names(&c.name)))
+        .collect();
+    let sm = StateMachineStore::open(dir.join(SNAPSHOT_FILE), servers)?;
     Ok((log, sm))
 }
 
@@ -492,7 +513,7 @@ struct SmInner {
     file: PathBuf,
     snapshot_seq: Mutex<u64>,
     /// The group's data members: a command naming anyone else is rejected at apply.
-    data_members: std::collections::BTreeSet<String>,
+    servers: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 /// The replicated state machine (in memory) with its durable snapshot.
@@ -513,7 +534,7 @@ fn lock_poisoned(file: &Path) -> StorageError {
 impl StateMachineStore {
     fn open(
         file: PathBuf,
-        data_members: std::collections::BTreeSet<String>,
+        servers: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
     ) -> Result<Self, StoreError> {
         let mut applied = Applied::default();
         let mut current = None;
@@ -533,7 +554,7 @@ impl StateMachineStore {
                 current: Mutex::new(current),
                 file,
                 snapshot_seq: Mutex::new(0),
-                data_members,
+                servers,
             }),
         })
     }
@@ -628,9 +649,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             match entry.payload {
                 EntryPayload::Blank => out.push(Outcome::Unchanged { epoch: 0 }),
                 EntryPayload::Normal(p) => {
-                    let o =
-                        st.facts
-                            .apply_checked(entry.log_id.index, &p, &self.inner.data_members);
+                    let o = st
+                        .facts
+                        .apply_checked(entry.log_id.index, &p, &self.inner.servers);
                     out.push(o);
                 }
                 EntryPayload::Membership(m) => {

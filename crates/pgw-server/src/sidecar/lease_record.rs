@@ -78,9 +78,10 @@ pub struct LeaseRecord {
 }
 
 impl LeaseRecord {
-    pub fn new(data_dir: &Path) -> LeaseRecord {
+    /// The record of `cluster` (`None`: the first cluster, whose file keeps its old name).
+    pub fn new(data_dir: &Path, cluster: Option<&str>) -> LeaseRecord {
         LeaseRecord {
-            path: data_dir.join(crate::raft::store::LEASE_FILE),
+            path: data_dir.join(crate::raft::store::lease_file(cluster)),
             last: std::sync::Mutex::new(0),
         }
     }
@@ -153,7 +154,7 @@ mod tests {
     #[tokio::test]
     async fn a_record_gives_the_send_time_back_on_a_new_clock() {
         let dir = tempfile::tempdir().expect("tmp");
-        let r = LeaseRecord::new(dir.path());
+        let r = LeaseRecord::new(dir.path(), None);
         assert!(r.load().is_none());
         let sent = Instant::now() - Duration::from_millis(300);
         r.store(sent).expect("store");

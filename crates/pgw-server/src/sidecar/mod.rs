@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pgw_core::config::PostgresConfig;
 use pgw_core::failover::{plan_local, LocalAction, Observation, PgRole};
 use pgw_core::guard::{step as guard_step, FenceReason, GuardAction, GuardInput, GuardState};
 use pgw_core::ClusterFacts;
@@ -117,15 +118,13 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    pub fn new(s: Shared) -> Result<Option<Sidecar>, PgError> {
-        let Some(pg) = s.cfg.postgres.clone() else {
-            return Ok(None);
-        };
-        let cluster = s.cfg.local_pg_cluster().unwrap_or_default();
+    /// The sidecar of this member's server `pg` (one `[[postgres]]` entry).
+    pub fn new(s: Shared, pg: PostgresConfig) -> Result<Sidecar, PgError> {
+        let cluster = s.cfg.pg_cluster_of(&pg);
         let mut members_pg = BTreeMap::new();
-        for m in s.cfg.data_members() {
-            if let Some(a) = m.postgres.as_deref().and_then(PgAddr::parse) {
-                members_pg.insert(m.name.clone(), a);
+        for x in s.cfg.servers(&cluster) {
+            if let Some(a) = x.postgres.as_deref().and_then(PgAddr::parse) {
+                members_pg.insert(x.member.clone(), a);
             }
         }
         let addr = members_pg
@@ -133,13 +132,15 @@ impl Sidecar {
             .cloned()
             .ok_or_else(|| PgError::Tool {
                 what: "config".into(),
-                message: "this member has no postgres address".into(),
+                message: format!("this member has no postgres address in cluster `{cluster}`"),
             })?;
         let ctl = PgCtl::new(pg, &s.cfg.member, addr)?;
         ctl.prepare_dirs()?;
-        let record = LeaseRecord::new(&s.cfg.data_dir);
+        // The first cluster keeps the file name it always had (upgrades keep their deadline).
+        let first = s.cfg.clusters.first().is_some_and(|c| c.name == cluster);
+        let record = LeaseRecord::new(&s.cfg.data_dir, (!first).then_some(cluster.as_str()));
         let prior_sent = record.load();
-        Ok(Some(Sidecar {
+        Ok(Sidecar {
             record: Arc::new(record),
             prior_sent,
             s,
@@ -155,7 +156,7 @@ impl Sidecar {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0),
-        }))
+        })
     }
 
     /// Starts the reporter and the actor; returns at once.
@@ -353,7 +354,8 @@ impl Sidecar {
                 let mut st = self.lock();
                 st.local = local.clone();
                 st.seq += 1;
-                if let Ok(mut r) = self.s.local.write() {
+                if let Ok(mut all) = self.s.local.write() {
+                    let r = all.entry(self.cluster.clone()).or_default();
                     r.role = local.role;
                     r.streaming = local.streaming;
                     r.flush_lsn = local.flush_lsn;
@@ -478,8 +480,7 @@ impl Sidecar {
         let relays: Vec<String> = self
             .s
             .cfg
-            .members
-            .iter()
+            .voters()
             .filter(|x| x.name != self.s.cfg.member && Some(x.id) != leader)
             .map(|x| x.grpc.clone())
             .collect();
@@ -529,8 +530,9 @@ impl Sidecar {
                 match res {
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
-                        if let Ok(mut v) = me.s.local.write() {
-                            v.primary_lsn = r.primary_flush_lsn;
+                        if let Ok(mut all) = me.s.local.write() {
+                            all.entry(me.cluster.clone()).or_default().primary_lsn =
+                                r.primary_flush_lsn;
                         }
                         if r.lease_ok && st.lease_sent.is_none_or(|s| s < sent) {
                             st.lease_sent = Some(sent);
@@ -604,7 +606,10 @@ impl Sidecar {
     async fn actor(self: Arc<Self>) {
         let interval = Duration::from_millis(self.s.cfg.failover.report_interval_ms);
         let mut facts_rx = self.s.raft.metrics();
-        let mut reload_rx = self.s.live.subscribe();
+        let Some(mut reload_rx) = self.s.live.subscribe(&self.cluster) else {
+            tracing::error!(cluster = %self.cluster, "no reload channel for this server");
+            return;
+        };
         let mut reload_applied = 0u64;
         let mut acted_on_seq = 0u64;
         let mut last_error: Option<String> = None;
@@ -620,10 +625,13 @@ impl Sidecar {
                 let want = reload_rx.borrow_and_update().clone();
                 reload_applied = want.generation;
                 let result = self.apply_reload(&want).await;
-                self.s.live.report(crate::reload::Applied {
-                    generation: want.generation,
-                    result: result.map_err(|e| e.to_string()),
-                });
+                self.s.live.report(
+                    &self.cluster,
+                    crate::reload::Applied {
+                        generation: want.generation,
+                        result: result.map_err(|e| e.to_string()),
+                    },
+                );
             }
             let Some(f) = self.facts() else { continue };
             let (local, seq) = {
