@@ -301,6 +301,8 @@ async fn impostors_and_unauthorised_callers_are_refused_and_change_nothing() {
         read.switchover(SwitchoverRequest {
             cluster: "global".into(),
             target: String::new(),
+            room: String::new(),
+            all: false,
         })
         .await
         .map(|_| ()),

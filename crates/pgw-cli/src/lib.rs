@@ -114,8 +114,15 @@ pub enum Cmd {
         #[arg(default_value = "global")]
         cluster: String,
         /// The new primary (default: the most advanced healthy sync replica).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "room")]
         to: Option<String>,
+        /// Move the primary into this room (the best healthy sync replica standing there).
+        #[arg(long)]
+        room: Option<String>,
+        /// With --room: every cluster's primary, one after another in the configured order
+        /// (`switch_order`), as one operation. Moving back is the same command.
+        #[arg(long, requires = "room")]
+        all: bool,
         /// Return the operation id at once instead of waiting for the outcome.
         #[arg(long)]
         no_wait: bool,
@@ -178,6 +185,8 @@ pub enum Cmd {
     /// Show an operation's progress and outcome.
     Operation {
         id: u64,
+        /// The cluster it belongs to (`all` for a room move; a room move's id is also found
+        /// under any cluster).
         #[arg(long, default_value = "global")]
         cluster: String,
     },
@@ -377,6 +386,29 @@ pub async fn switchover(
     let req = SwitchoverRequest {
         cluster: cluster.to_string(),
         target: to.unwrap_or_default().to_string(),
+        room: String::new(),
+        all: false,
+    };
+    first_accepting(endpoints, |mut c| {
+        let req = req.clone();
+        async move { c.switchover(req).await }
+    })
+    .await
+}
+
+/// Starts a room move: `cluster`'s primary (every cluster's with `all`, in the configured
+/// order) into `room`. The reply is one operation (cluster "all" with `all`).
+pub async fn switchover_room(
+    endpoints: &[String],
+    cluster: &str,
+    room: &str,
+    all: bool,
+) -> Result<OperationReply, CliError> {
+    let req = SwitchoverRequest {
+        cluster: cluster.to_string(),
+        target: String::new(),
+        room: room.to_string(),
+        all,
     };
     first_accepting(endpoints, |mut c| {
         let req = req.clone();
@@ -677,11 +709,22 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
         Cmd::Switchover {
             cluster,
             to,
+            room,
+            all,
             no_wait,
         } => {
             let eps = need_endpoints(&cli.endpoints)?;
-            let op = switchover(&eps, &cluster, to.as_deref()).await?;
-            follow(&eps, op, Duration::from_secs(60), no_wait).await?;
+            let (op, limit) = match room {
+                Some(room) => (
+                    switchover_room(&eps, &cluster, &room, all).await?,
+                    Duration::from_secs(180),
+                ),
+                None => (
+                    switchover(&eps, &cluster, to.as_deref()).await?,
+                    Duration::from_secs(60),
+                ),
+            };
+            follow(&eps, op, limit, no_wait).await?;
         }
         Cmd::Failover {
             cluster,

@@ -51,6 +51,8 @@ pub struct ClusterRules {
 /// What the arbiter needs of the config.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ArbiterConfig {
+    /// member -> the room it stands in (room moves)
+    pub rooms: BTreeMap<String, String>,
     pub clusters: Vec<ClusterRules>,
     pub lease: LeaseTiming,
     pub fresh_ms: u64,
@@ -59,6 +61,11 @@ pub struct ArbiterConfig {
 impl ArbiterConfig {
     pub fn from_config(cfg: &Config) -> ArbiterConfig {
         ArbiterConfig {
+            rooms: cfg
+                .members
+                .iter()
+                .map(|m| (m.name.clone(), m.room().to_string()))
+                .collect(),
             clusters: cfg
                 .clusters
                 .iter()
@@ -122,6 +129,8 @@ pub struct Arbiter {
     replacing: BTreeMap<String, u64>,
     /// cluster -> (running operation id, when this leader first saw it running)
     op_seen: BTreeMap<String, (u64, u64)>,
+    /// (running room move id, when this leader first saw it running)
+    move_seen: Option<(u64, u64)>,
 }
 
 impl Arbiter {
@@ -134,6 +143,7 @@ impl Arbiter {
             waiting: BTreeMap::new(),
             replacing: BTreeMap::new(),
             op_seen: BTreeMap::new(),
+            move_seen: None,
         }
     }
 
@@ -150,6 +160,7 @@ impl Arbiter {
                 self.leader_since = Some(now);
                 self.reports.clear();
                 self.op_seen.clear();
+                self.move_seen = None;
                 for c in &self.cfg.clusters {
                     self.granted.insert(c.name.clone(), now);
                 }
@@ -158,6 +169,7 @@ impl Arbiter {
                 self.leader_since = None;
                 self.reports.clear();
                 self.op_seen.clear();
+                self.move_seen = None;
             }
             _ => {}
         }
@@ -315,7 +327,70 @@ impl Arbiter {
                 }
             }
         }
+        if let Some(a) = self.room_move_step(facts, now, &out) {
+            out.push(a);
+        }
         out
+    }
+
+    /// The next step of the running room move, unless a decision about the cluster it would
+    /// touch is already in this tick's actions (see [`crate::room_move`]).
+    fn room_move_step(&mut self, facts: &Facts, now: u64, out: &[Action]) -> Option<Action> {
+        let Some(mv) = facts.running_move() else {
+            self.move_seen = None;
+            return None;
+        };
+        let seen = match self.move_seen {
+            Some((id, at)) if id == mv.id => at,
+            _ => {
+                self.move_seen = Some((mv.id, now));
+                now
+            }
+        };
+        let servers: BTreeMap<String, Vec<Candidate>> = self
+            .cfg
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), c.candidates.clone()))
+            .collect();
+        let fresh: BTreeMap<String, BTreeMap<String, Observation>> = self
+            .reports
+            .iter()
+            .map(|(c, per)| {
+                let f = per
+                    .iter()
+                    .filter(|(_, (_, at))| now.saturating_sub(*at) <= self.cfg.fresh_ms)
+                    .map(|(m, (o, _))| (m.clone(), o.clone()))
+                    .collect();
+                (c.clone(), f)
+            })
+            .collect();
+        let view = crate::room_move::MoveView {
+            facts,
+            rooms: &self.cfg.rooms,
+            servers: &servers,
+            fresh: &fresh,
+            running_ms: now.saturating_sub(seen),
+            limit_ms: OPERATION_TIMEOUT_MS * (mv.clusters.len() as u64 + 1),
+        };
+        match crate::room_move::next_step(mv, &view) {
+            crate::room_move::MoveStep::Propose { cluster, command } => {
+                let busy = out
+                    .iter()
+                    .any(|a| matches!(a, Action::Propose { cluster: c, .. } if *c == cluster));
+                (!busy).then_some(Action::Propose { cluster, command })
+            }
+            crate::room_move::MoveStep::Wait(why) => {
+                let key = format!("room move {}", mv.id);
+                let changed = self.waiting.get(&key) != Some(&why);
+                self.waiting.insert(key.clone(), why.clone());
+                Some(Action::Wait {
+                    cluster: key,
+                    why,
+                    changed,
+                })
+            }
+        }
     }
 
     /// `member`'s latest report in `cluster` if it is still fresh at `now` (see [`fresh_ms`]).
@@ -356,6 +431,7 @@ mod tests {
 
     fn arbiter() -> Arbiter {
         Arbiter::new(ArbiterConfig {
+            rooms: BTreeMap::new(),
             clusters: vec![ClusterRules {
                 name: "g".into(),
                 candidates: ["a", "b", "c"]
@@ -530,6 +606,7 @@ mod tests {
                 finished_ms: None,
                 by: "ops".into(),
                 accept_data_loss: false,
+                part_of: None,
             },
         );
         c.primary = None;

@@ -1008,6 +1008,12 @@ impl Config {
                     format!("`{}` must be 1-63 characters of [A-Za-z0-9._-]", c.name),
                 ));
             }
+            if c.name == "all" {
+                return Err(invalid(
+                    format!("clusters[{i}].name"),
+                    "`all` is reserved (it names every cluster in `pgwctl operation --cluster all`)",
+                ));
+            }
             if !cnames.insert(c.name.as_str()) {
                 return Err(invalid(
                     format!("clusters[{i}].name"),
@@ -1580,6 +1586,19 @@ impl Config {
         let mut d = base.into_os_string();
         d.push(format!("-{name}"));
         Some(PathBuf::from(d))
+    }
+
+    /// The clusters in the order `switchover --room ROOM --all` moves them: `switch_order`,
+    /// then the order of `clusters`.
+    pub fn switch_order(&self) -> Vec<String> {
+        let mut v: Vec<(u32, usize, String)> = self
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.switch_order, i, c.name.clone()))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, _, n)| n).collect()
     }
 
     /// The members that vote (data and arbiter members; sidecar members are learners).

@@ -76,6 +76,9 @@ pub enum Command {
         /// every acknowledged commit.
         #[serde(default)]
         accept_data_loss: bool,
+        /// The room move this switchover is a step of.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part_of: Option<u64>,
     },
     /// The first primary is up: from now on an empty data directory on the primary is a lost
     /// disk, never a reason to run initdb.
@@ -88,6 +91,27 @@ pub enum Command {
         cluster: String,
         id: u64,
         succeeded: bool,
+        detail: String,
+    },
+    /// Group-level: moves every cluster in `clusters` (in that order) to a primary in `room`,
+    /// one switchover after another (`pgwctl switchover --room ROOM --all`). Its id is this
+    /// entry's log index; each cluster's switchover is an operation `part_of` it.
+    BeginRoomMove { room: String, clusters: Vec<String> },
+    /// Group-level: records how a room move ended.
+    FinishRoomMove {
+        id: u64,
+        succeeded: bool,
+        detail: String,
+    },
+    /// A role-change hook ran on `member` (recorded in the cluster's history; changes nothing
+    /// else).
+    RecordHook {
+        cluster: String,
+        member: String,
+        hook: String,
+        epoch: u64,
+        succeeded: bool,
+        attempts: u32,
         detail: String,
     },
 }
@@ -129,6 +153,23 @@ pub struct Operation {
     pub by: String,
     #[serde(default)]
     pub accept_data_loss: bool,
+    /// The room move this operation is a step of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<u64>,
+}
+
+/// A move of every listed cluster's primary into one room (`pgwctl switchover --room --all`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
+pub struct RoomMove {
+    pub id: u64,
+    pub room: String,
+    /// In the order they are moved.
+    pub clusters: Vec<String>,
+    pub state: OperationState,
+    pub detail: String,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub by: String,
 }
 
 /// How many finished operations each cluster keeps.
@@ -147,6 +188,9 @@ impl Command {
             Command::MarkBootstrapped { .. } => "mark_bootstrapped",
             Command::ResyncDone { .. } => "resync_done",
             Command::FinishOperation { .. } => "finish_operation",
+            Command::BeginRoomMove { .. } => "begin_room_move",
+            Command::FinishRoomMove { .. } => "finish_room_move",
+            Command::RecordHook { .. } => "record_hook",
         }
     }
 
@@ -167,7 +211,10 @@ impl Command {
             | Command::SetPaused { .. }
             | Command::MarkBootstrapped { .. }
             | Command::ResyncDone { .. }
-            | Command::FinishOperation { .. } => Vec::new(),
+            | Command::FinishOperation { .. }
+            | Command::BeginRoomMove { .. }
+            | Command::FinishRoomMove { .. }
+            | Command::RecordHook { .. } => Vec::new(),
         }
     }
 
@@ -181,8 +228,19 @@ impl Command {
             | Command::BeginOperation { cluster, .. }
             | Command::MarkBootstrapped { cluster }
             | Command::ResyncDone { cluster, .. }
-            | Command::FinishOperation { cluster, .. } => cluster,
+            | Command::FinishOperation { cluster, .. }
+            | Command::RecordHook { cluster, .. } => cluster,
+            // Group-level commands belong to no one cluster.
+            Command::BeginRoomMove { .. } | Command::FinishRoomMove { .. } => "",
         }
+    }
+
+    /// Whether the command is about the whole group rather than one cluster.
+    pub fn is_group_level(&self) -> bool {
+        matches!(
+            self,
+            Command::BeginRoomMove { .. } | Command::FinishRoomMove { .. }
+        )
     }
 }
 
@@ -295,6 +353,9 @@ impl ClusterFacts {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct Facts {
     pub clusters: BTreeMap<String, ClusterFacts>,
+    /// Room moves by id (the running one and the most recent finished ones).
+    #[serde(default)]
+    pub moves: BTreeMap<u64, RoomMove>,
 }
 
 fn reject(reason: impl Into<String>) -> Outcome {
@@ -334,7 +395,95 @@ impl Facts {
     }
 
     /// Applies one committed proposal. Deterministic; never panics.
+    /// The running room move, if any.
+    pub fn running_move(&self) -> Option<&RoomMove> {
+        self.moves
+            .values()
+            .find(|m| m.state == OperationState::Running)
+    }
+
+    fn apply_group(&mut self, log_index: u64, p: &Proposal) -> Outcome {
+        match &p.command {
+            Command::BeginRoomMove { room, clusters } => {
+                if let Some(r) = self.running_move() {
+                    return reject(format!("room move {} is still running", r.id));
+                }
+                if clusters.is_empty() {
+                    return reject("a room move needs at least one cluster");
+                }
+                if let Some(c) = clusters.iter().find(|c| !self.clusters.contains_key(*c)) {
+                    return reject(format!("unknown cluster `{c}`"));
+                }
+                let finished: Vec<u64> = self
+                    .moves
+                    .values()
+                    .filter(|m| m.state != OperationState::Running)
+                    .map(|m| m.id)
+                    .collect();
+                if finished.len() >= OPERATIONS_LIMIT {
+                    if let Some(oldest) = finished.first() {
+                        self.moves.remove(oldest);
+                    }
+                }
+                self.moves.insert(
+                    log_index,
+                    RoomMove {
+                        id: log_index,
+                        room: room.clone(),
+                        clusters: clusters.clone(),
+                        state: OperationState::Running,
+                        detail: String::new(),
+                        started_ms: p.at_ms,
+                        finished_ms: None,
+                        by: p.by.clone(),
+                    },
+                );
+                let order = clusters.join(", then ");
+                for c in clusters {
+                    if let Some(cf) = self.clusters.get_mut(c) {
+                        cf.record(
+                            log_index,
+                            p,
+                            format!("room move {log_index} to {room} started ({order})"),
+                        );
+                    }
+                }
+                Outcome::Applied { epoch: 0 }
+            }
+            Command::FinishRoomMove {
+                id,
+                succeeded,
+                detail,
+            } => {
+                let Some(m) = self.moves.get_mut(id) else {
+                    return reject(format!("no room move {id}"));
+                };
+                if m.state != OperationState::Running {
+                    return Outcome::Unchanged { epoch: 0 };
+                }
+                m.state = if *succeeded {
+                    OperationState::Succeeded
+                } else {
+                    OperationState::Failed
+                };
+                m.detail = detail.clone();
+                m.finished_ms = Some(p.at_ms);
+                let what = if *succeeded { "succeeded" } else { "failed" };
+                for c in m.clusters.clone() {
+                    if let Some(cf) = self.clusters.get_mut(&c) {
+                        cf.record(log_index, p, format!("room move {id} {what}: {detail}"));
+                    }
+                }
+                Outcome::Applied { epoch: 0 }
+            }
+            _ => reject("not a group-level command"),
+        }
+    }
+
     pub fn apply(&mut self, log_index: u64, p: &Proposal) -> Outcome {
+        if p.command.is_group_level() {
+            return self.apply_group(log_index, p);
+        }
         let name = p.command.cluster().to_string();
         if let Command::EnsureCluster {
             cluster,
@@ -462,6 +611,7 @@ impl Facts {
                 expected_epoch,
                 detail,
                 accept_data_loss,
+                part_of,
                 ..
             } => {
                 if let Some(r) = c.running_operation() {
@@ -524,6 +674,7 @@ impl Facts {
                         finished_ms: None,
                         by: p.by.clone(),
                         accept_data_loss: *accept_data_loss,
+                        part_of: *part_of,
                     },
                 );
                 c.record(
@@ -579,6 +730,28 @@ impl Facts {
                 let what = if *succeeded { "succeeded" } else { "failed" };
                 c.record(log_index, p, format!("operation {id} {what}: {detail}"));
                 Outcome::Applied { epoch: c.epoch }
+            }
+            Command::RecordHook {
+                member,
+                hook,
+                epoch,
+                succeeded,
+                attempts,
+                detail,
+                ..
+            } => {
+                let what = if *succeeded { "ran" } else { "FAILED" };
+                c.record(
+                    log_index,
+                    p,
+                    format!(
+                        "hook {hook} on {member} {what} for epoch {epoch} (attempt {attempts}): {detail}"
+                    ),
+                );
+                Outcome::Applied { epoch: c.epoch }
+            }
+            Command::BeginRoomMove { .. } | Command::FinishRoomMove { .. } => {
+                reject("a group-level command")
             }
             Command::SetPaused { paused, reason, .. } => {
                 if c.paused == *paused {
@@ -750,6 +923,7 @@ mod tests {
                     expected_epoch: e,
                     detail: "p".into(),
                     accept_data_loss: false,
+                    part_of: None,
                 }),
             (cluster, 0u64..40, any::<bool>()).prop_map(|(cluster, id, ok)| {
                 Command::FinishOperation {
@@ -832,6 +1006,7 @@ mod tests {
                         expected_epoch,
                         detail: String::new(),
                         accept_data_loss: adl,
+                        part_of: None,
                     }
                 }),
             (name.clone(), any::<u64>())

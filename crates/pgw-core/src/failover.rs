@@ -865,6 +865,7 @@ mod tests {
             finished_ms: None,
             by: "ops".into(),
             accept_data_loss: false,
+            part_of: None,
         }
     }
 

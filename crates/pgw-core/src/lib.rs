@@ -10,6 +10,7 @@ pub mod guard;
 pub mod lease;
 pub mod pgpass;
 pub mod pgpool;
+pub mod room_move;
 
 pub use config::{Config, ConfigError, MemberConfig, Role};
 pub use facts::{ClusterFacts, Command, Facts, HistoryEntry, Outcome, Proposal};

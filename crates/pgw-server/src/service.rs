@@ -326,8 +326,145 @@ impl AdminService {
         self.0.is_leader()
     }
 
-    fn operation_reply(&self, cluster: &str, id: u64) -> Result<OperationReply, Status> {
+    /// `switchover --room ROOM [--all]`: records a room move; the leader's decision loop carries
+    /// it out one cluster at a time (see `pgw_core::room_move`).
+    async fn room_move(
+        &self,
+        request: Request<SwitchoverRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
+        let bearer = request.metadata().get("authorization").cloned();
+        let req = request.into_inner();
+        let cfg = &self.0.cfg;
+        if !cfg.members.iter().any(|m| m.room() == req.room) {
+            let rooms: std::collections::BTreeSet<&str> =
+                cfg.members.iter().map(|m| m.room()).collect();
+            return Err(Status::invalid_argument(format!(
+                "no member stands in room `{}` (rooms: {})",
+                req.room,
+                rooms.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if !req.target.is_empty() {
+            return Err(Status::invalid_argument(
+                "--room picks the target itself: give --to or --room, not both",
+            ));
+        }
+        let clusters = if req.all {
+            cfg.switch_order()
+        } else {
+            self.cluster_known(&req.cluster)?;
+            vec![req.cluster.clone()]
+        };
+        for c in &clusters {
+            let there = cfg.servers(c).iter().any(|x| {
+                cfg.members
+                    .iter()
+                    .any(|m| m.name == x.member && m.room() == req.room)
+            });
+            if !there {
+                return Err(Status::failed_precondition(format!(
+                    "cluster `{c}` has no server in room `{}`; nothing moved",
+                    req.room
+                )));
+            }
+        }
+        if !self.is_leader() {
+            let c = self.leader_client(forwarded)?;
+            let mut c = c;
+            return c
+                .switchover(forward_request(req, Some(&who), bearer)?)
+                .await;
+        }
+        let cmd = Command::BeginRoomMove {
+            room: req.room.clone(),
+            clusters,
+        };
+        match self.0.propose_as(cmd, Some(who.name())).await? {
+            (_, Outcome::Rejected { reason }, _) => {
+                Err(Status::failed_precondition(format!("refused: {reason}")))
+            }
+            (idx, _, _) => {
+                self.0.leader.wake.notify_one();
+                self.move_reply(idx).map(Response::new)
+            }
+        }
+    }
+
+    /// A room move as an operation reply (cluster "all").
+    fn move_reply(&self, id: u64) -> Result<OperationReply, Status> {
         let facts = self.0.sm.applied().facts;
+        let mv = facts.moves.get(&id).ok_or_else(|| {
+            Status::not_found(format!(
+                "no room move {id} (only the latest {} are kept)",
+                pgw_core::facts::OPERATIONS_LIMIT
+            ))
+        })?;
+        let running = mv.state == pgw_core::facts::OperationState::Running;
+        // Progress: each cluster's step, in order.
+        let steps: Vec<String> = mv
+            .clusters
+            .iter()
+            .map(|c| {
+                let f = facts.cluster(c);
+                let op = f.and_then(|f| {
+                    f.operations
+                        .values()
+                        .filter(|o| o.part_of == Some(id))
+                        .next_back()
+                });
+                match op {
+                    Some(o) => format!(
+                        "{c}: switchover {} to {} {}",
+                        o.id,
+                        o.target.as_deref().unwrap_or("-"),
+                        format!("{:?}", o.state).to_lowercase()
+                    ),
+                    None => format!(
+                        "{c}: primary {}",
+                        f.and_then(|f| f.primary.as_deref()).unwrap_or("none")
+                    ),
+                }
+            })
+            .collect();
+        let detail = if mv.detail.is_empty() {
+            steps.join("; ")
+        } else {
+            format!("{} ({})", mv.detail, steps.join("; "))
+        };
+        Ok(OperationReply {
+            id,
+            cluster: "all".into(),
+            kind: "room_move".into(),
+            target: mv.room.clone(),
+            state: format!("{:?}", mv.state).to_lowercase(),
+            detail,
+            started_ms: mv.started_ms,
+            finished_ms: mv.finished_ms.unwrap_or(0),
+            waiting_for: if running {
+                self.0
+                    .leader
+                    .waiting(&format!("room move {id}"))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
+        })
+    }
+
+    fn operation_reply(&self, cluster: &str, id: u64) -> Result<OperationReply, Status> {
+        if cluster == "all" {
+            return self.move_reply(id);
+        }
+        let facts = self.0.sm.applied().facts;
+        if !facts
+            .cluster(cluster)
+            .is_some_and(|c| c.operations.contains_key(&id))
+            && facts.moves.contains_key(&id)
+        {
+            return self.move_reply(id);
+        }
         let c = facts
             .cluster(cluster)
             .ok_or_else(|| Status::not_found(format!("unknown cluster `{cluster}`")))?;
@@ -544,6 +681,7 @@ impl AdminService {
             expected_epoch: f.epoch,
             detail,
             accept_data_loss,
+            part_of: None,
         };
         match self.0.propose_as(cmd, Some(who.name())).await? {
             (_, Outcome::Rejected { reason }, _) => {
@@ -743,6 +881,14 @@ impl admin_server::Admin for AdminService {
         &self,
         request: Request<SwitchoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
+        if !request.get_ref().room.is_empty() {
+            return self.room_move(request).await;
+        }
+        if request.get_ref().all {
+            return Err(Status::invalid_argument(
+                "--all moves every cluster into one room: give --room ROOM",
+            ));
+        }
         self.operation(
             request,
             pgw_core::facts::OperationKind::Switchover,
@@ -858,7 +1004,9 @@ impl admin_server::Admin for AdminService {
         request: Request<OperationRequest>,
     ) -> Result<Response<OperationReply>, Status> {
         let req = request.into_inner();
-        self.cluster_known(&req.cluster)?;
+        if req.cluster != "all" {
+            self.cluster_known(&req.cluster)?;
+        }
         Ok(Response::new(self.operation_reply(&req.cluster, req.id)?))
     }
 

@@ -163,6 +163,7 @@ impl System {
             _ => LEASE,
         };
         let arbiter_cfg = ArbiterConfig {
+            rooms: Default::default(),
             clusters: vec![ClusterRules {
                 name: CLUSTER.into(),
                 candidates: names
