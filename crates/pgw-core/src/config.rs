@@ -2269,7 +2269,8 @@ key = "/etc/pg-watcher/tls/room-b.key"
 
     #[test]
     fn bad_servers_and_sidecars_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Mutation, &str, &str)> = vec![
             (
                 Box::new(|c| c.clusters[1].servers[0].member = "nobody".into()),
                 "clusters[1].servers[0].member",

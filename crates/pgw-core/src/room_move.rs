@@ -94,11 +94,7 @@ pub fn next_step(mv: &RoomMove, v: &MoveView<'_>) -> MoveStep {
                 format!("cluster `{cluster}` is not registered"),
             );
         };
-        let step = f
-            .operations
-            .values()
-            .filter(|o| o.part_of == Some(mv.id))
-            .next_back();
+        let step = f.operations.values().rfind(|o| o.part_of == Some(mv.id));
         match step.map(|o| &o.state) {
             Some(OperationState::Running) => {
                 if v.running_ms > v.limit_ms {

@@ -408,12 +408,7 @@ impl AdminService {
             .iter()
             .map(|c| {
                 let f = facts.cluster(c);
-                let op = f.and_then(|f| {
-                    f.operations
-                        .values()
-                        .filter(|o| o.part_of == Some(id))
-                        .next_back()
-                });
+                let op = f.and_then(|f| f.operations.values().rfind(|o| o.part_of == Some(id)));
                 match op {
                     Some(o) => format!(
                         "{c}: switchover {} to {} {}",
