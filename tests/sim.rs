@@ -112,6 +112,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             pgpool: None,
             tls: common::pki().tls(&m.name),
             auth: common::pki().auth(),
+            hooks: Vec::new(),
         })
         .collect()
 }

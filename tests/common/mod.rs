@@ -215,6 +215,7 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
             pgpool: None,
             tls: pki().tls(&m.name),
             auth: pki().auth(),
+            hooks: Vec::new(),
         })
         .collect()
 }

@@ -904,6 +904,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                 failover: Default::default(),
                 tls: crate::common::pki().tls(&m.name),
                 auth: crate::common::pki().auth(),
+                hooks: Vec::new(),
                 pgpool: Some(PgpoolConfig {
                     manage: data,
                     bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),

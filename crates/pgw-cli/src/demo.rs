@@ -444,6 +444,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             failover: Default::default(),
             tls: certs.tls(&m.name),
             auth: certs.auth(),
+            hooks: Vec::new(),
             pgpool: Some(pgw_core::config::PgpoolConfig {
                 manage: true,
                 bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),

@@ -170,6 +170,53 @@ pub struct ServerConfig {
     pub pcp: Option<String>,
 }
 
+/// What a hook runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookEvent {
+    /// A cluster's primary changed (failover, switchover, room move).
+    PrimaryChanged,
+    /// The group's active room changed (the active cluster's primary moved to another room).
+    ActiveRoomChanged,
+}
+
+impl HookEvent {
+    pub fn name(self) -> &'static str {
+        match self {
+            HookEvent::PrimaryChanged => "primary_changed",
+            HookEvent::ActiveRoomChanged => "active_room_changed",
+        }
+    }
+}
+
+/// A role-change hook (`[[hooks]]`): a command run, without a shell, when a cluster's primary
+/// or the active room changes, after this member's pgpool of that cluster points at the new
+/// primary. Its environment names the change (`PGW_CLUSTER`, `PGW_OLD_PRIMARY`,
+/// `PGW_NEW_PRIMARY`, `PGW_ROOM`, `PGW_ACTIVE_ROOM`, `PGW_EPOCH`, `PGW_OPERATION`,
+/// `PGW_EVENT`, `PGW_MEMBER`). It never blocks a failover; each run's outcome is recorded in
+/// the cluster's history and in metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    pub name: String,
+    /// argv: an absolute path, then its arguments.
+    pub command: Vec<String>,
+    #[serde(default = "defaults::hook_on")]
+    pub on: Vec<HookEvent>,
+    /// Only these clusters (default: every cluster).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<String>,
+    /// Run on these members (default: every member that has this hook in its config).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+    /// One attempt's time limit; the command is killed after it.
+    #[serde(default = "defaults::hook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Further attempts after a failed one (1 s apart).
+    #[serde(default = "defaults::hook_retries")]
+    pub retries: u32,
+}
+
 /// `[postgres]` (one table) or `[[postgres]]` (one entry per local server).
 fn one_or_many<'de, D>(d: D) -> Result<Vec<PostgresConfig>, D::Error>
 where
@@ -472,6 +519,9 @@ pub struct Config {
     /// Who may do what through the operator API.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Role-change hooks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<HookConfig>,
 }
 
 /// Certificates of this member. Every member and every operator certificate is issued by the
@@ -638,6 +688,15 @@ pub mod defaults {
     }
     pub fn switch_order() -> u32 {
         100
+    }
+    pub fn hook_on() -> Vec<super::HookEvent> {
+        vec![super::HookEvent::PrimaryChanged]
+    }
+    pub fn hook_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn hook_retries() -> u32 {
+        2
     }
 }
 
@@ -1232,11 +1291,85 @@ impl Config {
             ));
         }
         self.validate_pgpool()?;
+        self.validate_hooks()?;
         self.validate_security(&names)?;
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
         Ok(())
+    }
+
+    fn validate_hooks(&self) -> Result<(), ConfigError> {
+        let mut names = BTreeSet::new();
+        for (i, h) in self.hooks.iter().enumerate() {
+            let f = |x: &str| format!("hooks[{i}].{x}");
+            if !valid_name(&h.name) {
+                return Err(invalid(
+                    f("name"),
+                    format!("`{}` must be 1-63 characters of [A-Za-z0-9._-]", h.name),
+                ));
+            }
+            if !names.insert(h.name.as_str()) {
+                return Err(invalid(f("name"), format!("duplicate hook `{}`", h.name)));
+            }
+            match h.command.first() {
+                None => {
+                    return Err(invalid(
+                        f("command"),
+                        "must name a program (argv, no shell)",
+                    ))
+                }
+                Some(p) if !p.starts_with('/') => {
+                    return Err(invalid(
+                        f("command"),
+                        format!(
+                            "`{p}` must be an absolute path (hooks run without a shell or PATH)"
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+            if h.command.iter().any(|a| a.contains('\0')) {
+                return Err(invalid(f("command"), "must not contain NUL bytes"));
+            }
+            if h.on.is_empty() {
+                return Err(invalid(
+                    f("on"),
+                    "name at least one event: primary_changed, active_room_changed",
+                ));
+            }
+            for (j, c) in h.clusters.iter().enumerate() {
+                if self.cluster(c).is_none() {
+                    return Err(invalid(
+                        format!("hooks[{i}].clusters[{j}]"),
+                        format!("`{c}` is not in clusters"),
+                    ));
+                }
+            }
+            for (j, m) in h.members.iter().enumerate() {
+                if !self.members.iter().any(|x| &x.name == m) {
+                    return Err(invalid(
+                        format!("hooks[{i}].members[{j}]"),
+                        format!("`{m}` is not the name of any entry in members"),
+                    ));
+                }
+            }
+            if !(100..=600_000).contains(&h.timeout_ms) {
+                return Err(invalid(f("timeout_ms"), "must be between 100 and 600000"));
+            }
+            if h.retries > 10 {
+                return Err(invalid(f("retries"), "must be at most 10"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The hooks this member runs.
+    pub fn my_hooks(&self) -> Vec<&HookConfig> {
+        self.hooks
+            .iter()
+            .filter(|h| h.members.is_empty() || h.members.contains(&self.member))
+            .collect()
     }
 
     /// One cluster's `servers` (explicit, or the data members for a cluster that lists none).

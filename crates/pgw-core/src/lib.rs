@@ -7,6 +7,7 @@ pub mod facts;
 pub mod failover;
 pub mod fingerprint;
 pub mod guard;
+pub mod hooks;
 pub mod lease;
 pub mod pgpass;
 pub mod pgpool;

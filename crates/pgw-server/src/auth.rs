@@ -79,7 +79,7 @@ pub fn need_for(path: &str) -> Option<Need> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     Some(match (service, method) {
         ("pgwatcher.v1.Raft", "AppendEntries" | "Vote" | "InstallSnapshot") => Need::Member,
-        ("pgwatcher.v1.Admin", "Report" | "Pcp") => Need::Member,
+        ("pgwatcher.v1.Admin", "Report" | "Pcp" | "HookResult") => Need::Member,
         ("pgwatcher.v1.Admin", "Hello" | "Status" | "History" | "GetOperation") => {
             Need::Role(OpRole::Read)
         }

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod daemon;
 pub mod durable;
+pub mod hooks;
 pub mod http;
 pub mod leader;
 pub mod member;

@@ -174,6 +174,7 @@ impl Node {
             }
         }
         crate::pgpool::spawn(&shared).map_err(|e| NodeError::Pgpool(e.to_string()))?;
+        crate::hooks::spawn(&shared);
         Ok(Node {
             shared,
             health,

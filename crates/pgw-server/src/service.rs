@@ -1177,6 +1177,35 @@ impl admin_server::Admin for AdminService {
         }
     }
 
+    async fn hook_result(
+        &self,
+        request: Request<pgw_proto::HookResultRequest>,
+    ) -> Result<Response<DecisionReply>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        self.0.check_member(req.identity.as_ref(), &who)?;
+        self.cluster_known(&req.cluster)?;
+        if !self.is_leader() {
+            let leader = self.0.raft.metrics().borrow().current_leader;
+            return Err(match leader {
+                Some(l) => Status::unavailable("not the leader").with_leader(l),
+                None => Status::unavailable("no leader elected at the moment; retry"),
+            });
+        }
+        let detail: String = req.detail.chars().take(300).collect();
+        let cmd = Command::RecordHook {
+            cluster: req.cluster,
+            member: who.name().to_string(),
+            hook: req.hook,
+            epoch: req.epoch,
+            succeeded: req.succeeded,
+            attempts: req.attempts,
+            detail,
+        };
+        let (idx, out, by) = self.0.propose(cmd).await?;
+        Ok(Response::new(decision_reply(idx, by, &out)))
+    }
+
     async fn pcp(&self, request: Request<PcpRequest>) -> Result<Response<PcpReply>, Status> {
         let who = caller(&request)?;
         let req = request.into_inner();

@@ -49,6 +49,12 @@ pub const STORAGE_FAILED: &str = "pgwatcher_storage_failed";
 
 /// 1 while the local PostgreSQL answers but refuses the watcher's connection (gauge, label
 /// `cluster`): running, state unknown; see `nodes[].error` in status.
+/// Role-change hook runs, by hook, cluster and result (success | failure).
+pub const HOOK_RUNS: &str = "pgwatcher_hook_runs_total";
+/// 1 when the hook's last run on this member succeeded, 0 when it failed.
+pub const HOOK_LAST_SUCCESS: &str = "pgwatcher_hook_last_success";
+/// How long the hook's last run took, retries included.
+pub const HOOK_LAST_DURATION: &str = "pgwatcher_hook_last_duration_seconds";
 pub const POSTGRES_REFUSED: &str = "pgwatcher_postgres_refused";
 
 pub fn report_dropped(reason: &'static str) {
@@ -103,6 +109,19 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
     metrics::describe_gauge!(
         CLUSTER_HAS_PRIMARY,
         "1 while the cluster has a recorded primary"
+    );
+    metrics::describe_counter!(
+        HOOK_RUNS,
+        "Role-change hook runs by hook, cluster and result"
+    );
+    metrics::describe_gauge!(
+        HOOK_LAST_SUCCESS,
+        "1 when the hook's last run on this member succeeded"
+    );
+    metrics::describe_gauge!(
+        HOOK_LAST_DURATION,
+        metrics::Unit::Seconds,
+        "Duration of the hook's last run, retries included"
     );
     metrics::describe_counter!(DECISIONS, "Decisions proposed by this member as leader");
     metrics::describe_gauge!(

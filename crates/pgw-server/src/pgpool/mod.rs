@@ -203,6 +203,32 @@ pub async fn local_pcp(
         .map_err(|e| Status::aborted(e.to_string()))
 }
 
+/// Which member this member's own pgpool of `cluster` sends writes to (`Ok(None)`: none
+/// attached as primary), read over a fresh local PCP connection; `Err` when this member runs no
+/// pgpool of that cluster or it does not answer.
+pub async fn local_pool_primary(s: &Shared, cluster: &str) -> Result<Option<String>, String> {
+    let pp = s.cfg.pgpool.as_ref().ok_or("no [pgpool] section")?;
+    let pcp_addr = s
+        .cfg
+        .servers(cluster)
+        .into_iter()
+        .find(|x| x.member == s.cfg.member)
+        .and_then(|x| x.pcp)
+        .ok_or_else(|| format!("no pgpool of cluster `{cluster}` on this member"))?;
+    let password = managed::read_password(&pp.pcp_password_file).map_err(|e| e.to_string())?;
+    let creds = Credentials {
+        user: pp.pcp_user.clone(),
+        password,
+    };
+    let timeout = Duration::from_millis(s.cfg.raft.rpc_timeout_ms);
+    let nodes = run_pcp(&pcp_addr, &creds, timeout, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let view: Vec<_> = nodes.iter().map(NodeInfo::pool_node).collect();
+    let names = s.cfg.pgpool_backends(cluster);
+    Ok(pool_primary(&view).and_then(|i| names.get(i).map(|b| b.0.clone())))
+}
+
 /// One PCP request over a fresh connection (pgpool restarts its PCP process after every
 /// failover or failback, and a worker forked by the old one can no longer signal pgpool's main
 /// process: its requests are accepted and silently lost). `None` reads the node list; a command
