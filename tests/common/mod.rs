@@ -327,7 +327,7 @@ impl Group {
     }
 
     /// A group of members (not started yet) with their files under `dir`.
-    fn from_configs(dir: tempfile::TempDir, cfgs: Vec<Config>) -> Group {
+    pub fn from_configs(dir: tempfile::TempDir, cfgs: Vec<Config>) -> Group {
         let members = cfgs
             .into_iter()
             .map(|cfg| {
@@ -369,13 +369,22 @@ impl Group {
         t.lines().next()?.trim().parse().ok()
     }
 
-    /// The postmaster of member `i` and all its children.
+    /// The postmaster pid of member `i`'s server of `cluster`, from its pid file.
+    pub fn postmaster_pid_of(&self, i: usize, cluster: &str) -> Option<i32> {
+        let d = &self.members[i].cfg.postgres_for(cluster)?.data_dir;
+        let t = fs::read_to_string(d.join("postmaster.pid")).ok()?;
+        t.lines().next()?.trim().parse().ok()
+    }
+
+    /// The postmasters of member `i` (every server it runs) and all their children.
     pub fn pg_pids(&self, i: usize) -> Vec<i32> {
-        let Some(pm) = self.postmaster_pid(i) else {
-            return Vec::new();
-        };
-        let mut out = vec![pm];
-        out.extend(pgw_server::sidecar::pgctl::children_of(pm));
+        let mut out = Vec::new();
+        for c in self.members[i].cfg.local_clusters() {
+            if let Some(pm) = self.postmaster_pid_of(i, &c) {
+                out.push(pm);
+                out.extend(pgw_server::sidecar::pgctl::children_of(pm));
+            }
+        }
         out
     }
 
@@ -537,8 +546,13 @@ impl Drop for Group {
         for i in 0..self.members.len() {
             self.signal_pg(i, libc::SIGCONT);
             self.signal_pg(i, libc::SIGKILL);
-            if let Some(d) = self.pgpool_dir(i) {
-                if let Some(pid) = self.pgpool_pid(i) {
+            let cfg = &self.members[i].cfg;
+            for d in cfg
+                .managed_pgpools()
+                .iter()
+                .filter_map(|c| cfg.pgpool_work_dir(c))
+            {
+                if let Some(pid) = pgw_server::pgpool::managed::pgpool_pid(&d) {
                     // SAFETY: kill(2) has no memory-safety preconditions.
                     unsafe {
                         libc::kill(-pid, libc::SIGCONT);
