@@ -1,6 +1,8 @@
-//! The README's first command, as an operator runs it: `pgwctl demo up`, writes through the
-//! demo's HAProxy, `pgwctl demo failover`, writes through HAProxy reaching the new primary,
-//! `pgwctl demo down` stopping everything it started. Needs PostgreSQL 15, pgpool-II and
+//! The README's first command, as an operator runs it: `pgwctl demo up` (two PostgreSQL
+//! clusters, "global" and "recovery", on three rooms), writes through the demo's HAProxy,
+//! `pgwctl demo failover`, writes through HAProxy reaching the new primary, `pgwctl demo
+//! failover --cluster recovery` moving nothing in global, the README's FAQ commands run on the
+//! demo, `pgwctl demo down` stopping everything it started. Needs PostgreSQL 15, pgpool-II and
 //! haproxy (`.ci/deps` installs them).
 
 mod common;
@@ -58,6 +60,18 @@ async fn demo_up_failover_down_with_haproxy() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("demo.json")).expect("demo.json"))
             .expect("demo.json parses");
     let h = demo.haproxy.clone().expect("demo.json names haproxy");
+    for c in ["global", "recovery"] {
+        assert_eq!(
+            demo.postgres.iter().filter(|p| p.cluster == c).count(),
+            3,
+            "{c}: postgres[] in demo.json"
+        );
+        assert_eq!(
+            demo.pgpool.iter().filter(|p| p.cluster == c).count(),
+            3,
+            "{c}: pgpool[] in demo.json"
+        );
+    }
 
     let t0 = Instant::now();
     while is_primary(&h.write).await != Some(true) || is_primary(&h.read).await != Some(false) {
@@ -87,6 +101,76 @@ async fn demo_up_failover_down_with_haproxy() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A fault in the recovery cluster moves nothing in global.
+    let (ok, out) = pgwctl(&[
+        "demo",
+        "failover",
+        "--dir",
+        &d,
+        "--cluster",
+        "recovery",
+        "--fault",
+        "crash",
+    ]);
+    assert!(ok, "demo failover --cluster recovery:\n{out}");
+    assert!(out.contains(", lost: 0"), "{out}");
+    assert!(out.contains("other clusters' primaries unchanged"), "{out}");
+
+    // The README's FAQ commands, on the demo, as an operator types them.
+    let tls = demo.tls.clone().expect("demo credentials");
+    let base = [
+        "--endpoints",
+        demo.endpoints.as_str(),
+        "--ca",
+        tls.ca.as_str(),
+        "--cert",
+        tls.admin.cert.as_str(),
+        "--key",
+        tls.admin.key.as_str(),
+    ];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        let (ok, out) = pgwctl(&args);
+        assert!(ok, "pgwctl {}:\n{out}", extra.join(" "));
+        out
+    };
+    let out = run(&["status"]);
+    for w in ["global", "recovery", "active room"] {
+        assert!(out.contains(w), "status names {w}:\n{out}");
+    }
+    let out = run(&["switchover", "--room", "room-b", "--all"]);
+    assert!(
+        out.contains("room_move") && out.contains("succeeded"),
+        "{out}"
+    );
+    let out = run(&["status", "--format", "json"]);
+    let st: serde_json::Value = serde_json::from_str(&out).expect("status json");
+    assert_eq!(st["active_room"], "room-b", "{out}");
+    let out = run(&["switchover", "--room", "room-a", "--all"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let out = run(&["history", "recovery", "--limit", "100"]);
+    assert!(out.contains("room move"), "{out}");
+    // The pgpools follow the last switchover within seconds: doctor is clean once they have.
+    let t3 = Instant::now();
+    let out = loop {
+        let mut args: Vec<&str> = base.to_vec();
+        args.push("doctor");
+        let (ok, out) = pgwctl(&args);
+        if ok {
+            break out;
+        }
+        assert!(
+            t3.elapsed() < Duration::from_secs(30),
+            "pgwctl doctor found problems:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        out.contains("cluster recovery"),
+        "doctor covers both clusters:\n{out}"
+    );
 
     let (ok, out) = pgwctl(&["demo", "down", "--dir", &d]);
     assert!(ok, "demo down:\n{out}");

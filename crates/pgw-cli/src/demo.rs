@@ -15,6 +15,13 @@ use crate::CliError;
 
 pub const DEFAULT_DIR: &str = "/tmp/pg-watcher-demo";
 const ROOMS: [&str; 3] = ["room-a", "room-b", "room-c"];
+/// The demo's PostgreSQL clusters, as in the seed's platform: "global" (the active room follows
+/// its primary) and "recovery" (moved first by `switchover --room ROOM --all`).
+pub const CLUSTERS: [&str; 2] = ["global", "recovery"];
+
+fn global() -> String {
+    "global".into()
+}
 
 /// `DIR/demo.json`: what the demo started (see the design notes for the contract).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +117,9 @@ pub fn use_demo_credentials(dir: &Path, role: &str) -> Result<(), CliError> {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DemoPgpool {
+    /// The PostgreSQL cluster this pgpool serves.
+    #[serde(default = "global")]
+    pub cluster: String,
     pub room: String,
     pub host: String,
     pub port: u16,
@@ -121,6 +131,9 @@ pub struct DemoPgpool {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DemoPostgres {
+    /// The PostgreSQL cluster this server belongs to.
+    #[serde(default = "global")]
+    pub cluster: String,
     pub member: String,
     pub host: String,
     pub port: u16,
@@ -369,6 +382,29 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             room: None,
         });
     }
+    // The recovery cluster's servers: one more server (and pgpool) per room, on the room's host.
+    let mut recovery = Vec::new();
+    for m in &members {
+        let ip = m
+            .grpc
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_default();
+        recovery.push(pgw_core::config::ServerConfig {
+            member: m.name.clone(),
+            postgres: Some(format!("{ip}:{}", free_port(&ip)?)),
+            pgpool: Some(format!("{ip}:{}", free_port(&ip)?)),
+            pcp: Some(format!("{ip}:{}", free_port(&ip)?)),
+        });
+    }
+    let mut clusters = pgw_core::config::defaults::clusters();
+    clusters[0].bootstrap_primary = Some(ROOMS[0].to_string());
+    clusters.push(pgw_core::config::PgClusterConfig {
+        name: CLUSTERS[1].into(),
+        servers: recovery.clone(),
+        switch_order: 1,
+        ..clusters[0].clone()
+    });
     let mut demo = DemoFile {
         cluster_id: "demo".into(),
         endpoints: members
@@ -417,15 +453,37 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             fs::set_permissions(&mdir, fs::Permissions::from_mode(0o755)).map_err(io_err(&mdir))?;
         }
         let pg_data = mdir.join("pg").join("data");
-        let pg_addr = m.postgres.clone().unwrap_or_default();
-        let (host, port) = pg_addr.rsplit_once(':').unwrap_or(("127.0.0.1", "5432"));
-        demo.postgres.push(DemoPostgres {
-            member: m.name.clone(),
-            host: host.to_string(),
-            port: port.parse().unwrap_or(5432),
-            data_dir: pg_data.display().to_string(),
-            dsn: format!("host={host} port={port} user=postgres dbname=postgres"),
-        });
+        let rec_data = mdir.join("pg-recovery").join("data");
+        let rec = recovery
+            .iter()
+            .find(|x| x.member == m.name)
+            .cloned()
+            .ok_or_else(|| CliError::Usage(format!("no recovery server for {}", m.name)))?;
+        for (cluster, addr, data) in [
+            (CLUSTERS[0], m.postgres.clone(), &pg_data),
+            (CLUSTERS[1], rec.postgres.clone(), &rec_data),
+        ] {
+            let pg_addr = addr.unwrap_or_default();
+            let (host, port) = pg_addr.rsplit_once(':').unwrap_or(("127.0.0.1", "5432"));
+            demo.postgres.push(DemoPostgres {
+                cluster: cluster.into(),
+                member: m.name.clone(),
+                host: host.to_string(),
+                port: port.parse().unwrap_or(5432),
+                data_dir: data.display().to_string(),
+                dsn: format!("host={host} port={port} user=postgres dbname=postgres"),
+            });
+        }
+        if mdir.join("pg-recovery").exists() {
+            let old = mdir.join("pg-recovery");
+            fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        let pg_entry = |cluster: &str, data: PathBuf| pgw_core::config::PostgresConfig {
+            cluster: Some(cluster.into()),
+            bin_dir: pg_bin.clone(),
+            settings: vec!["shared_buffers = '32MB'".into()],
+            ..pgw_core::config::PostgresConfig::new(data)
+        };
         let cfg = Config {
             cluster_id: demo.cluster_id.clone(),
             member: m.name.clone(),
@@ -433,14 +491,13 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             members: members.clone(),
             listen: ListenConfig::default(),
             raft: RaftConfig::default(),
-            clusters: pgw_core::config::defaults::clusters(),
-            active_cluster: None,
+            clusters: clusters.clone(),
+            active_cluster: Some(CLUSTERS[0].into()),
             log: LogConfig::default(),
-            postgres: vec![pgw_core::config::PostgresConfig {
-                bin_dir: pg_bin.clone(),
-                settings: vec!["shared_buffers = '32MB'".into()],
-                ..pgw_core::config::PostgresConfig::new(pg_data)
-            }],
+            postgres: vec![
+                pg_entry(CLUSTERS[0], pg_data),
+                pg_entry(CLUSTERS[1], rec_data),
+            ],
             failover: Default::default(),
             tls: certs.tls(&m.name),
             auth: certs.auth(),
@@ -457,22 +514,29 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
                 settings: vec![],
             }),
         };
-        {
-            let pa = m.pgpool.clone().unwrap_or_default();
+        for (cluster, pa, pcp) in [
+            (CLUSTERS[0], m.pgpool.clone(), m.pcp.clone()),
+            (CLUSTERS[1], rec.pgpool.clone(), rec.pcp.clone()),
+        ] {
+            let pa = pa.unwrap_or_default();
             let (host, port) = pa.rsplit_once(':').unwrap_or(("127.0.0.1", "9999"));
-            let pcp_port = m
-                .pcp
+            let pcp_port = pcp
                 .as_deref()
                 .and_then(|a| a.rsplit_once(':'))
                 .and_then(|(_, p)| p.parse().ok())
                 .unwrap_or(0);
             demo.pgpool.push(DemoPgpool {
+                cluster: cluster.into(),
                 room: m.name.clone(),
                 host: host.to_string(),
                 port: port.parse().unwrap_or(9999),
                 pcp_port,
                 dsn: format!("host={host} port={port} user=postgres dbname=postgres"),
-                work_dir: mdir.join("pgpool").display().to_string(),
+                work_dir: cfg
+                    .pgpool_work_dir(cluster)
+                    .unwrap_or_default()
+                    .display()
+                    .to_string(),
             });
         }
         cfg.validate()?;
@@ -518,32 +582,37 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
     Ok(demo)
 }
 
-/// Waits until the cluster has a primary and every other member is a sync replica.
+/// Whether every PostgreSQL cluster of the demo has a primary, every other server a sync
+/// replica, and every pgpool of it agreeing.
+pub fn all_healthy(s: &GroupStatus) -> bool {
+    CLUSTERS.iter().all(|name| {
+        let Some(c) = s.clusters.iter().find(|c| c.name == *name) else {
+            return false;
+        };
+        let Some(p) = &c.primary else { return false };
+        c.nodes
+            .iter()
+            .any(|n| &n.member == p && n.role == "primary")
+            && c.nodes.iter().filter(|n| n.role == "sync_replica").count() + 1 == ROOMS.len()
+            && c.pgpool.len() == ROOMS.len()
+            && c.pgpool
+                .iter()
+                .all(|pp| pp.agrees && pp.primary.as_ref() == Some(p))
+    })
+}
+
+/// Waits until every cluster is healthy (see [`all_healthy`]).
 pub async fn wait_healthy(eps: &[String], limit: Duration) -> Result<GroupStatus, CliError> {
     let t0 = Instant::now();
     loop {
         if let Ok(s) = gather(eps, Duration::from_millis(500)).await {
-            if let Some(c) = s.clusters.first() {
-                if let Some(p) = &c.primary {
-                    let ok = c
-                        .nodes
-                        .iter()
-                        .any(|n| &n.member == p && n.role == "primary")
-                        && c.nodes.iter().filter(|n| n.role == "sync_replica").count() + 1
-                            == ROOMS.len()
-                        && c.pgpool.len() == ROOMS.len()
-                        && c.pgpool
-                            .iter()
-                            .all(|pp| pp.agrees && pp.primary.as_ref() == Some(p));
-                    if ok {
-                        return Ok(s);
-                    }
-                }
+            if all_healthy(&s) {
+                return Ok(s);
             }
         }
         if t0.elapsed() > limit {
             return Err(CliError::Timeout(format!(
-                "the PostgreSQL cluster did not become healthy within {} s (see the pg-watcher.log files)",
+                "the PostgreSQL clusters did not become healthy within {} s (see the pg-watcher.log files)",
                 limit.as_secs()
             )));
         }
@@ -608,13 +677,17 @@ fn start_haproxy(dir: &Path, demo: &DemoFile) -> Result<Option<DemoHaproxy>, Cli
     fs::create_dir_all(&hdir).map_err(io_err(&hdir))?;
     let write = format!("127.0.0.1:{}", free_port("127.0.0.1")?);
     let read = format!("127.0.0.1:{}", free_port("127.0.0.1")?);
+    // HAProxy fronts the global cluster (the checks answer for the first cluster by default).
     let servers: Vec<crate::haproxy::Server> = demo
         .postgres
         .iter()
-        .zip(&demo.members)
-        .map(|(p, m)| crate::haproxy::Server {
-            postgres: format!("{}:{}", p.host, p.port),
-            http: m.http.clone(),
+        .filter(|p| p.cluster == CLUSTERS[0])
+        .filter_map(|p| {
+            let m = demo.members.iter().find(|m| m.name == p.member)?;
+            Some(crate::haproxy::Server {
+                postgres: format!("{}:{}", p.host, p.port),
+                http: m.http.clone(),
+            })
         })
         .collect();
     let text = crate::haproxy::render(crate::haproxy::SHIPPED, &write, &read, &servers)?;
@@ -687,6 +760,7 @@ pub enum DemoFault {
 #[derive(Debug, Serialize)]
 pub struct FailoverReport {
     pub fault: DemoFault,
+    pub cluster: String,
     pub old_primary: String,
     pub new_primary: String,
     /// Fault to the first write acknowledged by the new primary.
@@ -695,12 +769,19 @@ pub struct FailoverReport {
     pub lost_writes: usize,
     /// Heal (restart / continue) to the old primary serving as a sync replica again.
     pub rejoined_ms: Option<u64>,
+    /// The other clusters' primaries and epochs did not change (a crash or hang touches one
+    /// cluster only; a node loss takes every server of the room).
+    pub others_unchanged: bool,
 }
 
 /// Injects `fault` into the primary's room while a writer runs, measures the time to the first
 /// acknowledged write on the new primary, checks nothing acknowledged was lost, heals the room
 /// and waits for the old primary to rejoin as a replica.
-pub async fn failover(dir: &Path, fault: DemoFault) -> Result<FailoverReport, CliError> {
+pub async fn failover(
+    dir: &Path,
+    fault: DemoFault,
+    cluster: &str,
+) -> Result<FailoverReport, CliError> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
@@ -709,14 +790,40 @@ pub async fn failover(dir: &Path, fault: DemoFault) -> Result<FailoverReport, Cl
     let before = wait_healthy(&eps, Duration::from_secs(60)).await?;
     let old = before
         .clusters
-        .first()
-        .and_then(|c| c.primary.clone())
+        .iter()
+        .find(|c| c.name == cluster)
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "no cluster `{cluster}` in the demo (clusters: {})",
+                CLUSTERS.join(", ")
+            ))
+        })?
+        .primary
+        .clone()
         .ok_or_else(|| CliError::Timeout("no primary".into()))?;
-    let pg_of = |m: &str| d.postgres.iter().find(|p| p.member == m).cloned();
+    let others = |s: &GroupStatus| -> Vec<(String, Option<String>, u64)> {
+        s.clusters
+            .iter()
+            .filter(|c| c.name != cluster)
+            .map(|c| (c.name.clone(), c.primary.clone(), c.epoch))
+            .collect()
+    };
+    let others_before = others(&before);
+    let pg_of = |m: &str| {
+        d.postgres
+            .iter()
+            .find(|p| p.member == m && p.cluster == cluster)
+            .cloned()
+    };
     let old_pg = pg_of(&old)
         .ok_or_else(|| CliError::Usage(format!("{old} has no postgres in demo.json")))?;
     let addr = |p: &DemoPostgres| format!("{}:{}", p.host, p.port);
-    let servers: Vec<String> = d.postgres.iter().map(addr).collect();
+    let servers: Vec<String> = d
+        .postgres
+        .iter()
+        .filter(|p| p.cluster == cluster)
+        .map(addr)
+        .collect();
     let old_addr = addr(&old_pg);
     crate::writer::create_table(&old_addr)
         .await
@@ -785,7 +892,7 @@ pub async fn failover(dir: &Path, fault: DemoFault) -> Result<FailoverReport, Cl
     let new_primary = d
         .postgres
         .iter()
-        .find(|p| addr(p) == first.server)
+        .find(|p| p.cluster == cluster && addr(p) == first.server)
         .map(|p| p.member.clone())
         .unwrap_or_default();
     let lost = crate::writer::missing_acks(&acks, &first.server)
@@ -810,12 +917,13 @@ pub async fn failover(dir: &Path, fault: DemoFault) -> Result<FailoverReport, Cl
         }
     }
     let t1 = Instant::now();
-    let rejoined_ms = wait_healthy(&eps, Duration::from_secs(90))
-        .await
-        .ok()
-        .map(|_| t1.elapsed().as_millis() as u64);
+    let after = wait_healthy(&eps, Duration::from_secs(90)).await.ok();
+    let rejoined_ms = after.as_ref().map(|_| t1.elapsed().as_millis() as u64);
+    let others_unchanged = after.as_ref().is_some_and(|a| others(a) == others_before);
     Ok(FailoverReport {
         fault,
+        cluster: cluster.to_string(),
+        others_unchanged,
         old_primary: old,
         new_primary,
         first_write_ms,

@@ -229,6 +229,9 @@ pub enum DemoCmd {
         dir: PathBuf,
         #[arg(long, value_enum, default_value_t = demo::DemoFault::Crash)]
         fault: demo::DemoFault,
+        /// The PostgreSQL cluster whose primary is hit (global or recovery).
+        #[arg(long, default_value = "global")]
+        cluster: String,
     },
 }
 
@@ -867,12 +870,12 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                     );
                 }
                 for p in &d.postgres {
-                    println!("  postgres of {:<8} {}", p.member, p.dsn);
+                    println!("  {:<8} postgres of {:<8} {}", p.cluster, p.member, p.dsn);
                 }
                 for p in &d.pgpool {
                     println!(
-                        "  pgpool of {:<10} {}   (PCP port {})",
-                        p.room, p.dsn, p.pcp_port
+                        "  {:<8} pgpool of {:<10} {}   (PCP port {})",
+                        p.cluster, p.room, p.dsn, p.pcp_port
                     );
                 }
                 match &d.haproxy {
@@ -895,9 +898,13 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                     );
                 }
                 println!("  {pgwctl} --endpoints {} status", d.endpoints);
+                println!(
+                    "  {pgwctl} --endpoints {} switchover --room room-b --all",
+                    d.endpoints
+                );
                 println!("  curl -s http://{}/health", d.members[0].http);
                 println!(
-                    "  {pgwctl} demo failover --dir {} [--fault crash|node-loss|hang]",
+                    "  {pgwctl} demo failover --dir {} [--fault crash|node-loss|hang] [--cluster global|recovery]",
                     dir.display()
                 );
                 println!("  {pgwctl} --endpoints {} switchover", d.endpoints);
@@ -914,10 +921,16 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                     }
                 );
             }
-            DemoCmd::Failover { dir, fault } => {
-                println!("injecting {fault:?} into the primary's room while a writer runs...");
-                let r = demo::failover(&dir, fault).await?;
-                println!("  primary {} -> {}", r.old_primary, r.new_primary);
+            DemoCmd::Failover {
+                dir,
+                fault,
+                cluster,
+            } => {
+                println!(
+                    "injecting {fault:?} into the room of {cluster}'s primary while a writer runs..."
+                );
+                let r = demo::failover(&dir, fault, &cluster).await?;
+                println!("  {cluster} primary {} -> {}", r.old_primary, r.new_primary);
                 println!(
                     "  first write acknowledged by {} {} ms after the fault",
                     r.new_primary, r.first_write_ms
@@ -936,6 +949,14 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                         r.old_primary
                     ),
                 }
+                println!(
+                    "  other clusters' primaries {}",
+                    if r.others_unchanged {
+                        "unchanged"
+                    } else {
+                        "changed too (a node loss takes every server of the room)"
+                    }
+                );
                 let eps: Vec<String> = demo_endpoints(&dir)?;
                 let s = status::gather(&eps, timeout).await?;
                 print!("\n{}", status::render_table(&s));
