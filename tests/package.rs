@@ -79,6 +79,10 @@ fn the_debian_package_installs_with_dpkg_and_its_examples_check() {
         "/usr/share/doc/pg-watcher/examples/tls/make-certs.sh",
         "/usr/share/doc/pg-watcher/examples/pgpool/pgpool.conf.template",
         "/usr/share/doc/pg-watcher/README.md",
+        "/usr/share/pg-watcher/hooks/active-room.sh",
+        "/usr/share/pg-watcher/hooks/haproxy-reload.sh",
+        "/usr/share/pg-watcher/hooks/hosts-entry.sh",
+        "/usr/share/doc/pg-watcher/examples/haproxy/haproxy.cfg",
     ] {
         assert!(Path::new(f).exists(), "{f} not installed");
     }

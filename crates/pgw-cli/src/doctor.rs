@@ -36,11 +36,45 @@ pub struct HttpAnswers {
     pub primary: Result<u16, String>,
 }
 
-/// What the I/O found, per member: (member, address, resolution result) and HTTP answers.
+/// What the I/O found, per member: (member, address, resolution result), HTTP answers per
+/// (member, cluster), and the last run of every role-change hook (from the history).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Probes {
     pub names: Vec<(String, String, Result<(), String>)>,
-    pub http: Vec<(String, HttpAnswers)>,
+    pub http: Vec<(String, String, HttpAnswers)>,
+    pub hooks: Vec<HookRun>,
+}
+
+/// The last recorded run of one hook on one member for one cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookRun {
+    pub cluster: String,
+    pub hook: String,
+    pub member: String,
+    pub succeeded: bool,
+    /// The history line.
+    pub event: String,
+}
+
+/// Reads a hook outcome from a history line (`hook NAME on MEMBER ran|FAILED for epoch ...`).
+pub fn parse_hook_event(cluster: &str, event: &str) -> Option<HookRun> {
+    let rest = event.strip_prefix("hook ")?;
+    let mut w = rest.split_whitespace();
+    let hook = w.next()?;
+    (w.next()? == "on").then_some(())?;
+    let member = w.next()?;
+    let succeeded = match w.next()? {
+        "ran" => true,
+        "FAILED" => false,
+        _ => return None,
+    };
+    Some(HookRun {
+        cluster: cluster.to_string(),
+        hook: hook.to_string(),
+        member: member.to_string(),
+        succeeded,
+        event: event.to_string(),
+    })
 }
 
 fn f(level: Level, area: &str, what: String, fix: &str) -> Finding {
@@ -296,7 +330,7 @@ pub fn diagnose(s: &GroupStatus, p: &Probes) -> Vec<Finding> {
             }
         }
         // 6. HTTP checks (load balancers).
-        for (m, a) in &p.http {
+        for (m, _, a) in p.http.iter().filter(|(_, cl, _)| *cl == c.name) {
             let member_up = s.members.iter().any(|x| &x.name == m && x.error.is_none());
             match (&a.health, &a.primary) {
                 (Err(e), _) | (_, Err(e)) => {
@@ -323,7 +357,51 @@ pub fn diagnose(s: &GroupStatus, p: &Probes) -> Vec<Finding> {
             }
         }
     }
+    // 7. The last run of each role-change hook.
+    for h in &p.hooks {
+        let area = format!("hook {}", h.hook);
+        if h.succeeded {
+            out.push(f(
+                Level::Ok,
+                &area,
+                format!("{} ({})", h.member, h.cluster),
+                "",
+            ));
+        } else {
+            out.push(f(
+                Level::Warn,
+                &area,
+                format!("last run on {} failed: {}", h.member, h.event),
+                "run its command by hand with the PGW_* environment of that change and fix it (failovers never wait for hooks)",
+            ));
+        }
+    }
     out
+}
+
+/// The last run of every hook, per (cluster, hook, member), from the history.
+async fn hook_runs(s: &GroupStatus, timeout: Duration) -> Vec<HookRun> {
+    for m in &s.members {
+        let Ok(mut c) = crate::status::connect(&m.grpc, timeout).await else {
+            continue;
+        };
+        let req = pgw_proto::HistoryRequest {
+            cluster: String::new(),
+            limit: 500,
+        };
+        let Ok(Ok(h)) = tokio::time::timeout(timeout, c.history(req)).await else {
+            continue;
+        };
+        let mut last: std::collections::BTreeMap<(String, String, String), HookRun> =
+            Default::default();
+        for e in h.into_inner().entries {
+            if let Some(r) = parse_hook_event(&e.cluster, &e.event) {
+                last.insert((r.cluster.clone(), r.hook.clone(), r.member.clone()), r);
+            }
+        }
+        return last.into_values().collect();
+    }
+    Vec::new()
 }
 
 /// Resolves every member's addresses and asks each for its HTTP checks.
@@ -349,15 +427,24 @@ pub async fn probe(s: &GroupStatus, timeout: Duration) -> Probes {
             p.names.push((m.name.clone(), addr.clone(), r));
         }
         if !m.http.is_empty() {
-            p.http.push((
-                m.name.clone(),
-                HttpAnswers {
-                    health: http_status(&m.http, "/health", timeout).await,
-                    primary: http_status(&m.http, "/primary", timeout).await,
-                },
-            ));
+            for c in &s.clusters {
+                p.http.push((
+                    m.name.clone(),
+                    c.name.clone(),
+                    HttpAnswers {
+                        health: http_status(&m.http, "/health", timeout).await,
+                        primary: http_status(
+                            &m.http,
+                            &format!("/primary?cluster={}", c.name),
+                            timeout,
+                        )
+                        .await,
+                    },
+                ));
+            }
         }
     }
+    p.hooks = hook_runs(s, timeout).await;
     p
 }
 
@@ -486,11 +573,13 @@ mod tests {
                 .iter()
                 .map(|m| (m.to_string(), format!("{m}:7400"), Ok(())))
                 .collect(),
+            hooks: vec![],
             http: ["a", "b", "c"]
                 .iter()
                 .map(|m| {
                     (
                         m.to_string(),
+                        "global".to_string(),
                         HttpAnswers {
                             health: Ok(200),
                             primary: Ok(if *m == "a" { 200 } else { 503 }),
@@ -523,7 +612,7 @@ mod tests {
         s.members[2] = member("c", Some("connection refused"));
         s.clusters[0].nodes[2].role = "down".into();
         s.clusters[0].pgpool[0].nodes[2].status = "up".into();
-        p.http[2].1.health = Err("connection refused".into());
+        p.http[2].2.health = Err("connection refused".into());
         let e = errors(&diagnose(&s, &p));
         assert!(
             e.iter()
@@ -570,12 +659,31 @@ mod tests {
 
         // An HTTP check that contradicts the record.
         let (s, mut p) = healthy();
-        p.http[1].1.primary = Ok(200);
+        p.http[1].2.primary = Ok(200);
         let e = errors(&diagnose(&s, &p));
         assert!(
             e.iter()
                 .any(|x| x.starts_with("http: b: /health 200, /primary 200")),
             "{e:?}"
         );
+
+        // A hook whose last run failed is a warning naming it; a recorded success is fine.
+        let (s, mut p) = healthy();
+        let failed = "hook hosts on b FAILED for epoch 7 (attempt 3): exit status: 1";
+        p.hooks = vec![
+            parse_hook_event("global", failed).expect("parses"),
+            parse_hook_event(
+                "global",
+                "hook hosts on a ran for epoch 7 (attempt 1): exit 0",
+            )
+            .expect("parses"),
+        ];
+        assert_eq!(parse_hook_event("global", "primary := a (epoch 7)"), None);
+        let v = diagnose(&s, &p);
+        let warn: Vec<_> = v.iter().filter(|x| x.level == Level::Warn).collect();
+        assert_eq!(warn.len(), 1, "{}", render(&v));
+        assert_eq!(warn[0].area, "hook hosts");
+        assert!(warn[0].what.contains("on b failed") && warn[0].what.contains("epoch 7"));
+        assert!(!warn[0].fix.is_empty());
     }
 }
