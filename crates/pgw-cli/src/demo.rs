@@ -641,7 +641,7 @@ pub fn down(dir: &Path) -> Result<Vec<String>, CliError> {
     for pg in &d.postgres {
         if let Some(pid) = postmaster_pid(Path::new(&pg.data_dir)) {
             if signal(pid, libc::SIGINT) {
-                stopped.push(format!("postgres of {}", pg.member));
+                stopped.push(format!("{} postgres of {}", pg.cluster, pg.member));
             }
         }
     }
@@ -651,7 +651,7 @@ pub fn down(dir: &Path) -> Result<Vec<String>, CliError> {
     // And the rooms' pgpools.
     for p in &d.pgpool {
         if pgw_server::pgpool::managed::stop_pgpool(Path::new(&p.work_dir)) {
-            stopped.push(format!("pgpool of {}", p.room));
+            stopped.push(format!("{} pgpool of {}", p.cluster, p.room));
         }
     }
     let t0 = Instant::now();

@@ -357,8 +357,8 @@ pub fn render_table(s: &GroupStatus) -> String {
             continue;
         }
         out.push_str(&format!(
-            "\n{:<14} {:<22} {:<14} {:<7} {}\n",
-            "PGPOOL (room)", "ADDRESS", "WRITES TO", "AGREES", "BACKENDS"
+            "\n{:<12} {:<14} {:<22} {:<14} {:<7} {}\n",
+            "PG CLUSTER", "PGPOOL (room)", "ADDRESS", "WRITES TO", "AGREES", "BACKENDS"
         ));
         for p in &c.pgpool {
             let backends = if p.reachable {
@@ -383,7 +383,8 @@ pub fn render_table(s: &GroupStatus) -> String {
                 format!("NO {:.1}s", p.disagreeing_ms as f64 / 1000.0)
             };
             out.push_str(&format!(
-                "{:<14} {:<22} {:<14} {:<7} {}\n",
+                "{:<12} {:<14} {:<22} {:<14} {:<7} {}\n",
+                c.name,
                 p.room,
                 p.address,
                 p.primary.as_deref().unwrap_or("(none)"),
@@ -392,7 +393,7 @@ pub fn render_table(s: &GroupStatus) -> String {
             ));
             if p.reachable {
                 if let Some(e) = &p.error {
-                    out.push_str(&format!("{:<14} not repointed: {e}\n", ""));
+                    out.push_str(&format!("{:<27} not repointed: {e}\n", ""));
                 }
             }
         }
