@@ -48,11 +48,22 @@ async fn server_behind(addr: &str) -> Option<String> {
     row.try_get(0).ok()
 }
 
+/// Runs `pgwctl demo down` when the test ends, passed or not: a failed assertion must not
+/// leave the demo's watchers, servers and pgpools running on the machine.
+struct DownOnDrop(String);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = pgwctl(&["demo", "down", "--dir", &self.0]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_up_failover_down_with_haproxy() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("demo");
     let d = dir.display().to_string();
+    let _down = DownOnDrop(d.clone());
     let (ok, out) = pgwctl(&["demo", "up", "--dir", &d]);
     assert!(ok, "demo up:\n{out}");
     assert!(out.contains("haproxy, writes"), "{out}");
