@@ -475,6 +475,7 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
         fingerprint: cfg.members_fingerprint(),
         from,
         from_name: name_of(from),
+        generation: 0,
     };
     let req = |command: &str, epoch: u64, cluster_id: &str| pgw_proto::PcpRequest {
         identity: Some(ident(cluster_id, leader_id)),

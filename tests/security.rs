@@ -73,6 +73,7 @@ fn identity(g: &Group, as_member: &str) -> Identity {
         fingerprint: cfg.members_fingerprint(),
         from: m.id,
         from_name: m.name.clone(),
+        generation: 0,
     }
 }
 

@@ -120,7 +120,13 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
 async fn run_member(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
     let tls = pgw_server::tls::Tls::load(&cfg.tls, &cfg.member, false)?;
-    let node = Node::start(cfg, sim_channels(tls.clone()), tls.clone()).await?;
+    let node = Node::start(
+        cfg,
+        sim_channels(tls.clone()),
+        tls.clone(),
+        Default::default(),
+    )
+    .await?;
     // Handshakes run on their own tasks (one stalled by a partition must not block accepts).
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {

@@ -6,7 +6,7 @@ use anyhow::Context;
 
 fn main() -> ExitCode {
     let args = <pgw_server::daemon::Args as clap::Parser>::parse();
-    let (path, check) = (args.config, args.check);
+    let (path, check, join) = (args.config, args.check, args.join);
     let cfg = match pgw_core::Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let path = std::fs::canonicalize(&path).unwrap_or(path);
-    match run(cfg, path) {
+    match run(cfg, path, &join) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing_error(&format!("{e:#}"));
@@ -45,13 +45,13 @@ fn tracing_error(msg: &str) {
     pgw_server::telemetry::log_fatal(msg);
 }
 
-fn run(cfg: pgw_core::Config, path: PathBuf) -> anyhow::Result<()> {
+fn run(cfg: pgw_core::Config, path: PathBuf, join: &[String]) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let r = rt.block_on(pgw_server::daemon::run(cfg, path));
+    let r = rt.block_on(pgw_server::daemon::run(cfg, path, join));
     // Do not wait for stuck blocking work (a full disk): a stopping member exits promptly.
     rt.shutdown_timeout(std::time::Duration::from_millis(300));
     r.context("pg-watcher stopped")?;

@@ -512,6 +512,7 @@ mod tests {
             term: error.is_none().then_some(3),
             last_applied: Some(10),
             error: error.map(String::from),
+            standing: "voter".into(),
         }
     }
 
@@ -534,6 +535,10 @@ mod tests {
             members: vec![member("a", None), member("b", None), member("c", None)],
             active_cluster: Some("global".into()),
             active_room: Some("a".into()),
+            membership_changing: false,
+            roster_version: 0,
+            generation: 0,
+            automatic_failover_off: None,
             clusters: vec![ClusterView {
                 name: "global".into(),
                 primary: Some("a".into()),

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod docs;
 pub mod doctor;
 pub mod haproxy;
+pub mod member;
 pub mod status;
 pub mod writer;
 
@@ -189,6 +190,13 @@ pub enum Cmd {
         /// under any cluster).
         #[arg(long, default_value = "global")]
         cluster: String,
+    },
+    /// The group's member list (admin role): add, remove or replace a member. The config
+    /// files' [[members]] only bootstrap the group; from the first change on, the group holds
+    /// the list and a new member starts with `pg-watcher --join`.
+    Member {
+        #[command(subcommand)]
+        action: member::MemberCmd,
     },
     /// Print pgwctl's completion script for a shell (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
@@ -813,6 +821,10 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
             }
             let op = restart(&eps, &cluster, &member).await?;
             follow(&eps, op, Duration::from_secs(wait_secs.max(1)), no_wait).await?;
+        }
+        Cmd::Member { action } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            member::run(&eps, action).await?;
         }
         Cmd::Reload => {
             let eps = need_endpoints(&cli.endpoints)?;

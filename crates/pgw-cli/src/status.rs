@@ -20,6 +20,14 @@ pub struct GroupStatus {
     pub active_cluster: Option<String>,
     /// The room of that cluster's primary (`None` while it has none).
     pub active_room: Option<String>,
+    /// Raft's membership is changing (a joint configuration is being committed).
+    pub membership_changing: bool,
+    /// Version of the group's member list (0: the founding list of the config files).
+    pub roster_version: u64,
+    /// Group generation (grows with every `pg-watcher --force-new-group`).
+    pub generation: u64,
+    /// Why the group cannot fail over on its own in this layout, if it cannot.
+    pub automatic_failover_off: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -36,6 +44,9 @@ pub struct MemberStatus {
     pub term: Option<u64>,
     pub last_applied: Option<u64>,
     pub error: Option<String>,
+    /// voter | non_voter | joining (listed, not yet in Raft) | leaving (in Raft, no longer
+    /// listed), as the leader sees it.
+    pub standing: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -135,7 +146,14 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
     };
     let calls = first.members.iter().map(|m| {
         let addr = m.grpc.clone();
-        async move { member_status(&addr, timeout).await }
+        async move {
+            if addr.is_empty() {
+                return Err(CliError::Refused(
+                    "no longer in the group's member list".into(),
+                ));
+            }
+            member_status(&addr, timeout).await
+        }
     });
     let replies: Vec<Result<StatusReply, CliError>> = futures_join_all(calls).await;
     let mut members = Vec::new();
@@ -158,6 +176,7 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
                     term: Some(s.term),
                     last_applied: Some(s.last_applied),
                     error: None,
+                    standing: m.standing.clone(),
                 });
             }
             Err(e) => members.push(MemberStatus {
@@ -170,10 +189,17 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
                 term: None,
                 last_applied: None,
                 error: Some(e.to_string()),
+                standing: m.standing.clone(),
             }),
         }
     }
     let view = best.unwrap_or(first);
+    // Standing as the leader sees it.
+    for m in members.iter_mut() {
+        if let Some(v) = view.members.iter().find(|v| v.name == m.name) {
+            m.standing = v.standing.clone();
+        }
+    }
     let clusters: Vec<ClusterView> = view
         .clusters
         .iter()
@@ -240,6 +266,11 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
         clusters,
         active_cluster,
         active_room,
+        membership_changing: view.membership_changing,
+        roster_version: view.roster_version,
+        generation: view.generation,
+        automatic_failover_off: (!view.automatic_failover_off.is_empty())
+            .then(|| view.automatic_failover_off.clone()),
     })
 }
 
@@ -284,15 +315,26 @@ pub fn render_table(s: &GroupStatus) -> String {
             .map(|c| format!(" (where {c}'s primary is)"))
             .unwrap_or_default()
     ));
+    if let Some(why) = &s.automatic_failover_off {
+        out.push_str(&format!("AUTOMATIC FAILOVER OFF: {why}\n"));
+    }
+    if s.membership_changing {
+        out.push_str("membership change in flight (joint configuration being committed)\n");
+    }
     out.push_str(&format!(
-        "{:<14} {:<8} {:<12} {:<22} {:>8} {:>12}\n",
-        "MEMBER", "ROLE", "RAFT", "GRPC", "TERM", "APPLIED"
+        "{:<14} {:<8} {:<10} {:<12} {:<22} {:>8} {:>12}\n",
+        "MEMBER", "ROLE", "VOTE", "RAFT", "GRPC", "TERM", "APPLIED"
     ));
     for m in &s.members {
         out.push_str(&format!(
-            "{:<14} {:<8} {:<12} {:<22} {:>8} {:>12}\n",
+            "{:<14} {:<8} {:<10} {:<12} {:<22} {:>8} {:>12}\n",
             m.name,
             m.role,
+            if m.standing.is_empty() {
+                "-"
+            } else {
+                m.standing.as_str()
+            },
             m.raft,
             m.grpc,
             m.term.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),

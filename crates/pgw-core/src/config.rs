@@ -54,7 +54,7 @@ impl fmt::Display for Role {
 }
 
 /// One member of the Raft group. Every member's config carries the same list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemberConfig {
     /// Unique member name, e.g. the room: `room-a`.

@@ -103,6 +103,14 @@ pub enum Command {
         succeeded: bool,
         detail: String,
     },
+    /// Group-level: replaces the group's member list (`pgwctl member add|remove|replace`).
+    /// Applies only on top of the roster it was computed from (`roster.version` is one more);
+    /// refused when it drops a member recorded as some cluster's primary. `event` is the line
+    /// every cluster's history gets.
+    SetRoster {
+        roster: crate::roster::Roster,
+        event: String,
+    },
     /// A role-change hook ran on `member` (recorded in the cluster's history; changes nothing
     /// else).
     RecordHook {
@@ -191,6 +199,7 @@ impl Command {
             Command::BeginRoomMove { .. } => "begin_room_move",
             Command::FinishRoomMove { .. } => "finish_room_move",
             Command::RecordHook { .. } => "record_hook",
+            Command::SetRoster { .. } => "set_roster",
         }
     }
 
@@ -214,6 +223,7 @@ impl Command {
             | Command::FinishOperation { .. }
             | Command::BeginRoomMove { .. }
             | Command::FinishRoomMove { .. }
+            | Command::SetRoster { .. }
             | Command::RecordHook { .. } => Vec::new(),
         }
     }
@@ -231,7 +241,9 @@ impl Command {
             | Command::FinishOperation { cluster, .. }
             | Command::RecordHook { cluster, .. } => cluster,
             // Group-level commands belong to no one cluster.
-            Command::BeginRoomMove { .. } | Command::FinishRoomMove { .. } => "",
+            Command::BeginRoomMove { .. }
+            | Command::FinishRoomMove { .. }
+            | Command::SetRoster { .. } => "",
         }
     }
 
@@ -239,7 +251,9 @@ impl Command {
     pub fn is_group_level(&self) -> bool {
         matches!(
             self,
-            Command::BeginRoomMove { .. } | Command::FinishRoomMove { .. }
+            Command::BeginRoomMove { .. }
+                | Command::FinishRoomMove { .. }
+                | Command::SetRoster { .. }
         )
     }
 }
@@ -356,6 +370,10 @@ pub struct Facts {
     /// Room moves by id (the running one and the most recent finished ones).
     #[serde(default)]
     pub moves: BTreeMap<u64, RoomMove>,
+    /// The group's member list once it has changed at run time (`None`: the founding list of
+    /// the config files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster: Option<crate::roster::Roster>,
 }
 
 fn reject(reason: impl Into<String>) -> Outcome {
@@ -476,8 +494,46 @@ impl Facts {
                 }
                 Outcome::Applied { epoch: 0 }
             }
+            Command::SetRoster { roster, event } => {
+                if let Some(cur) = &self.roster {
+                    if let Err(e) = cur.check_successor(roster) {
+                        return reject(e.to_string());
+                    }
+                } else if roster.version != 1 {
+                    return reject(format!(
+                        "roster changed meanwhile (version 0, change computed on {}); retry",
+                        roster.version.saturating_sub(1)
+                    ));
+                }
+                let names: BTreeSet<&str> =
+                    roster.members.iter().map(|m| m.name.as_str()).collect();
+                if let Some(c) = self.clusters.values().find(|c| {
+                    c.primary
+                        .as_ref()
+                        .is_some_and(|p| !names.contains(p.as_str()))
+                }) {
+                    return reject(format!(
+                        "`{}` holds the primary of cluster `{}`: switch it over first",
+                        c.primary.clone().unwrap_or_default(),
+                        c.name
+                    ));
+                }
+                self.roster = Some(roster.clone());
+                for cf in self.clusters.values_mut() {
+                    cf.record(log_index, p, event.clone());
+                }
+                Outcome::Applied { epoch: 0 }
+            }
             _ => reject("not a group-level command"),
         }
+    }
+
+    /// Cluster name -> member recorded as its primary.
+    pub fn primaries(&self) -> BTreeMap<String, String> {
+        self.clusters
+            .values()
+            .filter_map(|c| c.primary.clone().map(|p| (c.name.clone(), p)))
+            .collect()
     }
 
     pub fn apply(&mut self, log_index: u64, p: &Proposal) -> Outcome {
@@ -750,9 +806,9 @@ impl Facts {
                 );
                 Outcome::Applied { epoch: c.epoch }
             }
-            Command::BeginRoomMove { .. } | Command::FinishRoomMove { .. } => {
-                reject("a group-level command")
-            }
+            Command::BeginRoomMove { .. }
+            | Command::FinishRoomMove { .. }
+            | Command::SetRoster { .. } => reject("a group-level command"),
             Command::SetPaused { paused, reason, .. } => {
                 if c.paused == *paused {
                     return Outcome::Unchanged { epoch: c.epoch };

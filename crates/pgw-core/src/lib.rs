@@ -12,6 +12,7 @@ pub mod lease;
 pub mod pgpass;
 pub mod pgpool;
 pub mod room_move;
+pub mod roster;
 
 pub use config::{Config, ConfigError, MemberConfig, Role};
 pub use facts::{ClusterFacts, Command, Facts, HistoryEntry, Outcome, Proposal};

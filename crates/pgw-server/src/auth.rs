@@ -79,14 +79,14 @@ pub fn need_for(path: &str) -> Option<Need> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     Some(match (service, method) {
         ("pgwatcher.v1.Raft", "AppendEntries" | "Vote" | "InstallSnapshot") => Need::Member,
-        ("pgwatcher.v1.Admin", "Report" | "Pcp" | "HookResult") => Need::Member,
+        ("pgwatcher.v1.Admin", "Report" | "Pcp" | "HookResult" | "GetRoster") => Need::Member,
         ("pgwatcher.v1.Admin", "Hello" | "Status" | "History" | "GetOperation") => {
             Need::Role(OpRole::Read)
         }
         ("pgwatcher.v1.Admin", "Switchover" | "SetPaused" | "Recover" | "Restart" | "Reload") => {
             Need::Role(OpRole::Operate)
         }
-        ("pgwatcher.v1.Admin", "Failover") => Need::Role(OpRole::Admin),
+        ("pgwatcher.v1.Admin", "Failover" | "MemberChange") => Need::Role(OpRole::Admin),
         ("grpc.health.v1.Health", "Check" | "Watch") => Need::Role(OpRole::Read),
         _ => return None,
     })
@@ -103,7 +103,9 @@ pub struct TokenError {
 
 /// The caller-to-role mapping of one member's config.
 pub struct Policy {
-    members: BTreeMap<String, u64>,
+    /// Member certificate names and their node ids: the group's member list, swapped when
+    /// the roster changes.
+    members: RwLock<BTreeMap<String, u64>>,
     roles: BTreeMap<String, OpRole>,
     token_files: Vec<(OpRole, &'static str, std::path::PathBuf)>,
     tokens: RwLock<Vec<(OpRole, Vec<u8>)>>,
@@ -181,7 +183,7 @@ impl Policy {
         .filter_map(|(r, f, p)| p.clone().map(|p| (r, f, p)))
         .collect();
         let p = Policy {
-            members: cfg.members.iter().map(|m| (m.name.clone(), m.id)).collect(),
+            members: RwLock::new(cfg.members.iter().map(|m| (m.name.clone(), m.id)).collect()),
             roles,
             token_files,
             tokens: RwLock::new(Vec::new()),
@@ -189,6 +191,15 @@ impl Policy {
         };
         p.reload_tokens()?;
         Ok(p)
+    }
+
+    /// Takes the member list of `cfg` (after a roster change).
+    pub fn set_members(&self, cfg: &Config) {
+        let m: BTreeMap<String, u64> = cfg.members.iter().map(|m| (m.name.clone(), m.id)).collect();
+        match self.members.write() {
+            Ok(mut g) => *g = m,
+            Err(p) => *p.into_inner() = m,
+        }
     }
 
     /// Reads the token files again (with the certificates, on change or SIGHUP).
@@ -234,10 +245,11 @@ impl Policy {
         if let Some(name) = peer.name.as_deref() {
             // A member's certificate names it twice (CN and DNS name): an operator certificate
             // that happens to carry a member's CN is not a member.
-            let member = self
-                .members
-                .get(name)
-                .filter(|_| peer.dns_names.iter().any(|d| d == name));
+            let member = match self.members.read() {
+                Ok(g) => g.get(name).copied(),
+                Err(p) => p.into_inner().get(name).copied(),
+            }
+            .filter(|_| peer.dns_names.iter().any(|d| d == name));
             if let Some(id) = member {
                 if header(FORWARDED).is_some() {
                     if let (Some(op), Some(claimed)) = (
@@ -266,7 +278,7 @@ impl Policy {
                 }
                 return Ok(Caller::Member {
                     name: name.to_string(),
-                    id: *id,
+                    id,
                 });
             }
         }

@@ -29,24 +29,39 @@ pub struct Args {
     /// Validate the config and exit (0 when valid, 2 naming the bad field).
     #[arg(long)]
     pub check: bool,
+    /// Join a running group (after `pgwctl member add` named this member there): ask the
+    /// members at these gRPC addresses for the group's member list, store it, and start as a
+    /// non-voter that the leader promotes once it has caught up. Ignored once joined.
+    #[arg(long, value_name = "ADDR", value_delimiter = ',')]
+    pub join: Vec<String>,
 }
 
 /// Runs one member until a termination signal. Returns an error for anything that stops it.
 /// `path` is the config file it was read from (`pgwctl reload` reads it again).
-pub async fn run(cfg: Config, path: std::path::PathBuf) -> Result<(), NodeError> {
+pub async fn run(cfg: Config, path: std::path::PathBuf, join: &[String]) -> Result<(), NodeError> {
     let metrics = telemetry::install_metrics();
     cfg.validate()?;
     // Certificates first: a missing or wrong file is reported before anything is bound.
     let tls = Tls::load(&cfg.tls, &cfg.member, cfg.auth.has_tokens())?;
-    let grpc_addr = cfg.grpc_listen();
-    let http_addr = cfg.http_listen();
+    if !join.is_empty() {
+        crate::membership::join(&cfg, &tls, join).await?;
+    }
+    // The addresses this member binds are the group's record of it, once there is one.
+    let running = match crate::raft::store::read_roster(&cfg.data_dir)? {
+        Some(r) => pgw_core::roster::effective(&cfg, &r),
+        None => cfg.clone(),
+    };
+    let grpc_addr = running.grpc_listen();
+    let http_addr = running.http_listen();
     // Bind next: a port in use is reported before any state is touched.
     let grpc_listener = bind(&grpc_addr).await?;
     let http_listener = bind(&http_addr).await?;
     let https = cfg.tls.http.then(|| tls.clone());
     let reload_every = Duration::from_millis(cfg.tls.reload_check_ms);
-    let channels = tls_channels(tls.clone(), &cfg, Duration::from_millis(500));
-    let node = Node::start(cfg, channels, tls.clone()).await?;
+    let book = crate::raft::network::PeerBook::default();
+    book.set(&running);
+    let channels = tls_channels(tls.clone(), book.clone(), Duration::from_millis(500));
+    let node = Node::start(cfg, channels, tls.clone(), book).await?;
     node.shared.live.set_config_path(path);
     let policy = node.policy.clone();
     tls.spawn_reloader(reload_every, move || {

@@ -19,6 +19,8 @@ pub enum Kind {
     Snapshot = 2,
     /// When the primary's last acknowledged lease renewal was sent (see `sidecar::lease_record`).
     Lease = 3,
+    /// The group's member list as this member last applied it (`pgw_core::roster`).
+    Roster = 4,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,7 @@ const REPOINT_WAIT: Duration = Duration::from_secs(15);
 
 /// Starts the hook runner when this member has hooks.
 pub fn spawn(s: &Shared) {
-    if s.cfg.my_hooks().is_empty() {
+    if s.cfg().my_hooks().is_empty() {
         return;
     }
     tokio::spawn(watch(s.clone()));
@@ -29,12 +29,12 @@ pub fn spawn(s: &Shared) {
 
 async fn watch(s: Shared) {
     let rooms: BTreeMap<String, String> = s
-        .cfg
+        .cfg()
         .members
         .iter()
         .map(|m| (m.name.clone(), m.room().to_string()))
         .collect();
-    let active = s.cfg.active_cluster().map(str::to_string);
+    let active = s.cfg().active_cluster().map(str::to_string);
     let mut seen = Seen::default();
     let mut rx = s.raft.metrics();
     loop {
@@ -43,7 +43,7 @@ async fn watch(s: Shared) {
         }
         let facts = s.sm.applied().facts;
         for change in changes(&mut seen, &facts, active.as_deref(), &rooms) {
-            for hook in s.cfg.my_hooks() {
+            for hook in s.cfg().my_hooks() {
                 let wanted = hook.on.contains(&change.event)
                     && (hook.clusters.is_empty() || hook.clusters.contains(&change.cluster));
                 if wanted {
@@ -60,10 +60,10 @@ async fn watch(s: Shared) {
 /// Returns a note for the history when it did not.
 async fn wait_repointed(s: &Shared, change: &Change) -> Option<String> {
     let has_pool = s
-        .cfg
+        .cfg()
         .servers(&change.cluster)
         .iter()
-        .any(|x| x.member == s.cfg.member && x.pcp.is_some());
+        .any(|x| x.member == s.cfg().member && x.pcp.is_some());
     if !has_pool {
         return None;
     }
@@ -150,7 +150,7 @@ async fn attempt(hook: &HookConfig, env: &[(&'static str, String)]) -> Result<St
 
 async fn run(s: Shared, hook: HookConfig, change: Change) {
     let note = wait_repointed(&s, &change).await;
-    let env = change.env(&s.cfg.member);
+    let env = change.env(&s.cfg().member);
     let t0 = Instant::now();
     let mut attempts = 0;
     let mut result = Err(String::new());
@@ -220,7 +220,7 @@ async fn record(
         attempts,
         detail: detail.clone(),
     };
-    let me = s.cfg.me().map(|m| m.id);
+    let me = s.cfg().me().map(|m| m.id);
     for _ in 0..40 {
         let leader = s.raft.metrics().borrow().current_leader;
         let sent = match leader {
@@ -228,7 +228,7 @@ async fn record(
             Some(l) if Some(l) == me => {
                 let cmd = pgw_core::Command::RecordHook {
                     cluster: change.cluster.clone(),
-                    member: s.cfg.member.clone(),
+                    member: s.cfg().member.clone(),
                     hook: hook.name.clone(),
                     epoch: change.epoch,
                     succeeded: ok,

@@ -38,16 +38,16 @@ pub fn handle(
         .split('&')
         .find_map(|kv| kv.strip_prefix("cluster="))
         .map(str::to_string)
-        .or_else(|| s.cfg.local_clusters().into_iter().next())
-        .or_else(|| s.cfg.clusters.first().map(|c| c.name.clone()))
+        .or_else(|| s.cfg().local_clusters().into_iter().next())
+        .or_else(|| s.cfg().clusters.first().map(|c| c.name.clone()))
         .unwrap_or_default();
     let m = s.raft.metrics().borrow().clone();
     let facts = s.sm.applied().facts;
     let f = facts.cluster(&cluster);
     let has_leader = m.current_leader.is_some();
-    let me = &s.cfg.member;
+    let me = &s.cfg().member;
     // This member holds a server of the cluster (it may be a replica or the primary).
-    let is_data = s.cfg.server_names(&cluster).contains(me);
+    let is_data = s.cfg().server_names(&cluster).contains(me);
     let primary = f.and_then(|f| f.primary.clone());
     let json = |ok: bool| {
         let body = serde_json::json!({
@@ -73,7 +73,7 @@ pub fn handle(
         .ok()
         .and_then(|r| r.get(&cluster).copied())
         .unwrap_or_default();
-    let managed = s.cfg.postgres_for(&cluster).is_some();
+    let managed = s.cfg().postgres_for(&cluster).is_some();
     let lag_limit = match query.split('&').find_map(|kv| kv.strip_prefix("lag=")) {
         None => None,
         Some(v) => match parse_bytes(v) {

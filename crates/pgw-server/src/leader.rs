@@ -11,10 +11,10 @@ use crate::member::Shared;
 
 /// Runs the decision rule while this member leads. Runs on every member (arbiters too).
 pub async fn decision_loop(s: Shared) {
-    if !s.cfg.manages_postgres() {
+    if !s.cfg().manages_postgres() {
         return;
     }
-    let tick = Duration::from_millis((s.cfg.failover.report_interval_ms / 2).max(10));
+    let tick = Duration::from_millis((s.cfg().failover.report_interval_ms / 2).max(10));
     loop {
         let _ = tokio::time::timeout(tick, s.leader.wake.notified()).await;
         if s.raft.metrics().borrow().state == openraft::ServerState::Shutdown {

@@ -7,6 +7,7 @@ pub mod hooks;
 pub mod http;
 pub mod leader;
 pub mod member;
+pub mod membership;
 pub mod node;
 pub mod pgpool;
 pub mod raft;

@@ -16,7 +16,7 @@ use tonic_health::ServingStatus;
 
 use crate::auth::{AuthLayer, Policy};
 use crate::member::Shared;
-use crate::raft::network::ChannelMaker;
+use crate::raft::network::{ChannelMaker, PeerBook};
 use crate::raft::network::{GrpcNetworkFactory, Reachability, TransportConfig};
 use crate::raft::store::{self, StoreError};
 use crate::raft::types::Raft;
@@ -51,23 +51,20 @@ pub enum NodeError {
 /// that the peer's certificate names the member configured at that address.
 /// One long-lived channel per peer address, shared by Raft replication, sidecar reports,
 /// forwarded operator calls and bootstrap (tonic multiplexes them over one HTTP/2 connection).
-pub fn tls_channels(tls: Tls, cfg: &Config, connect_timeout: Duration) -> ChannelMaker {
-    let cache: std::sync::Mutex<BTreeMap<String, Channel>> = Default::default();
-    let names: BTreeMap<String, String> = cfg
-        .members
-        .iter()
-        .map(|m| (m.grpc.clone(), m.name.clone()))
-        .collect();
+/// `book` says which member is at which address; it follows the group's member list.
+pub fn tls_channels(tls: Tls, book: PeerBook, connect_timeout: Duration) -> ChannelMaker {
+    let cache: std::sync::Mutex<BTreeMap<(String, String), Channel>> = Default::default();
     Arc::new(move |addr: &str| {
-        if let Some(ch) = cache.lock().ok().and_then(|c| c.get(addr).cloned()) {
+        let member = book
+            .name(addr)
+            .ok_or_else(|| format!("{addr} is not the address of any member"))?;
+        let key = (addr.to_string(), member.clone());
+        if let Some(ch) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return Ok(ch);
         }
-        let member = names
-            .get(addr)
-            .ok_or_else(|| format!("{addr} is not the address of any member"))?;
-        let ch = tls.peer_channel(addr, member, connect_timeout)?;
+        let ch = tls.peer_channel(addr, &member, connect_timeout)?;
         if let Ok(mut c) = cache.lock() {
-            c.insert(addr.to_string(), ch.clone());
+            c.insert(key, ch.clone());
         }
         Ok(ch)
     })
@@ -106,22 +103,44 @@ fn raft_config(cfg: &Config) -> Result<openraft::Config, NodeError> {
 }
 
 impl Node {
-    /// Opens the data directory and starts Raft. Nothing is bound here.
-    pub async fn start(cfg: Config, channels: ChannelMaker, tls: Tls) -> Result<Node, NodeError> {
+    /// Opens the data directory and starts Raft. Nothing is bound here. `file` is the config
+    /// as read; the member list it runs with is the group's (`roster.pgw`) once there is one.
+    /// `book` is filled here and kept current (give the same to the channel maker).
+    pub async fn start(
+        file: Config,
+        channels: ChannelMaker,
+        tls: Tls,
+        book: PeerBook,
+    ) -> Result<Node, NodeError> {
+        let roster = store::read_roster(&file.data_dir)?;
+        let config = crate::member::LiveConfig::new(file, roster.clone());
+        let cfg = config.get();
         cfg.validate()?;
+        book.set(&cfg);
         let policy = Arc::new(Policy::from_config(&cfg)?);
-        let cfg = Arc::new(cfg);
         let me = cfg
             .me()
-            .ok_or_else(|| NodeError::Raft("member not in config".into()))?
+            .ok_or_else(|| {
+                NodeError::Raft(format!(
+                    "member `{}` is not in the group's member list{}",
+                    cfg.member,
+                    if roster.is_some() {
+                        " (it was removed from the group)"
+                    } else {
+                        ""
+                    }
+                ))
+            })?
             .clone();
-        let (log, sm) = store::open(&cfg)?;
+        let (log, sm) = store::open_with(&cfg, config.file(), roster.as_ref())?;
         let reach = Reachability::new(store::names_by_id(&cfg));
+        let shared_roster = config.roster();
         let shared_identity = pgw_proto::Identity {
             cluster_id: cfg.cluster_id.clone(),
-            fingerprint: cfg.members_fingerprint(),
+            fingerprint: shared_roster.group.clone(),
             from: me.id,
             from_name: me.name.clone(),
+            generation: shared_roster.generation,
         };
         let factory = GrpcNetworkFactory::new(
             TransportConfig {
@@ -151,7 +170,9 @@ impl Node {
         let live = Arc::new(crate::reload::Live::new(&cfg));
         let leader = crate::member::LeaderState::new(&cfg);
         let shared = Shared {
-            cfg,
+            config,
+            policy: policy.clone(),
+            book,
             raft,
             sm,
             reach,
@@ -166,8 +187,9 @@ impl Node {
         };
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));
+        tokio::spawn(crate::membership::follow_loop(shared.clone()));
         tokio::spawn(crate::leader::decision_loop(shared.clone()));
-        for pg in &shared.cfg.postgres {
+        for pg in &shared.cfg().postgres {
             match crate::sidecar::Sidecar::new(shared.clone(), pg.clone()) {
                 Ok(sc) => sc.spawn(),
                 Err(e) => return Err(NodeError::Raft(format!("postgres sidecar: {e}"))),
@@ -227,11 +249,11 @@ impl Node {
     /// An initialised member is never re-initialised.
     pub async fn bootstrap(&self, wait: Duration) -> Result<(), NodeError> {
         let s = &self.shared;
-        let me = s.cfg.me().map(|m| m.id).unwrap_or_default();
+        let me = s.cfg().me().map(|m| m.id).unwrap_or_default();
         let deadline = Instant::now() + wait;
         let mut answered: BTreeMap<u64, bool> = BTreeMap::new();
         let peers: Vec<_> = s
-            .cfg
+            .cfg()
             .members
             .iter()
             .filter(|m| m.id != me)
@@ -256,20 +278,20 @@ impl Node {
                     continue;
                 };
                 let r = reply.into_inner();
-                if r.cluster_id != s.cfg.cluster_id {
+                if r.cluster_id != s.cfg().cluster_id {
                     return Err(NodeError::Refused(format!(
                         "peer `{}` at {} belongs to cluster id `{}`, but this member's config says `{}`",
-                        p.name, p.grpc, r.cluster_id, s.cfg.cluster_id
+                        p.name, p.grpc, r.cluster_id, s.cfg().cluster_id
                     )));
                 }
-                if r.fingerprint != s.cfg.members_fingerprint() || r.member != p.name {
+                if r.fingerprint != s.config.roster().group || r.member != p.name {
                     return Err(NodeError::Refused(format!(
                         "peer `{}` at {} has member list [{}] (answers as `{}`), but this member's config has [{}]",
                         p.name,
                         p.grpc,
                         r.members,
                         r.member,
-                        s.cfg.members_canonical()
+                        s.cfg().members_canonical()
                     )));
                 }
                 answered.insert(p.id, r.initialized);
@@ -293,7 +315,13 @@ impl Node {
             tracing::info!("group already initialised by peers; waiting to be replicated to");
             return Ok(());
         }
-        if s.cfg
+        if s.config.roster().version > 0 {
+            // Joined (or the list changed since the group was founded): the group exists; the
+            // leader adds this member. Never found a second group beside it.
+            tracing::info!("member of an existing group: waiting for the leader to add it");
+            return Ok(());
+        }
+        if s.cfg()
             .me()
             .is_some_and(|m| m.role == pgw_core::Role::Sidecar)
         {
@@ -302,7 +330,7 @@ impl Node {
             return Ok(());
         }
         let members: BTreeMap<u64, BasicNode> = s
-            .cfg
+            .cfg()
             .voters()
             .map(|m| {
                 (
@@ -317,7 +345,7 @@ impl Node {
             Ok(()) => {
                 tracing::info!(
                     "initialised the group with {} voters",
-                    s.cfg.voters().count()
+                    s.cfg().voters().count()
                 );
                 Ok(())
             }
@@ -341,7 +369,7 @@ async fn watch_metrics(s: Shared, health: HealthReporter) {
     let mut rx = s.raft.metrics();
     let mut last_leader = None;
     let mut serving: BTreeMap<String, bool> = BTreeMap::new();
-    let me = s.cfg.me().map(|m| m.id);
+    let me = s.cfg().me().map(|m| m.id);
     loop {
         let m = rx.borrow_and_update().clone();
         metrics::gauge!(telemetry::RAFT_TERM).set(m.current_term as f64);
@@ -364,7 +392,7 @@ async fn watch_metrics(s: Shared, health: HealthReporter) {
         // A cluster is SERVING only while it has a primary recorded by a group that currently
         // has a leader (i.e. a majority is alive and in contact).
         let facts = s.sm.applied().facts;
-        for c in &s.cfg.clusters {
+        for c in &s.cfg().clusters {
             if let Some(f) = facts.cluster(&c.name) {
                 metrics::gauge!(telemetry::CLUSTER_EPOCH, "cluster" => c.name.clone())
                     .set(f.epoch as f64);
@@ -389,38 +417,10 @@ async fn watch_metrics(s: Shared, health: HealthReporter) {
     }
 }
 
-/// Adds every configured sidecar member the membership lacks as a learner (non-voter): it
-/// receives the log, knows the leader and reports, and never counts toward a quorum.
-async fn ensure_learners(s: &Shared, m: &openraft::RaftMetrics<u64, BasicNode>) {
-    let known: std::collections::BTreeSet<u64> = m
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(id, _)| *id)
-        .collect();
-    for x in s
-        .cfg
-        .members
-        .iter()
-        .filter(|x| x.role == pgw_core::Role::Sidecar)
-    {
-        if known.contains(&x.id) {
-            continue;
-        }
-        let node = BasicNode {
-            addr: x.grpc.clone(),
-        };
-        match s.raft.add_learner(x.id, node, false).await {
-            Ok(_) => tracing::info!(member = %x.name, "sidecar member added as a non-voter"),
-            Err(e) => tracing::debug!(member = %x.name, "adding sidecar member: {e}"),
-        }
-    }
-}
-
-/// While this member leads, registers every configured PostgreSQL cluster in the facts (and
-/// adds sidecar members as learners).
+/// While this member leads, registers every configured PostgreSQL cluster in the facts and
+/// brings Raft's membership in line with the group's member list (`membership::reconcile`).
 async fn ensure_clusters(s: Shared) {
-    let me = s.cfg.me().map(|m| m.id);
+    let me = s.cfg().me().map(|m| m.id);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
@@ -431,9 +431,9 @@ async fn ensure_clusters(s: Shared) {
         if m.current_leader != me || me.is_none() {
             continue;
         }
-        ensure_learners(&s, &m).await;
+        crate::membership::reconcile(&s, &m).await;
         let facts = s.sm.applied().facts;
-        for c in &s.cfg.clusters {
+        for c in &s.cfg().clusters {
             if facts.cluster(&c.name).is_none() {
                 let cmd = Command::EnsureCluster {
                     cluster: c.name.clone(),

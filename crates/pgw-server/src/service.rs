@@ -336,7 +336,7 @@ impl AdminService {
         let who = caller(&request)?;
         let bearer = request.metadata().get("authorization").cloned();
         let req = request.into_inner();
-        let cfg = &self.0.cfg;
+        let cfg = &self.0.cfg();
         if !cfg.members.iter().any(|m| m.room() == req.room) {
             let rooms: std::collections::BTreeSet<&str> =
                 cfg.members.iter().map(|m| m.room()).collect();
@@ -524,10 +524,9 @@ impl AdminService {
             )));
         }
         let fresh = |m: &str| self.0.leader.fresh_report(cluster, m);
-        let servers = self.0.cfg.server_names(cluster);
-        let data: Vec<&pgw_core::MemberConfig> = self
-            .0
-            .cfg
+        let servers = self.0.cfg().server_names(cluster);
+        let cfg_now = self.0.cfg();
+        let data: Vec<&pgw_core::MemberConfig> = cfg_now
             .members
             .iter()
             .filter(|m| servers.contains(&m.name))
@@ -690,16 +689,11 @@ impl AdminService {
     }
 
     fn cluster_known(&self, name: &str) -> Result<(), Status> {
-        if self.0.cfg.clusters.iter().any(|c| c.name == name) {
+        if self.0.cfg().clusters.iter().any(|c| c.name == name) {
             Ok(())
         } else {
-            let known: Vec<&str> = self
-                .0
-                .cfg
-                .clusters
-                .iter()
-                .map(|c| c.name.as_str())
-                .collect();
+            let cfg_now = self.0.cfg();
+            let known: Vec<&str> = cfg_now.clusters.iter().map(|c| c.name.as_str()).collect();
             Err(Status::not_found(format!(
                 "unknown cluster `{name}`; this group watches: {}",
                 known.join(", ")
@@ -783,14 +777,14 @@ impl admin_server::Admin for AdminService {
                 obs.member
             )));
         }
-        if !self.0.cfg.clusters.iter().any(|c| c.name == obs.cluster) {
+        if !self.0.cfg().clusters.iter().any(|c| c.name == obs.cluster) {
             telemetry::report_dropped("unknown_cluster");
             return Err(Status::invalid_argument(format!(
                 "`{}` is not a cluster of this group",
                 obs.cluster
             )));
         }
-        let servers = self.0.cfg.server_names(&obs.cluster);
+        let servers = self.0.cfg().server_names(&obs.cluster);
         let data_member = |m: &str| servers.contains(m);
         if !data_member(&obs.member) {
             telemetry::report_dropped("unknown_member");
@@ -821,12 +815,12 @@ impl admin_server::Admin for AdminService {
         }
         obs.standbys.retain(|m, _| data_member(m));
         let m = self.0.raft.metrics().borrow().clone();
-        if !crate::member::leads(&m, self.0.cfg.me().map(|x| x.id)) {
+        if !crate::member::leads(&m, self.0.cfg().me().map(|x| x.id)) {
             // A member that cannot reach the leader sends its reports through the others too:
             // relay once (the leader still confirms its leadership before granting; the lease
             // counts from when the reporter sent it, so a relay only makes it shorter).
             if !forwarded && m.current_leader.is_some() {
-                let limit = Duration::from_millis(self.0.cfg.failover.lease_ms);
+                let limit = Duration::from_millis(self.0.cfg().failover.lease_ms);
                 let mut c = self.leader_client(false)?;
                 // Relayed under our own name; the report keeps its member's signature.
                 req.identity = Some(self.0.identity());
@@ -852,7 +846,7 @@ impl admin_server::Admin for AdminService {
             // Renew only after a majority confirmed we still lead (a deposed leader cannot);
             // the arbiter then checks the primary record did not move meanwhile and that no
             // decision to move it is in flight.
-            let limit = Duration::from_millis(self.0.cfg.raft.rpc_timeout_ms);
+            let limit = Duration::from_millis(self.0.cfg().raft.rpc_timeout_ms);
             if let Ok(Ok(_)) = tokio::time::timeout(limit, self.0.raft.ensure_linearizable()).await
             {
                 let facts = self.0.sm.applied().facts;
@@ -867,7 +861,7 @@ impl admin_server::Admin for AdminService {
         Ok(Response::new(ReportReply {
             lease_ok,
             epoch,
-            leader: self.0.cfg.member.clone(),
+            leader: self.0.cfg().member.clone(),
             primary_flush_lsn,
         }))
     }
@@ -942,7 +936,7 @@ impl admin_server::Admin for AdminService {
         })?;
         let new = Config::load(&path)
             .map_err(|e| Status::invalid_argument(format!("{}: {e}", path.display())))?;
-        self.0.cfg.reload_diff(&new).map_err(|e| {
+        self.0.cfg().reload_diff(&new).map_err(|e| {
             Status::failed_precondition(format!("{}: {e}; nothing reloaded", path.display()))
         })?;
         tracing::info!(by = %who.name(), "reload of {} asked", path.display());
@@ -987,7 +981,7 @@ impl admin_server::Admin for AdminService {
             }
         }
         Ok(Response::new(ReloadReply {
-            member: self.0.cfg.member.clone(),
+            member: self.0.cfg().member.clone(),
             changed,
             pending_restart,
             notes,
@@ -1021,14 +1015,15 @@ impl admin_server::Admin for AdminService {
         }
         let m = self.0.raft.metrics().borrow().clone();
         let initialized = m.last_log_index.is_some() || m.vote.leader_id().term > 0;
-        let me = self.0.cfg.me();
+        let cfg_now = self.0.cfg();
+        let me = cfg_now.me();
         Ok(Response::new(HelloReply {
-            cluster_id: self.0.cfg.cluster_id.clone(),
-            fingerprint: self.0.cfg.members_fingerprint(),
-            member: self.0.cfg.member.clone(),
+            cluster_id: self.0.cfg().cluster_id.clone(),
+            fingerprint: self.0.config.roster().group.clone(),
+            member: self.0.cfg().member.clone(),
             node_id: me.map(|m| m.id).unwrap_or_default(),
             initialized,
-            members: self.0.cfg.members_canonical(),
+            members: self.0.cfg().members_canonical(),
         }))
     }
 
@@ -1039,9 +1034,10 @@ impl admin_server::Admin for AdminService {
         let s = &self.0;
         let m = s.raft.metrics().borrow().clone();
         let applied = s.sm.applied();
-        let me_id = s.cfg.me().map(|m| m.id).unwrap_or_default();
-        let members = s
-            .cfg
+        let me_id = s.cfg().me().map(|m| m.id).unwrap_or_default();
+        let standings = crate::membership::standings(s);
+        let mut members: Vec<MemberInfo> = s
+            .cfg()
             .members
             .iter()
             .map(|mc| MemberInfo {
@@ -1052,10 +1048,27 @@ impl admin_server::Admin for AdminService {
                 http: mc.http.clone(),
                 reachable: mc.id == me_id || s.reach.get(mc.id).is_some_and(|p| p.reachable),
                 room: mc.room().to_string(),
+                standing: standings
+                    .get(&mc.id)
+                    .copied()
+                    .unwrap_or("joining")
+                    .to_string(),
             })
             .collect();
+        // Members Raft still counts although the group no longer lists them.
+        for (id, st) in standings.iter().filter(|(_, st)| **st == "leaving") {
+            members.push(MemberInfo {
+                name: s.member_name(*id),
+                node_id: *id,
+                reachable: s.reach.get(*id).is_some_and(|p| p.reachable),
+                standing: st.to_string(),
+                ..Default::default()
+            });
+        }
+        let roster = s.config.roster();
+        let voters = roster.voter_ids().len();
         let clusters = s
-            .cfg
+            .cfg()
             .clusters
             .iter()
             .map(|c| {
@@ -1117,8 +1130,8 @@ impl admin_server::Admin for AdminService {
             })
             .collect();
         Ok(Response::new(StatusReply {
-            cluster_id: s.cfg.cluster_id.clone(),
-            member: s.cfg.member.clone(),
+            cluster_id: s.cfg().cluster_id.clone(),
+            member: s.cfg().member.clone(),
             node_id: me_id,
             raft_state: state_name(m.state).to_string(),
             leader: m
@@ -1131,7 +1144,65 @@ impl admin_server::Admin for AdminService {
             members,
             clusters,
             uptime_ms: s.started.elapsed().as_millis() as u64,
-            active_cluster: s.cfg.active_cluster().unwrap_or_default().to_string(),
+            active_cluster: s.cfg().active_cluster().unwrap_or_default().to_string(),
+            membership_changing: crate::membership::changing(s),
+            roster_version: roster.version,
+            generation: roster.generation,
+            automatic_failover_off: if voters < 3 {
+                format!(
+                    "{voters} voters: losing either member's room stops every decision; the survivor is recovered by `pg-watcher --force-new-group` (see README, two rooms without an arbiter)"
+                )
+            } else {
+                String::new()
+            },
+        }))
+    }
+
+    async fn member_change(
+        &self,
+        request: Request<pgw_proto::MemberChangeRequest>,
+    ) -> Result<Response<pgw_proto::MemberChangeReply>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
+        let bearer = request.metadata().get("authorization").cloned();
+        let req = request.into_inner();
+        if !self.is_leader() {
+            let mut c = self.leader_client(forwarded)?;
+            return c
+                .member_change(forward_request(req, Some(&who), bearer)?)
+                .await;
+        }
+        let (next, event) = crate::membership::plan(&self.0, &req)?;
+        let node_id = req.member.as_ref().map(|m| m.id).unwrap_or(0);
+        let (log_index, roster_version, committed_by) =
+            crate::membership::commit(&self.0, next, event.clone(), who.name()).await?;
+        tracing::info!(by = %who.name(), "{event}");
+        Ok(Response::new(pgw_proto::MemberChangeReply {
+            log_index,
+            committed_by,
+            roster_version,
+            node_id,
+            result: event,
+        }))
+    }
+
+    async fn get_roster(
+        &self,
+        request: Request<pgw_proto::RosterRequest>,
+    ) -> Result<Response<pgw_proto::RosterReply>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        // The joiner has no roster yet: its cluster id and certificate are what is checked.
+        if req.identity.as_ref().map(|i| i.cluster_id.as_str()) != Some(&self.0.cfg().cluster_id) {
+            return Err(Status::failed_precondition(format!(
+                "cluster id mismatch: this member belongs to `{}`",
+                self.0.cfg().cluster_id
+            )));
+        }
+        let roster = crate::membership::roster_for(&self.0, who.name())?;
+        Ok(Response::new(pgw_proto::RosterReply {
+            cluster_id: self.0.cfg().cluster_id.clone(),
+            roster,
         }))
     }
 

@@ -62,6 +62,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
         fingerprint: "f".into(),
         from: 1,
         from_name: "a".into(),
+        generation: 0,
     });
     vec![
         pgw_proto::RaftRequest {

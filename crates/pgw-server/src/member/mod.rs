@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
+use pgw_core::roster::Roster;
 use pgw_core::{Command, Config, Outcome, Proposal};
 use pgw_proto::Identity;
 use tonic::Status;
@@ -36,10 +37,74 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The config a member runs with: its file's settings and, once the group's member list has
+/// changed at run time, that list (see `pgw_core::roster`). Swapped as a whole when the roster
+/// changes; readers take a snapshot with [`LiveConfig::get`] and never see half of a change.
+#[derive(Clone)]
+pub struct LiveConfig {
+    file: Arc<Config>,
+    current: Arc<std::sync::RwLock<Running>>,
+}
+
+#[derive(Clone)]
+struct Running {
+    cfg: Arc<Config>,
+    roster: Arc<Roster>,
+}
+
+impl LiveConfig {
+    /// `roster`: the group's member list as last stored here (`None`: the file's founding
+    /// list).
+    pub fn new(file: Config, roster: Option<Roster>) -> LiveConfig {
+        let roster = roster.unwrap_or_else(|| Roster::founding(&file));
+        let cfg = pgw_core::roster::effective(&file, &roster);
+        LiveConfig {
+            file: Arc::new(file),
+            current: Arc::new(std::sync::RwLock::new(Running {
+                cfg: Arc::new(cfg),
+                roster: Arc::new(roster),
+            })),
+        }
+    }
+
+    fn running(&self) -> Running {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn get(&self) -> Arc<Config> {
+        self.running().cfg
+    }
+
+    /// The member list this member runs with (version 0: the founding list of the files).
+    pub fn roster(&self) -> Arc<Roster> {
+        self.running().roster
+    }
+
+    /// The config file as read at start (its member list only bootstrapped the group).
+    pub fn file(&self) -> &Config {
+        &self.file
+    }
+
+    /// Runs with `c` (the file's settings and `roster`'s members) from now on.
+    pub fn set(&self, c: Config, roster: Roster) {
+        let r = Running {
+            cfg: Arc::new(c),
+            roster: Arc::new(roster),
+        };
+        match self.current.write() {
+            Ok(mut g) => *g = r,
+            Err(p) => *p.into_inner() = r,
+        }
+    }
+}
+
 /// What every service needs to know about this member.
 #[derive(Clone)]
 pub struct Shared {
-    pub cfg: Arc<Config>,
+    pub config: LiveConfig,
     pub raft: Raft,
     pub sm: StateMachineStore,
     pub reach: Reachability,
@@ -58,16 +123,28 @@ pub struct Shared {
     pub refusals: crate::tls::RefusalLog,
     /// `pgwctl reload`: the config file's path and the live [postgres] settings.
     pub live: Arc<crate::reload::Live>,
+    /// Who may call (member certificates follow the roster).
+    pub policy: Arc<crate::auth::Policy>,
+    /// Which member answers at which address (channels verify the certificate's name).
+    pub book: crate::raft::network::PeerBook,
 }
 
 impl Shared {
+    /// The running config (file settings + the group's member list), a consistent snapshot.
+    pub fn cfg(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
     pub fn identity(&self) -> Identity {
-        let me = self.cfg.me();
+        let cfg_now = self.cfg();
+        let me = cfg_now.me();
+        let roster = self.config.roster();
         Identity {
-            cluster_id: self.cfg.cluster_id.clone(),
-            fingerprint: self.cfg.members_fingerprint(),
+            generation: roster.generation,
+            cluster_id: self.cfg().cluster_id.clone(),
+            fingerprint: roster.group.clone(),
             from: me.map(|m| m.id).unwrap_or_default(),
-            from_name: self.cfg.member.clone(),
+            from_name: self.cfg().member.clone(),
         }
     }
 
@@ -103,20 +180,45 @@ impl Shared {
         let Some(id) = id else {
             return Err(Status::failed_precondition("call carries no identity"));
         };
-        if id.cluster_id != self.cfg.cluster_id {
+        if id.cluster_id != self.cfg().cluster_id {
             self.refusals.refuse_key(
                 &id.from_name,
                 &format!(
                     "cluster id: `{}` differs from ours `{}`",
-                    id.cluster_id, self.cfg.cluster_id
+                    id.cluster_id,
+                    self.cfg().cluster_id
                 ),
             );
             return Err(Status::failed_precondition(format!(
                 "cluster id mismatch: caller `{}` has `{}`, member `{}` has `{}`",
-                id.from_name, id.cluster_id, self.cfg.member, self.cfg.cluster_id
+                id.from_name,
+                id.cluster_id,
+                self.cfg().member,
+                self.cfg().cluster_id
             )));
         }
-        let ours = self.cfg.members_fingerprint();
+        let roster = self.config.roster();
+        if id.generation != roster.generation {
+            self.refusals.refuse_key(
+                &id.from_name,
+                &format!(
+                    "group generation {} (ours is {})",
+                    id.generation, roster.generation
+                ),
+            );
+            return Err(Status::failed_precondition(format!(
+                "`{}` belongs to group generation {}, but this group is at generation {}{}",
+                id.from_name,
+                id.generation,
+                roster.generation,
+                if id.generation < roster.generation {
+                    ": the group was recovered without it (pg-watcher --force-new-group); rejoin with `pgwctl member add` and `pg-watcher --join` on an empty data directory"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let ours = roster.group.clone();
         if id.fingerprint != ours {
             self.refusals.refuse_key(
                 &id.from_name,
@@ -129,9 +231,9 @@ impl Shared {
                 "member list mismatch: caller `{}` has fingerprint {}, member `{}` has {} ({})",
                 id.from_name,
                 id.fingerprint,
-                self.cfg.member,
+                self.cfg().member,
                 ours,
-                self.cfg.members_canonical()
+                self.cfg().members_canonical()
             )));
         }
         Ok(())
@@ -139,11 +241,11 @@ impl Shared {
 
     /// Whether this member leads now (see [`leads`]).
     pub fn is_leader(&self) -> bool {
-        leads(&self.raft.metrics().borrow(), self.cfg.me().map(|m| m.id))
+        leads(&self.raft.metrics().borrow(), self.cfg().me().map(|m| m.id))
     }
 
     pub fn member_name(&self, id: u64) -> String {
-        self.cfg
+        self.cfg()
             .member_by_id(id)
             .map(|m| m.name.clone())
             .unwrap_or_else(|| format!("node-{id}"))
@@ -166,7 +268,7 @@ impl Shared {
         let name = command.cluster().to_string();
         let registered = self.sm.applied().facts.cluster(&name).is_some();
         if !registered && !matches!(command, Command::EnsureCluster { .. }) {
-            if let Some(c) = self.cfg.clusters.iter().find(|c| c.name == name) {
+            if let Some(c) = self.cfg().clusters.iter().find(|c| c.name == name) {
                 let ensure = Command::EnsureCluster {
                     cluster: c.name.clone(),
                     sync_quorum: c.sync_quorum,
@@ -177,14 +279,14 @@ impl Shared {
         let p = Proposal {
             command,
             at_ms: now_ms(),
-            by: self.cfg.member.clone(),
+            by: self.cfg().member.clone(),
             asked_by: asked_by.map(str::to_string),
         };
         let t0 = Instant::now();
         match self.raft.client_write(p).await {
             Ok(resp) => {
                 telemetry::commit_latency(t0.elapsed());
-                Ok((resp.log_id.index, resp.data, self.cfg.member.clone()))
+                Ok((resp.log_id.index, resp.data, self.cfg().member.clone()))
             }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(match f.leader_id {
@@ -201,7 +303,7 @@ impl Shared {
     }
 
     pub fn leader_addr(&self, id: u64) -> Option<String> {
-        self.cfg.member_by_id(id).map(|m| m.grpc.clone())
+        self.cfg().member_by_id(id).map(|m| m.grpc.clone())
     }
 }
 

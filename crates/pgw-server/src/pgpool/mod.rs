@@ -35,12 +35,12 @@ pub enum PgpoolError {
 /// Starts the supervisor of each local pgpool (if managed) and one reconciler per pgpool of
 /// every cluster (each cluster has its own pgpool in each room).
 pub fn spawn(s: &Shared) -> Result<(), PgpoolError> {
-    let Some(pp) = s.cfg.pgpool.clone() else {
+    let Some(pp) = s.cfg().pgpool.clone() else {
         return Ok(());
     };
     let password = managed::read_password(&pp.pcp_password_file)?;
-    for cluster in s.cfg.managed_pgpools() {
-        if let Some(m) = managed::ManagedPgpool::new(&s.cfg, &cluster, &password)? {
+    for cluster in s.cfg().managed_pgpools() {
+        if let Some(m) = managed::ManagedPgpool::new(&s.cfg(), &cluster, &password)? {
             tokio::spawn(m.supervise());
         }
     }
@@ -48,8 +48,8 @@ pub fn spawn(s: &Shared) -> Result<(), PgpoolError> {
         user: pp.pcp_user.clone(),
         password,
     };
-    for cluster in s.cfg.pooled_clusters() {
-        for x in s.cfg.servers(&cluster) {
+    for cluster in s.cfg().pooled_clusters() {
+        for x in s.cfg().servers(&cluster) {
             if let (Some(addr), Some(pcp)) = (x.pgpool.clone(), x.pcp.clone()) {
                 tokio::spawn(reconcile(
                     s.clone(),
@@ -124,16 +124,16 @@ pub async fn local_pcp(
     req: &pgw_proto::PcpRequest,
 ) -> Result<Vec<pgw_proto::PcpNode>, tonic::Status> {
     use tonic::Status;
-    let pp = s
-        .cfg
+    let cfg_now = s.cfg();
+    let pp = cfg_now
         .pgpool
         .as_ref()
         .ok_or_else(|| Status::failed_precondition("this member has no [pgpool] section"))?;
     let pcp_addr = s
-        .cfg
+        .cfg()
         .servers(&req.cluster)
         .into_iter()
-        .find(|x| x.member == s.cfg.member)
+        .find(|x| x.member == s.cfg().member)
         .and_then(|x| x.pcp)
         .ok_or_else(|| {
             Status::failed_precondition(format!(
@@ -141,7 +141,7 @@ pub async fn local_pcp(
                 req.cluster
             ))
         })?;
-    let backends = s.cfg.pgpool_backends(&req.cluster);
+    let backends = s.cfg().pgpool_backends(&req.cluster);
     let node = req.node as usize;
     let action = match req.command.as_str() {
         "info" => None,
@@ -195,7 +195,7 @@ pub async fn local_pcp(
         user: pp.pcp_user.clone(),
         password,
     };
-    let timeout = Duration::from_millis(s.cfg.raft.rpc_timeout_ms);
+    let timeout = Duration::from_millis(s.cfg().raft.rpc_timeout_ms);
     // ABORTED: the watcher answered, its pgpool did not (the leader must not fall back).
     run_pcp(&pcp_addr, &creds, timeout, action)
         .await
@@ -207,12 +207,13 @@ pub async fn local_pcp(
 /// attached as primary), read over a fresh local PCP connection; `Err` when this member runs no
 /// pgpool of that cluster or it does not answer.
 pub async fn local_pool_primary(s: &Shared, cluster: &str) -> Result<Option<String>, String> {
-    let pp = s.cfg.pgpool.as_ref().ok_or("no [pgpool] section")?;
+    let cfg_now = s.cfg();
+    let pp = cfg_now.pgpool.as_ref().ok_or("no [pgpool] section")?;
     let pcp_addr = s
-        .cfg
+        .cfg()
         .servers(cluster)
         .into_iter()
-        .find(|x| x.member == s.cfg.member)
+        .find(|x| x.member == s.cfg().member)
         .and_then(|x| x.pcp)
         .ok_or_else(|| format!("no pgpool of cluster `{cluster}` on this member"))?;
     let password = managed::read_password(&pp.pcp_password_file).map_err(|e| e.to_string())?;
@@ -220,12 +221,12 @@ pub async fn local_pool_primary(s: &Shared, cluster: &str) -> Result<Option<Stri
         user: pp.pcp_user.clone(),
         password,
     };
-    let timeout = Duration::from_millis(s.cfg.raft.rpc_timeout_ms);
+    let timeout = Duration::from_millis(s.cfg().raft.rpc_timeout_ms);
     let nodes = run_pcp(&pcp_addr, &creds, timeout, None)
         .await
         .map_err(|e| e.to_string())?;
     let view: Vec<_> = nodes.iter().map(NodeInfo::pool_node).collect();
-    let names = s.cfg.pgpool_backends(cluster);
+    let names = s.cfg().pgpool_backends(cluster);
     Ok(pool_primary(&view).and_then(|i| names.get(i).map(|b| b.0.clone())))
 }
 
@@ -299,7 +300,7 @@ impl PoolLink {
         action: Option<PcpAction>,
         epoch: u64,
     ) -> Result<Vec<NodeInfo>, LinkError> {
-        if self.room != self.s.cfg.member {
+        if self.room != self.s.cfg().member {
             let (command, node) = wire_command(action);
             let req = pgw_proto::PcpRequest {
                 identity: Some(self.s.identity()),
@@ -370,7 +371,7 @@ async fn reconcile(
         cluster: cluster.clone(),
         room: room.clone(),
         room_grpc: s
-            .cfg
+            .cfg()
             .members
             .iter()
             .find(|m| m.name == room)
@@ -378,23 +379,23 @@ async fn reconcile(
             .unwrap_or_default(),
         pcp_addr,
         creds,
-        timeout: Duration::from_millis(s.cfg.raft.rpc_timeout_ms),
+        timeout: Duration::from_millis(s.cfg().raft.rpc_timeout_ms),
         silent: 0,
     };
-    let backends = s.cfg.pgpool_backends(&cluster);
+    let backends = s.cfg().pgpool_backends(&cluster);
     let names: Vec<String> = backends.iter().map(|b| b.0.clone()).collect();
-    let me = s.cfg.me().map(|m| m.id);
-    let fo = s.cfg.failover.clone();
+    let me = s.cfg().me().map(|m| m.id);
+    let fo = s.cfg().failover.clone();
     let fresh_ms = pgw_core::arbiter::fresh_ms(fo.report_interval_ms);
     let fast = Duration::from_millis(fo.report_interval_ms);
     let slow = Duration::from_millis(
-        s.cfg
+        s.cfg()
             .pgpool
             .as_ref()
             .map(|p| p.check_interval_ms)
             .unwrap_or(pgw_core::config::defaults::PGPOOL_CHECK_INTERVAL_MS),
     );
-    let timeout = Duration::from_millis(s.cfg.raft.rpc_timeout_ms);
+    let timeout = Duration::from_millis(s.cfg().raft.rpc_timeout_ms);
     let label = [("room", room.clone()), ("cluster", cluster.clone())];
     let mut last_target: Option<Target> = None;
     let mut last_check = Instant::now() - slow;

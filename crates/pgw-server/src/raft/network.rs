@@ -36,23 +36,62 @@ pub struct PeerState {
     pub last_error: Option<String>,
 }
 
+/// Which member answers at which gRPC address, from the group's member list (swapped when
+/// the roster changes). Channels to a member verify that its certificate names it.
+#[derive(Clone, Default)]
+pub struct PeerBook(Arc<std::sync::RwLock<BTreeMap<String, String>>>);
+
+impl PeerBook {
+    pub fn set(&self, cfg: &pgw_core::Config) {
+        let m: BTreeMap<String, String> = cfg
+            .members
+            .iter()
+            .map(|m| (m.grpc.clone(), m.name.clone()))
+            .collect();
+        match self.0.write() {
+            Ok(mut g) => *g = m,
+            Err(p) => *p.into_inner() = m,
+        }
+    }
+
+    /// The member at `addr`, if any.
+    pub fn name(&self, addr: &str) -> Option<String> {
+        match self.0.read() {
+            Ok(g) => g.get(addr).cloned(),
+            Err(p) => p.into_inner().get(addr).cloned(),
+        }
+    }
+}
+
 /// Shared view of peer reachability, fed by the transport.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Reachability {
     peers: Arc<Mutex<BTreeMap<NodeId, PeerState>>>,
-    names: Arc<BTreeMap<NodeId, String>>,
+    names: Arc<std::sync::RwLock<BTreeMap<NodeId, String>>>,
 }
 
 impl Reachability {
     pub fn new(names: BTreeMap<NodeId, String>) -> Self {
         Self {
             peers: Arc::default(),
-            names: Arc::new(names),
+            names: Arc::new(std::sync::RwLock::new(names)),
+        }
+    }
+
+    /// Takes new member names (after a roster change).
+    pub fn set_names(&self, names: BTreeMap<NodeId, String>) {
+        match self.names.write() {
+            Ok(mut g) => *g = names,
+            Err(p) => *p.into_inner() = names,
         }
     }
 
     pub fn name(&self, id: NodeId) -> String {
-        self.names
+        let names = match self.names.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        names
             .get(&id)
             .cloned()
             .unwrap_or_else(|| format!("node-{id}"))

@@ -8,6 +8,9 @@
 //!   own CRC32 so a damaged record is reported rather than applied.
 //! - `snapshot.pgw`: the latest state-machine snapshot, framed and written crash-safely.
 //! - `lease.pgw`: when this member last renewed a primary lease (`sidecar::lease_record`).
+//! - `roster.pgw`: the group's member list as last applied here, once it differs from the
+//!   founding list of the config files (`pgw_core::roster`); read at start before anything
+//!   talks to a peer, and written by `--join` with the list the group gave.
 //!
 //! The state machine itself lives in memory and is rebuilt at start from the snapshot plus the
 //! committed log (openraft re-applies committed entries at start because we persist
@@ -29,6 +32,7 @@ use openraft::{
     AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader,
     RaftSnapshotBuilder, StorageIOError,
 };
+use pgw_core::roster::Roster;
 use pgw_core::{Config, Facts, Outcome};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -45,6 +49,7 @@ const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 
 pub const IDENTITY_FILE: &str = "identity.pgw";
+pub const ROSTER_FILE: &str = "roster.pgw";
 pub const LEASE_FILE: &str = "lease.pgw";
 
 /// The lease record of a cluster: `lease.pgw` for the first cluster, `lease-<cluster>.pgw` for
@@ -95,6 +100,33 @@ struct Identity {
     members: String,
     /// False between writing the identity and creating the database (a crash there is safe).
     db_created: bool,
+    /// The group generation this directory belongs to (grows with `--force-new-group`).
+    #[serde(default)]
+    generation: u64,
+}
+
+/// The roster stored in `dir`, if the group's member list ever changed (or was learnt by
+/// `--join`).
+pub fn read_roster(dir: &Path) -> Result<Option<Roster>, StoreError> {
+    let path = dir.join(ROSTER_FILE);
+    match durable::read(&path, Kind::Roster)? {
+        Some(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).map_err(|e| decode_err(&path, e))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Stores `r` as this member's roster, crash-safely (before it is acted on).
+pub fn write_roster(dir: &Path, r: &Roster) -> Result<(), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| durable::DurableError::Io {
+        file: dir.to_path_buf(),
+        source,
+    })?;
+    let path = dir.join(ROSTER_FILE);
+    let bytes = serde_json::to_vec(r).map_err(|e| decode_err(&path, e))?;
+    durable::write_atomic(&path, Kind::Roster, &bytes)?;
+    Ok(())
 }
 
 fn decode_err(file: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -104,8 +136,21 @@ fn decode_err(file: &Path, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// Opens (or creates) the data directory for `cfg`, checking it belongs to this member.
+/// Opens (or creates) the data directory for `cfg`, a group that never changed its member
+/// list (see [`open_with`]).
 pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
+    open_with(cfg, cfg, None)
+}
+
+/// Opens (or creates) the data directory for `cfg` (the running config: the file's settings
+/// with the roster's member list when there is one), checking it belongs to this member.
+/// `file` is the config as read from disk: the state machine derives each cluster's servers
+/// from it and the group's roster as the roster changes.
+pub fn open_with(
+    cfg: &Config,
+    file: &Config,
+    roster: Option<&Roster>,
+) -> Result<(LogStore, StateMachineStore), StoreError> {
     let dir = cfg.data_dir.clone();
     let me = cfg.me().ok_or_else(|| StoreError::Decode {
         file: dir.clone(),
@@ -127,11 +172,12 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
         })?;
         let name = e.file_name().to_string_lossy().to_string();
         match name.as_str() {
-            IDENTITY_FILE | DB_FILE | SNAPSHOT_FILE | LEASE_FILE => {}
+            IDENTITY_FILE | DB_FILE | SNAPSHOT_FILE | LEASE_FILE | ROSTER_FILE => {}
             n if is_cluster_lease(n) => {}
             n if n == format!("{IDENTITY_FILE}.tmp")
                 || n == format!("{SNAPSHOT_FILE}.tmp")
                 || n == format!("{LEASE_FILE}.tmp")
+                || n == format!("{ROSTER_FILE}.tmp")
                 || n.strip_suffix(".tmp").is_some_and(is_cluster_lease) =>
             {
                 std::fs::remove_file(e.path()).map_err(|source| durable::DurableError::Io {
@@ -148,9 +194,12 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
         cluster_id: cfg.cluster_id.clone(),
         member: me.name.clone(),
         node_id: me.id,
-        fingerprint: cfg.members_fingerprint(),
+        fingerprint: roster
+            .map(|r| r.group.clone())
+            .unwrap_or_else(|| cfg.members_fingerprint()),
         members: cfg.members_canonical(),
         db_created: true,
+        generation: roster.map(|r| r.generation).unwrap_or(0),
     };
     let stored: Option<Identity> = match durable::read(&id_path, Kind::Identity)? {
         Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| decode_err(&id_path, e))?),
@@ -175,7 +224,14 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
             })?;
         }
         Some(s) => {
-            let checks: [(&'static str, String, String); 4] = [
+            // Once the group holds its member list (roster.pgw), the file's list only
+            // bootstrapped it: the group's digest and generation must match instead.
+            let list = if roster.is_some() {
+                ("group", s.fingerprint.clone(), wanted.fingerprint.clone())
+            } else {
+                ("member list", s.members.clone(), wanted.members.clone())
+            };
+            let checks: [(&'static str, String, String); 5] = [
                 (
                     "cluster_id",
                     s.cluster_id.clone(),
@@ -183,7 +239,12 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
                 ),
                 ("member", s.member.clone(), wanted.member.clone()),
                 ("node id", s.node_id.to_string(), wanted.node_id.to_string()),
-                ("member list", s.members.clone(), wanted.members.clone()),
+                list,
+                (
+                    "group generation",
+                    s.generation.to_string(),
+                    wanted.generation.to_string(),
+                ),
             ];
             for (field, st, conf) in checks {
                 if st != conf {
@@ -211,12 +272,11 @@ pub fn open(cfg: &Config) -> Result<(LogStore, StateMachineStore), StoreError> {
         db: Arc::new(db),
         file: db_path,
     };
-    let servers = cfg
-        .clusters
-        .iter()
-        .map(|c| (c.name.clone(), cfg.server_names(&c.name)))
-        .collect();
-    let sm = StateMachineStore::open(dir.join(SNAPSHOT_FILE), servers)?;
+    let founding = match roster {
+        Some(r) => r.founding_config(file),
+        None => file.clone(),
+    };
+    let sm = StateMachineStore::open(dir.join(SNAPSHOT_FILE), founding)?;
     Ok((log, sm))
 }
 
@@ -512,8 +572,20 @@ struct SmInner {
     current: Mutex<Option<(SnapshotMeta, Vec<u8>)>>,
     file: PathBuf,
     snapshot_seq: Mutex<u64>,
-    /// The group's data members: a command naming anyone else is rejected at apply.
-    servers: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The config file: with the applied roster it gives each cluster's servers (a command
+    /// naming anyone else is rejected at apply).
+    file_config: Config,
+    /// Servers by cluster for the roster version in the key (0: the founding list).
+    servers: Mutex<(u64, Servers)>,
+}
+
+type Servers = BTreeMap<String, std::collections::BTreeSet<String>>;
+
+fn servers_of(cfg: &Config) -> Servers {
+    cfg.clusters
+        .iter()
+        .map(|c| (c.name.clone(), cfg.server_names(&c.name)))
+        .collect()
 }
 
 /// The replicated state machine (in memory) with its durable snapshot.
@@ -532,10 +604,7 @@ fn lock_poisoned(file: &Path) -> StorageError {
 }
 
 impl StateMachineStore {
-    fn open(
-        file: PathBuf,
-        servers: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
-    ) -> Result<Self, StoreError> {
+    fn open(file: PathBuf, config: Config) -> Result<Self, StoreError> {
         let mut applied = Applied::default();
         let mut current = None;
         if let Some(bytes) = durable::read(&file, Kind::Snapshot)? {
@@ -554,9 +623,29 @@ impl StateMachineStore {
                 current: Mutex::new(current),
                 file,
                 snapshot_seq: Mutex::new(0),
-                servers,
+                servers: Mutex::new((0, servers_of(&config))),
+                file_config: config,
             }),
         })
+    }
+
+    /// Each cluster's servers under the roster in `facts` (the founding list without one).
+    fn servers(&self, facts: &Facts) -> Result<Servers, StorageError> {
+        let mut cache = self
+            .inner
+            .servers
+            .lock()
+            .map_err(|_| lock_poisoned(&self.inner.file))?;
+        let version = facts.roster.as_ref().map(|r| r.version).unwrap_or(0);
+        if cache.0 != version {
+            let cfg = match &facts.roster {
+                Some(r) => pgw_core::roster::effective(&self.inner.file_config, r),
+                // file_config carries the founding list
+                None => self.inner.file_config.clone(),
+            };
+            *cache = (version, servers_of(&cfg));
+        }
+        Ok(cache.1.clone())
     }
 
     /// A consistent copy of the applied state.
@@ -649,9 +738,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             match entry.payload {
                 EntryPayload::Blank => out.push(Outcome::Unchanged { epoch: 0 }),
                 EntryPayload::Normal(p) => {
-                    let o = st
-                        .facts
-                        .apply_checked(entry.log_id.index, &p, &self.inner.servers);
+                    let servers = self.servers(&st.facts)?;
+                    let o = st.facts.apply_checked(entry.log_id.index, &p, &servers);
                     out.push(o);
                 }
                 EntryPayload::Membership(m) => {

@@ -120,25 +120,25 @@ pub struct Sidecar {
 impl Sidecar {
     /// The sidecar of this member's server `pg` (one `[[postgres]]` entry).
     pub fn new(s: Shared, pg: PostgresConfig) -> Result<Sidecar, PgError> {
-        let cluster = s.cfg.pg_cluster_of(&pg);
+        let cluster = s.cfg().pg_cluster_of(&pg);
         let mut members_pg = BTreeMap::new();
-        for x in s.cfg.servers(&cluster) {
+        for x in s.cfg().servers(&cluster) {
             if let Some(a) = x.postgres.as_deref().and_then(PgAddr::parse) {
                 members_pg.insert(x.member.clone(), a);
             }
         }
         let addr = members_pg
-            .get(&s.cfg.member)
+            .get(&s.cfg().member)
             .cloned()
             .ok_or_else(|| PgError::Tool {
                 what: "config".into(),
                 message: format!("this member has no postgres address in cluster `{cluster}`"),
             })?;
-        let ctl = PgCtl::new(pg, &s.cfg.member, addr)?;
+        let ctl = PgCtl::new(pg, &s.cfg().member, addr)?;
         ctl.prepare_dirs()?;
         // The first cluster keeps the file name it always had (upgrades keep their deadline).
-        let first = s.cfg.clusters.first().is_some_and(|c| c.name == cluster);
-        let record = LeaseRecord::new(&s.cfg.data_dir, (!first).then_some(cluster.as_str()));
+        let first = s.cfg().clusters.first().is_some_and(|c| c.name == cluster);
+        let record = LeaseRecord::new(&s.cfg().data_dir, (!first).then_some(cluster.as_str()));
         let prior_sent = record.load();
         Ok(Sidecar {
             record: Arc::new(record),
@@ -182,7 +182,7 @@ impl Sidecar {
     /// seconds (each step has a 1 s timeout), and the lease rule needs fencing finished by
     /// `sent + lease_ms`. The reporter runs the same guard; this task makes the deadline exact.
     async fn lease_guard(self: Arc<Self>) {
-        let tick = Duration::from_millis((self.s.cfg.failover.report_interval_ms / 2).max(10));
+        let tick = Duration::from_millis((self.s.cfg().failover.report_interval_ms / 2).max(10));
         loop {
             let deadline = self.lease_deadline();
             let now = Instant::now();
@@ -214,7 +214,7 @@ impl Sidecar {
             .prior_sent
             .map_or(self.started, |p| p.min(self.started));
         let sent = self.lock().lease_sent.unwrap_or(first);
-        sent + Duration::from_millis(self.s.cfg.failover.lease().fence_at(0))
+        sent + Duration::from_millis(self.s.cfg().failover.lease().fence_at(0))
     }
 
     fn lease_valid(&self) -> bool {
@@ -244,7 +244,7 @@ impl Sidecar {
             };
             let input = GuardInput {
                 now: self.ms(now),
-                named_primary: f.primary.as_deref() == Some(self.s.cfg.member.as_str()),
+                named_primary: f.primary.as_deref() == Some(self.s.cfg().member.as_str()),
                 epoch: f.epoch,
                 lease_deadline: self.ms(deadline),
                 role,
@@ -254,7 +254,7 @@ impl Sidecar {
                 observed_at: seen.map(|(_, t0, _)| self.ms(t0)).unwrap_or(self.ms(now)),
                 busy: st.busy,
                 busy_ended: st.busy_ended.map(|e| self.ms(e)),
-                hung_after_ms: self.s.cfg.failover.hung_after_ms,
+                hung_after_ms: self.s.cfg().failover.hung_after_ms,
             };
             // A deadline before this run began (a previous run's) is already past.
             let input = if deadline <= self.started {
@@ -296,7 +296,7 @@ impl Sidecar {
 
     /// Observes postgres, enforces the lease and hang rules, reports to the leader.
     async fn reporter(self: Arc<Self>) {
-        let interval = Duration::from_millis(self.s.cfg.failover.report_interval_ms);
+        let interval = Duration::from_millis(self.s.cfg().failover.report_interval_ms);
         let mut observer = Observer::new();
         let mut unresponsive_since: Option<Instant> = None;
         let mut last_refusal: Option<String> = None;
@@ -313,7 +313,8 @@ impl Sidecar {
             }
             let mut local = observer.observe(&self.ctl, &self.members_pg).await;
             let facts = self.facts();
-            let me = self.s.cfg.member.as_str();
+            let cfg_now = self.s.cfg();
+            let me = cfg_now.member.as_str();
             let (i_am_primary, epoch) = facts
                 .as_ref()
                 .map(|f| (f.primary.as_deref() == Some(me), f.epoch))
@@ -372,7 +373,8 @@ impl Sidecar {
     /// synchronous, our flushed LSN marks where commits are synchronous again.
     fn sync_since(&self, local: &Local, st: &SideState) -> Option<u64> {
         let f = self.facts()?;
-        let me = self.s.cfg.member.as_str();
+        let cfg_now = self.s.cfg();
+        let me = cfg_now.member.as_str();
         let applied = st.sync_applied_at?;
         let sync = local.standbys.values().any(|v| v.is_synchronous());
         (f.resync_pending
@@ -387,7 +389,8 @@ impl Sidecar {
     /// `degrade_after_ms` stops waiting for synchronous standbys; it narrows in postgres first,
     /// the leader then records the empty sync set. A returning standby ends it.
     fn track_degraded(&self, i_am_primary: bool, local: &Local) {
-        let Some(cc) = self.s.cfg.clusters.iter().find(|c| c.name == self.cluster) else {
+        let cfg_now = self.s.cfg();
+        let Some(cc) = cfg_now.clusters.iter().find(|c| c.name == self.cluster) else {
             return;
         };
         let mut st = self.lock();
@@ -432,7 +435,7 @@ impl Sidecar {
             let mut st = self.lock();
             st.report_seq += 1;
             Observation {
-                member: self.s.cfg.member.clone(),
+                member: self.s.cfg().member.clone(),
                 cluster: self.cluster.clone(),
                 role: local.role.unwrap_or(PgRole::Unknown),
                 timeline: local.timeline,
@@ -460,7 +463,8 @@ impl Sidecar {
         // Signed, so that a member relaying it to the leader cannot alter it.
         let signed = self.s.tls.sign(&bytes).unwrap_or_default();
         let mut targets = Vec::new();
-        if let Some(addr) = leader.and_then(|l| self.s.cfg.member_by_id(l).map(|x| x.grpc.clone()))
+        if let Some(addr) =
+            leader.and_then(|l| self.s.cfg().member_by_id(l).map(|x| x.grpc.clone()))
         {
             if client.as_ref().is_none_or(|(a, _)| *a != addr) {
                 if let Ok(ch) = (self.s.channels)(&addr) {
@@ -479,13 +483,13 @@ impl Sidecar {
         // while we know the leader; every other member while we do not.
         let relays: Vec<String> = self
             .s
-            .cfg
+            .cfg()
             .voters()
-            .filter(|x| x.name != self.s.cfg.member && Some(x.id) != leader)
+            .filter(|x| x.name != self.s.cfg().member && Some(x.id) != leader)
             .map(|x| x.grpc.clone())
             .collect();
         // No relay when we are the leader: the direct report does not leave this process.
-        let i_lead = leader.is_some() && self.s.cfg.me().map(|m| m.id) == leader;
+        let i_lead = leader.is_some() && self.s.cfg().me().map(|m| m.id) == leader;
         if !relays.is_empty() && !i_lead {
             let picked: Vec<&String> = if leader.is_some() {
                 vec![&relays[(seq as usize) % relays.len()]]
@@ -500,7 +504,7 @@ impl Sidecar {
         }
         // A renewal answered after the fence point is of no use: that bounds each report, and
         // with one report per interval, how many can be in flight.
-        let fo = &self.s.cfg.failover;
+        let fo = &self.s.cfg().failover;
         let limit = Duration::from_millis(fo.lease_ms.saturating_sub(fo.fence_budget_ms))
             .max(Duration::from_millis(fo.report_interval_ms));
         let max_in_flight = 2 * ((fo.lease_ms / fo.report_interval_ms.max(1)) as usize + 1);
@@ -561,7 +565,7 @@ impl Sidecar {
         if !due {
             return;
         }
-        let monitor = self.s.cfg.pgpool_check_user();
+        let monitor = self.s.cfg().pgpool_check_user();
         let ok = match self.ctl.ensure_roles(monitor.as_deref()).await {
             Ok(created) => {
                 for r in created {
@@ -581,10 +585,11 @@ impl Sidecar {
         Managed {
             primary_conninfo: follow.and_then(|p| self.members_pg.get(p)).map(|a| {
                 self.ctl
-                    .conninfo(a, &self.s.cfg.member, self.ctl.cfg.replication_role())
+                    .conninfo(a, &self.s.cfg().member, self.ctl.cfg.replication_role())
             }),
             // Always the set recorded in Raft: degraded mode is recorded there first.
-            synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg.member.as_str()) {
+            synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg().member.as_str())
+            {
                 sync_names(f)
             } else {
                 String::new()
@@ -604,7 +609,7 @@ impl Sidecar {
 
     /// Brings postgres in line with the committed facts, one action per fresh observation.
     async fn actor(self: Arc<Self>) {
-        let interval = Duration::from_millis(self.s.cfg.failover.report_interval_ms);
+        let interval = Duration::from_millis(self.s.cfg().failover.report_interval_ms);
         let mut facts_rx = self.s.raft.metrics();
         let Some(mut reload_rx) = self.s.live.subscribe(&self.cluster) else {
             tracing::error!(cluster = %self.cluster, "no reload channel for this server");
@@ -613,7 +618,7 @@ impl Sidecar {
         let mut reload_applied = 0u64;
         let mut acted_on_seq = 0u64;
         let mut last_error: Option<String> = None;
-        let me = self.s.cfg.member.clone();
+        let me = self.s.cfg().member.clone();
         loop {
             tokio::select! {
                 _ = self.observed.notified() => {}
@@ -737,7 +742,7 @@ impl Sidecar {
 
     /// A running `pgwctl recover` of this member not carried out yet: (operation id, primary).
     fn recovery_due(&self, f: &ClusterFacts) -> Option<(u64, String)> {
-        let me = &self.s.cfg.member;
+        let me = &self.s.cfg().member;
         let op = f.running_operation().filter(|o| {
             o.kind == pgw_core::facts::OperationKind::Recover && o.target.as_ref() == Some(me)
         })?;
@@ -781,7 +786,8 @@ impl Sidecar {
     /// stopped and cloned afresh (the old directory kept). A standby that was not just rewound
     /// is left to its recovery, however long. Returns whether it acted.
     async fn stuck_starting_up(&self, f: &ClusterFacts, local: &Local) -> bool {
-        let me = self.s.cfg.member.as_str();
+        let cfg_now = self.s.cfg();
+        let me = cfg_now.member.as_str();
         let rewound_recently = self
             .lock()
             .rewound_at
@@ -821,7 +827,7 @@ impl Sidecar {
     /// A `pgwctl restart` of this member not carried out yet, while postgres runs in the role
     /// the group gave it (a primary only with a valid lease: it must come back as one).
     fn restart_due(&self, f: &ClusterFacts, local: &Local) -> Option<u64> {
-        let me = &self.s.cfg.member;
+        let me = &self.s.cfg().member;
         let op = f.running_operation().filter(|o| {
             o.kind == pgw_core::facts::OperationKind::Restart && o.target.as_ref() == Some(me)
         })?;
@@ -886,7 +892,7 @@ impl Sidecar {
             LocalAction::Nothing => {
                 self.lock().stuck_since = None;
                 if local.role == Some(PgRole::Primary)
-                    && f.primary.as_deref() == Some(self.s.cfg.member.as_str())
+                    && f.primary.as_deref() == Some(self.s.cfg().member.as_str())
                 {
                     self.ensure_roles().await;
                 }

@@ -1,0 +1,251 @@
+//! `pgwctl member add | remove | replace`: the group's member list (admin role).
+
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use pgw_proto::{MemberChangeReply, MemberChangeRequest, MemberSpec};
+
+use crate::status::{gather, GroupStatus};
+use crate::CliError;
+
+/// How to describe a member the group does not know yet.
+#[derive(Debug, Clone, Args)]
+pub struct NewMember {
+    /// Raft node id: >= 1, never used before in this group (also in the member's own file).
+    #[arg(long)]
+    pub id: u64,
+    /// data | arbiter | sidecar
+    #[arg(long)]
+    pub role: String,
+    /// host:port the member serves gRPC on.
+    #[arg(long)]
+    pub grpc: String,
+    /// host:port of its HTTP endpoint.
+    #[arg(long)]
+    pub http: String,
+    /// Its machine room (default: its name).
+    #[arg(long)]
+    pub room: Option<String>,
+    /// host:port of its PostgreSQL (data members).
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// host:port of its room's pgpool.
+    #[arg(long)]
+    pub pgpool: Option<String>,
+    /// host:port of that pgpool's PCP port.
+    #[arg(long)]
+    pub pcp: Option<String>,
+    /// Failover preference (default 100).
+    #[arg(long)]
+    pub priority: Option<u32>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum MemberCmd {
+    /// Add a member. It joins as a non-voter (start it with `pg-watcher --config FILE --join
+    /// ADDR`), catches up, and becomes a voter (data, arbiter) through joint consensus.
+    Add {
+        name: String,
+        #[command(flatten)]
+        member: NewMember,
+        /// Wait until it votes (or, for a sidecar member, receives the log).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
+    /// Remove a member (not one holding a primary: switch over first). Its vote goes at once.
+    Remove {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
+    /// Replace a (dead) member by a new one under a new name, in one change: the vote moves
+    /// from OLD to NEW once NEW has caught up; the group never has fewer voters meanwhile.
+    Replace {
+        old: String,
+        new: String,
+        #[command(flatten)]
+        member: NewMember,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
+}
+
+fn spec(name: &str, m: &NewMember) -> MemberSpec {
+    MemberSpec {
+        name: name.to_string(),
+        id: m.id,
+        role: m.role.clone(),
+        grpc: m.grpc.clone(),
+        http: m.http.clone(),
+        room: m.room.clone().unwrap_or_default(),
+        postgres: m.postgres.clone().unwrap_or_default(),
+        pgpool: m.pgpool.clone().unwrap_or_default(),
+        pcp: m.pcp.clone().unwrap_or_default(),
+        priority: m.priority.unwrap_or(0),
+    }
+}
+
+/// Sends one change to the group (followers forward it to the leader).
+pub async fn change(
+    endpoints: &[String],
+    req: MemberChangeRequest,
+) -> Result<MemberChangeReply, CliError> {
+    crate::first_accepting(endpoints, |mut c| {
+        let mut r = tonic::Request::new(req.clone());
+        r.set_timeout(Duration::from_secs(15));
+        async move { c.member_change(r).await }
+    })
+    .await
+}
+
+/// Whether the group's membership has settled as the change wants: `present` members voting
+/// (or non-voters for sidecars), `absent` gone from Raft, and no change in flight.
+pub fn settled(s: &GroupStatus, present: Option<(&str, bool)>, absent: Option<&str>) -> bool {
+    if s.membership_changing || s.leader.is_none() {
+        return false;
+    }
+    if s.members
+        .iter()
+        .any(|m| m.standing == "leaving" || m.standing == "joining")
+    {
+        return false;
+    }
+    if let Some((name, votes)) = present {
+        let want = if votes { "voter" } else { "non_voter" };
+        if !s
+            .members
+            .iter()
+            .any(|m| m.name == name && m.standing == want)
+        {
+            return false;
+        }
+    }
+    if let Some(name) = absent {
+        if s.members.iter().any(|m| m.name == name) {
+            return false;
+        }
+    }
+    true
+}
+
+async fn wait_settled(
+    endpoints: &[String],
+    present: Option<(&str, bool)>,
+    absent: Option<&str>,
+    secs: u64,
+) -> Result<GroupStatus, CliError> {
+    let t0 = Instant::now();
+    loop {
+        let s = gather(endpoints, Duration::from_secs(2)).await;
+        if let Ok(s) = &s {
+            if settled(s, present, absent) {
+                return Ok(s.clone());
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(secs) {
+            let now = s
+                .map(|s| {
+                    s.members
+                        .iter()
+                        .map(|m| format!("{} {}", m.name, m.standing))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_else(|e| e.to_string());
+            return Err(CliError::Timeout(format!(
+                "membership not settled after {secs} s (now: {now}); the change goes on"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn voters(s: &GroupStatus) -> String {
+    s.members
+        .iter()
+        .filter(|m| m.standing == "voter")
+        .map(|m| m.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs a `pgwctl member` subcommand.
+pub async fn run(endpoints: &[String], cmd: MemberCmd) -> Result<(), CliError> {
+    let (req, present, absent, wait, secs) = match &cmd {
+        MemberCmd::Add {
+            name,
+            member,
+            wait,
+            wait_secs,
+        } => (
+            MemberChangeRequest {
+                member: Some(spec(name, member)),
+                old: String::new(),
+            },
+            Some((name.as_str(), member.role != "sidecar")),
+            None,
+            *wait,
+            *wait_secs,
+        ),
+        MemberCmd::Remove {
+            name,
+            wait,
+            wait_secs,
+        } => (
+            MemberChangeRequest {
+                member: None,
+                old: name.clone(),
+            },
+            None,
+            Some(name.as_str()),
+            *wait,
+            *wait_secs,
+        ),
+        MemberCmd::Replace {
+            old,
+            new,
+            member,
+            wait,
+            wait_secs,
+        } => (
+            MemberChangeRequest {
+                member: Some(spec(new, member)),
+                old: old.clone(),
+            },
+            Some((new.as_str(), member.role != "sidecar")),
+            Some(old.as_str()),
+            *wait,
+            *wait_secs,
+        ),
+    };
+    if let Some(m) = &req.member {
+        if m.name.is_empty() {
+            return Err(CliError::Usage("member name must not be empty".into()));
+        }
+    }
+    let r = change(endpoints, req).await?;
+    println!(
+        "{} (member list version {}, log index {}, leader {})",
+        r.result, r.roster_version, r.log_index, r.committed_by
+    );
+    if let (MemberCmd::Add { name, .. } | MemberCmd::Replace { new: name, .. }, false) =
+        (&cmd, wait)
+    {
+        println!(
+            "start it with: pg-watcher --config FILE --join {}",
+            endpoints.join(",")
+        );
+        println!("then `pgwctl status` shows {name} as a voter once it has caught up");
+    }
+    if wait {
+        let s = wait_settled(endpoints, present, absent, secs).await?;
+        println!("settled: voters {}", voters(&s));
+    }
+    Ok(())
+}
