@@ -26,11 +26,33 @@ const CAUGHT_UP_ENTRIES: u64 = 16;
 /// (crash-safely, before acting on it), then swaps the running config, the member
 /// certificates accepted, the peer addresses and names. Called after every apply.
 pub fn follow(s: &Shared) {
+    let _one_at_a_time = match s.config.changing.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
     let Some(applied) = s.sm.applied().facts.roster else {
         return;
     };
     let current = s.config.roster();
     if applied.version <= current.version && applied.generation == current.generation {
+        return;
+    }
+    if applied.get(&s.config.file().member).is_none() {
+        // Removed: store the list (a restart then says so) and keep running idle, refused by
+        // the others, until the operator stops this member.
+        if current.get(&s.config.file().member).is_some() {
+            if let Err(e) = store::write_roster(&s.config.file().data_dir, &applied) {
+                tracing::error!("cannot store the group's member list: {e}");
+            }
+            tracing::warn!(
+                version = applied.version,
+                "this member was removed from the group; stop it (systemctl disable --now pg-watcher)"
+            );
+            let mut gone = (*current).clone();
+            gone.members.retain(|m| m.name != s.config.file().member);
+            gone.version = applied.version;
+            s.config.set((*s.cfg()).clone(), gone);
+        }
         return;
     }
     let cfg = roster::effective(s.config.file(), &applied);
@@ -50,12 +72,6 @@ pub fn follow(s: &Shared) {
     s.book.set(&cfg);
     s.reach.set_names(store::names_by_id(&cfg));
     let names: Vec<&str> = applied.members.iter().map(|m| m.name.as_str()).collect();
-    if cfg.me().is_none() {
-        tracing::warn!(
-            "this member was removed from the group (member list version {}); stop it",
-            applied.version
-        );
-    }
     tracing::info!(
         version = applied.version,
         "member list now: {}",

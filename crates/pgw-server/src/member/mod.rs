@@ -44,6 +44,8 @@ pub fn now_ms() -> u64 {
 pub struct LiveConfig {
     file: Arc<Config>,
     current: Arc<std::sync::RwLock<Running>>,
+    /// Held while a new roster is stored and swapped in (one writer of roster.pgw at a time).
+    pub changing: Arc<std::sync::Mutex<()>>,
 }
 
 #[derive(Clone)]
@@ -64,6 +66,7 @@ impl LiveConfig {
                 cfg: Arc::new(cfg),
                 roster: Arc::new(roster),
             })),
+            changing: Default::default(),
         }
     }
 

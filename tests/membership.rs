@@ -1,0 +1,278 @@
+//! Membership held by the group: `pgwctl member add | remove | replace` and `pg-watcher
+//! --join`, on real watchers and real PostgreSQL 15 servers with a writer going.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgw_cli::status::{gather, GroupStatus};
+use pgw_cli::writer::*;
+use pgw_core::{Config, MemberConfig, Role};
+
+/// Two data rooms and an arbiter: the layout whose arbiter host a real operator replaces.
+const LAYOUT: [Role; 3] = [Role::Data, Role::Data, Role::Arbiter];
+
+/// `pgwctl` as an operator runs it (admin certificate), printing what it said.
+fn pgwctl(eps: &[String], args: &[&str]) -> (i32, String) {
+    let out = Command::new(PGWCTL)
+        .args(pki().pgwctl_args("admin"))
+        .arg("--endpoints")
+        .arg(eps.join(","))
+        .args(args)
+        .output()
+        .expect("run pgwctl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("pgwctl {}: {text}", args.join(" "));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The config file of a new arbiter `name` (id `id`) on loopback address `ip`: a copy of an
+/// existing member's file naming itself, with its own entry added to the member list (the
+/// group's list replaces the rest when it joins).
+fn newcomer(base: &Config, dir: &std::path::Path, name: &str, id: u64, ip: &str) -> Config {
+    let me = MemberConfig {
+        name: name.into(),
+        id,
+        role: Role::Arbiter,
+        grpc: format!("{ip}:{}", free_port_on(ip)),
+        http: format!("{ip}:{}", free_port_on(ip)),
+        priority: 100,
+        postgres: None,
+        pgpool: None,
+        pcp: None,
+        room: Some(format!("room-{name}")),
+    };
+    let mut c = base.clone();
+    c.member = name.into();
+    c.members.push(me);
+    c.data_dir = dir.join(name).join("data");
+    c.postgres = Vec::new();
+    c.tls = pki().tls(name);
+    c
+}
+
+/// Starts `cfg` with `--join` as a member of `g` (killed with the group, logs dumped on failure).
+fn join_member(g: &mut Group, cfg: &Config, join: &[String]) -> usize {
+    let dir = g.dir.path().to_path_buf();
+    let child = spawn_joining(cfg, &dir, join);
+    let base = dir.join(&cfg.member);
+    g.members.push(Member {
+        cfg: cfg.clone(),
+        cfg_path: base.join("pg-watcher.toml"),
+        log: base.join("pg-watcher.log"),
+        child: Some(child),
+    });
+    g.members.len() - 1
+}
+
+fn spawn_joining(cfg: &Config, dir: &std::path::Path, join: &[String]) -> Child {
+    let base = dir.join(&cfg.member);
+    std::fs::create_dir_all(&base).expect("mkdir");
+    let path = base.join("pg-watcher.toml");
+    std::fs::write(&path, cfg.to_toml().expect("toml")).expect("write config");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(base.join("pg-watcher.log"))
+        .expect("log");
+    Command::new(WATCHER)
+        .arg("--config")
+        .arg(&path)
+        .arg("--join")
+        .arg(join.join(","))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn pg-watcher --join")
+}
+
+fn member_args(m: &MemberConfig) -> Vec<String> {
+    vec![
+        "--id".into(),
+        m.id.to_string(),
+        "--role".into(),
+        m.role.to_string(),
+        "--grpc".into(),
+        m.grpc.clone(),
+        "--http".into(),
+        m.http.clone(),
+        "--room".into(),
+        m.room().to_string(),
+    ]
+}
+
+fn standing(s: &GroupStatus, name: &str) -> Option<String> {
+    s.members
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| m.standing.clone())
+}
+
+fn voters(s: &GroupStatus) -> Vec<String> {
+    s.members
+        .iter()
+        .filter(|m| m.standing == "voter")
+        .map(|m| m.name.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() {
+    let mut g = Group::with_postgres(&LAYOUT);
+    // With two data rooms, the survivor of a room loss commits alone only in degraded mode.
+    g.allow_degraded(1000);
+    g.start_all();
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
+    let primary = primary_of(&s).expect("primary");
+    let e0 = epoch_of(&s);
+    let pi = g.index_of(&primary);
+    create_table(&g.pg_addr(pi)).await.expect("table");
+    let servers: Vec<String> = (0..2).map(|i| g.pg_addr(i)).collect();
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer_paced(
+        servers,
+        stop_writer.clone(),
+        1,
+        200_000,
+        Duration::from_secs(240),
+        Duration::from_millis(5),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!acks.all().is_empty(), "writes flow before any change");
+    let eps = g.endpoints();
+    let dir = g.dir.path().to_path_buf();
+    let arbiter = g.members[2].cfg.clone();
+
+    // A member the group does not list cannot join.
+    let d = newcomer(&arbiter, &dir, "arbiter-d", 4, "127.0.0.14");
+    let dm = d.me().expect("d").clone();
+    let mut early = spawn_joining(&d, &dir, &eps);
+    assert_eq!(
+        wait_exit(&mut early, Duration::from_secs(20)),
+        Some(1),
+        "a member not added first is refused"
+    );
+    assert!(
+        !d.data_dir.join("roster.pgw").exists(),
+        "nothing stored when refused"
+    );
+    // Bad input changes nothing: a node id in use.
+    let mut bad = member_args(&dm);
+    bad[1] = "1".into();
+    let mut args = vec!["member", "add", "arbiter-d"];
+    args.extend(bad.iter().map(String::as_str));
+    let (code, text) = pgwctl(&eps, &args);
+    assert_ne!(code, 0);
+    assert!(text.contains("node id 1 is already used"), "{text}");
+
+    // 1. Add: joins as a non-voter, then votes (four voters).
+    let add = member_args(&dm);
+    let mut args = vec!["member", "add", "arbiter-d"];
+    args.extend(add.iter().map(String::as_str));
+    let (code, text) = pgwctl(&eps, &args);
+    assert_eq!(code, 0, "{text}");
+    let di = join_member(&mut g, &d, &eps);
+    let s = wait_until(&eps, Duration::from_secs(60), "arbiter-d votes", |s| {
+        pgw_cli::member::settled(s, Some(("arbiter-d", true)), None)
+    })
+    .await;
+    assert_eq!(voters(&s).len(), 4, "{:?}", s.members);
+    assert!(
+        d.data_dir.join("roster.pgw").exists(),
+        "joined member stored the list"
+    );
+
+    // 2. Remove it again (the command waits until Raft has dropped it).
+    let (code, text) = pgwctl(&eps, &["member", "remove", "arbiter-d", "--wait"]);
+    assert_eq!(code, 0, "{text}");
+    let s = gather(&eps, Duration::from_secs(2)).await.expect("status");
+    assert_eq!(standing(&s, "arbiter-d"), None);
+    assert_eq!(voters(&s).len(), 3);
+    g.kill9(di);
+
+    // Removing the primary's member is refused, naming what to do.
+    let (code, text) = pgwctl(&eps, &["member", "remove", &primary]);
+    assert_ne!(code, 0);
+    assert!(text.contains("switch it over first"), "{text}");
+
+    // 3. The arbiter's host dies; a new host replaces it under a new name.
+    g.kill9(2);
+    let e = newcomer(&arbiter, &dir, "arbiter-e", 5, "127.0.0.15");
+    let em = e.me().expect("e").clone();
+    let rep = member_args(&em);
+    let mut args = vec!["member", "replace", "arbiter", "arbiter-e"];
+    args.extend(rep.iter().map(String::as_str));
+    let eps2: Vec<String> = g.endpoints_except("arbiter");
+    let (code, text) = pgwctl(&eps2, &args);
+    assert_eq!(code, 0, "{text}");
+    join_member(&mut g, &e, &eps2);
+    let s = wait_until(
+        &eps2,
+        Duration::from_secs(60),
+        "arbiter-e replaces arbiter",
+        |s| pgw_cli::member::settled(s, Some(("arbiter-e", true)), Some("arbiter")),
+    )
+    .await;
+    let mut v = voters(&s);
+    v.sort();
+    assert_eq!(v, vec!["arbiter-e", "room-a", "room-b"]);
+    assert_eq!(epoch_of(&s), e0, "no failover during membership changes");
+    assert_eq!(primary_of(&s).as_deref(), Some(primary.as_str()));
+
+    // 4. The new arbiter's vote counts: the primary's whole node dies, the other data room and
+    // arbiter-e elect and fail over.
+    let other = (0..2).find(|i| *i != pi).expect("other data member");
+    let eps3: Vec<String> = vec![g.members[other].grpc(), em.grpc.clone()];
+    let fault = Instant::now();
+    g.kill9(pi);
+    g.signal_pg(pi, libc::SIGKILL);
+    let s = wait_until(
+        &eps3,
+        Duration::from_secs(60),
+        "failover with arbiter-e",
+        |s| primary_of(s).is_some_and(|p| p != primary),
+    )
+    .await;
+    let new = primary_of(&s).expect("new primary");
+    let ni = g.index_of(&new);
+    let t0 = Instant::now();
+    while acks.count_after(fault) < 10 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "writes resume on {new}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_writer.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    let lost = missing_acks(&acks, &g.pg_addr(ni)).await;
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    eprintln!(
+        "membership: {} writes acknowledged, none lost; failover with the replacement arbiter",
+        acks.all().len()
+    );
+
+    // The history names every change.
+    let h = history(&eps3[0], "global", 100).await;
+    let events: Vec<&str> = h.iter().map(|e| e.event.as_str()).collect();
+    for want in [
+        "member arbiter-d added",
+        "member arbiter-d removed",
+        "member arbiter replaced by arbiter-e",
+    ] {
+        assert!(
+            events.iter().any(|e| e.starts_with(want)),
+            "history lacks `{want}`: {events:?}"
+        );
+    }
+}
