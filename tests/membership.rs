@@ -175,8 +175,21 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     assert_ne!(code, 0);
     assert!(text.contains("node id 1 is already used"), "{text}");
 
-    // 1. Add: joins as a non-voter, then votes (four voters).
+    // Membership takes the admin role: an operator with `operate` is refused.
     let add = member_args(&dm);
+    let out = Command::new(PGWCTL)
+        .args(pki().pgwctl_args("operate"))
+        .arg("--endpoints")
+        .arg(eps.join(","))
+        .args(["member", "add", "arbiter-d"])
+        .args(&add)
+        .output()
+        .expect("run pgwctl");
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "operate may not change members");
+    assert!(text.contains("admin"), "{text}");
+
+    // 1. Add: joins as a non-voter, then votes (four voters).
     let mut args = vec!["member", "add", "arbiter-d"];
     args.extend(add.iter().map(String::as_str));
     let (code, text) = pgwctl(&eps, &args);

@@ -21,6 +21,9 @@ fn main() -> ExitCode {
             cfg.member,
             cfg.cluster_id
         );
+        for n in cfg.notes() {
+            println!("note: {n}");
+        }
         return ExitCode::SUCCESS;
     }
     if let Err(e) =

@@ -108,8 +108,32 @@ pub fn diagnose(s: &GroupStatus, p: &Probes) -> Vec<Finding> {
             "fix /etc/hosts or DNS on this host for that name (every member needs the same entries)",
         ));
     }
-    // 2. Watchers: gRPC and certificates.
-    for m in &s.members {
+    // 2. Watchers: gRPC and certificates (and where each stands in the membership).
+    if let Some(why) = &s.automatic_failover_off {
+        out.push(f(
+            Level::Warn,
+            "members",
+            format!("automatic failover is off: {why}"),
+            "add an arbiter in a third room (`pgwctl member add NAME --role arbiter ...`)",
+        ));
+    }
+    for m in s
+        .members
+        .iter()
+        .filter(|m| m.standing == "joining" || m.standing == "leaving")
+    {
+        out.push(f(
+            Level::Warn,
+            "members",
+            format!("{}: membership change in flight ({})", m.name, m.standing),
+            if m.standing == "joining" {
+                "start it with `pg-watcher --config FILE --join ADDR`; the leader adds it once it answers"
+            } else {
+                "the leader drops it from Raft once the change commits; if this stays, check `pgwctl status` for a leader"
+            },
+        ));
+    }
+    for m in s.members.iter().filter(|m| m.standing != "leaving") {
         match &m.error {
             None => {}
             Some(e) => {
@@ -129,8 +153,9 @@ pub fn diagnose(s: &GroupStatus, p: &Probes) -> Vec<Finding> {
             }
         }
     }
-    let up = s.members.iter().filter(|m| m.error.is_none()).count();
-    if up == s.members.len() {
+    let listed: Vec<_> = s.members.iter().filter(|m| m.standing != "leaving").collect();
+    let up = listed.iter().filter(|m| m.error.is_none()).count();
+    if up == listed.len() {
         out.push(f(
             Level::Ok,
             "grpc",

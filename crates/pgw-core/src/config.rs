@@ -1734,6 +1734,19 @@ impl Config {
         v.into_iter().map(|(_, _, n)| n).collect()
     }
 
+    /// What an operator must know about this layout although it is valid (printed by
+    /// `pg-watcher --check` and logged at start).
+    pub fn notes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let voters = self.voters().count();
+        if voters == 2 {
+            out.push(
+                "two voters: automatic failover is off in this layout (losing either member stops every decision; the primary keeps serving while both are up). Recover the survivor with `pg-watcher --force-new-group`, or add an arbiter in a third room".to_string(),
+            );
+        }
+        out
+    }
+
     /// The members that vote (data and arbiter members; sidecar members are learners).
     pub fn voters(&self) -> impl Iterator<Item = &MemberConfig> {
         self.members.iter().filter(|m| m.role != Role::Sidecar)
@@ -1897,6 +1910,18 @@ admin = ["dba"]
         assert_eq!(c.clusters[0].name, "global");
         assert_eq!(c.members[0].priority, 100);
         assert_eq!(c.grpc_listen(), "127.0.0.1:7001");
+    }
+
+    #[test]
+    fn two_voters_say_automatic_failover_is_off() {
+        let c = good();
+        assert!(c.notes().is_empty(), "three voters: nothing to say");
+        let mut two = good();
+        two.members.truncate(2);
+        two.validate().expect("two rooms without an arbiter is a valid layout");
+        let notes = two.notes();
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("automatic failover is off"), "{notes:?}");
     }
 
     fn field_of(e: ConfigError) -> String {

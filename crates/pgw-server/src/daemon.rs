@@ -51,6 +51,9 @@ pub async fn run(cfg: Config, path: std::path::PathBuf, join: &[String]) -> Resu
         Some(r) => pgw_core::roster::effective(&cfg, &r),
         None => cfg.clone(),
     };
+    for n in running.notes() {
+        tracing::warn!("{n}");
+    }
     let grpc_addr = running.grpc_listen();
     let http_addr = running.http_listen();
     // Bind next: a port in use is reported before any state is touched.
