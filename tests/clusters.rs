@@ -522,13 +522,28 @@ async fn two_clusters_fail_over_apart_move_rooms_together_and_run_hooks() {
 }
 
 /// One write through `pool` (a pgpool); `Some(id)` when it was acknowledged.
+/// One write through `pool`, retried for up to 20 s as an application would: right after a
+/// switchover pgpool may still hand out a session it opened to the old primary.
 async fn ids_before_write(pool: &str) -> Option<i64> {
-    let c = connect(pool).await?;
-    let id = 900_000_000 + (wall_ms() % 1_000_000) as i64;
-    c.execute("INSERT INTO acked (id) VALUES ($1)", &[&id])
-        .await
-        .ok()
-        .map(|_| id)
+    let t0 = std::time::Instant::now();
+    loop {
+        let id = 900_000_000 + (wall_ms() % 1_000_000) as i64;
+        let r = match connect(pool).await {
+            Some(c) => c
+                .execute("INSERT INTO acked (id) VALUES ($1)", &[&id])
+                .await
+                .map_err(|e| pg_error_text(&e)),
+            None => Err("no connection".into()),
+        };
+        match r {
+            Ok(_) => return Some(id),
+            Err(e) if t0.elapsed() > Duration::from_secs(20) => {
+                eprintln!("write through {pool} failed for 20 s: {e}");
+                return None;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// Runs a future to completion from synchronous code inside the test's runtime.

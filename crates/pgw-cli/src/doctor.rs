@@ -153,7 +153,11 @@ pub fn diagnose(s: &GroupStatus, p: &Probes) -> Vec<Finding> {
             }
         }
     }
-    let listed: Vec<_> = s.members.iter().filter(|m| m.standing != "leaving").collect();
+    let listed: Vec<_> = s
+        .members
+        .iter()
+        .filter(|m| m.standing != "leaving")
+        .collect();
     let up = listed.iter().filter(|m| m.error.is_none()).count();
     if up == listed.len() {
         out.push(f(

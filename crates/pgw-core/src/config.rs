@@ -1918,7 +1918,8 @@ admin = ["dba"]
         assert!(c.notes().is_empty(), "three voters: nothing to say");
         let mut two = good();
         two.members.truncate(2);
-        two.validate().expect("two rooms without an arbiter is a valid layout");
+        two.validate()
+            .expect("two rooms without an arbiter is a valid layout");
         let notes = two.notes();
         assert_eq!(notes.len(), 1);
         assert!(notes[0].contains("automatic failover is off"), "{notes:?}");

@@ -15,12 +15,22 @@ use pgw_proto::admin_client::AdminClient;
 use tonic::Status;
 
 use crate::member::Shared;
-use crate::node::NodeError;
 use crate::raft::store;
 use crate::tls::Tls;
 
 /// A non-voter at most this many entries behind the leader may vote.
 const CAUGHT_UP_ENTRIES: u64 = 16;
+
+/// Why `--join` stopped (nothing was stored).
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Config(#[from] pgw_core::ConfigError),
+}
 
 /// Takes the applied roster when it is newer than the one this member runs with: stores it
 /// (crash-safely, before acting on it), then swaps the running config, the member
@@ -292,7 +302,7 @@ pub fn roster_for(s: &Shared, caller: &str) -> Result<String, Status> {
 /// `pg-watcher --join ADDR,...`: unless this data directory already holds the group's member
 /// list, fetches it from the first member that answers, checks that it lists this member as
 /// the file describes it, and stores it. Nothing is stored when anything is wrong.
-pub async fn join(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<(), NodeError> {
+pub async fn join(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<(), JoinError> {
     if store::read_roster(&cfg.data_dir)?.is_some() {
         tracing::info!("already joined (the data directory holds the group's member list)");
         return Ok(());
@@ -331,13 +341,13 @@ pub async fn join(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<(), NodeE
             }
         };
         if reply.cluster_id != cfg.cluster_id {
-            return Err(NodeError::Refused(format!(
+            return Err(JoinError::Refused(format!(
                 "{addr} belongs to cluster id `{}`, this member's config says `{}`",
                 reply.cluster_id, cfg.cluster_id
             )));
         }
         let r: Roster = serde_json::from_str(&reply.roster).map_err(|e| {
-            NodeError::Refused(format!("{addr} sent an unreadable member list: {e}"))
+            JoinError::Refused(format!("{addr} sent an unreadable member list: {e}"))
         })?;
         check_joined(cfg, &r)?;
         store::write_roster(&cfg.data_dir, &r)?;
@@ -349,17 +359,17 @@ pub async fn join(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<(), NodeE
         );
         return Ok(());
     }
-    Err(NodeError::Refused(format!(
-        "--join: no member gave the group's member list ({})",
+    Err(JoinError::Refused(format!(
+        "no member gave the group's member list ({})",
         errors.join("; ")
     )))
 }
 
 /// The group's record of this member must be what the file says of it (node id, role and
 /// addresses), and the resulting config valid.
-fn check_joined(cfg: &Config, r: &Roster) -> Result<(), NodeError> {
+fn check_joined(cfg: &Config, r: &Roster) -> Result<(), JoinError> {
     let Some(theirs) = r.get(&cfg.member) else {
-        return Err(NodeError::Refused(format!(
+        return Err(JoinError::Refused(format!(
             "the group does not list `{}`; run `pgwctl member add {} ...` first",
             cfg.member, cfg.member
         )));
@@ -373,7 +383,7 @@ fn check_joined(cfg: &Config, r: &Roster) -> Result<(), NodeError> {
         ];
         for (f, a, b) in fields {
             if a != b {
-                return Err(NodeError::Refused(format!(
+                return Err(JoinError::Refused(format!(
                     "members[{}].{f}: this file says `{a}`, the group's member list says `{b}`",
                     cfg.member
                 )));

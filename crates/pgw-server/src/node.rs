@@ -37,6 +37,8 @@ pub enum NodeError {
     Raft(String),
     #[error("refused by the group: {0}")]
     Refused(String),
+    #[error("--join: {0}")]
+    Join(#[from] crate::membership::JoinError),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: String, message: String },
     #[error(transparent)]
