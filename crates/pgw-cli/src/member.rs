@@ -91,17 +91,34 @@ fn spec(name: &str, m: &NewMember) -> MemberSpec {
     }
 }
 
-/// Sends one change to the group (followers forward it to the leader).
+/// Sends one change to the group (followers forward it to the leader). While no member can
+/// take it (the leader just died and the others have not elected yet) it is tried again for up
+/// to 20 s; any refusal is final. A change whose reply was lost is refused on the retry with
+/// the reason (the name is taken, or the member is already gone): the group has it.
 pub async fn change(
     endpoints: &[String],
     req: MemberChangeRequest,
 ) -> Result<MemberChangeReply, CliError> {
-    crate::first_accepting(endpoints, |mut c| {
-        let mut r = tonic::Request::new(req.clone());
-        r.set_timeout(Duration::from_secs(15));
-        async move { c.member_change(r).await }
-    })
-    .await
+    let t0 = Instant::now();
+    loop {
+        let r = crate::first_accepting(endpoints, |mut c| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(Duration::from_secs(15));
+            async move { c.member_change(r).await }
+        })
+        .await;
+        match r {
+            Err(CliError::NoEndpoint(e)) if t0.elapsed() < Duration::from_secs(20) => {
+                note_retry(&e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn note_retry(e: &str) {
+    eprintln!("no member could take the change yet ({e}); retrying");
 }
 
 /// Whether the group's membership has settled as the change wants: `present` members voting
