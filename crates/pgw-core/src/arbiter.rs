@@ -134,6 +134,15 @@ pub struct Arbiter {
 }
 
 impl Arbiter {
+    /// Takes new rules after the group's member list changed (a server added or removed):
+    /// what was observed stays, except reports of members the group no longer lists.
+    pub fn set_config(&mut self, cfg: ArbiterConfig) {
+        for reports in self.reports.values_mut() {
+            reports.retain(|m, _| cfg.rooms.contains_key(m));
+        }
+        self.cfg = cfg;
+    }
+
     pub fn new(cfg: ArbiterConfig) -> Arbiter {
         Arbiter {
             cfg,

@@ -81,6 +81,7 @@ pub fn follow(s: &Shared) {
     s.policy.set_members(&cfg);
     s.book.set(&cfg);
     s.reach.set_names(store::names_by_id(&cfg));
+    s.leader.set_config(&cfg);
     let names: Vec<&str> = applied.members.iter().map(|m| m.name.as_str()).collect();
     tracing::info!(
         version = applied.version,

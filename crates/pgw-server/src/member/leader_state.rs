@@ -28,6 +28,11 @@ impl LeaderState {
         }
     }
 
+    /// New rules from a changed member list (see [`Arbiter::set_config`]).
+    pub fn set_config(&self, cfg: &pgw_core::Config) {
+        self.lock().set_config(ArbiterConfig::from_config(cfg));
+    }
+
     /// The leader's monotonic clock in ms: the only clock decisions use.
     pub fn now_ms(&self) -> u64 {
         self.base.elapsed().as_millis() as u64

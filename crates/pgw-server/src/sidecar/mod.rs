@@ -99,11 +99,22 @@ impl SideState {
     }
 }
 
+/// The address of every server of `cluster`, by member, from the running config (it follows
+/// the group's member list).
+fn servers_of(s: &Shared, cluster: &str) -> BTreeMap<String, PgAddr> {
+    let mut out = BTreeMap::new();
+    for x in s.cfg().servers(cluster) {
+        if let Some(a) = x.postgres.as_deref().and_then(PgAddr::parse) {
+            out.insert(x.member.clone(), a);
+        }
+    }
+    out
+}
+
 pub struct Sidecar {
     s: Shared,
     ctl: PgCtl,
     cluster: String,
-    members_pg: BTreeMap<String, PgAddr>,
     state: Arc<Mutex<SideState>>,
     observed: Arc<Notify>,
     acted: Arc<Notify>,
@@ -118,15 +129,15 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// Every server of this sidecar's cluster, by member (live: follows the member list).
+    fn members_pg(&self) -> BTreeMap<String, PgAddr> {
+        servers_of(&self.s, &self.cluster)
+    }
+
     /// The sidecar of this member's server `pg` (one `[[postgres]]` entry).
     pub fn new(s: Shared, pg: PostgresConfig) -> Result<Sidecar, PgError> {
         let cluster = s.cfg().pg_cluster_of(&pg);
-        let mut members_pg = BTreeMap::new();
-        for x in s.cfg().servers(&cluster) {
-            if let Some(a) = x.postgres.as_deref().and_then(PgAddr::parse) {
-                members_pg.insert(x.member.clone(), a);
-            }
-        }
+        let members_pg = servers_of(&s, &cluster);
         let addr = members_pg
             .get(&s.cfg().member)
             .cloned()
@@ -146,7 +157,6 @@ impl Sidecar {
             s,
             ctl,
             cluster,
-            members_pg,
             state: Arc::default(),
             observed: Arc::new(Notify::new()),
             acted: Arc::new(Notify::new()),
@@ -311,7 +321,7 @@ impl Sidecar {
             if self.guard(None) {
                 observer.reset();
             }
-            let mut local = observer.observe(&self.ctl, &self.members_pg).await;
+            let mut local = observer.observe(&self.ctl, &self.members_pg()).await;
             let facts = self.facts();
             let cfg_now = self.s.cfg();
             let me = cfg_now.member.as_str();
@@ -344,7 +354,7 @@ impl Sidecar {
             if self.guard(Some((&local, t0, unresponsive_since))) {
                 // Fenced: see what is left, and let the guard record it.
                 observer.reset();
-                local = observer.observe(&self.ctl, &self.members_pg).await;
+                local = observer.observe(&self.ctl, &self.members_pg()).await;
                 if !local.unresponsive {
                     unresponsive_since = None;
                 }
@@ -583,10 +593,12 @@ impl Sidecar {
 
     fn managed_for(&self, f: &ClusterFacts, follow: Option<&str>) -> Managed {
         Managed {
-            primary_conninfo: follow.and_then(|p| self.members_pg.get(p)).map(|a| {
-                self.ctl
-                    .conninfo(a, &self.s.cfg().member, self.ctl.cfg.replication_role())
-            }),
+            primary_conninfo: follow
+                .and_then(|p| self.members_pg().get(p).cloned())
+                .map(|a| {
+                    self.ctl
+                        .conninfo(&a, &self.s.cfg().member, self.ctl.cfg.replication_role())
+                }),
             // Always the set recorded in Raft: degraded mode is recorded there first.
             synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg().member.as_str())
             {
@@ -847,7 +859,7 @@ impl Sidecar {
     /// afresh from the primary and start as its replica.
     async fn rebuild(&self, f: &ClusterFacts, primary: &str) -> Result<(), PgError> {
         let src = self
-            .members_pg
+            .members_pg()
             .get(primary)
             .cloned()
             .ok_or_else(|| PgError::Tool {
@@ -1005,11 +1017,10 @@ impl Sidecar {
                     // Only when the primary answers: an unreachable primary is not divergence.
                     if since.elapsed() > STUCK_REPLICA
                         && !local.streaming
-                        && self
-                            .ctl
-                            .checkpoint(&self.members_pg[primary.as_str()])
-                            .await
-                            .is_ok()
+                        && match self.members_pg().get(primary.as_str()) {
+                            Some(a) => self.ctl.checkpoint(a).await.is_ok(),
+                            None => false,
+                        }
                     {
                         let clone = {
                             let mut st = self.lock();
@@ -1040,7 +1051,7 @@ impl Sidecar {
                 Ok(true)
             }
             LocalAction::StartReplica { primary } => {
-                let Some(src) = self.members_pg.get(primary).cloned() else {
+                let Some(src) = self.members_pg().get(primary).cloned() else {
                     return Ok(false);
                 };
                 if local.role == Some(PgRole::Empty) {
