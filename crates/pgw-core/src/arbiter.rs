@@ -519,6 +519,35 @@ mod tests {
     }
 
     #[test]
+    fn new_rules_drop_reports_of_members_no_longer_listed() {
+        let cfg = |names: &[&str]| ArbiterConfig {
+            rooms: names
+                .iter()
+                .map(|n| (n.to_string(), n.to_string()))
+                .collect(),
+            clusters: Vec::new(),
+            lease: crate::lease::LeaseTiming {
+                lease_ms: 3000,
+                fence_budget_ms: 1000,
+                drift_ppm: 0,
+                margin_ms: 0,
+            },
+            fresh_ms: 1000,
+        };
+        let mut a = Arbiter::new(cfg(&["a", "b", "c"]));
+        for m in ["a", "b", "c"] {
+            a.reports
+                .entry("global".into())
+                .or_default()
+                .insert(m.into(), (obs(m, PgRole::Replica, 1), 1));
+        }
+        a.set_config(cfg(&["a", "b", "d"]));
+        let left: Vec<&String> = a.reports["global"].keys().collect();
+        assert_eq!(left, vec!["a", "b"]);
+        assert!(a.cfg.rooms.contains_key("d"));
+    }
+
+    #[test]
     fn a_follower_decides_nothing() {
         let mut a = arbiter();
         assert!(a.tick(&facts(), 10_000).is_empty());

@@ -843,6 +843,77 @@ mod tests {
         })
     }
 
+    fn roster_of(names: &[&str], version: u64) -> crate::roster::Roster {
+        let members = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| crate::config::MemberConfig {
+                name: (*n).into(),
+                id: i as u64 + 1,
+                role: crate::config::Role::Data,
+                grpc: format!("127.0.0.1:{}", 7000 + i),
+                http: format!("127.0.0.1:{}", 8000 + i),
+                priority: 100,
+                postgres: None,
+                pgpool: None,
+                pcp: None,
+                room: None,
+            })
+            .collect();
+        crate::roster::Roster {
+            version,
+            generation: 0,
+            group: "g".into(),
+            members,
+            retired_ids: BTreeSet::new(),
+            founders: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn set_roster_applies_in_order_and_never_drops_the_primary() {
+        let mut f = Facts::default();
+        f.apply(1, &ensure("global"));
+        f.apply(
+            2,
+            &prop(Command::SetPrimary {
+                cluster: "global".into(),
+                member: "a".into(),
+                expected_epoch: 0,
+                reason: "t".into(),
+                sync_standbys: None,
+            }),
+        );
+        let set = |r: crate::roster::Roster| {
+            prop(Command::SetRoster {
+                roster: r,
+                event: "member list changed".into(),
+            })
+        };
+        // The first change is version 1; anything else was computed on another list.
+        assert!(f
+            .apply(3, &set(roster_of(&["a", "b", "c"], 2)))
+            .is_rejected());
+        assert!(f.roster.is_none());
+        assert_eq!(
+            f.apply(4, &set(roster_of(&["a", "b", "c", "d"], 1))),
+            Outcome::Applied { epoch: 0 }
+        );
+        assert_eq!(f.roster.as_ref().map(|r| r.version), Some(1));
+        // Stale: a second change computed on version 0 again.
+        assert!(f.apply(5, &set(roster_of(&["a", "b"], 1))).is_rejected());
+        // A list without the primary's member is refused, whatever its version.
+        let o = f.apply(6, &set(roster_of(&["b", "c", "d"], 2)));
+        assert!(
+            matches!(&o, Outcome::Rejected { reason } if reason.contains("holds the primary")),
+            "{o:?}"
+        );
+        assert_eq!(f.roster.as_ref().map(|r| r.members.len()), Some(4));
+        // Every cluster's history names the change.
+        let h = &f.cluster("global").expect("global").history;
+        assert!(h.iter().any(|e| e.event == "member list changed"));
+    }
+
     #[test]
     fn set_primary_requires_current_epoch() {
         let mut f = Facts::default();
