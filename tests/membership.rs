@@ -35,29 +35,70 @@ fn pgwctl(eps: &[String], args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-/// The config file of a new arbiter `name` (id `id`) on loopback address `ip`: a copy of an
-/// existing member's file naming itself, with its own entry added to the member list (the
-/// group's list replaces the rest when it joins).
-fn newcomer(base: &Config, dir: &std::path::Path, name: &str, id: u64, ip: &str) -> Config {
+/// The config file of a new member `name` (id `id`, `role` arbiter or data) on loopback
+/// address `ip`: a copy of an existing member's file naming itself, with its own entry added
+/// to the member list (the group's list replaces the rest when it joins). A data member gets its
+/// own server directory and address; an arbiter runs none.
+fn newcomer(
+    base: &Config,
+    dir: &std::path::Path,
+    name: &str,
+    id: u64,
+    ip: &str,
+    role: Role,
+) -> Config {
+    let data = role == Role::Data;
     let me = MemberConfig {
         name: name.into(),
         id,
-        role: Role::Arbiter,
+        role,
         grpc: format!("{ip}:{}", free_port_on(ip)),
         http: format!("{ip}:{}", free_port_on(ip)),
         priority: 100,
-        postgres: None,
+        postgres: data.then(|| format!("{ip}:{}", free_port_on(ip))),
         pgpool: None,
         pcp: None,
-        room: Some(format!("room-{name}")),
+        room: (!data).then(|| format!("room-{name}")),
     };
     let mut c = base.clone();
     c.member = name.into();
     c.members.push(me);
     c.data_dir = dir.join(name).join("data");
-    c.postgres = Vec::new();
+    if data {
+        for p in c.postgres.iter_mut() {
+            p.data_dir = dir.join(name).join("pg").join("data");
+        }
+    } else {
+        c.postgres = Vec::new();
+    }
     c.tls = pki().tls(name);
     c
+}
+
+/// Waits until `n` writes were acknowledged after `since` (within `limit`), stops the writer
+/// and checks that every acknowledged id is on `server`. Returns how many were acknowledged.
+async fn writes_go_on_none_lost(
+    acks: &Acks,
+    stop: &AtomicBool,
+    writer: tokio::task::JoinHandle<()>,
+    since: Instant,
+    n: usize,
+    limit: Duration,
+    server: &str,
+) -> usize {
+    let t0 = Instant::now();
+    while acks.count_after(since) < n {
+        assert!(
+            t0.elapsed() < limit,
+            "fewer than {n} writes acknowledged by {server} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    let lost = missing_acks(acks, server).await;
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    acks.all().len()
 }
 
 /// Starts `cfg` with `--join` as a member of `g` (killed with the group, logs dumped on failure).
@@ -154,7 +195,7 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     let arbiter = g.members[2].cfg.clone();
 
     // A member the group does not list cannot join.
-    let d = newcomer(&arbiter, &dir, "arbiter-d", 4, "127.0.0.14");
+    let d = newcomer(&arbiter, &dir, "arbiter-d", 4, "127.0.0.14", Role::Arbiter);
     let dm = d.me().expect("d").clone();
     let mut early = spawn_joining(&d, &dir, &eps);
     assert_eq!(
@@ -220,7 +261,7 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
 
     // 3. The arbiter's host dies; a new host replaces it under a new name.
     g.kill9(2);
-    let e = newcomer(&arbiter, &dir, "arbiter-e", 5, "127.0.0.15");
+    let e = newcomer(&arbiter, &dir, "arbiter-e", 5, "127.0.0.15", Role::Arbiter);
     let em = e.me().expect("e").clone();
     let rep = member_args(&em);
     let mut args = vec!["member", "replace", "arbiter", "arbiter-e"];
@@ -258,21 +299,18 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     .await;
     let new = primary_of(&s).expect("new primary");
     let ni = g.index_of(&new);
-    let t0 = Instant::now();
-    while acks.count_after(fault) < 10 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "writes resume on {new}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop_writer.store(true, Ordering::Relaxed);
-    let _ = writer.await;
-    let lost = missing_acks(&acks, &g.pg_addr(ni)).await;
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    let n = writes_go_on_none_lost(
+        &acks,
+        &stop_writer,
+        writer,
+        fault,
+        10,
+        Duration::from_secs(60),
+        &g.pg_addr(ni),
+    )
+    .await;
     eprintln!(
-        "membership: {} writes acknowledged, none lost; failover with the replacement arbiter",
-        acks.all().len()
+        "membership: {n} writes acknowledged, none lost; failover with the replacement arbiter"
     );
 
     // The history names every change.
@@ -290,32 +328,6 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     }
 }
 
-/// A data member's file for a new host on `ip`: a copy of `base` (a data member) naming
-/// itself, with its own server directory and address.
-fn new_data_member(base: &Config, dir: &std::path::Path, name: &str, id: u64, ip: &str) -> Config {
-    let me = MemberConfig {
-        name: name.into(),
-        id,
-        role: Role::Data,
-        grpc: format!("{ip}:{}", free_port_on(ip)),
-        http: format!("{ip}:{}", free_port_on(ip)),
-        priority: 100,
-        postgres: Some(format!("{ip}:{}", free_port_on(ip))),
-        pgpool: None,
-        pcp: None,
-        room: None,
-    };
-    let mut c = base.clone();
-    c.member = name.into();
-    c.members.push(me);
-    c.data_dir = dir.join(name).join("data");
-    for p in c.postgres.iter_mut() {
-        p.data_dir = dir.join(name).join("pg").join("data");
-    }
-    c.tls = pki().tls(name);
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
     let mut g = Group::with_postgres(&LAYOUT);
@@ -325,7 +337,14 @@ async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
     let pi = g.index_of(&primary);
     create_table(&g.pg_addr(pi)).await.expect("table");
     let eps = g.endpoints();
-    let d = new_data_member(&g.members[0].cfg, g.dir.path(), "room-d", 4, "127.0.0.14");
+    let d = newcomer(
+        &g.members[0].cfg,
+        g.dir.path(),
+        "room-d",
+        4,
+        "127.0.0.14",
+        Role::Data,
+    );
     let dm = d.me().expect("room-d").clone();
     let mut args: Vec<String> = ["member", "add", "room-d"].map(String::from).to_vec();
     args.extend(member_args(&dm));
@@ -384,24 +403,21 @@ async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
     assert_eq!(code, 0, "{text}");
     g.kill9(di);
     g.signal_pg(di, libc::SIGKILL);
-    let t = Instant::now();
-    while acks.count_after(t) < 20 {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "writes go on without room-d"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop_writer.store(true, Ordering::Relaxed);
-    let _ = writer.await;
-    let lost = missing_acks(&acks, &g.pg_addr(pi)).await;
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    let n = writes_go_on_none_lost(
+        &acks,
+        &stop_writer,
+        writer,
+        Instant::now(),
+        20,
+        Duration::from_secs(30),
+        &g.pg_addr(pi),
+    )
+    .await;
     let s = gather(&g.endpoints_except("room-d"), Duration::from_secs(2))
         .await
         .expect("status");
     assert_eq!(standing(&s, "room-d"), None);
     eprintln!(
-        "data member: {} writes acknowledged across add, switchover to it and back, remove; none lost",
-        acks.all().len()
+        "data member: {n} writes acknowledged across add, switchover to it and back, remove; none lost"
     );
 }

@@ -40,6 +40,16 @@ pub struct NewMember {
     pub priority: Option<u32>,
 }
 
+/// Whether and how long to wait until the membership has settled.
+#[derive(Debug, Clone, Args)]
+pub struct Wait {
+    /// Wait until the change has settled in Raft (the member votes, or is gone).
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long, default_value_t = 120)]
+    pub wait_secs: u64,
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum MemberCmd {
     /// Add a member. It joins as a non-voter (start it with `pg-watcher --config FILE --join
@@ -48,19 +58,14 @@ pub enum MemberCmd {
         name: String,
         #[command(flatten)]
         member: NewMember,
-        /// Wait until it votes (or, for a sidecar member, receives the log).
-        #[arg(long)]
-        wait: bool,
-        #[arg(long, default_value_t = 120)]
-        wait_secs: u64,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Remove a member (not one holding a primary: switch over first). Its vote goes at once.
     Remove {
         name: String,
-        #[arg(long)]
-        wait: bool,
-        #[arg(long, default_value_t = 120)]
-        wait_secs: u64,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Replace a (dead) member by a new one under a new name, in one change: the vote moves
     /// from OLD to NEW once NEW has caught up; the group never has fewer voters meanwhile.
@@ -69,10 +74,8 @@ pub enum MemberCmd {
         new: String,
         #[command(flatten)]
         member: NewMember,
-        #[arg(long)]
-        wait: bool,
-        #[arg(long, default_value_t = 120)]
-        wait_secs: u64,
+        #[command(flatten)]
+        wait: Wait,
     },
 }
 
@@ -194,42 +197,30 @@ fn voters(s: &GroupStatus) -> String {
 
 /// Runs a `pgwctl member` subcommand.
 pub async fn run(endpoints: &[String], cmd: MemberCmd) -> Result<(), CliError> {
-    let (req, present, absent, wait, secs) = match &cmd {
-        MemberCmd::Add {
-            name,
-            member,
-            wait,
-            wait_secs,
-        } => (
+    let (req, present, absent, wait) = match &cmd {
+        MemberCmd::Add { name, member, wait } => (
             MemberChangeRequest {
                 member: Some(spec(name, member)),
                 old: String::new(),
             },
             Some((name.as_str(), member.role != "sidecar")),
             None,
-            *wait,
-            *wait_secs,
-        ),
-        MemberCmd::Remove {
-            name,
             wait,
-            wait_secs,
-        } => (
+        ),
+        MemberCmd::Remove { name, wait } => (
             MemberChangeRequest {
                 member: None,
                 old: name.clone(),
             },
             None,
             Some(name.as_str()),
-            *wait,
-            *wait_secs,
+            wait,
         ),
         MemberCmd::Replace {
             old,
             new,
             member,
             wait,
-            wait_secs,
         } => (
             MemberChangeRequest {
                 member: Some(spec(new, member)),
@@ -237,8 +228,7 @@ pub async fn run(endpoints: &[String], cmd: MemberCmd) -> Result<(), CliError> {
             },
             Some((new.as_str(), member.role != "sidecar")),
             Some(old.as_str()),
-            *wait,
-            *wait_secs,
+            wait,
         ),
     };
     if let Some(m) = &req.member {
@@ -252,7 +242,7 @@ pub async fn run(endpoints: &[String], cmd: MemberCmd) -> Result<(), CliError> {
         r.result, r.roster_version, r.log_index, r.committed_by
     );
     if let (MemberCmd::Add { name, .. } | MemberCmd::Replace { new: name, .. }, false) =
-        (&cmd, wait)
+        (&cmd, wait.wait)
     {
         println!(
             "start it with: pg-watcher --config FILE --join {}",
@@ -260,8 +250,8 @@ pub async fn run(endpoints: &[String], cmd: MemberCmd) -> Result<(), CliError> {
         );
         println!("then `pgwctl status` shows {name} as a voter once it has caught up");
     }
-    if wait {
-        let s = wait_settled(endpoints, present, absent, secs).await?;
+    if wait.wait {
+        let s = wait_settled(endpoints, present, absent, wait.wait_secs).await?;
         println!("settled: voters {}", voters(&s));
     }
     Ok(())

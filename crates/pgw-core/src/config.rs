@@ -1734,17 +1734,24 @@ impl Config {
         v.into_iter().map(|(_, _, n)| n).collect()
     }
 
+    /// Why this layout cannot fail over on its own, if it cannot: with two voters, losing
+    /// either stops every decision. The one rule behind `pgwctl status`, doctor and `--check`.
+    pub fn automatic_failover_off(&self) -> Option<String> {
+        let voters = self.voters().count();
+        (voters < 3).then(|| {
+            format!(
+                "{voters} voters: losing either member's room stops every decision (the primary keeps serving while both are up); add an arbiter in a third room"
+            )
+        })
+    }
+
     /// What an operator must know about this layout although it is valid (printed by
     /// `pg-watcher --check` and logged at start).
     pub fn notes(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let voters = self.voters().count();
-        if voters == 2 {
-            out.push(
-                "two voters: automatic failover is off in this layout (losing either member stops every decision; the primary keeps serving while both are up). Recover the survivor with `pg-watcher --force-new-group`, or add an arbiter in a third room".to_string(),
-            );
-        }
-        out
+        self.automatic_failover_off()
+            .map(|why| format!("automatic failover is off in this layout: {why}"))
+            .into_iter()
+            .collect()
     }
 
     /// The members that vote (data and arbiter members; sidecar members are learners).

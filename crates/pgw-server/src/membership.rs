@@ -169,6 +169,14 @@ pub async fn reconcile(s: &Shared, m: &openraft::RaftMetrics<u64, BasicNode>) {
     }
 }
 
+/// The group's list as applied here (the founding list until the first change).
+fn applied_roster(s: &Shared, facts: &pgw_core::Facts) -> Roster {
+    facts
+        .roster
+        .clone()
+        .unwrap_or_else(|| (*s.config.roster()).clone())
+}
+
 /// A member as `pgwctl member add` describes it, checked.
 pub fn member_from_spec(spec: &pgw_proto::MemberSpec) -> Result<MemberConfig, Status> {
     let bad = |field: &str, why: &str| Status::invalid_argument(format!("member.{field}: {why}"));
@@ -212,10 +220,7 @@ pub fn member_from_spec(spec: &pgw_proto::MemberSpec) -> Result<MemberConfig, St
 /// it gives (`validate()` names the bad field). Leader only.
 pub fn plan(s: &Shared, req: &pgw_proto::MemberChangeRequest) -> Result<(Roster, String), Status> {
     let facts = s.sm.applied().facts;
-    let current = facts
-        .roster
-        .clone()
-        .unwrap_or_else(|| (*s.config.roster()).clone());
+    let current = applied_roster(s, &facts);
     let primaries = facts.primaries();
     let refused = |e: roster::RosterError| Status::failed_precondition(e.to_string());
     let (next, event) = match (&req.member, req.old.as_str()) {
@@ -398,25 +403,19 @@ fn check_joined(cfg: &Config, r: &Roster) -> Result<(), JoinError> {
 /// Each member's standing for `pgwctl status`: voter, non_voter, joining (listed, not yet in
 /// Raft), leaving (in Raft, no longer listed).
 pub fn standings(s: &Shared) -> BTreeMap<u64, &'static str> {
-    let m = s.raft.metrics().borrow().clone();
-    let mem = m.membership_config.membership();
-    let voters: BTreeSet<u64> = mem.voter_ids().collect();
-    let learners: BTreeSet<u64> = mem.learner_ids().collect();
-    let listed = s.config.roster().ids();
+    let seen = observed(&s.raft.metrics().borrow());
     let mut out = BTreeMap::new();
-    for id in listed.iter() {
-        out.insert(
-            *id,
-            if voters.contains(id) {
-                "voter"
-            } else if learners.contains(id) {
-                "non_voter"
-            } else {
-                "joining"
-            },
-        );
+    for id in s.config.roster().ids() {
+        let st = if seen.voters.contains(&id) {
+            "voter"
+        } else if seen.learners.contains(&id) {
+            "non_voter"
+        } else {
+            "joining"
+        };
+        out.insert(id, st);
     }
-    for id in voters.union(&learners) {
+    for id in seen.voters.union(&seen.learners) {
         out.entry(*id).or_insert("leaving");
     }
     out
@@ -424,6 +423,5 @@ pub fn standings(s: &Shared) -> BTreeMap<u64, &'static str> {
 
 /// Whether Raft's membership is changing (a joint configuration is being committed).
 pub fn changing(s: &Shared) -> bool {
-    let m = s.raft.metrics().borrow().clone();
-    m.membership_config.membership().get_joint_config().len() > 1
+    observed(&s.raft.metrics().borrow()).joint
 }

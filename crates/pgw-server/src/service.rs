@@ -1066,7 +1066,6 @@ impl admin_server::Admin for AdminService {
             });
         }
         let roster = s.config.roster();
-        let voters = roster.voter_ids().len();
         let clusters = s
             .cfg()
             .clusters
@@ -1148,13 +1147,7 @@ impl admin_server::Admin for AdminService {
             membership_changing: crate::membership::changing(s),
             roster_version: roster.version,
             generation: roster.generation,
-            automatic_failover_off: if voters < 3 {
-                format!(
-                    "{voters} voters: losing either member's room stops every decision; the survivor is recovered by `pg-watcher --force-new-group` (see README, two rooms without an arbiter)"
-                )
-            } else {
-                String::new()
-            },
+            automatic_failover_off: s.cfg().automatic_failover_off().unwrap_or_default(),
         }))
     }
 
