@@ -178,6 +178,7 @@ async fn mismatching_config_is_refused_and_group_unharmed() {
         pgpool: None,
         pcp: None,
         room: None,
+        spare: false,
     });
     bad.data_dir = g.dir.path().join("bad3").join("data");
     let dir = g.dir.path().join("bad3");

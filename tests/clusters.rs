@@ -67,6 +67,7 @@ fn two_cluster_group(hooks: &Path) -> Group {
             pgpool: (*role == Role::Data).then(|| addr(ip)),
             pcp: (*role == Role::Data).then(|| addr(ip)),
             room: Some(room.to_string()),
+            spare: false,
         })
         .collect();
     let recovery_servers: Vec<ServerConfig> = ["room-a", "room-b", "rec-c"]

@@ -93,6 +93,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             pgpool: None,
             pcp: None,
             room: None,
+            spare: false,
         })
         .collect();
     members

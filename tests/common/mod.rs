@@ -182,6 +182,7 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
                 pgpool: None,
                 pcp: None,
                 room: None,
+                spare: false,
             }
         })
         .collect();

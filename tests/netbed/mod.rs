@@ -864,6 +864,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                 pgpool: data.then(|| format!("{ip}:{PGPOOL_PORT}")),
                 pcp: data.then(|| format!("{ip}:{PCP_PORT}")),
                 room: None,
+                spare: false,
             }
         })
         .collect();

@@ -380,6 +380,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             pgpool: Some(format!("{ip}:{}", free_port(&ip)?)),
             pcp: Some(format!("{ip}:{}", free_port(&ip)?)),
             room: None,
+            spare: false,
         });
     }
     // The recovery cluster's servers: one more server (and pgpool) per room, on the room's host.

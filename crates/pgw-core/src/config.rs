@@ -81,9 +81,19 @@ pub struct MemberConfig {
     /// The machine room this member stands in (default: its name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub room: Option<String>,
+    /// A cold spare (seed 003's "3+2+1"): a data or arbiter member that receives the log as a
+    /// non-voter until an operator makes it vote (`pgwctl member promote`, or by naming it
+    /// among the survivors of `pg-watcher --force-new-group`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spare: bool,
 }
 
 impl MemberConfig {
+    /// Whether this member votes in Raft (data and arbiter members that are not spares).
+    pub fn votes(&self) -> bool {
+        self.role != Role::Sidecar && !self.spare
+    }
+
     /// The machine room this member stands in: `room`, else its name.
     pub fn room(&self) -> &str {
         self.room.as_deref().unwrap_or(&self.name)
@@ -522,6 +532,12 @@ pub struct Config {
     /// Role-change hooks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<HookConfig>,
+    /// The group generation this config runs in: not a file setting, set from the group's
+    /// member list ([`crate::roster::effective`]). A group forced out of the survivors of a
+    /// lost majority (generation > 0) may run with one voter, one data member and clusters of
+    /// one server until members are added back.
+    #[serde(skip)]
+    pub generation: u64,
 }
 
 /// Certificates of this member. Every member and every operator certificate is issued by the
@@ -887,10 +903,11 @@ impl Config {
             return Err(invalid("data_dir", "must not be empty"));
         }
         let n = self.voters().count();
-        if !(2..=7).contains(&n) {
+        let least = self.least();
+        if !(least..=7).contains(&n) {
             return Err(invalid(
                 "members",
-                format!("a group has 2 to 7 voting members (3 recommended), found {n}"),
+                format!("a group has {least} to 7 voting members (3 recommended), found {n}"),
             ));
         }
         if self.members.len() > 32 {
@@ -934,10 +951,24 @@ impl Config {
             }
         }
         let data = self.data_members().count();
-        if data < 2 {
+        if data < least {
             return Err(invalid(
                 "members",
-                format!("at least 2 members must have role = \"data\", found {data}"),
+                format!("at least {least} members must have role = \"data\", found {data}"),
+            ));
+        }
+        if let Some((i, m)) = self
+            .members
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.spare && m.role == Role::Sidecar)
+        {
+            return Err(invalid(
+                format!("members[{i}].spare"),
+                format!(
+                    "sidecar member `{}` never votes; only a data or arbiter member can be a spare",
+                    m.name
+                ),
             ));
         }
         if !names.contains(self.member.as_str()) {
@@ -1425,7 +1456,7 @@ impl Config {
             }
         }
         let n = self.servers(&c.name).len();
-        if n < 2 {
+        if n < self.least() {
             return Err(invalid(
                 format!("clusters[{i}].servers"),
                 format!("a cluster needs at least 2 servers (a primary and a synchronous standby), found {n}"),
@@ -1748,15 +1779,34 @@ impl Config {
     /// What an operator must know about this layout although it is valid (printed by
     /// `pg-watcher --check` and logged at start).
     pub fn notes(&self) -> Vec<String> {
-        self.automatic_failover_off()
+        let mut out: Vec<String> = self
+            .automatic_failover_off()
             .map(|why| format!("automatic failover is off in this layout: {why}"))
             .into_iter()
-            .collect()
+            .collect();
+        if self.generation > 0 {
+            out.push(format!(
+                "this group was forced out of the survivors of a lost majority (generation {}); add members back with `pgwctl member add` and start them with --join",
+                self.generation
+            ));
+        }
+        out
     }
 
-    /// The members that vote (data and arbiter members; sidecar members are learners).
+    /// The members that vote (data and arbiter members; sidecar members and spares are
+    /// learners).
     pub fn voters(&self) -> impl Iterator<Item = &MemberConfig> {
-        self.members.iter().filter(|m| m.role != Role::Sidecar)
+        self.members.iter().filter(|m| m.votes())
+    }
+
+    /// The fewest voters, data members and servers per cluster this config may have: 2, or 1
+    /// in a group forced out of the survivors of a lost majority.
+    fn least(&self) -> usize {
+        if self.generation > 0 {
+            1
+        } else {
+            2
+        }
     }
 
     pub fn me(&self) -> Option<&MemberConfig> {

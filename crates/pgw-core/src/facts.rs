@@ -287,7 +287,7 @@ pub struct HistoryEntry {
 }
 
 /// What the group knows about one PostgreSQL cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct ClusterFacts {
     pub name: String,
     /// Member currently holding the primary role, if any.
@@ -348,7 +348,7 @@ impl ClusterFacts {
         }
     }
 
-    fn record(&mut self, log_index: u64, p: &Proposal, event: String) {
+    pub(crate) fn record(&mut self, log_index: u64, p: &Proposal, event: String) {
         if self.history.len() >= HISTORY_LIMIT {
             self.history.pop_front();
         }
@@ -858,6 +858,7 @@ mod tests {
                 pgpool: None,
                 pcp: None,
                 room: None,
+                spare: false,
             })
             .collect();
         crate::roster::Roster {

@@ -492,10 +492,13 @@ pub fn decide_operation(
             detail,
         })
     };
+    let serving = |m: &str| v.fresh(m).is_some_and(|o| o.role == PgRole::Primary);
     let Some(t) = op.target.clone() else {
+        if op.kind == OperationKind::Failover && op.accept_data_loss {
+            return most_advanced_survivor(v, op, age_ms, timeout_ms);
+        }
         return finish(false, "operation has no target".into());
     };
-    let serving = |m: &str| v.fresh(m).is_some_and(|o| o.role == PgRole::Primary);
     match (&f.primary, op.kind) {
         (Some(p), OperationKind::Restart) if *p == t => {
             // The primary restarts in place. Its watcher keeps renewing the lease meanwhile, so
@@ -671,6 +674,93 @@ pub fn decide_operation(
             }
         }
     }
+}
+
+/// How long a forced recovery waits for every surviving server to report before it promotes
+/// the most advanced of those that did.
+pub const RECOVERY_WAIT_MS: u64 = 15_000;
+
+/// The forced failover of a recovery after losing the majority (`--force-new-group`): no
+/// target was named; once every surviving server has reported as a detached replica (or
+/// [`RECOVERY_WAIT_MS`] has passed and at least one has), the most advanced one (highest
+/// timeline, then WAL position, then priority) is promoted. Commits the lost primary
+/// acknowledged after that position are lost: the promotion says which position it kept.
+fn most_advanced_survivor(
+    v: &LeaderView<'_>,
+    op: &Operation,
+    age_ms: u64,
+    timeout_ms: u64,
+) -> Decision {
+    let f = v.facts;
+    let finish = |ok: bool, detail: String| {
+        Decision::Propose(Command::FinishOperation {
+            cluster: f.name.clone(),
+            id: op.id,
+            succeeded: ok,
+            detail,
+        })
+    };
+    if let Some(p) = &f.primary {
+        return if v.fresh(p).is_some_and(|o| o.role == PgRole::Primary) {
+            finish(true, format!("{p} is primary (epoch {})", f.epoch))
+        } else {
+            Decision::Wait(format!("{p} is being promoted"))
+        };
+    }
+    let detached: Vec<&Observation> = v
+        .data_members
+        .iter()
+        .filter_map(|c| v.fresh(&c.name))
+        .filter(|o| {
+            o.role == PgRole::Replica && !o.streaming && !o.receiving && o.epoch_seen >= f.epoch
+        })
+        .collect();
+    let all = detached.len() == v.data_members.len();
+    if detached.is_empty() || (!all && age_ms < RECOVERY_WAIT_MS) {
+        if age_ms > timeout_ms {
+            return finish(
+                false,
+                format!(
+                    "no surviving server reported as a detached replica within {} s",
+                    timeout_ms / 1000
+                ),
+            );
+        }
+        let names: Vec<&str> = detached.iter().map(|o| o.member.as_str()).collect();
+        return Decision::Wait(format!(
+            "forced recovery: {} of {} surviving servers reported detached [{}]",
+            detached.len(),
+            v.data_members.len(),
+            names.join(", ")
+        ));
+    }
+    let Some(best) = detached.iter().max_by(|a, b| {
+        a.timeline
+            .cmp(&b.timeline)
+            .then(a.flush_lsn.cmp(&b.flush_lsn))
+            .then(v.priority(&a.member).cmp(&v.priority(&b.member)))
+            .then(b.member.cmp(&a.member))
+    }) else {
+        return Decision::Wait("forced recovery: no surviving server reported".into());
+    };
+    let lsn = best.flush_lsn;
+    Decision::Propose(Command::SetPrimary {
+        cluster: f.name.clone(),
+        member: best.member.clone(),
+        sync_standbys: Some(desired_sync_set(v.data_members, &best.member)),
+        expected_epoch: f.epoch,
+        reason: format!(
+            "forced recovery (operation {}), data loss accepted: {} is the most advanced of {} surviving server(s) (timeline {}, WAL {:X}/{:X}); commits the lost primary acknowledged after {:X}/{:X} are lost",
+            op.id,
+            best.member,
+            detached.len(),
+            best.timeline,
+            lsn >> 32,
+            lsn & 0xffff_ffff,
+            lsn >> 32,
+            lsn & 0xffff_ffff,
+        ),
+    })
 }
 
 /// What a data member's sidecar should do with its local postgres.
@@ -877,6 +967,96 @@ mod tests {
                 ..
             })
         )
+    }
+
+    #[test]
+    fn a_forced_recovery_waits_for_every_survivor_then_promotes_the_most_advanced() {
+        // After --force-new-group: b and c survived, the primary a was lost; no target.
+        let survivors = vec![
+            Candidate {
+                name: "b".into(),
+                priority: 100,
+            },
+            Candidate {
+                name: "c".into(),
+                priority: 100,
+            },
+        ];
+        let f = facts_with(None, 6, &["b", "c"], 1);
+        let mut op = restart_op(9, "x");
+        op.kind = OperationKind::Failover;
+        op.target = None;
+        op.accept_data_loss = true;
+        let mut r = BTreeMap::new();
+        r.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Replica, 80, false, 6), 10),
+        );
+        // One of two reported: wait for the other (it may be the more advanced one)...
+        let d = decide_operation(&view(&f, &r, &survivors, 10, 0), &op, 1_000, 120_000);
+        assert!(
+            matches!(d, Decision::Wait(ref w) if w.contains("1 of 2")),
+            "{d:?}"
+        );
+        // ...but not forever: after the wait, the best of those that reported.
+        let d = decide_operation(
+            &view(&f, &r, &survivors, 10, 0),
+            &op,
+            RECOVERY_WAIT_MS + 1,
+            120_000,
+        );
+        assert!(
+            matches!(d, Decision::Propose(Command::SetPrimary { ref member, .. }) if member == "b"),
+            "{d:?}"
+        );
+        // Both reported: the one with more WAL, at once, and the reason names its position.
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Replica, 0x1_0000_0090, false, 6), 10),
+        );
+        let d = decide_operation(&view(&f, &r, &survivors, 10, 0), &op, 1_000, 120_000);
+        match d {
+            Decision::Propose(Command::SetPrimary {
+                member,
+                expected_epoch,
+                reason,
+                ..
+            }) => {
+                assert_eq!((member.as_str(), expected_epoch), ("c", 6));
+                assert!(reason.contains("1/90"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        // A survivor still streaming from someone has not acted on the epoch: not a candidate.
+        let mut r2 = BTreeMap::new();
+        r2.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Replica, 80, true, 5), 10),
+        );
+        let d = decide_operation(&view(&f, &r2, &survivors, 10, 0), &op, 130_000, 120_000);
+        assert!(
+            matches!(
+                d,
+                Decision::Propose(Command::FinishOperation {
+                    succeeded: false,
+                    ..
+                })
+            ),
+            "{d:?}"
+        );
+        // Promoted and serving: done.
+        let mut done = facts_with(Some("c"), 7, &["b"], 1);
+        done.operations.insert(9, op.clone());
+        r.insert(
+            "c".to_string(),
+            (obs("c", PgRole::Primary, 0x1_0000_0090, false, 7), 10),
+        );
+        assert!(finished_ok(&decide_operation(
+            &view(&done, &r, &survivors, 10, 0),
+            &op,
+            2_000,
+            120_000
+        )));
     }
 
     #[test]

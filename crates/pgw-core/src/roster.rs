@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, MemberConfig, Role};
+use crate::config::{Config, MemberConfig};
 
 /// The group's member list, replicated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
@@ -73,6 +73,10 @@ pub enum RosterError {
     Stale { expected: u64, found: u64 },
     #[error("a change of the group's generation is only made offline (--force-new-group)")]
     Generation,
+    #[error("`{0}` is not a spare (it votes already)")]
+    NotSpare(String),
+    #[error("name at least one surviving member")]
+    NoSurvivors,
 }
 
 /// What `pgwctl status` and the reconciler call a member's place in Raft.
@@ -100,6 +104,7 @@ impl Roster {
     pub fn founding_config(&self, file: &Config) -> Config {
         let mut c = file.clone();
         c.members = self.founders.clone();
+        c.generation = self.generation;
         c
     }
 
@@ -107,11 +112,11 @@ impl Roster {
         self.members.iter().find(|m| m.name == name)
     }
 
-    /// Members that vote once caught up (data and arbiter members).
+    /// Members that vote once caught up (data and arbiter members that are not spares).
     pub fn voter_ids(&self) -> BTreeSet<u64> {
         self.members
             .iter()
-            .filter(|m| m.role != Role::Sidecar)
+            .filter(|m| m.votes())
             .map(|m| m.id)
             .collect()
     }
@@ -156,7 +161,9 @@ impl Roster {
 
     fn check_size(&self) -> Result<(), RosterError> {
         let voters = self.voter_ids().len();
-        if voters < 2 {
+        // A group forced out of survivors may run on one voter until members are added back.
+        let least = if self.generation > 0 { 1 } else { 2 };
+        if voters < least {
             return Err(RosterError::TooFewVoters(voters));
         }
         if voters > 7 {
@@ -229,6 +236,68 @@ impl Roster {
         Ok(without)
     }
 
+    /// The roster with the spare `name` voting (`pgwctl member promote`): the leader makes it
+    /// a voter once it has caught up, through joint consensus, so it needs a majority.
+    pub fn promote(&self, name: &str) -> Result<Roster, RosterError> {
+        let m = self
+            .get(name)
+            .ok_or_else(|| RosterError::Unknown(name.to_string()))?;
+        if !m.spare {
+            return Err(RosterError::NotSpare(name.to_string()));
+        }
+        let mut r = self.clone();
+        r.version += 1;
+        for x in r.members.iter_mut().filter(|x| x.name == name) {
+            x.spare = false;
+        }
+        r.check_size()?;
+        Ok(r)
+    }
+
+    /// The first roster of a new generation made of `survivors` (`pg-watcher
+    /// --force-new-group`, offline): every other member's id is retired (a returning host is
+    /// refused by generation and comes back only through `pgwctl member add` under a new id);
+    /// spares among the survivors vote. The survivors found the new generation.
+    pub fn force(&self, survivors: &BTreeSet<String>) -> Result<Roster, RosterError> {
+        if survivors.is_empty() {
+            return Err(RosterError::NoSurvivors);
+        }
+        if let Some(unknown) = survivors.iter().find(|n| self.get(n).is_none()) {
+            return Err(RosterError::Unknown(unknown.clone()));
+        }
+        let mut r = self.clone();
+        r.generation += 1;
+        r.version = 0;
+        r.members = self
+            .members
+            .iter()
+            .filter(|m| survivors.contains(&m.name))
+            .cloned()
+            .map(|mut m| {
+                m.spare = false;
+                m
+            })
+            .collect();
+        r.retired_ids.extend(
+            self.members
+                .iter()
+                .filter(|m| !survivors.contains(&m.name))
+                .map(|m| m.id),
+        );
+        r.founders = r.members.clone();
+        r.check_size()?;
+        Ok(r)
+    }
+
+    /// Members of this roster that `next` no longer lists.
+    pub fn lost_in(&self, next: &Roster) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| next.get(&m.name).is_none_or(|n| n.id != m.id))
+            .map(|m| m.name.clone())
+            .collect()
+    }
+
     /// Whether `next` may replace `self` in the facts: computed on this version, same group
     /// and generation, and a valid list.
     pub fn check_successor(&self, next: &Roster) -> Result<(), RosterError> {
@@ -245,10 +314,12 @@ impl Roster {
     }
 }
 
-/// A member's running config: its file's settings with the group's member list.
+/// A member's running config: its file's settings with the group's member list (and its
+/// generation).
 pub fn effective(file: &Config, roster: &Roster) -> Config {
     let mut c = file.clone();
     c.members = roster.members.clone();
+    c.generation = roster.generation;
     c
 }
 
@@ -326,6 +397,7 @@ pub fn membership_step(roster: &Roster, seen: &Observed) -> Option<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Role;
 
     fn member(name: &str, id: u64, role: Role) -> MemberConfig {
         MemberConfig {
@@ -339,6 +411,7 @@ mod tests {
             pgpool: None,
             pcp: None,
             room: None,
+            spare: false,
         }
     }
 
@@ -363,6 +436,61 @@ mod tests {
 
     fn primary(cluster: &str, m: &str) -> BTreeMap<String, String> {
         [(cluster.to_string(), m.to_string())].into_iter().collect()
+    }
+
+    #[test]
+    fn force_keeps_the_survivors_retires_the_rest_and_makes_spares_vote() {
+        let mut r = three();
+        let mut spare = member("s", 4, Role::Arbiter);
+        spare.spare = true;
+        r = r.add(spare).expect("add spare");
+        assert_eq!(r.voter_ids(), ids(&[1, 2, 3]), "a spare does not vote");
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(r.force(&BTreeSet::new()), Err(RosterError::NoSurvivors));
+        assert_eq!(
+            r.force(&names(&["b", "x"])),
+            Err(RosterError::Unknown("x".into()))
+        );
+        let f = r.force(&names(&["b", "s"])).expect("force");
+        assert_eq!((f.generation, f.version), (1, 0));
+        assert_eq!(
+            f.voter_ids(),
+            ids(&[2, 4]),
+            "the spare votes in the new generation"
+        );
+        assert_eq!(f.founders, f.members);
+        assert!(f.retired_ids.is_superset(&ids(&[1, 3])));
+        assert_eq!(r.lost_in(&f), vec!["a".to_string(), "c".to_string()]);
+        // The lost come back only under new ids.
+        assert_eq!(
+            f.add(member("a", 1, Role::Data)),
+            Err(RosterError::IdRetired(1))
+        );
+        let back = f
+            .add(member("a", 11, Role::Data))
+            .expect("a under a new id");
+        assert_eq!(back.generation, 1);
+        // One survivor is a group of one voter (generation > 0 only).
+        let alone = r.force(&names(&["b"])).expect("one survivor");
+        assert_eq!(alone.voter_ids(), ids(&[2]));
+        assert_eq!(
+            r.remove("a", &BTreeMap::new())
+                .and_then(|x| x.remove("b", &BTreeMap::new())),
+            Err(RosterError::TooFewVoters(1)),
+            "generation 0 never runs on one voter"
+        );
+    }
+
+    #[test]
+    fn promote_makes_only_a_spare_vote() {
+        let mut spare = member("s", 4, Role::Arbiter);
+        spare.spare = true;
+        let r = three().add(spare).expect("add spare");
+        assert_eq!(r.promote("a"), Err(RosterError::NotSpare("a".into())));
+        assert_eq!(r.promote("zz"), Err(RosterError::Unknown("zz".into())));
+        let p = r.promote("s").expect("promote");
+        assert_eq!(p.version, r.version + 1);
+        assert_eq!(p.voter_ids(), ids(&[1, 2, 3, 4]));
     }
 
     #[test]
