@@ -6,6 +6,10 @@ use anyhow::Context;
 
 fn main() -> ExitCode {
     let args = <pgw_server::daemon::Args as clap::Parser>::parse();
+    let force = args.force_new_group.then(|| pgw_server::recovery::ForceArgs {
+        survivors: args.survivors.clone(),
+        others_down: args.others_down,
+    });
     let (path, check, join) = (args.config, args.check, args.join);
     let cfg = match pgw_core::Config::load(&path) {
         Ok(c) => c,
@@ -25,6 +29,20 @@ fn main() -> ExitCode {
             println!("note: {n}");
         }
         return ExitCode::SUCCESS;
+    }
+    if let Some(f) = force {
+        return match force_new_group(&cfg, &f) {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pg-watcher: --force-new-group refused: {e:#}");
+                ExitCode::from(1)
+            }
+        };
     }
     if let Err(e) =
         pgw_server::telemetry::init_logging(&cfg.cluster_id, &cfg.member, &cfg.log.level)
@@ -59,4 +77,18 @@ fn run(cfg: pgw_core::Config, path: PathBuf, join: &[String]) -> anyhow::Result<
     rt.shutdown_timeout(std::time::Duration::from_millis(300));
     r.context("pg-watcher stopped")?;
     Ok(())
+}
+
+fn force_new_group(
+    cfg: &pgw_core::Config,
+    f: &pgw_server::recovery::ForceArgs,
+) -> anyhow::Result<Vec<String>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let lines = rt.block_on(pgw_server::recovery::force_new_group(cfg, f, |m| {
+        eprintln!("pg-watcher: {m}")
+    }))?;
+    Ok(lines)
 }

@@ -503,6 +503,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             tls: certs.tls(&m.name),
             auth: certs.auth(),
             hooks: Vec::new(),
+            generation: 0,
             pgpool: Some(pgw_core::config::PgpoolConfig {
                 manage: true,
                 bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),

@@ -1,4 +1,4 @@
-//! `pgwctl member add | remove | replace`: the group's member list (admin role).
+//! `pgwctl member add | remove | replace | promote`: the group's member list (admin role).
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,10 @@ pub struct NewMember {
     /// Failover preference (default 100).
     #[arg(long)]
     pub priority: Option<u32>,
+    /// A cold spare (data or arbiter): it receives the log as a non-voter until `pgwctl member
+    /// promote` (or `pg-watcher --force-new-group --survivors` naming it) makes it vote.
+    #[arg(long)]
+    pub spare: bool,
 }
 
 /// Whether and how long to wait until the membership has settled.
@@ -77,6 +81,14 @@ pub enum MemberCmd {
         #[command(flatten)]
         wait: Wait,
     },
+    /// Make a spare member vote (it has been receiving the log as a non-voter). Needs the
+    /// group's majority; after losing it, name the spare among the survivors of `pg-watcher
+    /// --force-new-group` instead.
+    Promote {
+        name: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
 }
 
 fn spec(name: &str, m: &NewMember) -> MemberSpec {
@@ -91,6 +103,7 @@ fn spec(name: &str, m: &NewMember) -> MemberSpec {
         pgpool: m.pgpool.clone().unwrap_or_default(),
         pcp: m.pcp.clone().unwrap_or_default(),
         priority: m.priority.unwrap_or(0),
+        spare: m.spare,
     }
 }
 
@@ -202,8 +215,9 @@ pub async fn run(endpoints: &[String], cmd: MemberCmd) -> Result<(), CliError> {
             MemberChangeRequest {
                 member: Some(spec(name, member)),
                 old: String::new(),
+                promote: String::new(),
             },
-            Some((name.as_str(), member.role != "sidecar")),
+            Some((name.as_str(), member.role != "sidecar" && !member.spare)),
             None,
             wait,
         ),
@@ -211,6 +225,7 @@ pub async fn run(endpoints: &[String], cmd: MemberCmd) -> Result<(), CliError> {
             MemberChangeRequest {
                 member: None,
                 old: name.clone(),
+                promote: String::new(),
             },
             None,
             Some(name.as_str()),
@@ -225,9 +240,20 @@ pub async fn run(endpoints: &[String], cmd: MemberCmd) -> Result<(), CliError> {
             MemberChangeRequest {
                 member: Some(spec(new, member)),
                 old: old.clone(),
+                promote: String::new(),
             },
-            Some((new.as_str(), member.role != "sidecar")),
+            Some((new.as_str(), member.role != "sidecar" && !member.spare)),
             Some(old.as_str()),
+            wait,
+        ),
+        MemberCmd::Promote { name, wait } => (
+            MemberChangeRequest {
+                member: None,
+                old: String::new(),
+                promote: name.clone(),
+            },
+            Some((name.as_str(), true)),
+            None,
             wait,
         ),
     };

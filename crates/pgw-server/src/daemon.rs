@@ -34,6 +34,21 @@ pub struct Args {
     /// non-voter that the leader promotes once it has caught up. Ignored once joined.
     #[arg(long, value_name = "ADDR", value_delimiter = ',')]
     pub join: Vec<String>,
+    /// Recovery after losing the majority, run on a surviving member with its pg-watcher
+    /// stopped: a new group generation of the survivors out of this member's last state; the
+    /// lost members' ids are retired and each cluster whose primary was lost promotes its most
+    /// advanced surviving server. Refused unless the lost members stay silent for longer than
+    /// the lease (or --i-know-the-others-are-down). Then exits; start the member as usual.
+    #[arg(long, conflicts_with_all = ["check", "join"])]
+    pub force_new_group: bool,
+    /// With --force-new-group: the members that form the new group, this one among them
+    /// (default: this member alone). Spares named here vote.
+    #[arg(long, value_name = "NAME", value_delimiter = ',', requires = "force_new_group")]
+    pub survivors: Vec<String>,
+    /// With --force-new-group: do not wait for the lost members' silence (you know they are
+    /// down or cut off for good: a primary among them may otherwise still accept writes).
+    #[arg(long = "i-know-the-others-are-down", requires = "force_new_group")]
+    pub others_down: bool,
 }
 
 /// Runs one member until a termination signal. Returns an error for anything that stops it.
@@ -47,6 +62,7 @@ pub async fn run(cfg: Config, path: std::path::PathBuf, join: &[String]) -> Resu
         crate::membership::join(&cfg, &tls, join).await?;
     }
     // The addresses this member binds are the group's record of it, once there is one.
+    crate::raft::store::finish_forced(&cfg.data_dir)?;
     let running = match crate::raft::store::read_roster(&cfg.data_dir)? {
         Some(r) => pgw_core::roster::effective(&cfg, &r),
         None => cfg.clone(),

@@ -21,6 +21,9 @@ pub enum Kind {
     Lease = 3,
     /// The group's member list as this member last applied it (`pgw_core::roster`).
     Roster = 4,
+    /// A new generation's state, written once by `--force-new-group` before it is carried
+    /// into the other files (`raft::store::commit_forced`).
+    Forced = 5,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,7 @@ pub mod membership;
 pub mod node;
 pub mod pgpool;
 pub mod raft;
+pub mod recovery;
 pub mod reload;
 pub mod secrets;
 pub mod service;

@@ -213,6 +213,7 @@ pub fn member_from_spec(spec: &pgw_proto::MemberSpec) -> Result<MemberConfig, St
         pgpool: opt(&spec.pgpool),
         pcp: opt(&spec.pcp),
         room: opt(&spec.room),
+        spare: spec.spare,
     })
 }
 
@@ -223,6 +224,19 @@ pub fn plan(s: &Shared, req: &pgw_proto::MemberChangeRequest) -> Result<(Roster,
     let current = applied_roster(s, &facts);
     let primaries = facts.primaries();
     let refused = |e: roster::RosterError| Status::failed_precondition(e.to_string());
+    if !req.promote.is_empty() {
+        if req.member.is_some() || !req.old.is_empty() {
+            return Err(Status::invalid_argument(
+                "promote is a change of its own: name no member to add or remove with it",
+            ));
+        }
+        let next = current.promote(&req.promote).map_err(refused)?;
+        let event = format!(
+            "spare member {} promoted: it votes once it has caught up",
+            req.promote
+        );
+        return checked(s, next, event);
+    }
     let (next, event) = match (&req.member, req.old.as_str()) {
         (Some(spec), "") => {
             let m = member_from_spec(spec)?;
@@ -256,6 +270,10 @@ pub fn plan(s: &Shared, req: &pgw_proto::MemberChangeRequest) -> Result<(Roster,
             ))
         }
     };
+    checked(s, next, event)
+}
+
+fn checked(s: &Shared, next: Roster, event: String) -> Result<(Roster, String), Status> {
     let cfg = roster::effective(s.config.file(), &next);
     cfg.validate()
         .map_err(|e| Status::invalid_argument(format!("the new member list: {e}")))?;

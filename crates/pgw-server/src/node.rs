@@ -114,6 +114,7 @@ impl Node {
         tls: Tls,
         book: PeerBook,
     ) -> Result<Node, NodeError> {
+        store::finish_forced(&file.data_dir)?;
         let roster = store::read_roster(&file.data_dir)?;
         let config = crate::member::LiveConfig::new(file, roster.clone());
         let cfg = config.get();
@@ -317,18 +318,16 @@ impl Node {
             tracing::info!("group already initialised by peers; waiting to be replicated to");
             return Ok(());
         }
-        if s.config.roster().version > 0 {
-            // Joined (or the list changed since the group was founded): the group exists; the
-            // leader adds this member. Never found a second group beside it.
+        if s.config.roster().version > 0 || s.config.roster().generation > 0 {
+            // Joined (or the list changed since the group was founded, or a forced generation,
+            // which only its forcing member starts): the group exists; the leader adds this
+            // member. Never found a second group beside it.
             tracing::info!("member of an existing group: waiting for the leader to add it");
             return Ok(());
         }
-        if s.cfg()
-            .me()
-            .is_some_and(|m| m.role == pgw_core::Role::Sidecar)
-        {
-            // A sidecar member never votes: the leader adds it as a learner.
-            tracing::info!("sidecar member: waiting for the leader to add it as a non-voter");
+        if s.cfg().me().is_some_and(|m| !m.votes()) {
+            // A sidecar member or a spare does not vote: the leader adds it as a learner.
+            tracing::info!("non-voting member: waiting for the leader to add it as a non-voter");
             return Ok(());
         }
         let members: BTreeMap<u64, BasicNode> = s

@@ -8,6 +8,9 @@
 //!   own CRC32 so a damaged record is reported rather than applied.
 //! - `snapshot.pgw`: the latest state-machine snapshot, framed and written crash-safely.
 //! - `lease.pgw`: when this member last renewed a primary lease (`sidecar::lease_record`).
+//! - `forced.pgw`: only between the two steps of `pg-watcher --force-new-group`: the new
+//!   generation's identity, roster and snapshot in one file (the commit point), carried into
+//!   the files above (the log is dropped) by [`finish_forced`], which every open runs first.
 //! - `roster.pgw`: the group's member list as last applied here, once it differs from the
 //!   founding list of the config files (`pgw_core::roster`); read at start before anything
 //!   talks to a peer, and written by `--join` with the list the group gave.
@@ -51,6 +54,7 @@ const KEY_PURGED: &str = "last_purged";
 pub const IDENTITY_FILE: &str = "identity.pgw";
 pub const ROSTER_FILE: &str = "roster.pgw";
 pub const LEASE_FILE: &str = "lease.pgw";
+pub const FORCED_FILE: &str = "forced.pgw";
 
 /// The lease record of a cluster: `lease.pgw` for the first cluster, `lease-<cluster>.pgw` for
 /// the others (a member may run servers of several clusters).
@@ -172,12 +176,13 @@ pub fn open_with(
         })?;
         let name = e.file_name().to_string_lossy().to_string();
         match name.as_str() {
-            IDENTITY_FILE | DB_FILE | SNAPSHOT_FILE | LEASE_FILE | ROSTER_FILE => {}
+            IDENTITY_FILE | DB_FILE | SNAPSHOT_FILE | LEASE_FILE | ROSTER_FILE | FORCED_FILE => {}
             n if is_cluster_lease(n) => {}
             n if n == format!("{IDENTITY_FILE}.tmp")
                 || n == format!("{SNAPSHOT_FILE}.tmp")
                 || n == format!("{LEASE_FILE}.tmp")
                 || n == format!("{ROSTER_FILE}.tmp")
+                || n == format!("{FORCED_FILE}.tmp")
                 || n.strip_suffix(".tmp").is_some_and(is_cluster_lease) =>
             {
                 std::fs::remove_file(e.path()).map_err(|source| durable::DurableError::Io {
@@ -188,6 +193,8 @@ pub fn open_with(
             _ => return Err(StoreError::Foreign { dir, file: name }),
         }
     }
+    // Callers finish a forced generation before reading the roster; this only makes sure.
+    finish_forced(&dir)?;
     let id_path = dir.join(IDENTITY_FILE);
     let db_path = dir.join(DB_FILE);
     let wanted = Identity {
@@ -278,6 +285,138 @@ pub fn open_with(
     };
     let sm = StateMachineStore::open(dir.join(SNAPSHOT_FILE), founding)?;
     Ok((log, sm))
+}
+
+/// What `--force-new-group` leaves for [`finish_forced`]: everything a new generation starts
+/// with, in one file.
+#[derive(Debug, Serialize, Deserialize)]
+struct ForcedState {
+    identity: Identity,
+    roster: Roster,
+    snapshot: SnapshotFile,
+}
+
+/// Starts a new generation in `cfg`'s data directory (`pg-watcher --force-new-group`, with
+/// the member stopped): this member alone votes at first (it elects itself and the leader adds
+/// the other survivors of `roster` as they join), `facts` are its applied state, at log index
+/// `index`. Written as one file first (the commit point), then carried into the directory's
+/// files by [`finish_forced`]; the old log is dropped.
+pub fn commit_forced(
+    cfg: &Config,
+    roster: &Roster,
+    facts: Facts,
+    index: u64,
+) -> Result<(), StoreError> {
+    let dir = &cfg.data_dir;
+    let me = cfg.me().ok_or_else(|| StoreError::Decode {
+        file: dir.clone(),
+        message: format!("member `{}` is not in the new member list", cfg.member),
+    })?;
+    let log_id = LogId::new(openraft::CommittedLeaderId::new(0, me.id), index);
+    let voters: std::collections::BTreeSet<u64> = [me.id].into_iter().collect();
+    let nodes: BTreeMap<u64, openraft::BasicNode> = [(
+        me.id,
+        openraft::BasicNode {
+            addr: me.grpc.clone(),
+        },
+    )]
+    .into_iter()
+    .collect();
+    let membership = openraft::Membership::new(vec![voters], nodes);
+    let state = ForcedState {
+        identity: Identity {
+            cluster_id: cfg.cluster_id.clone(),
+            member: me.name.clone(),
+            node_id: me.id,
+            fingerprint: roster.group.clone(),
+            members: cfg.members_canonical(),
+            db_created: false,
+            generation: roster.generation,
+        },
+        roster: roster.clone(),
+        snapshot: SnapshotFile {
+            meta: SnapshotMeta {
+                last_log_id: Some(log_id),
+                last_membership: StoredMembership::new(Some(log_id), membership),
+                snapshot_id: format!("forced-generation-{}-{index}", roster.generation),
+            },
+            facts,
+        },
+    };
+    let path = dir.join(FORCED_FILE);
+    let bytes = serde_json::to_vec(&state).map_err(|e| decode_err(&path, e))?;
+    durable::write_atomic(&path, Kind::Forced, &bytes)?;
+    finish_forced(dir)?;
+    Ok(())
+}
+
+/// Carries a forced new generation (`forced.pgw`) into the directory's files: the snapshot,
+/// the roster, no log, then the identity; removes `forced.pgw` last. Every step may be
+/// repeated, so a crash anywhere is finished by the next call. Returns whether there was one.
+/// Files get the directory's owner (the command may run as root for a service user).
+pub fn finish_forced(dir: &Path) -> Result<bool, StoreError> {
+    let path = dir.join(FORCED_FILE);
+    let Some(bytes) = durable::read(&path, Kind::Forced)? else {
+        return Ok(false);
+    };
+    let st: ForcedState = serde_json::from_slice(&bytes).map_err(|e| decode_err(&path, e))?;
+    let snap_path = dir.join(SNAPSHOT_FILE);
+    let snap = serde_json::to_vec(&st.snapshot).map_err(|e| decode_err(&snap_path, e))?;
+    durable::write_atomic(&snap_path, Kind::Snapshot, &snap)?;
+    let db = dir.join(DB_FILE);
+    match std::fs::remove_file(&db) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(durable::DurableError::Io { file: db, source }.into()),
+    }
+    write_roster(dir, &st.roster)?;
+    let id_path = dir.join(IDENTITY_FILE);
+    let id = serde_json::to_vec(&st.identity).map_err(|e| decode_err(&id_path, e))?;
+    durable::write_atomic(&id_path, Kind::Identity, &id)?;
+    own_like_dir(dir)?;
+    std::fs::remove_file(&path).map_err(|source| durable::DurableError::Io {
+        file: path.clone(),
+        source,
+    })?;
+    durable::sync_dir(dir)?;
+    Ok(true)
+}
+
+/// Gives every file in `dir` the directory's owner and group (when they differ).
+fn own_like_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |file: &Path| {
+        let file = file.to_path_buf();
+        move |source| durable::DurableError::Io { file, source }
+    };
+    let d = std::fs::metadata(dir).map_err(io(dir))?;
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let p = e.map_err(io(dir))?.path();
+        let m = std::fs::symlink_metadata(&p).map_err(io(&p))?;
+        if m.is_file() && (m.uid() != d.uid() || m.gid() != d.gid()) {
+            std::os::unix::fs::chown(&p, Some(d.uid()), Some(d.gid())).map_err(io(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// This member's last applied state: the snapshot with every entry of the local log after it
+/// applied (committed or not: an entry this member holds may have been committed by the group
+/// it can no longer ask, so a forced recovery keeps it), and the last log index.
+pub async fn last_state(
+    log: &mut LogStore,
+    sm: &mut StateMachineStore,
+) -> Result<(Facts, u64), StorageError> {
+    let (applied, _) = sm.applied_state().await?;
+    let from = applied.map(|l| l.index + 1).unwrap_or(0);
+    let entries = log.entries(from..)?;
+    let last = entries
+        .last()
+        .map(|e| e.log_id.index)
+        .or(applied.map(|l| l.index))
+        .unwrap_or(0);
+    sm.apply(entries).await?;
+    Ok((sm.applied().facts, last))
 }
 
 fn open_db(path: &Path) -> Result<Database, StoreError> {
