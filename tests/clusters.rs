@@ -172,6 +172,7 @@ fn two_cluster_group(hooks: &Path) -> Group {
                 tls: pki().tls(&m.name),
                 auth: pki().auth(),
                 hooks: hook_list.clone(),
+                generation: 0,
             }
         })
         .collect();

@@ -59,6 +59,7 @@ fn newcomer(
         pgpool: None,
         pcp: None,
         room: (!data).then(|| format!("room-{name}")),
+        spare: false,
     };
     let mut c = base.clone();
     c.member = name.into();

@@ -114,6 +114,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             tls: common::pki().tls(&m.name),
             auth: common::pki().auth(),
             hooks: Vec::new(),
+            generation: 0,
         })
         .collect()
 }

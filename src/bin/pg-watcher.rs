@@ -6,10 +6,12 @@ use anyhow::Context;
 
 fn main() -> ExitCode {
     let args = <pgw_server::daemon::Args as clap::Parser>::parse();
-    let force = args.force_new_group.then(|| pgw_server::recovery::ForceArgs {
-        survivors: args.survivors.clone(),
-        others_down: args.others_down,
-    });
+    let force = args
+        .force_new_group
+        .then(|| pgw_server::recovery::ForceArgs {
+            survivors: args.survivors.clone(),
+            others_down: args.others_down,
+        });
     let (path, check, join) = (args.config, args.check, args.join);
     let cfg = match pgw_core::Config::load(&path) {
         Ok(c) => c,

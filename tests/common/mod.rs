@@ -217,6 +217,7 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
             tls: pki().tls(&m.name),
             auth: pki().auth(),
             hooks: Vec::new(),
+            generation: 0,
         })
         .collect()
 }

@@ -906,6 +906,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                 tls: crate::common::pki().tls(&m.name),
                 auth: crate::common::pki().auth(),
                 hooks: Vec::new(),
+                generation: 0,
                 pgpool: Some(PgpoolConfig {
                     manage: data,
                     bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),

@@ -533,7 +533,7 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<HookConfig>,
     /// The group generation this config runs in: not a file setting, set from the group's
-    /// member list ([`crate::roster::effective`]). A group forced out of the survivors of a
+    /// member list (the roster's `effective`). A group forced out of the survivors of a
     /// lost majority (generation > 0) may run with one voter, one data member and clusters of
     /// one server until members are added back.
     #[serde(skip)]
@@ -1121,7 +1121,10 @@ impl Config {
                 }
             }
             let standbys = (servers.len().max(1) - 1) as u32;
-            if c.sync_quorum < 1 || c.sync_quorum > standbys {
+            // A group forced out of survivors runs with what survived: the leader asks for at
+            // most as many standbys as there are until members are added back.
+            let above = c.sync_quorum > standbys && self.generation == 0;
+            if c.sync_quorum < 1 || above {
                 return Err(invalid(
                     format!("clusters[{i}].sync_quorum"),
                     format!("must be between 1 and the number of standbys ({standbys})"),

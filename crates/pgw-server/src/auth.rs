@@ -110,6 +110,29 @@ pub struct Policy {
     token_files: Vec<(OpRole, &'static str, std::path::PathBuf)>,
     tokens: RwLock<Vec<(OpRole, Vec<u8>)>>,
     refusals: RefusalLog,
+    /// The group generation this member belongs to: every refusal carries it, so that a
+    /// member of an older generation learns it was superseded.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// Metadata key every refusal carries: the refusing member's group generation.
+pub const GENERATION_KEY: &str = "pgw-generation";
+
+/// `st` with the group generation `g` in its metadata.
+pub fn with_generation(st: Status, g: u64) -> Status {
+    let mut md = st.metadata().clone();
+    if let Ok(v) = g.to_string().parse() {
+        md.insert(GENERATION_KEY, v);
+    }
+    Status::with_metadata(st.code(), st.message().to_string(), md)
+}
+
+/// The generation a refusal names, if it carries one.
+pub fn generation_of(st: &Status) -> Option<u64> {
+    st.metadata()
+        .get(GENERATION_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Shortest token accepted.
@@ -188,6 +211,7 @@ impl Policy {
             token_files,
             tokens: RwLock::new(Vec::new()),
             refusals: RefusalLog::default(),
+            generation: std::sync::atomic::AtomicU64::new(cfg.generation),
         };
         p.reload_tokens()?;
         Ok(p)
@@ -195,6 +219,8 @@ impl Policy {
 
     /// Takes the member list of `cfg` (after a roster change).
     pub fn set_members(&self, cfg: &Config) {
+        self.generation
+            .store(cfg.generation, std::sync::atomic::Ordering::Relaxed);
         let m: BTreeMap<String, u64> = cfg.members.iter().map(|m| (m.name.clone(), m.id)).collect();
         match self.members.write() {
             Ok(mut g) => *g = m,
@@ -430,7 +456,15 @@ where
                 req.extensions_mut().insert(caller);
                 Box::pin(self.inner.call(req))
             }
-            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            Err(status) => {
+                let g = self
+                    .policy
+                    .generation
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                Box::pin(std::future::ready(Ok(
+                    with_generation(status, g).into_http()
+                )))
+            }
         }
     }
 }

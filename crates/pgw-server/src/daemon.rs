@@ -43,7 +43,12 @@ pub struct Args {
     pub force_new_group: bool,
     /// With --force-new-group: the members that form the new group, this one among them
     /// (default: this member alone). Spares named here vote.
-    #[arg(long, value_name = "NAME", value_delimiter = ',', requires = "force_new_group")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        value_delimiter = ',',
+        requires = "force_new_group"
+    )]
     pub survivors: Vec<String>,
     /// With --force-new-group: do not wait for the lost members' silence (you know they are
     /// down or cut off for good: a primary among them may otherwise still accept writes).
@@ -60,6 +65,9 @@ pub async fn run(cfg: Config, path: std::path::PathBuf, join: &[String]) -> Resu
     let tls = Tls::load(&cfg.tls, &cfg.member, cfg.auth.has_tokens())?;
     if !join.is_empty() {
         crate::membership::join(&cfg, &tls, join).await?;
+    }
+    if let Some(s) = crate::raft::store::read_superseded(&cfg.data_dir)? {
+        return Err(NodeError::Refused(s.message()));
     }
     // The addresses this member binds are the group's record of it, once there is one.
     crate::raft::store::finish_forced(&cfg.data_dir)?;
@@ -109,7 +117,7 @@ pub async fn run(cfg: Config, path: std::path::PathBuf, join: &[String]) -> Resu
     tokio::pin!(boot);
     let signal = shutdown_signal();
     tokio::pin!(signal);
-    let storage = storage_failure(node.shared.raft.clone());
+    let storage = storage_failure(node.shared.raft.clone(), node.shared.reach.clone());
     tokio::pin!(storage);
     tokio::select! {
         r = &mut boot => {
@@ -139,15 +147,26 @@ pub async fn run(cfg: Config, path: std::path::PathBuf, join: &[String]) -> Resu
 }
 
 /// Resolves when openraft has stopped on a fatal error (a storage error names its file).
-async fn storage_failure(raft: crate::raft::types::Raft) -> NodeError {
+/// Raft stopped because a peer named a newer group generation is not a failure: the member
+/// stays up idle (its lease guard fences a primary here) until the operator stops it.
+async fn storage_failure(
+    raft: crate::raft::types::Raft,
+    reach: crate::raft::network::Reachability,
+) -> NodeError {
     let mut rx = raft.metrics();
     loop {
         let state = rx.borrow_and_update().running_state.clone();
         if let Err(fatal) = state {
+            if reach.newer_generation().is_some() {
+                return std::future::pending().await;
+            }
             metrics::gauge!(telemetry::STORAGE_FAILED).set(1.0);
             return NodeError::Storage(fatal.to_string());
         }
         if rx.changed().await.is_err() {
+            if reach.newer_generation().is_some() {
+                return std::future::pending().await;
+            }
             return NodeError::Storage("Raft stopped".into());
         }
     }

@@ -24,6 +24,8 @@ pub enum Kind {
     /// A new generation's state, written once by `--force-new-group` before it is carried
     /// into the other files (`raft::store::commit_forced`).
     Forced = 5,
+    /// A peer named a newer group generation: this member was left out of a forced recovery.
+    Superseded = 6,
 }
 
 #[derive(Debug, thiserror::Error)]

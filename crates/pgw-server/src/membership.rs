@@ -308,6 +308,38 @@ pub async fn commit(
     }
 }
 
+/// Stops this member's Raft for good once a peer names a newer group generation: the group
+/// was recovered without it (`pg-watcher --force-new-group`), so it must neither vote nor lead
+/// in the old one. Records it (a restart is refused, naming the generation), and keeps running
+/// idle: the sidecar's lease guard fences a primary here at its deadline (no renewal comes).
+pub async fn superseded_loop(s: Shared) {
+    let ours = s.config.roster().generation;
+    let (g, from) = loop {
+        match s.reach.newer_generation() {
+            Some((g, from)) if g > ours => break (g, from),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let mark = store::Superseded {
+        generation: g,
+        ours,
+        seen_from: from.clone(),
+    };
+    if let Err(e) = store::write_superseded(&s.config.file().data_dir, &mark) {
+        tracing::error!("cannot record that this member was superseded: {e}");
+    }
+    tracing::error!(
+        generation = g,
+        ours,
+        from = %from,
+        "{}",
+        mark.message()
+    );
+    if let Err(e) = s.raft.shutdown().await {
+        tracing::error!("stopping Raft: {e}");
+    }
+}
+
 /// The roster a `--join`ing member asked for (it must be in it).
 pub fn roster_for(s: &Shared, caller: &str) -> Result<String, Status> {
     let r =
@@ -323,14 +355,55 @@ pub fn roster_for(s: &Shared, caller: &str) -> Result<String, Status> {
     serde_json::to_string(&r).map_err(|e| Status::internal(e.to_string()))
 }
 
-/// `pg-watcher --join ADDR,...`: unless this data directory already holds the group's member
-/// list, fetches it from the first member that answers, checks that it lists this member as
-/// the file describes it, and stores it. Nothing is stored when anything is wrong.
+/// `pg-watcher --join ADDR,...`: fetches the group's member list from the first member that
+/// answers, checks that it lists this member as the file describes it, and stores it. A data
+/// directory of an older generation (the group was recovered without this member) or of this
+/// member under another node id (removed and added back) is cleared first: the group said so.
+/// With a list already stored and no member answering, the member starts as it is (joined
+/// before). Nothing is stored when anything is wrong.
 pub async fn join(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<(), JoinError> {
-    if store::read_roster(&cfg.data_dir)?.is_some() {
-        tracing::info!("already joined (the data directory holds the group's member list)");
-        return Ok(());
+    let stored = store::read_roster(&cfg.data_dir)?;
+    let r = match fetch_roster(cfg, tls, addrs).await {
+        Ok(r) => r,
+        Err(e) if stored.is_some() => {
+            tracing::warn!("already joined (the data directory holds the group's member list); the group did not answer: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    check_joined(cfg, &r)?;
+    let mine = cfg.me().map(|m| m.id).unwrap_or_default();
+    if let Some((generation, id)) = store::stored_generation(&cfg.data_dir)? {
+        if r.generation < generation {
+            return Err(JoinError::Refused(format!(
+                "the group answered with generation {}, older than this data directory's {generation}: a member of an abandoned group answered",
+                r.generation
+            )));
+        }
+        if r.generation > generation || id != mine {
+            tracing::warn!(
+                from_generation = generation,
+                to_generation = r.generation,
+                "clearing this member's Raft state of generation {generation} (node id {id}) to join generation {} as node id {mine}",
+                r.generation
+            );
+            store::reset_for_generation(&cfg.data_dir)?;
+        } else if stored.as_ref().is_some_and(|s| s.version >= r.version) {
+            tracing::info!("already joined (the data directory holds the group's member list)");
+            return Ok(());
+        }
     }
+    store::write_roster(&cfg.data_dir, &r)?;
+    tracing::info!(
+        version = r.version,
+        generation = r.generation,
+        "joined: stored the group's member list"
+    );
+    Ok(())
+}
+
+/// The group's member list from the first of `addrs` that gives it.
+async fn fetch_roster(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<Roster, JoinError> {
     let identity = pgw_proto::Identity {
         cluster_id: cfg.cluster_id.clone(),
         fingerprint: String::new(),
@@ -373,15 +446,8 @@ pub async fn join(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<(), JoinE
         let r: Roster = serde_json::from_str(&reply.roster).map_err(|e| {
             JoinError::Refused(format!("{addr} sent an unreadable member list: {e}"))
         })?;
-        check_joined(cfg, &r)?;
-        store::write_roster(&cfg.data_dir, &r)?;
-        tracing::info!(
-            from = %addr,
-            version = r.version,
-            generation = r.generation,
-            "joined: stored the group's member list"
-        );
-        return Ok(());
+        tracing::info!(from = %addr, version = r.version, generation = r.generation, "the group's member list");
+        return Ok(r);
     }
     Err(JoinError::Refused(format!(
         "no member gave the group's member list ({})",

@@ -191,6 +191,7 @@ impl Node {
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));
         tokio::spawn(crate::membership::follow_loop(shared.clone()));
+        tokio::spawn(crate::membership::superseded_loop(shared.clone()));
         tokio::spawn(crate::leader::decision_loop(shared.clone()));
         for pg in &shared.cfg().postgres {
             match crate::sidecar::Sidecar::new(shared.clone(), pg.clone()) {
@@ -276,9 +277,17 @@ impl Node {
                 req.set_timeout(Duration::from_millis(500));
                 let mut client = AdminClient::new(ch);
                 let fut = client.hello(req);
-                let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_millis(700), fut).await
-                else {
-                    continue;
+                let reply = match tokio::time::timeout(Duration::from_millis(700), fut).await {
+                    Ok(Ok(reply)) => reply,
+                    Ok(Err(st)) => {
+                        if let Some(g) = crate::auth::generation_of(&st) {
+                            if g > s.config.roster().generation {
+                                s.reach.saw_generation(g, &p.name);
+                            }
+                        }
+                        continue;
+                    }
+                    Err(_) => continue,
                 };
                 let r = reply.into_inner();
                 if r.cluster_id != s.cfg().cluster_id {

@@ -140,9 +140,9 @@ pub async fn force_new_group(
         format!("local state kept up to log index {last}; the new generation starts at {}", order.index),
     ];
     out.extend(forced.plan);
-    out.push(format!(
-        "next: start pg-watcher here (systemctl start pg-watcher); it leads alone and carries out the above"
-    ));
+    out.push(
+        "next: start pg-watcher here (systemctl start pg-watcher); it leads alone and carries out the above".into(),
+    );
     let others: Vec<&MemberConfig> = forced
         .roster
         .members

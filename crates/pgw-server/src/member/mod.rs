@@ -209,17 +209,20 @@ impl Shared {
                     id.generation, roster.generation
                 ),
             );
-            return Err(Status::failed_precondition(format!(
-                "`{}` belongs to group generation {}, but this group is at generation {}{}",
-                id.from_name,
-                id.generation,
+            return Err(crate::auth::with_generation(
+                Status::failed_precondition(format!(
+                    "`{}` belongs to group generation {}, but this group is at generation {}{}",
+                    id.from_name,
+                    id.generation,
+                    roster.generation,
+                    if id.generation < roster.generation {
+                        ": the group was recovered without it (pg-watcher --force-new-group); it rejoins only through `pgwctl member add` (under a new id) and `pg-watcher --join`"
+                    } else {
+                        ""
+                    }
+                )),
                 roster.generation,
-                if id.generation < roster.generation {
-                    ": the group was recovered without it (pg-watcher --force-new-group); rejoin with `pgwctl member add` and `pg-watcher --join` on an empty data directory"
-                } else {
-                    ""
-                }
-            )));
+            ));
         }
         let ours = roster.group.clone();
         if id.fingerprint != ours {

@@ -68,6 +68,8 @@ impl PeerBook {
 pub struct Reachability {
     peers: Arc<Mutex<BTreeMap<NodeId, PeerState>>>,
     names: Arc<std::sync::RwLock<BTreeMap<NodeId, String>>>,
+    /// The newest group generation a peer's refusal named, and that peer.
+    newer: Arc<Mutex<Option<(u64, String)>>>,
 }
 
 impl Reachability {
@@ -75,7 +77,23 @@ impl Reachability {
         Self {
             peers: Arc::default(),
             names: Arc::new(std::sync::RwLock::new(names)),
+            newer: Arc::default(),
         }
+    }
+
+    /// A peer refused us naming group generation `g` (newer than ours: the group was
+    /// recovered without this member).
+    pub fn saw_generation(&self, g: u64, from: &str) {
+        if let Ok(mut n) = self.newer.lock() {
+            if n.as_ref().is_none_or(|(x, _)| g > *x) {
+                *n = Some((g, from.to_string()));
+            }
+        }
+    }
+
+    /// The newer generation a peer named, if any.
+    pub fn newer_generation(&self) -> Option<(u64, String)> {
+        self.newer.lock().ok().and_then(|n| n.clone())
     }
 
     /// Takes new member names (after a roster change).
@@ -240,15 +258,24 @@ impl PeerClient {
                 "no answer within {} ms",
                 ttl.as_millis()
             ))),
-            Ok(Err(status)) => Err(match status.code() {
-                tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled => CallError::Unreachable(status.message().to_string()),
-                tonic::Code::FailedPrecondition => {
-                    tracing::error!(peer = %self.reach.name(self.target), "peer refused us: {}", status.message());
-                    CallError::Network(format!("refused: {}", status.message()))
+            Ok(Err(status)) => Err({
+                if let Some(g) = crate::auth::generation_of(&status) {
+                    if g > self.cfg.identity.generation {
+                        self.reach.saw_generation(g, &self.reach.name(self.target));
+                    }
                 }
-                _ => CallError::Network(format!("{}: {}", status.code(), status.message())),
+                match status.code() {
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled => {
+                        CallError::Unreachable(status.message().to_string())
+                    }
+                    tonic::Code::FailedPrecondition => {
+                        tracing::error!(peer = %self.reach.name(self.target), "peer refused us: {}", status.message());
+                        CallError::Network(format!("refused: {}", status.message()))
+                    }
+                    _ => CallError::Network(format!("{}: {}", status.code(), status.message())),
+                }
             }),
             Ok(Ok(resp)) => {
                 let RaftReply { payload, error } = resp.into_inner();

@@ -55,6 +55,7 @@ pub const IDENTITY_FILE: &str = "identity.pgw";
 pub const ROSTER_FILE: &str = "roster.pgw";
 pub const LEASE_FILE: &str = "lease.pgw";
 pub const FORCED_FILE: &str = "forced.pgw";
+pub const SUPERSEDED_FILE: &str = "superseded.pgw";
 
 /// The lease record of a cluster: `lease.pgw` for the first cluster, `lease-<cluster>.pgw` for
 /// the others (a member may run servers of several clusters).
@@ -176,13 +177,15 @@ pub fn open_with(
         })?;
         let name = e.file_name().to_string_lossy().to_string();
         match name.as_str() {
-            IDENTITY_FILE | DB_FILE | SNAPSHOT_FILE | LEASE_FILE | ROSTER_FILE | FORCED_FILE => {}
+            IDENTITY_FILE | DB_FILE | SNAPSHOT_FILE | LEASE_FILE | ROSTER_FILE | FORCED_FILE
+            | SUPERSEDED_FILE => {}
             n if is_cluster_lease(n) => {}
             n if n == format!("{IDENTITY_FILE}.tmp")
                 || n == format!("{SNAPSHOT_FILE}.tmp")
                 || n == format!("{LEASE_FILE}.tmp")
                 || n == format!("{ROSTER_FILE}.tmp")
                 || n == format!("{FORCED_FILE}.tmp")
+                || n == format!("{SUPERSEDED_FILE}.tmp")
                 || n.strip_suffix(".tmp").is_some_and(is_cluster_lease) =>
             {
                 std::fs::remove_file(e.path()).map_err(|source| durable::DurableError::Io {
@@ -285,6 +288,76 @@ pub fn open_with(
     };
     let sm = StateMachineStore::open(dir.join(SNAPSHOT_FILE), founding)?;
     Ok((log, sm))
+}
+
+/// A member left out of a forced recovery: a peer named a newer generation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Superseded {
+    pub generation: u64,
+    pub ours: u64,
+    pub seen_from: String,
+}
+
+impl Superseded {
+    pub fn message(&self) -> String {
+        format!(
+            "this member belongs to group generation {}, but `{}` is at generation {}: the group was recovered without it (pg-watcher --force-new-group). It no longer votes or leads; a primary here fences itself. It rejoins only through `pgwctl member add` (under a new id) and `pg-watcher --join`",
+            self.ours, self.seen_from, self.generation
+        )
+    }
+}
+
+/// Records that this member was superseded (a start is refused from then on).
+pub fn write_superseded(dir: &Path, s: &Superseded) -> Result<(), StoreError> {
+    let path = dir.join(SUPERSEDED_FILE);
+    let bytes = serde_json::to_vec(s).map_err(|e| decode_err(&path, e))?;
+    durable::write_atomic(&path, Kind::Superseded, &bytes)?;
+    Ok(())
+}
+
+/// Whether this member was superseded.
+pub fn read_superseded(dir: &Path) -> Result<Option<Superseded>, StoreError> {
+    let path = dir.join(SUPERSEDED_FILE);
+    match durable::read(&path, Kind::Superseded)? {
+        Some(b) => Ok(Some(
+            serde_json::from_slice(&b).map_err(|e| decode_err(&path, e))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Clears this member's Raft state of an older generation before it joins a newer one
+/// (`pg-watcher --join`, after `pgwctl member add`): identity, log, snapshot, member list and
+/// the superseded mark go; the lease records stay (they fence a primary here).
+pub fn reset_for_generation(dir: &Path) -> Result<(), StoreError> {
+    for f in [
+        IDENTITY_FILE,
+        DB_FILE,
+        SNAPSHOT_FILE,
+        ROSTER_FILE,
+        SUPERSEDED_FILE,
+    ] {
+        let p = dir.join(f);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(durable::DurableError::Io { file: p, source }.into()),
+        }
+    }
+    durable::sync_dir(dir)?;
+    Ok(())
+}
+
+/// The group generation and node id this directory's identity records, if initialised.
+pub fn stored_generation(dir: &Path) -> Result<Option<(u64, u64)>, StoreError> {
+    let path = dir.join(IDENTITY_FILE);
+    match durable::read(&path, Kind::Identity)? {
+        Some(b) => {
+            let id: Identity = serde_json::from_slice(&b).map_err(|e| decode_err(&path, e))?;
+            Ok(Some((id.generation, id.node_id)))
+        }
+        None => Ok(None),
+    }
 }
 
 /// What `--force-new-group` leaves for [`finish_forced`]: everything a new generation starts

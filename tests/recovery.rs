@@ -1,0 +1,299 @@
+//! Recovery after losing the majority: `pg-watcher --force-new-group` on a surviving member,
+//! on real watchers and real PostgreSQL 15 servers with a writer going; the lost members are
+//! refused when they come back as they were and rejoin through `pgwctl member add` and
+//! `--join`. Also the two-room layout without an arbiter (seed 000's active-standby).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgw_cli::status::GroupStatus;
+use pgw_cli::writer::*;
+use pgw_core::{Config, Role};
+
+/// `pgwctl` as an operator runs it (admin certificate), printing what it said.
+fn pgwctl(eps: &[String], args: &[&str]) -> (i32, String) {
+    let out = Command::new(PGWCTL)
+        .args(pki().pgwctl_args("admin"))
+        .arg("--endpoints")
+        .arg(eps.join(","))
+        .args(args)
+        .output()
+        .expect("run pgwctl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("pgwctl {}: {text}", args.join(" "));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `pg-watcher --config FILE --force-new-group EXTRA...` as an operator runs it.
+fn force(g: &Group, i: usize, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(WATCHER)
+        .arg("--config")
+        .arg(&g.members[i].cfg_path)
+        .arg("--force-new-group")
+        .args(extra)
+        .output()
+        .expect("run pg-watcher --force-new-group");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("pg-watcher --force-new-group {}: {text}", extra.join(" "));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Member `i` starts again with `--join` (its file rewritten: node id `id`).
+fn rejoin(g: &mut Group, i: usize, id: u64, join: &[String]) {
+    let name = g.members[i].name().to_string();
+    for m in g.members[i].cfg.members.iter_mut() {
+        if m.name == name {
+            m.id = id;
+        }
+    }
+    let m = &mut g.members[i];
+    std::fs::write(&m.cfg_path, m.cfg.to_toml().expect("toml")).expect("write config");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&m.log)
+        .expect("log");
+    let child: Child = Command::new(WATCHER)
+        .arg("--config")
+        .arg(&m.cfg_path)
+        .arg("--join")
+        .arg(join.join(","))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn pg-watcher --join");
+    m.child = Some(child);
+}
+
+fn add_args(cfg: &Config, id: u64) -> Vec<String> {
+    let m = cfg.me().expect("me");
+    vec![
+        "member".into(),
+        "add".into(),
+        m.name.clone(),
+        "--id".into(),
+        id.to_string(),
+        "--role".into(),
+        m.role.to_string(),
+        "--grpc".into(),
+        m.grpc.clone(),
+        "--http".into(),
+        m.http.clone(),
+        "--postgres".into(),
+        m.postgres.clone().unwrap_or_default(),
+    ]
+}
+
+fn voters(s: &GroupStatus) -> Vec<String> {
+    let mut v: Vec<String> = s
+        .members
+        .iter()
+        .filter(|m| m.standing == "voter")
+        .map(|m| m.name.clone())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_three_lost_forced_recovery_on_the_survivor_then_the_lost_rejoin() {
+    let mut g = Group::with_postgres(&[Role::Data, Role::Data, Role::Data]);
+    g.start_all();
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
+    let primary = primary_of(&s).expect("primary");
+    let e0 = epoch_of(&s);
+    let pi = g.index_of(&primary);
+    // The survivor is a replica: the primary is among the lost.
+    let si = (0..3).find(|i| *i != pi).expect("a replica");
+    let li = (0..3)
+        .find(|i| *i != pi && *i != si)
+        .expect("the other replica");
+    let survivor = g.members[si].name().to_string();
+    create_table(&g.pg_addr(pi)).await.expect("table");
+    let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer_paced(
+        servers,
+        stop_writer.clone(),
+        1,
+        200_000,
+        Duration::from_secs(300),
+        Duration::from_millis(5),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!acks.all().is_empty(), "writes flow before the loss");
+
+    // Two rooms are lost at once: watcher and postgres.
+    for i in [pi, li] {
+        g.kill9(i);
+        g.signal_pg(i, libc::SIGKILL);
+    }
+    // The survivor alone decides nothing (it has no majority).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let eps_s = vec![g.members[si].grpc()];
+    let s = pgw_cli::status::gather(&eps_s, Duration::from_secs(2))
+        .await
+        .expect("status of the survivor");
+    assert_eq!(epoch_of(&s), e0, "no decision without a majority");
+
+    // Refusals change nothing: the member still runs...
+    let (code, text) = force(&g, si, &["--i-know-the-others-are-down"]);
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("stop this member's pg-watcher first"),
+        "{text}"
+    );
+    g.kill9(si);
+    // ...a survivor name the group does not know...
+    let (code, text) = force(&g, si, &["--survivors", &format!("{survivor},zz")]);
+    assert_ne!(code, 0);
+    assert!(text.contains("no member `zz`"), "{text}");
+    // ...a lost member that answers is not lost.
+    let lost_grpc = g.members[li].grpc();
+    let answering = std::net::TcpListener::bind(&lost_grpc).expect("bind the lost member's port");
+    let (code, text) = force(&g, si, &[]);
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("answered") && text.contains("not lost"),
+        "{text}"
+    );
+    drop(answering);
+    let data = g.members[si].cfg.data_dir.clone();
+    assert!(
+        !data.join("forced.pgw").exists() && !data.join("roster.pgw").exists(),
+        "nothing stored when refused"
+    );
+
+    // The one command: it waits out the lease (the others stay silent), then forces.
+    let (code, text) = force(&g, si, &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("forced generation 1"), "{text}");
+    assert!(
+        text.contains(&format!("the primary {primary} was lost")),
+        "{text}"
+    );
+    let recovered = Instant::now();
+    g.start(si);
+    let s = wait_until(
+        &eps_s,
+        Duration::from_secs(60),
+        "the survivor is the primary of generation 1",
+        |s| {
+            primary_of(s).as_deref() == Some(survivor.as_str())
+                && node_role(s, &survivor).as_deref() == Some("primary")
+        },
+    )
+    .await;
+    assert!(epoch_of(&s) > e0);
+    assert_eq!(s.generation, 1);
+    assert_eq!(voters(&s), vec![survivor.clone()]);
+    let t0 = Instant::now();
+    while acks.count_after(recovered) < 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "writes resume on the survivor"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h = history(&eps_s[0], "global", 50).await;
+    let events: Vec<&str> = h.iter().map(|e| e.event.as_str()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("group forced to generation 1 by")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.contains("forced recovery")
+            && e.contains("data loss accepted")
+            && e.contains("are lost")),
+        "the promotion names the WAL position kept: {events:?}"
+    );
+
+    // A lost member that comes back as it was is refused by generation, records it, and
+    // never serves as primary meanwhile.
+    g.start(li);
+    let li_data = g.members[li].cfg.data_dir.clone();
+    let t0 = Instant::now();
+    while !li_data.join("superseded.pgw").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the returning member learns it was superseded"
+        );
+        assert_ne!(
+            is_primary(&g.pg_addr(li)).await,
+            Some(true),
+            "a superseded member's postgres never runs as primary"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    g.kill9(li);
+    let log = g.log_text(li);
+    assert!(log.contains("generation 1"), "{log}");
+    // Started again unchanged, it stops at once, naming the generation.
+    g.start(li);
+    let code = g.members[li]
+        .child
+        .as_mut()
+        .map(|c| wait_exit(c, Duration::from_secs(20)));
+    g.members[li].child = None;
+    assert_eq!(code, Some(Some(1)), "a superseded member does not start");
+    assert!(g.log_text(li).contains("recovered without it"));
+
+    // Back through `member add` under new ids, then --join: they rejoin as replicas (the old
+    // primary's postgres rewound or rebuilt) and vote again.
+    for (i, id) in [(li, 12u64), (pi, 11u64)] {
+        let args = add_args(&g.members[i].cfg, id);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, text) = pgwctl(&eps_s, &argv);
+        assert_eq!(code, 0, "{text}");
+        rejoin(&mut g, i, id, &eps_s);
+    }
+    let all = g.endpoints();
+    let s = wait_until(
+        &all,
+        Duration::from_secs(150),
+        "the lost members vote again and replicate",
+        |s| {
+            voters(s).len() == 3
+                && [pi, li]
+                    .iter()
+                    .all(|i| node_role(s, g.members[*i].name()).as_deref() == Some("sync_replica"))
+        },
+    )
+    .await;
+    assert_eq!(primary_of(&s).as_deref(), Some(survivor.as_str()));
+    stop_writer.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    // Everything acknowledged since the recovery is on the primary (before it, the lost
+    // primary's last commits may be gone: that is what forcing accepts).
+    let on = ids_on(&g.pg_addr(si)).await;
+    let lost: Vec<i64> = acks
+        .all()
+        .iter()
+        .filter(|a| a.sent > recovered && !on.contains(&a.id))
+        .map(|a| a.id)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged after the recovery, lost: {lost:?}"
+    );
+    eprintln!(
+        "recovery: {} writes acknowledged since the forced recovery, none lost; both lost members rejoined",
+        acks.count_after(recovered)
+    );
+}
