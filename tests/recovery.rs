@@ -297,3 +297,103 @@ async fn two_of_three_lost_forced_recovery_on_the_survivor_then_the_lost_rejoin(
         acks.count_after(recovered)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
+    let mut g = Group::with_postgres(&[Role::Data, Role::Data]);
+    // The operator allowed degraded mode: the primary stops waiting for a lost standby.
+    g.allow_degraded(1000);
+    g.start_all();
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
+    assert!(s.automatic_failover_off.is_some(), "status says so plainly");
+    let (_, text) = pgwctl(&g.endpoints(), &["status"]);
+    assert!(text.contains("AUTOMATIC FAILOVER OFF"), "{text}");
+    let primary = primary_of(&s).expect("primary");
+    let pi = g.index_of(&primary);
+    let ri = 1 - pi;
+    let standby = g.members[ri].name().to_string();
+    create_table(&g.pg_addr(pi)).await.expect("table");
+    let servers: Vec<String> = (0..2).map(|i| g.pg_addr(i)).collect();
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer_paced(
+        servers,
+        stop_writer.clone(),
+        1,
+        200_000,
+        Duration::from_secs(300),
+        Duration::from_millis(5),
+    );
+
+    // 1. The standby room is lost: writes go on (degraded), also well past the lease.
+    let fault = Instant::now();
+    g.kill9(ri);
+    g.signal_pg(ri, libc::SIGKILL);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let late = Instant::now();
+    let t0 = Instant::now();
+    while acks.count_after(late) < 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "writes stopped after losing the standby room"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "two rooms: {} writes acknowledged with the standby room lost",
+        acks.count_after(fault)
+    );
+    assert_eq!(is_primary(&g.pg_addr(pi)).await, Some(true));
+
+    // It comes back and is synchronous again.
+    g.start(ri);
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
+    assert_eq!(primary_of(&s).as_deref(), Some(primary.as_str()));
+    let e0 = epoch_of(&s);
+
+    // 2. The primary room is lost: nothing happens on its own...
+    g.kill9(pi);
+    g.signal_pg(pi, libc::SIGKILL);
+    let eps_s = vec![g.members[ri].grpc()];
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = pgw_cli::status::gather(&eps_s, Duration::from_secs(2))
+        .await
+        .expect("status of the standby room");
+    assert_eq!(epoch_of(&s), e0, "no automatic failover with two voters");
+    // ...and silence proves nothing in this layout: the operator must say the room is down.
+    g.kill9(ri);
+    let (code, text) = force(&g, ri, &[]);
+    assert_ne!(code, 0);
+    assert!(text.contains("--i-know-the-others-are-down"), "{text}");
+    // The one command, on the standby room.
+    let (code, text) = force(&g, ri, &["--i-know-the-others-are-down"]);
+    assert_eq!(code, 0, "{text}");
+    let recovered = Instant::now();
+    g.start(ri);
+    wait_until(
+        &eps_s,
+        Duration::from_secs(60),
+        "the standby room's server is primary",
+        |s| {
+            primary_of(s).as_deref() == Some(standby.as_str())
+                && node_role(s, &standby).as_deref() == Some("primary")
+        },
+    )
+    .await;
+    let t0 = Instant::now();
+    while acks.count_after(recovered) < 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "writes resume in the standby room"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_writer.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    // The standby was synchronous when the primary room was lost: nothing acknowledged is lost.
+    let lost = missing_acks(&acks, &g.pg_addr(ri)).await;
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    eprintln!(
+        "two rooms: {} writes acknowledged, none lost, after the primary room was lost and recovered by one command",
+        acks.all().len()
+    );
+}

@@ -1774,7 +1774,7 @@ impl Config {
         let voters = self.voters().count();
         (voters < 3).then(|| {
             format!(
-                "{voters} voters: losing either member's room stops every decision (the primary keeps serving while both are up); add an arbiter in a third room"
+                "{voters} voter(s): losing a room stops every decision; the primary keeps serving (when the other room is lost too, if allow_degraded), and losing the primary's room is recovered by `pg-watcher --force-new-group --i-know-the-others-are-down` in a surviving room; add an arbiter in a third room for automatic failover"
             )
         })
     }

@@ -272,6 +272,18 @@ fn decide_unpaused(v: &LeaderView<'_>) -> Decision {
                 // lease rule below applies.
                 // (A primary still in recovery is being promoted; if that fails its sidecar
                 // declares it crashed.)
+                // It ran degraded (commits acknowledged without a standby) and the group has
+                // not recorded that yet (a primary that nothing else could replace narrows
+                // first): record it before anything else, so that no standby is taken for
+                // complete.
+                if o.crashed && o.degraded && !f.sync_standbys.is_empty() && o.epoch == f.epoch {
+                    return Decision::Propose(Command::SetSyncSet {
+                        cluster,
+                        standbys: BTreeSet::new(),
+                        quorum: f.sync_quorum.max(1),
+                        expected_epoch: f.epoch,
+                    });
+                }
                 if o.crashed && o.epoch == f.epoch {
                     return Decision::Propose(Command::ClearPrimary {
                         cluster,
@@ -967,6 +979,40 @@ mod tests {
                 ..
             })
         )
+    }
+
+    #[test]
+    fn a_crashed_primary_that_ran_degraded_has_that_recorded_before_it_is_released() {
+        let m = members();
+        let f = facts_with(Some("a"), 4, &["b", "c"], 1);
+        let mut r = BTreeMap::new();
+        let mut a = obs("a", PgRole::Down, 500, false, 4);
+        a.crashed = true;
+        a.degraded = true;
+        r.insert("a".to_string(), (a.clone(), 10));
+        for o in ["b", "c"] {
+            r.insert(o.to_string(), (obs(o, PgRole::Replica, 400, false, 4), 10));
+        }
+        let d = decide(&view(&f, &r, &m, 10, 0));
+        assert!(
+            matches!(d, Decision::Propose(Command::SetSyncSet { ref standbys, expected_epoch: 4, .. }) if standbys.is_empty()),
+            "{d:?}"
+        );
+        // Recorded: now released as usual (and no standby is proven complete afterwards).
+        let recorded = facts_with(Some("a"), 4, &[], 1);
+        let d = decide(&view(&recorded, &r, &m, 10, 0));
+        assert!(
+            matches!(d, Decision::Propose(Command::ClearPrimary { .. })),
+            "{d:?}"
+        );
+        // Not degraded: released at once.
+        a.degraded = false;
+        r.insert("a".to_string(), (a, 10));
+        let d = decide(&view(&f, &r, &m, 10, 0));
+        assert!(
+            matches!(d, Decision::Propose(Command::ClearPrimary { .. })),
+            "{d:?}"
+        );
     }
 
     #[test]

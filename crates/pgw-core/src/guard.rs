@@ -43,6 +43,11 @@ pub struct GuardInput {
     pub busy_ended: Option<u64>,
     /// How long no answer at all counts as hung.
     pub hung_after_ms: u64,
+    /// The group could hand the role on without this primary (three voters or more): it must
+    /// stop at its lease deadline. With fewer voters nothing can replace it but an operator's
+    /// forced recovery (`Config::automatic_failover_off`), so losing the other room does not
+    /// stop it.
+    pub lease_needed: bool,
 }
 
 /// Why a guard fences.
@@ -62,6 +67,22 @@ pub enum GuardAction {
     ReleaseCrashed { epoch: u64 },
 }
 
+/// Degraded mode where nothing can replace the primary (`lease_needed` false: fewer than three
+/// voters, so the group has no majority without the primary's member): the primary stops
+/// waiting for a lost standby in postgres at once, before the group records it (it cannot while
+/// the other voter is lost). Elsewhere the group records the empty sync set first.
+pub fn narrows_locally(lease_needed: bool, degraded: bool) -> bool {
+    degraded && !lease_needed
+}
+
+/// Whether a degraded primary may leave degraded mode now that a standby is connected again:
+/// where it narrowed on its own, only once the group has recorded the episode (an empty sync
+/// set), so that the returning standby is never taken for complete while commits acknowledged
+/// without it are unrecorded.
+pub fn may_leave_degraded(lease_needed: bool, recorded_empty: bool) -> bool {
+    lease_needed || recorded_empty
+}
+
 /// One step of the guard; updates `st` and says what to do.
 pub fn step(st: &mut GuardState, i: &GuardInput) -> Vec<GuardAction> {
     let mut out = Vec::new();
@@ -78,7 +99,7 @@ pub fn step(st: &mut GuardState, i: &GuardInput) -> Vec<GuardAction> {
     // left alone: the actor promotes only with a lease granted at this epoch.
     let may_write =
         i.role == Some(PgRole::Primary) || st.running_seen_epoch == Some(i.epoch) || i.busy;
-    if i.now >= i.lease_deadline && may_write && !fenced && i.postmaster_alive {
+    if i.lease_needed && i.now >= i.lease_deadline && may_write && !fenced && i.postmaster_alive {
         st.fenced_at_epoch = Some(i.epoch);
         out.push(GuardAction::Fence {
             epoch: i.epoch,
@@ -130,7 +151,46 @@ mod tests {
             busy: false,
             busy_ended: None,
             hung_after_ms: 1_500,
+            lease_needed: true,
         }
+    }
+
+    #[test]
+    fn without_a_third_voter_degraded_mode_narrows_first_and_ends_once_recorded() {
+        assert!(narrows_locally(false, true));
+        assert!(
+            !narrows_locally(true, true),
+            "with a third voter the group records first"
+        );
+        assert!(!narrows_locally(false, false));
+        assert!(
+            !may_leave_degraded(false, false),
+            "not before the group recorded it"
+        );
+        assert!(may_leave_degraded(false, true));
+        assert!(may_leave_degraded(true, false));
+    }
+
+    #[test]
+    fn without_a_third_voter_the_lease_never_fences_but_a_hang_does() {
+        let mut st = GuardState::default();
+        let late = GuardInput {
+            now: 9_000,
+            lease_needed: false,
+            ..input()
+        };
+        assert!(step(&mut st, &late).is_empty(), "nothing can replace it");
+        let hung = GuardInput {
+            unresponsive_since: Some(7_000),
+            ..late
+        };
+        assert!(matches!(
+            step(&mut st, &hung).as_slice(),
+            [GuardAction::Fence {
+                reason: FenceReason::Hung { .. },
+                ..
+            }]
+        ));
     }
 
     #[test]

@@ -97,6 +97,11 @@ pub async fn force_new_group(
         .cloned()
         .collect();
     if !args.others_down {
+        if let Some(why) = running.automatic_failover_off() {
+            return Err(RecoveryError::Refused(format!(
+                "in this layout ({why}) a primary keeps serving when it loses the other room (nothing else could replace it), so silence proves nothing: make sure the lost room is down or cut off from its clients, then pass --i-know-the-others-are-down"
+            )));
+        }
         let wait = Duration::from_millis(running.failover.lease().leader_wait_ms());
         let names: Vec<&str> = lost.iter().map(|m| m.name.as_str()).collect();
         say(&format!(

@@ -405,6 +405,8 @@ impl System {
             busy: false,
             busy_ended: None,
             hung_after_ms: 60_000,
+            // The model's group has three voters: a primary must stop at its deadline.
+            lease_needed: true,
         };
         for a in guard::step(&mut s.w[m].guard, &input) {
             if let GuardAction::Fence { .. } = a {

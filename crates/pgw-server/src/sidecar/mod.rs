@@ -265,6 +265,7 @@ impl Sidecar {
                 busy: st.busy,
                 busy_ended: st.busy_ended.map(|e| self.ms(e)),
                 hung_after_ms: self.s.cfg().failover.hung_after_ms,
+                lease_needed: self.s.cfg().automatic_failover_off().is_none(),
             };
             // A deadline before this run began (a previous run's) is already past.
             let input = if deadline <= self.started {
@@ -420,7 +421,9 @@ impl Sidecar {
             }
         } else {
             st.no_standby_since = None;
-            if st.degraded {
+            let lease_needed = cfg_now.automatic_failover_off().is_none();
+            let recorded = self.facts().is_some_and(|f| f.sync_standbys.is_empty());
+            if st.degraded && pgw_core::guard::may_leave_degraded(lease_needed, recorded) {
                 tracing::info!("a standby is back: leaving degraded mode");
                 st.degraded = false;
             }
@@ -599,12 +602,16 @@ impl Sidecar {
                     self.ctl
                         .conninfo(&a, &self.s.cfg().member, self.ctl.cfg.replication_role())
                 }),
-            // Always the set recorded in Raft: degraded mode is recorded there first.
-            synchronous_standby_names: if f.primary.as_deref() == Some(self.s.cfg().member.as_str())
-            {
-                sync_names(f)
-            } else {
+            // The set recorded in Raft: degraded mode is recorded there first, except where
+            // nothing can replace the primary (pgw_core::guard::narrows_locally).
+            synchronous_standby_names: if f.primary.as_deref() != Some(self.s.cfg().member.as_str())
+                || pgw_core::guard::narrows_locally(
+                    self.s.cfg().automatic_failover_off().is_none(),
+                    self.lock().degraded,
+                ) {
                 String::new()
+            } else {
+                sync_names(f)
             },
         }
     }
