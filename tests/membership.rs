@@ -231,12 +231,29 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     assert!(!out.status.success(), "operate may not change members");
     assert!(text.contains("admin"), "{text}");
 
-    // 1. Add: joins as a non-voter, then votes (four voters).
-    let mut args = vec!["member", "add", "arbiter-d"];
+    // 1. Add as a cold spare: it joins and receives the log as a non-voter...
+    let mut args = vec!["member", "add", "arbiter-d", "--spare"];
     args.extend(add.iter().map(String::as_str));
     let (code, text) = pgwctl(&eps, &args);
     assert_eq!(code, 0, "{text}");
-    let di = join_member(&mut g, &d, &eps);
+    let mut spare = d.clone();
+    for m in spare.members.iter_mut().filter(|m| m.name == "arbiter-d") {
+        m.spare = true;
+    }
+    let di = join_member(&mut g, &spare, &eps);
+    wait_until(
+        &eps,
+        Duration::from_secs(60),
+        "arbiter-d a non-voter",
+        |s| standing(s, "arbiter-d").as_deref() == Some("non_voter"),
+    )
+    .await;
+    let (code, text) = pgwctl(&eps, &["member", "promote", "room-a"]);
+    assert_ne!(code, 0);
+    assert!(text.contains("is not a spare"), "{text}");
+    // ...then votes once promoted (four voters).
+    let (code, text) = pgwctl(&eps, &["member", "promote", "arbiter-d", "--wait"]);
+    assert_eq!(code, 0, "{text}");
     let s = wait_until(&eps, Duration::from_secs(60), "arbiter-d votes", |s| {
         pgw_cli::member::settled(s, Some(("arbiter-d", true)), None)
     })
@@ -319,6 +336,7 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     let events: Vec<&str> = h.iter().map(|e| e.event.as_str()).collect();
     for want in [
         "member arbiter-d added",
+        "spare member arbiter-d promoted",
         "member arbiter-d removed",
         "member arbiter replaced by arbiter-e",
     ] {

@@ -397,3 +397,137 @@ async fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
         acks.all().len()
     );
 }
+
+/// Seed 003's "3+2+1": the main room (MAZ) holds three votes (its data member and two
+/// arbiters), the standby room (SAZ) two (its data member and an arbiter) and a cold spare
+/// that receives the log without voting. Names, rooms and the spare are set on every config.
+fn three_two_one() -> Group {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let roles = [
+        Role::Data,
+        Role::Data,
+        Role::Arbiter,
+        Role::Arbiter,
+        Role::Arbiter,
+        Role::Arbiter,
+    ];
+    let names = ["room-a", "room-b", "maz-1", "maz-2", "saz-1", "saz-spare"];
+    let rooms = ["maz", "saz", "maz", "maz", "saz", "saz"];
+    let mut cfgs = pg_configs(dir.path(), "pgtest", &roles);
+    let mut list = cfgs[0].members.clone();
+    for (i, m) in list.iter_mut().enumerate() {
+        m.name = names[i].into();
+        m.room = Some(rooms[i].into());
+        m.spare = names[i] == "saz-spare";
+    }
+    for (i, c) in cfgs.iter_mut().enumerate() {
+        c.members = list.clone();
+        c.member = names[i].into();
+        c.data_dir = dir.path().join(names[i]).join("data");
+        c.tls = pki().tls(names[i]);
+        for cl in c.clusters.iter_mut() {
+            cl.bootstrap_primary = Some("room-a".into());
+        }
+    }
+    Group::from_configs(dir, cfgs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_two_one_loses_the_main_room_and_the_cold_spare_restores_a_majority() {
+    let mut g = three_two_one();
+    g.start_all();
+    let s = wait_in_sync(&g, Duration::from_secs(120)).await;
+    assert_eq!(primary_of(&s).as_deref(), Some("room-a"));
+    // The spare receives the log but does not vote.
+    let s = wait_until(
+        &g.endpoints(),
+        Duration::from_secs(60),
+        "five voters and a non-voting spare",
+        |s| {
+            voters(s).len() == 5
+                && s.members
+                    .iter()
+                    .any(|m| m.name == "saz-spare" && m.standing == "non_voter")
+        },
+    )
+    .await;
+    assert!(s.automatic_failover_off.is_none());
+    create_table(&g.pg_addr(0)).await.expect("table");
+    let servers: Vec<String> = (0..2).map(|i| g.pg_addr(i)).collect();
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let (acks, writer) = spawn_writer_paced(
+        servers,
+        stop_writer.clone(),
+        1,
+        200_000,
+        Duration::from_secs(300),
+        Duration::from_millis(5),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!acks.all().is_empty(), "writes flow");
+
+    // The main room is lost: three of five votes.
+    for i in [0, 2, 3] {
+        g.kill9(i);
+    }
+    g.signal_pg(0, libc::SIGKILL);
+    let saz: Vec<usize> = vec![1, 4, 5];
+    let saz_eps: Vec<String> = saz.iter().map(|i| g.members[*i].grpc()).collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = pgw_cli::status::gather(&saz_eps, Duration::from_secs(2))
+        .await
+        .expect("status of the standby room");
+    assert_eq!(
+        primary_of(&s).as_deref(),
+        Some("room-a"),
+        "two of five votes decide nothing"
+    );
+
+    // The runbook: stop the standby room's watchers, force on one of them naming the spare
+    // among the survivors (it votes from now on), start it, start the others with --join.
+    for i in &saz {
+        g.kill9(*i);
+    }
+    let (code, text) = force(&g, 1, &["--survivors", "room-b,saz-1,saz-spare"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("--join"),
+        "the next steps name --join: {text}"
+    );
+    let recovered = Instant::now();
+    g.start(1);
+    let b_ep = vec![g.members[1].grpc()];
+    rejoin(&mut g, 4, 5, &b_ep);
+    rejoin(&mut g, 5, 6, &b_ep);
+    let s = wait_until(
+        &saz_eps,
+        Duration::from_secs(90),
+        "room-b primary, three voters in the standby room",
+        |s| {
+            primary_of(s).as_deref() == Some("room-b")
+                && node_role(s, "room-b").as_deref() == Some("primary")
+                && voters(s) == ["room-b", "saz-1", "saz-spare"]
+        },
+    )
+    .await;
+    assert_eq!(s.generation, 1);
+    let t0 = Instant::now();
+    while acks.count_after(recovered) < 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "writes resume in the standby room"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_writer.store(true, Ordering::Relaxed);
+    let _ = writer.await;
+    // room-b was the synchronous standby: nothing acknowledged is lost.
+    let lost = missing_acks(&acks, &g.pg_addr(1)).await;
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    eprintln!(
+        "3+2+1: {} writes acknowledged, none lost; the standby room runs on with the spare's vote",
+        acks.all().len()
+    );
+}

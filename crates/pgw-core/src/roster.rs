@@ -320,6 +320,16 @@ pub fn effective(file: &Config, roster: &Roster) -> Config {
     let mut c = file.clone();
     c.members = roster.members.clone();
     c.generation = roster.generation;
+    // The first primary is history once the list changed: a member that left cannot be named.
+    for cl in c.clusters.iter_mut() {
+        if cl
+            .bootstrap_primary
+            .as_ref()
+            .is_some_and(|b| roster.get(b).is_none())
+        {
+            cl.bootstrap_primary = None;
+        }
+    }
     c
 }
 

@@ -18,6 +18,9 @@ use crate::member::Shared;
 use crate::raft::store;
 use crate::tls::Tls;
 
+/// How long `--join` keeps asking while no member answers at all.
+const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+
 /// A non-voter at most this many entries behind the leader may vote.
 const CAUGHT_UP_ENTRIES: u64 = 16;
 
@@ -26,6 +29,8 @@ const CAUGHT_UP_ENTRIES: u64 = 16;
 pub enum JoinError {
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    Unreachable(String),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
@@ -363,7 +368,21 @@ pub fn roster_for(s: &Shared, caller: &str) -> Result<String, Status> {
 /// before). Nothing is stored when anything is wrong.
 pub async fn join(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<(), JoinError> {
     let stored = store::read_roster(&cfg.data_dir)?;
-    let r = match fetch_roster(cfg, tls, addrs).await {
+    // The member asked may be starting (right after a forced recovery): keep asking a while
+    // as long as nobody answers at all; an answer that refuses is final.
+    let patience = std::time::Instant::now() + JOIN_PATIENCE;
+    let fetched = loop {
+        match fetch_roster(cfg, tls, addrs).await {
+            Err(JoinError::Unreachable(e))
+                if stored.is_none() && std::time::Instant::now() < patience =>
+            {
+                tracing::info!("--join: no member answered yet ({e}); asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => break other,
+        }
+    };
+    let r = match fetched {
         Ok(r) => r,
         Err(e) if stored.is_some() => {
             tracing::warn!("already joined (the data directory holds the group's member list); the group did not answer: {e}");
@@ -412,6 +431,7 @@ async fn fetch_roster(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<Roste
         generation: 0,
     };
     let mut errors = Vec::new();
+    let mut refused = false;
     for addr in addrs {
         let client_tls = tls.clone();
         let ch = match crate::tls::channel(
@@ -433,6 +453,10 @@ async fn fetch_roster(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<Roste
         let reply = match AdminClient::new(ch).get_roster(req).await {
             Ok(r) => r.into_inner(),
             Err(e) => {
+                refused |= !matches!(
+                    e.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                );
                 errors.push(format!("{addr}: {}", e.message()));
                 continue;
             }
@@ -449,10 +473,15 @@ async fn fetch_roster(cfg: &Config, tls: &Tls, addrs: &[String]) -> Result<Roste
         tracing::info!(from = %addr, version = r.version, generation = r.generation, "the group's member list");
         return Ok(r);
     }
-    Err(JoinError::Refused(format!(
+    let why = format!(
         "no member gave the group's member list ({})",
         errors.join("; ")
-    )))
+    );
+    Err(if refused {
+        JoinError::Refused(why)
+    } else {
+        JoinError::Unreachable(why)
+    })
 }
 
 /// The group's record of this member must be what the file says of it (node id, role and
