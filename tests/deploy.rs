@@ -75,7 +75,11 @@ fn three_two_one_layout_is_valid_with_five_voters_and_a_spare() {
     same_group(&c);
     let m = &c[0].members;
     assert_eq!(c[0].voters().count(), 5);
-    let spares: Vec<&str> = m.iter().filter(|m| m.spare).map(|m| m.name.as_str()).collect();
+    let spares: Vec<&str> = m
+        .iter()
+        .filter(|m| m.spare)
+        .map(|m| m.name.as_str())
+        .collect();
     assert_eq!(spares, vec!["saz-spare"]);
     let votes_in = |room: &str| m.iter().filter(|x| x.votes() && x.room() == room).count();
     assert_eq!((votes_in("maz"), votes_in("saz")), (3, 2));
@@ -84,7 +88,12 @@ fn three_two_one_layout_is_valid_with_five_voters_and_a_spare() {
 
 #[test]
 fn every_data_member_has_a_pgpool_and_the_rendered_config_disables_pgpool_failover() {
-    for layout in ["three-rooms", "two-rooms-arbiter", "two-rooms", "three-two-one"] {
+    for layout in [
+        "three-rooms",
+        "two-rooms-arbiter",
+        "two-rooms",
+        "three-two-one",
+    ] {
         for c in load_dir(layout) {
             assert_eq!(
                 c.members,
@@ -146,7 +155,12 @@ fn every_data_member_has_a_pgpool_and_the_rendered_config_disables_pgpool_failov
 #[test]
 fn the_documented_certificate_script_makes_what_the_configs_need() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for layout in ["three-rooms", "two-rooms-arbiter", "two-rooms", "three-two-one"] {
+    for layout in [
+        "three-rooms",
+        "two-rooms-arbiter",
+        "two-rooms",
+        "three-two-one",
+    ] {
         let cfgs = load_dir(layout);
         let dir = tempfile::tempdir().expect("tmp");
         let pki = dir.path().join("pki");
@@ -253,7 +267,12 @@ fn the_systemd_unit_lets_every_example_config_write_where_it_writes() {
             .iter()
             .any(|w| p.starts_with(std::path::Path::new(w)))
     };
-    for layout in ["three-rooms", "two-rooms-arbiter", "two-rooms", "three-two-one"] {
+    for layout in [
+        "three-rooms",
+        "two-rooms-arbiter",
+        "two-rooms",
+        "three-two-one",
+    ] {
         for c in load_dir(layout) {
             let mut dirs = vec![c.data_dir.clone()];
             dirs.extend(c.postgres.first().map(|p| p.data_dir.clone()));
