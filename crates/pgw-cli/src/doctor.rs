@@ -600,6 +600,7 @@ mod tests {
                 }],
                 degraded: false,
                 waiting_for: None,
+                standby: None,
             }],
         };
         let p = Probes {

@@ -198,6 +198,21 @@ pub enum Cmd {
         #[command(subcommand)]
         action: member::MemberCmd,
     },
+    /// Turn a standby cluster (`standby_of`: replicating from another group, in another
+    /// region) into a normal one after the main region is lost (admin role): its standby
+    /// leader is promoted; prints the WAL position it had replicated. Refused while the main
+    /// group answers with a primary, unless --force.
+    PromoteGroup {
+        /// Default: the group's standby cluster.
+        cluster: Option<String>,
+        /// Promote although the main group still answers with a primary (two writable
+        /// primaries in two regions until you stop the old one).
+        #[arg(long)]
+        force: bool,
+        /// Return once the promotion is committed, without waiting for the primary to serve.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Print pgwctl's completion script for a shell (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Write both programs' man pages and completion scripts into a directory (packaging).
@@ -460,6 +475,23 @@ pub async fn recover(
     first_accepting(endpoints, |mut c| {
         let req = req.clone();
         async move { c.recover(req).await }
+    })
+    .await
+}
+
+/// `pgwctl promote-group`: the standby cluster becomes a normal one.
+pub async fn promote_group(
+    endpoints: &[String],
+    cluster: &str,
+    force: bool,
+) -> Result<pgw_proto::PromoteGroupReply, CliError> {
+    let req = pgw_proto::PromoteGroupRequest {
+        cluster: cluster.to_string(),
+        force,
+    };
+    first_accepting(endpoints, |mut c| {
+        let req = req.clone();
+        async move { c.promote_group(req).await }
     })
     .await
 }
@@ -825,6 +857,41 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
         Cmd::Member { action } => {
             let eps = need_endpoints(&cli.endpoints)?;
             member::run(&eps, action).await?;
+        }
+        Cmd::PromoteGroup {
+            cluster,
+            force,
+            no_wait,
+        } => {
+            let eps = need_endpoints(&cli.endpoints)?;
+            let r = promote_group(&eps, cluster.as_deref().unwrap_or(""), force).await?;
+            println!(
+                "{} (log index {}, leader {})",
+                r.result, r.log_index, r.committed_by
+            );
+            if !no_wait {
+                let t0 = std::time::Instant::now();
+                loop {
+                    let s = status::gather(&eps, timeout).await?;
+                    let serving = s.clusters.iter().any(|c| {
+                        c.standby.is_none()
+                            && c.nodes
+                                .iter()
+                                .any(|n| n.member == r.member && n.role == "primary")
+                    });
+                    if serving {
+                        println!("{} serves as the primary", r.member);
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(60) {
+                        return Err(CliError::Usage(format!(
+                            "{} did not serve as the primary within 60 s; see `pgwctl status`",
+                            r.member
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
         }
         Cmd::Reload => {
             let eps = need_endpoints(&cli.endpoints)?;

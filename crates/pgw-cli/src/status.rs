@@ -104,6 +104,28 @@ pub struct ClusterView {
     pub degraded: bool,
     /// What automation is waiting for, if anything.
     pub waiting_for: Option<String>,
+    /// Set while the cluster is a standby of another group's cluster.
+    pub standby: Option<StandbyView>,
+}
+
+/// A standby cluster of another group (figures from the leader).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StandbyView {
+    /// Its name in the main group, and the main group's members.
+    pub main_cluster: String,
+    pub endpoints: Vec<String>,
+    /// The main group's primary it follows (member, address, epoch).
+    pub upstream: Option<String>,
+    pub upstream_address: Option<String>,
+    pub upstream_epoch: u64,
+    /// The leader's last poll of the main group answered.
+    pub main_reachable: bool,
+    /// WAL bytes between the main group's primary and what the standby leader replayed.
+    pub lag_bytes: u64,
+    /// How far replay trails the main group's commits, in ms (`None`: unknown).
+    pub lag_ms: Option<u64>,
+    pub main_lsn: Option<String>,
+    pub replayed_lsn: Option<String>,
 }
 
 /// Connects to one member with the default credentials (see [`crate::client`]).
@@ -251,6 +273,21 @@ pub async fn gather(endpoints: &[String], timeout: Duration) -> Result<GroupStat
                 .collect(),
             degraded: c.degraded,
             waiting_for: (!c.waiting_for.is_empty()).then(|| c.waiting_for.clone()),
+            standby: c.standby.as_ref().map(|sb| {
+                let opt = |x: &String| (!x.is_empty()).then(|| x.clone());
+                StandbyView {
+                    main_cluster: sb.main_cluster.clone(),
+                    endpoints: sb.endpoints.clone(),
+                    upstream: opt(&sb.upstream),
+                    upstream_address: opt(&sb.upstream_address),
+                    upstream_epoch: sb.upstream_epoch,
+                    main_reachable: sb.main_reachable,
+                    lag_bytes: sb.lag_bytes,
+                    lag_ms: (sb.lag_ms >= 0).then_some(sb.lag_ms as u64),
+                    main_lsn: opt(&sb.main_lsn),
+                    replayed_lsn: opt(&sb.replayed_lsn),
+                }
+            }),
         })
         .collect();
     let active_cluster = (!view.active_cluster.is_empty()).then(|| view.active_cluster.clone());
@@ -368,6 +405,22 @@ pub fn render_table(s: &GroupStatus) -> String {
         }
         if let Some(w) = &c.waiting_for {
             out.push_str(&format!("\n{}: waiting: {w}\n", c.name));
+        }
+        if let Some(sb) = &c.standby {
+            out.push_str(&format!(
+                "\n{}: STANDBY of cluster `{}` at {} (main group {}): following {} at {} (its epoch {}); lag {} bytes, {}\n",
+                c.name,
+                sb.main_cluster,
+                sb.endpoints.join(","),
+                if sb.main_reachable { "reachable" } else { "UNREACHABLE" },
+                sb.upstream.as_deref().unwrap_or("(not found yet)"),
+                sb.upstream_address.as_deref().unwrap_or("-"),
+                sb.upstream_epoch,
+                sb.lag_bytes,
+                sb.lag_ms
+                    .map(|m| format!("{:.1} s", m as f64 / 1000.0))
+                    .unwrap_or_else(|| "? s".into()),
+            ));
         }
     }
     for c in &s.clusters {

@@ -131,6 +131,8 @@ pub struct Arbiter {
     op_seen: BTreeMap<String, (u64, u64)>,
     /// (running room move id, when this leader first saw it running)
     move_seen: Option<(u64, u64)>,
+    /// Standby clusters: cluster -> the main group's primary as last read from that group.
+    mains: BTreeMap<String, crate::facts::Upstream>,
 }
 
 impl Arbiter {
@@ -153,6 +155,20 @@ impl Arbiter {
             replacing: BTreeMap::new(),
             op_seen: BTreeMap::new(),
             move_seen: None,
+            mains: BTreeMap::new(),
+        }
+    }
+
+    /// Event: the main group of standby cluster `cluster` reported its primary (`None`: it
+    /// did not answer, or has none; the standby keeps following what it followed).
+    pub fn set_main(&mut self, cluster: &str, main: Option<crate::facts::Upstream>) {
+        match main {
+            Some(m) => {
+                self.mains.insert(cluster.to_string(), m);
+            }
+            None => {
+                self.mains.remove(cluster);
+            }
         }
     }
 
@@ -285,6 +301,7 @@ impl Arbiter {
                 bootstrap: rules.bootstrap.as_deref(),
                 sync_quorum: rules.sync_quorum,
                 allow_degraded: rules.allow_degraded,
+                main: self.mains.get(&rules.name),
             };
             // A running operator operation takes precedence (and works while paused). Its age
             // is measured on this leader's clock from when it first saw it running.
@@ -468,6 +485,7 @@ mod tests {
                 command: Command::EnsureCluster {
                     cluster: "g".into(),
                     sync_quorum: 1,
+                    standby: false,
                 },
                 at_ms: 0,
                 by: "t".into(),
@@ -503,6 +521,7 @@ mod tests {
             incarnation: 1,
             seq,
             error: None,
+            replay_lag_ms: None,
         }
     }
 

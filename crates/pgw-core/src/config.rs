@@ -163,6 +163,34 @@ pub struct PgClusterConfig {
     /// ties in the order of `clusters`).
     #[serde(default = "defaults::switch_order")]
     pub switch_order: u32,
+    /// This cluster is a standby of another group's cluster, in another region (seed 000's
+    /// non-region pair; Patroni's standby cluster): its primary is a cascading standby that
+    /// replicates asynchronously from that group's primary, followed when it moves, until
+    /// `pgwctl promote-group` makes it a normal cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_of: Option<StandbyOf>,
+}
+
+/// Where a standby cluster replicates from: another pg-watcher group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyOf {
+    /// gRPC `host:port` of the main group's members (asked with this member's certificate,
+    /// which the main group must list in `auth.read`).
+    pub endpoints: Vec<String>,
+    /// The cluster's name in the main group (default: the same name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// How often the leader asks the main group where its primary is.
+    #[serde(default = "defaults::standby_poll_ms")]
+    pub poll_ms: u64,
+}
+
+impl StandbyOf {
+    /// The cluster's name in the main group.
+    pub fn cluster_of<'a>(&'a self, ours: &'a str) -> &'a str {
+        self.cluster.as_deref().unwrap_or(ours)
+    }
 }
 
 /// One PostgreSQL server of a cluster, run beside member `member` (a data or sidecar member).
@@ -700,7 +728,11 @@ pub mod defaults {
             degrade_after_ms: DEGRADE_AFTER_MS,
             servers: Vec::new(),
             switch_order: switch_order(),
+            standby_of: None,
         }]
+    }
+    pub fn standby_poll_ms() -> u64 {
+        1000
     }
     pub fn switch_order() -> u32 {
         100
@@ -1097,6 +1129,29 @@ impl Config {
                     format!("clusters[{i}].name"),
                     format!("`{}` must be 1-63 characters of [A-Za-z0-9._-]", c.name),
                 ));
+            }
+            if let Some(so) = &c.standby_of {
+                let f = |x: &str| format!("clusters[{i}].standby_of.{x}");
+                if so.endpoints.is_empty() {
+                    return Err(invalid(
+                        f("endpoints"),
+                        "name at least one member of the main group (host:port of its gRPC)",
+                    ));
+                }
+                for (j, e) in so.endpoints.iter().enumerate() {
+                    check_addr(&f(&format!("endpoints[{j}]")), e)?;
+                }
+                if let Some(n) = &so.cluster {
+                    if !valid_name(n) {
+                        return Err(invalid(
+                            f("cluster"),
+                            format!("`{n}` must be 1-63 characters of [A-Za-z0-9._-]"),
+                        ));
+                    }
+                }
+                if !(100..=60_000).contains(&so.poll_ms) {
+                    return Err(invalid(f("poll_ms"), "must be between 100 and 60000"));
+                }
             }
             if c.name == "all" {
                 return Err(invalid(

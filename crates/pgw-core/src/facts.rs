@@ -30,8 +30,25 @@ pub struct Proposal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Command {
-    /// Makes a configured cluster known to the group (idempotent).
-    EnsureCluster { cluster: String, sync_quorum: u32 },
+    /// Makes a configured cluster known to the group (idempotent). `standby`: it starts as a
+    /// standby of another group's cluster (`standby_of`).
+    EnsureCluster {
+        cluster: String,
+        sync_quorum: u32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        standby: bool,
+    },
+    /// Standby cluster only: the main group's primary moved (or was first found); the standby
+    /// leader follows `upstream` from now on.
+    SetUpstream { cluster: String, upstream: Upstream },
+    /// Standby cluster only (`pgwctl promote-group`): it becomes a normal cluster; its standby
+    /// leader is promoted (epoch + 1). `lsn` is the WAL position the standby leader had
+    /// replicated from the main group, as last reported.
+    PromoteGroup {
+        cluster: String,
+        expected_epoch: u64,
+        lsn: u64,
+    },
     /// Assigns the primary role. Applies only if `expected_epoch` is the current epoch; the new
     /// epoch is `expected_epoch + 1` (the fencing token).
     SetPrimary {
@@ -188,6 +205,8 @@ impl Command {
     pub fn kind(&self) -> &'static str {
         match self {
             Command::EnsureCluster { .. } => "ensure_cluster",
+            Command::SetUpstream { .. } => "set_upstream",
+            Command::PromoteGroup { .. } => "promote_group",
             Command::SetPrimary { .. } => "set_primary",
             Command::ClearPrimary { .. } => "clear_primary",
             Command::SetSyncSet { .. } => "set_sync_set",
@@ -215,7 +234,10 @@ impl Command {
                 .collect(),
             Command::SetSyncSet { standbys, .. } => standbys.iter().map(String::as_str).collect(),
             Command::BeginOperation { target, .. } => target.iter().map(String::as_str).collect(),
+            // The upstream is another group's member, never one of ours.
             Command::EnsureCluster { .. }
+            | Command::SetUpstream { .. }
+            | Command::PromoteGroup { .. }
             | Command::ClearPrimary { .. }
             | Command::SetPaused { .. }
             | Command::MarkBootstrapped { .. }
@@ -231,6 +253,8 @@ impl Command {
     pub fn cluster(&self) -> &str {
         match self {
             Command::EnsureCluster { cluster, .. }
+            | Command::SetUpstream { cluster, .. }
+            | Command::PromoteGroup { cluster, .. }
             | Command::SetPrimary { cluster, .. }
             | Command::ClearPrimary { cluster, .. }
             | Command::SetSyncSet { cluster, .. }
@@ -318,6 +342,28 @@ pub struct ClusterFacts {
     /// WAL position from which commits are synchronous again after degraded mode.
     #[serde(default)]
     pub resync_lsn: u64,
+    /// A standby cluster of another group (`standby_of`) until `pgwctl promote-group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<Standby>,
+}
+
+/// What a standby cluster follows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Hash)]
+pub struct Standby {
+    /// The main group's primary, once found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Upstream>,
+}
+
+/// The main group's primary, as that group reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Hash)]
+pub struct Upstream {
+    /// Its member name in the main group.
+    pub member: String,
+    /// Its PostgreSQL `host:port`.
+    pub postgres: String,
+    /// The main group's epoch of that primary.
+    pub epoch: u64,
 }
 
 impl ClusterFacts {
@@ -345,6 +391,7 @@ impl ClusterFacts {
             bootstrapped: false,
             resync_pending: false,
             resync_lsn: 0,
+            standby: None,
         }
     }
 
@@ -544,6 +591,7 @@ impl Facts {
         if let Command::EnsureCluster {
             cluster,
             sync_quorum,
+            standby,
         } = &p.command
         {
             if let Some(c) = self.clusters.get(cluster) {
@@ -553,10 +601,17 @@ impl Facts {
                 return reject("sync_quorum must be >= 1");
             }
             let mut c = ClusterFacts::new(cluster, *sync_quorum);
+            if *standby {
+                c.standby = Some(Standby::default());
+            }
             c.record(
                 log_index,
                 p,
-                format!("cluster registered (sync quorum {sync_quorum})"),
+                if *standby {
+                    "cluster registered as a standby of another group's cluster".to_string()
+                } else {
+                    format!("cluster registered (sync quorum {sync_quorum})")
+                },
             );
             self.clusters.insert(cluster.clone(), c);
             return Outcome::Applied { epoch: 0 };
@@ -566,6 +621,72 @@ impl Facts {
         };
         match &p.command {
             Command::EnsureCluster { .. } => Outcome::Unchanged { epoch: c.epoch },
+            Command::SetUpstream { upstream, .. } => {
+                let Some(sb) = c.standby.as_mut() else {
+                    return reject("not a standby cluster");
+                };
+                if sb.upstream.as_ref() == Some(upstream) {
+                    return Outcome::Unchanged { epoch: c.epoch };
+                }
+                if sb
+                    .upstream
+                    .as_ref()
+                    .is_some_and(|u| u.epoch > upstream.epoch)
+                {
+                    return reject(format!(
+                        "the main group's epoch {} is older than the one followed ({})",
+                        upstream.epoch,
+                        sb.upstream.as_ref().map(|u| u.epoch).unwrap_or(0)
+                    ));
+                }
+                sb.upstream = Some(upstream.clone());
+                c.record(
+                    log_index,
+                    p,
+                    format!(
+                        "following the main group's primary {} at {} (its epoch {})",
+                        upstream.member, upstream.postgres, upstream.epoch
+                    ),
+                );
+                Outcome::Applied { epoch: c.epoch }
+            }
+            Command::PromoteGroup {
+                expected_epoch,
+                lsn,
+                ..
+            } => {
+                if c.standby.is_none() {
+                    return reject("not a standby cluster (already promoted?)");
+                }
+                if *expected_epoch != c.epoch {
+                    return reject(format!(
+                        "stale epoch: expected {expected_epoch}, current {}",
+                        c.epoch
+                    ));
+                }
+                let Some(leader) = c.primary.clone() else {
+                    return reject("the standby cluster has no standby leader to promote");
+                };
+                let from = c
+                    .standby
+                    .take()
+                    .and_then(|s| s.upstream)
+                    .map(|u| format!("{} (epoch {})", u.member, u.epoch))
+                    .unwrap_or_else(|| "-".into());
+                c.epoch += 1;
+                c.sync_standbys.clear();
+                c.record(
+                    log_index,
+                    p,
+                    format!(
+                        "group promoted: {leader} is the primary (epoch {}); it had replicated up to {:X}/{:X} from the main group's primary {from}",
+                        c.epoch,
+                        lsn >> 32,
+                        lsn & 0xffff_ffff
+                    ),
+                );
+                Outcome::Applied { epoch: c.epoch }
+            }
             Command::SetPrimary {
                 member,
                 expected_epoch,
@@ -836,10 +957,70 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_standby_cluster_follows_newer_upstreams_only_and_is_promoted_once() {
+        let mut f = Facts::default();
+        let ensure = Command::EnsureCluster {
+            cluster: "g".into(),
+            sync_quorum: 1,
+            standby: true,
+        };
+        assert!(matches!(f.apply(1, &prop(ensure)), Outcome::Applied { .. }));
+        let up = |epoch| Command::SetUpstream {
+            cluster: "g".into(),
+            upstream: Upstream {
+                member: format!("m{epoch}"),
+                postgres: "10.0.0.1:5432".into(),
+                epoch,
+            },
+        };
+        assert!(matches!(f.apply(2, &prop(up(4))), Outcome::Applied { .. }));
+        assert!(matches!(f.apply(3, &prop(up(3))), Outcome::Rejected { .. }));
+        assert!(matches!(
+            f.apply(4, &prop(up(4))),
+            Outcome::Unchanged { .. }
+        ));
+        let promote = |e| Command::PromoteGroup {
+            cluster: "g".into(),
+            expected_epoch: e,
+            lsn: 0x1_0000_0200,
+        };
+        assert!(
+            matches!(f.apply(5, &prop(promote(0))), Outcome::Rejected { .. }),
+            "no standby leader yet"
+        );
+        let set = Command::SetPrimary {
+            cluster: "g".into(),
+            member: "a".into(),
+            expected_epoch: 0,
+            reason: "standby leader".into(),
+            sync_standbys: Some(BTreeSet::new()),
+        };
+        assert!(matches!(
+            f.apply(6, &prop(set)),
+            Outcome::Applied { epoch: 1 }
+        ));
+        assert!(matches!(
+            f.apply(7, &prop(promote(1))),
+            Outcome::Applied { epoch: 2 }
+        ));
+        let c = f.cluster("g").expect("g");
+        assert!(c.standby.is_none());
+        assert_eq!(c.primary.as_deref(), Some("a"));
+        let last = &c.history.back().expect("history").event;
+        assert!(last.contains("1/200") && last.contains("m4"), "{last}");
+        assert!(matches!(
+            f.apply(8, &prop(promote(2))),
+            Outcome::Rejected { .. }
+        ));
+        assert!(matches!(f.apply(9, &prop(up(5))), Outcome::Rejected { .. }));
+    }
+
     fn ensure(c: &str) -> Proposal {
         prop(Command::EnsureCluster {
             cluster: c.into(),
             sync_quorum: 1,
+            standby: false,
         })
     }
 
@@ -992,9 +1173,29 @@ mod tests {
             Just("c".to_string())
         ];
         prop_oneof![
-            (cluster.clone(), 0u32..3).prop_map(|(cluster, sync_quorum)| Command::EnsureCluster {
-                cluster,
-                sync_quorum
+            (cluster.clone(), 0u32..3, any::<bool>()).prop_map(
+                |(cluster, sync_quorum, standby)| Command::EnsureCluster {
+                    cluster,
+                    sync_quorum,
+                    standby,
+                }
+            ),
+            (cluster.clone(), member.clone(), 0u64..6).prop_map(|(cluster, member, epoch)| {
+                Command::SetUpstream {
+                    cluster,
+                    upstream: Upstream {
+                        member,
+                        postgres: "10.0.0.1:5432".into(),
+                        epoch,
+                    },
+                }
+            }),
+            (cluster.clone(), 0u64..6, any::<u64>()).prop_map(|(cluster, e, lsn)| {
+                Command::PromoteGroup {
+                    cluster,
+                    expected_epoch: e,
+                    lsn,
+                }
             }),
             (cluster.clone(), member.clone(), 0u64..6, any::<bool>()).prop_map(
                 |(cluster, member, e, with_set)| {
@@ -1080,6 +1281,7 @@ mod tests {
                 Command::EnsureCluster {
                     cluster,
                     sync_quorum,
+                    standby: false,
                 }
             }),
             (
@@ -1158,6 +1360,7 @@ mod tests {
             Command::EnsureCluster {
                 cluster: "g".into(),
                 sync_quorum: 1,
+                standby: false,
             },
             Command::MarkBootstrapped {
                 cluster: "g".into(),

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::facts::{ClusterFacts, Command, Operation, OperationKind};
+use crate::facts::{ClusterFacts, Command, Operation, OperationKind, Standby, Upstream};
 
 /// What the local PostgreSQL is doing, as its sidecar sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
@@ -84,6 +84,10 @@ pub struct Observation {
     /// its state unknown; shown in status, never treated as a hang.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Replicas: milliseconds since the last replayed transaction was committed upstream
+    /// (0 when everything received is replayed; `None` unknown). Status only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_lag_ms: Option<u64>,
 }
 
 impl Observation {
@@ -153,6 +157,8 @@ pub struct LeaderView<'a> {
     pub sync_quorum: u32,
     /// The cluster may run without synchronous standbys (see `allow_degraded`).
     pub allow_degraded: bool,
+    /// Standby clusters: the main group's primary as the leader last read it.
+    pub main: Option<&'a Upstream>,
 }
 
 /// What the leader should do about one cluster now.
@@ -197,7 +203,94 @@ pub fn decide(v: &LeaderView<'_>) -> Decision {
     if v.facts.paused {
         return Decision::Steady;
     }
+    if let Some(sb) = &v.facts.standby {
+        return decide_standby(v, sb);
+    }
     decide_unpaused(v)
+}
+
+/// The name a standby cluster's sidecars give the main group's primary (no member name can
+/// contain `@`).
+pub const MAIN_UPSTREAM: &str = "@main";
+
+/// A standby cluster of another group (`standby_of`): its primary is the *standby leader*, a
+/// replica of the main group's primary that the others replicate from (cascading, all
+/// asynchronous). It never accepts writes, so replacing it needs no fencing and no proof of
+/// completeness: the most advanced replica takes over. The leader follows the main group's
+/// primary wherever it moves (`SetUpstream`).
+fn decide_standby(v: &LeaderView<'_>, sb: &Standby) -> Decision {
+    let f = v.facts;
+    let cluster = f.name.clone();
+    if let Some(m) = v.main {
+        let newer = sb.upstream.as_ref().is_none_or(|u| u.epoch <= m.epoch);
+        if sb.upstream.as_ref() != Some(m) && newer {
+            return Decision::Propose(Command::SetUpstream {
+                cluster,
+                upstream: m.clone(),
+            });
+        }
+    }
+    let replace = |why: String| {
+        // The most advanced replica (a cascade of the old leader, or of the main group);
+        // at the very start, any member that reports (it clones from the main group).
+        let mut best: Vec<&Observation> = v
+            .data_members
+            .iter()
+            .filter(|c| Some(c.name.as_str()) != f.primary.as_deref())
+            .filter_map(|c| v.fresh(&c.name))
+            .filter(|o| !o.crashed && matches!(o.role, PgRole::Replica | PgRole::Down))
+            .collect();
+        if best.is_empty() && f.epoch == 0 {
+            best = v
+                .data_members
+                .iter()
+                .filter_map(|c| v.fresh(&c.name))
+                .filter(|o| o.role == PgRole::Empty)
+                .collect();
+            if let Some(b) = v.bootstrap {
+                if best.iter().any(|o| o.member == b) {
+                    best.retain(|o| o.member == b);
+                }
+            }
+        }
+        match best.iter().max_by(|a, b| {
+            (a.role == PgRole::Replica)
+                .cmp(&(b.role == PgRole::Replica))
+                .then(a.timeline.cmp(&b.timeline))
+                .then(
+                    a.replay_lsn
+                        .max(a.flush_lsn)
+                        .cmp(&b.replay_lsn.max(b.flush_lsn)),
+                )
+                .then(v.priority(&a.member).cmp(&v.priority(&b.member)))
+                .then(b.member.cmp(&a.member))
+        }) {
+            Some(o) => Decision::Propose(Command::SetPrimary {
+                cluster: cluster.clone(),
+                member: o.member.clone(),
+                sync_standbys: Some(BTreeSet::new()),
+                expected_epoch: f.epoch,
+                reason: format!("standby leader: {} ({why})", o.member),
+            }),
+            None => Decision::Wait(format!("no member to lead the standby cluster ({why})")),
+        }
+    };
+    let Some(p) = &f.primary else {
+        return replace("the standby cluster has no leader yet".into());
+    };
+    match v.fresh(p) {
+        Some(o) if o.crashed && o.epoch == f.epoch => replace(format!("{p}'s postgres crashed")),
+        Some(o) if o.role == PgRole::Replica && !f.bootstrapped => {
+            let _ = o;
+            Decision::Propose(Command::MarkBootstrapped { cluster })
+        }
+        Some(o) if o.role == PgRole::Primary => Decision::Wait(format!(
+            "{p} runs as a primary although the cluster is a standby; its sidecar fences it"
+        )),
+        Some(_) => Decision::Steady,
+        None if v.now >= v.replace_after => replace(format!("{p} is silent")),
+        None => Decision::Wait(format!("{p} is silent; waiting before replacing it")),
+    }
 }
 
 fn decide_unpaused(v: &LeaderView<'_>) -> Decision {
@@ -328,6 +421,7 @@ fn unreachable_obs(member: &str) -> Observation {
         seq: 0,
         receiving: false,
         error: None,
+        replay_lag_ms: None,
     }
 }
 
@@ -815,6 +909,9 @@ pub fn plan_local(
     role: PgRole,
     upstream: Option<&str>,
 ) -> LocalAction {
+    if let Some(sb) = &facts.standby {
+        return plan_standby(me, facts, sb, role, upstream);
+    }
     match (&facts.primary, role) {
         (Some(p), PgRole::Empty) if p == me && !facts.bootstrapped => LocalAction::InitPrimary,
         (Some(p), PgRole::Empty) if p == me => LocalAction::DataDirLost,
@@ -847,6 +944,44 @@ pub fn plan_local(
         // A stopped standby is started detached so that it can report its WAL position.
         (None, PgRole::Down) if facts.epoch > 0 => LocalAction::StartDetached,
         (None, _) => LocalAction::Nothing,
+    }
+}
+
+/// A standby cluster's server: the standby leader replicates from the main group's primary
+/// ([`MAIN_UPSTREAM`]), every other server from the standby leader; none ever runs as a
+/// primary (one that does is fenced).
+fn plan_standby(
+    me: &str,
+    facts: &ClusterFacts,
+    sb: &Standby,
+    role: PgRole,
+    upstream: Option<&str>,
+) -> LocalAction {
+    match role {
+        PgRole::Unknown => return LocalAction::Nothing,
+        PgRole::Primary => return LocalAction::Fence,
+        _ => {}
+    }
+    let source = match facts.primary.as_deref() {
+        Some(p) if p == me && sb.upstream.is_some() => MAIN_UPSTREAM,
+        Some(p) if p != me => p,
+        // No leader, or the main group's primary not found yet: keep what runs.
+        _ => {
+            return match role {
+                PgRole::Down if facts.bootstrapped => LocalAction::StartDetached,
+                _ => LocalAction::Nothing,
+            }
+        }
+    };
+    match role {
+        PgRole::Replica if upstream == Some(source) => LocalAction::Nothing,
+        PgRole::Replica => LocalAction::Follow {
+            primary: source.to_string(),
+        },
+        PgRole::Down | PgRole::Empty => LocalAction::StartReplica {
+            primary: source.to_string(),
+        },
+        _ => LocalAction::Nothing,
     }
 }
 
@@ -910,6 +1045,7 @@ mod tests {
             seq: 0,
             receiving: false,
             error: None,
+            replay_lag_ms: None,
         }
     }
 
@@ -926,6 +1062,7 @@ mod tests {
             &p(Command::EnsureCluster {
                 cluster: "g".into(),
                 sync_quorum: k,
+                standby: false,
             }),
         );
         let mut c = f.cluster("g").cloned().expect("g");
@@ -953,6 +1090,7 @@ mod tests {
             bootstrap: None,
             sync_quorum: 1,
             allow_degraded: false,
+            main: None,
         }
     }
 
@@ -979,6 +1117,101 @@ mod tests {
                 ..
             })
         )
+    }
+
+    #[test]
+    fn a_standby_cluster_follows_the_main_group_and_replaces_its_leader_without_fencing() {
+        let m = members();
+        let main = Upstream {
+            member: "x".into(),
+            postgres: "10.0.0.1:5432".into(),
+            epoch: 3,
+        };
+        let mut f = facts_with(None, 0, &[], 1);
+        f.standby = Some(Standby::default());
+        let mut r = BTreeMap::new();
+        for o in ["a", "b", "c"] {
+            r.insert(o.to_string(), (obs(o, PgRole::Empty, 0, false, 0), 10));
+        }
+        let mut v = view(&f, &r, &m, 10, 0);
+        v.main = Some(&main);
+        assert_eq!(
+            decide(&v),
+            Decision::Propose(Command::SetUpstream {
+                cluster: "g".into(),
+                upstream: main.clone()
+            })
+        );
+        f.standby = Some(Standby {
+            upstream: Some(main.clone()),
+        });
+        let mut v = view(&f, &r, &m, 10, 0);
+        v.main = Some(&main);
+        // No leader yet: a member that reports leads (it clones from the main group).
+        let d = decide(&v);
+        assert!(
+            matches!(d, Decision::Propose(Command::SetPrimary { ref member, ref sync_standbys, .. }) if member == "a" && sync_standbys.as_ref().is_some_and(|s| s.is_empty())),
+            "{d:?}"
+        );
+        // An older main epoch is never followed back.
+        let old = Upstream {
+            epoch: 2,
+            ..main.clone()
+        };
+        let mut v = view(&f, &r, &m, 10, 0);
+        v.main = Some(&old);
+        assert!(!matches!(
+            decide(&v),
+            Decision::Propose(Command::SetUpstream { .. })
+        ));
+        // Leading and streaming: bootstrapped, then steady.
+        f.primary = Some("a".into());
+        f.epoch = 1;
+        r.insert(
+            "a".to_string(),
+            (obs("a", PgRole::Replica, 80, true, 1), 10),
+        );
+        for (o, lsn) in [("b", 90), ("c", 100)] {
+            r.insert(o.to_string(), (obs(o, PgRole::Replica, lsn, true, 1), 10));
+        }
+        let d = decide(&view(&f, &r, &m, 10, 0));
+        assert!(
+            matches!(d, Decision::Propose(Command::MarkBootstrapped { .. })),
+            "{d:?}"
+        );
+        f.bootstrapped = true;
+        assert_eq!(decide(&view(&f, &r, &m, 10, 0)), Decision::Steady);
+        // The leader falls silent: the most advanced replica takes over, no ClearPrimary.
+        r.remove("a");
+        assert!(matches!(
+            decide(&view(&f, &r, &m, 10, 5000)),
+            Decision::Wait(_)
+        ));
+        let d = decide(&view(&f, &r, &m, 10, 0));
+        assert!(
+            matches!(d, Decision::Propose(Command::SetPrimary { ref member, expected_epoch: 1, .. }) if member == "c"),
+            "{d:?}"
+        );
+        // Where each server replicates from.
+        let plan = |me: &str, role, up| plan_local(me, &f, role, up);
+        assert_eq!(
+            plan("a", PgRole::Empty, None),
+            LocalAction::StartReplica {
+                primary: MAIN_UPSTREAM.into()
+            }
+        );
+        assert_eq!(
+            plan("a", PgRole::Replica, Some(MAIN_UPSTREAM)),
+            LocalAction::Nothing
+        );
+        assert_eq!(
+            plan("b", PgRole::Replica, Some(MAIN_UPSTREAM)),
+            LocalAction::Follow {
+                primary: "a".into()
+            }
+        );
+        assert_eq!(plan("b", PgRole::Replica, Some("a")), LocalAction::Nothing);
+        assert_eq!(plan("b", PgRole::Primary, None), LocalAction::Fence);
     }
 
     #[test]

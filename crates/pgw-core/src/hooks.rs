@@ -169,6 +169,7 @@ mod tests {
                 Command::EnsureCluster {
                     cluster: c.into(),
                     sync_quorum: 1,
+                    standby: false,
                 },
             );
         }

@@ -232,6 +232,7 @@ mod tests {
                 Command::EnsureCluster {
                     cluster: c.into(),
                     sync_quorum: 1,
+                    standby: false,
                 },
             );
             apply(
@@ -304,6 +305,7 @@ mod tests {
             incarnation: 1,
             seq: 1,
             error: None,
+            replay_lag_ms: None,
         }
     }
 

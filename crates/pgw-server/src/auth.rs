@@ -86,7 +86,9 @@ pub fn need_for(path: &str) -> Option<Need> {
         ("pgwatcher.v1.Admin", "Switchover" | "SetPaused" | "Recover" | "Restart" | "Reload") => {
             Need::Role(OpRole::Operate)
         }
-        ("pgwatcher.v1.Admin", "Failover" | "MemberChange") => Need::Role(OpRole::Admin),
+        ("pgwatcher.v1.Admin", "Failover" | "MemberChange" | "PromoteGroup") => {
+            Need::Role(OpRole::Admin)
+        }
         ("grpc.health.v1.Health", "Check" | "Watch") => Need::Role(OpRole::Read),
         _ => return None,
     })

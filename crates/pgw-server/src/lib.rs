@@ -16,6 +16,7 @@ pub mod reload;
 pub mod secrets;
 pub mod service;
 pub mod sidecar;
+pub mod standby;
 pub mod telemetry;
 pub mod tls;
 pub mod x509;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
-use pgw_core::{Command, Config};
+use pgw_core::Config;
 use pgw_proto::admin_client::AdminClient;
 use pgw_proto::{admin_server::AdminServer, raft_server::RaftServer, HelloRequest};
 use tonic::transport::Channel;
@@ -192,6 +192,7 @@ impl Node {
         tokio::spawn(ensure_clusters(shared.clone()));
         tokio::spawn(crate::membership::follow_loop(shared.clone()));
         tokio::spawn(crate::membership::superseded_loop(shared.clone()));
+        tokio::spawn(crate::standby::standby_loop(shared.clone()));
         tokio::spawn(crate::leader::decision_loop(shared.clone()));
         for pg in &shared.cfg().postgres {
             match crate::sidecar::Sidecar::new(shared.clone(), pg.clone()) {
@@ -445,11 +446,7 @@ async fn ensure_clusters(s: Shared) {
         let facts = s.sm.applied().facts;
         for c in &s.cfg().clusters {
             if facts.cluster(&c.name).is_none() {
-                let cmd = Command::EnsureCluster {
-                    cluster: c.name.clone(),
-                    sync_quorum: c.sync_quorum,
-                };
-                if let Err(e) = s.propose(cmd).await {
+                if let Err(e) = s.propose(crate::member::ensure_command(c)).await {
                     tracing::debug!(cluster = %c.name, "registering cluster: {}", e.message());
                 }
             }

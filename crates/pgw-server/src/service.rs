@@ -739,6 +739,14 @@ fn node_role(
             "primary"
         }
         PgRole::Primary => "fenced",
+        // A standby cluster's leader: a replica of the main group's primary.
+        PgRole::Replica
+            if f.is_some_and(|f| {
+                f.standby.is_some() && f.primary.as_deref() == Some(o.member.as_str())
+            }) =>
+        {
+            "standby_leader"
+        }
         PgRole::Replica => {
             let sync = primary_obs
                 .and_then(|p| p.standbys.get(&o.member))
@@ -1072,7 +1080,18 @@ impl admin_server::Admin for AdminService {
             .iter()
             .map(|c| {
                 let f = applied.facts.cluster(&c.name);
+                let servers: std::collections::BTreeMap<String, String> = s
+                    .cfg()
+                    .servers(&c.name)
+                    .into_iter()
+                    .filter_map(|x| x.postgres.clone().map(|a| (x.member, a)))
+                    .collect();
                 ClusterStatus {
+                    primary_address: f
+                        .and_then(|f| f.primary.as_ref())
+                        .and_then(|p| servers.get(p).cloned())
+                        .unwrap_or_default(),
+                    standby: crate::standby::status(s, &c.name),
                     name: c.name.clone(),
                     primary: f.and_then(|f| f.primary.clone()).unwrap_or_default(),
                     epoch: f.map(|f| f.epoch).unwrap_or(0),
@@ -1106,6 +1125,8 @@ impl admin_server::Admin for AdminService {
                                     .unwrap_or(0),
                                 timeline: o.timeline,
                                 error: o.error.clone().unwrap_or_default(),
+                                address: servers.get(&o.member).cloned().unwrap_or_default(),
+                                replay_lag_ms: o.replay_lag_ms.map(|x| x as i64).unwrap_or(-1),
                             })
                             .collect()
                     },
@@ -1177,6 +1198,25 @@ impl admin_server::Admin for AdminService {
             node_id,
             result: event,
         }))
+    }
+
+    async fn promote_group(
+        &self,
+        request: Request<pgw_proto::PromoteGroupRequest>,
+    ) -> Result<Response<pgw_proto::PromoteGroupReply>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let who = caller(&request)?;
+        let bearer = request.metadata().get("authorization").cloned();
+        let req = request.into_inner();
+        if !self.is_leader() {
+            let mut c = self.leader_client(forwarded)?;
+            return c
+                .promote_group(forward_request(req, Some(&who), bearer)?)
+                .await;
+        }
+        crate::standby::promote(&self.0, &req, who.name())
+            .await
+            .map(Response::new)
     }
 
     async fn get_roster(

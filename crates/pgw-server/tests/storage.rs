@@ -168,6 +168,7 @@ async fn state_survives_reopen_via_snapshot_and_log() {
                 command: Cmd::EnsureCluster {
                     cluster: "global".into(),
                     sync_quorum: 1,
+                    standby: false,
                 },
                 at_ms: 0,
                 by: "t".into(),

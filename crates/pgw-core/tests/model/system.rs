@@ -268,6 +268,7 @@ impl System {
             Command::EnsureCluster {
                 cluster: CLUSTER.into(),
                 sync_quorum: 1,
+                standby: false,
             },
             Command::SetSyncSet {
                 cluster: CLUSTER.into(),
@@ -444,6 +445,7 @@ impl System {
             incarnation: w.incarnation,
             seq: w.seq,
             error: None,
+            replay_lag_ms: None,
         })
     }
 

@@ -17,6 +17,21 @@ pub struct LeaderState {
     base: Instant,
     /// Wakes the decision loop (a report arrived).
     pub wake: Arc<Notify>,
+    /// Standby clusters: what this leader last read from the main group, by cluster.
+    mains: Arc<Mutex<BTreeMap<String, MainView>>>,
+}
+
+/// The main group of a standby cluster, as the leader last read it.
+#[derive(Debug, Clone, Default)]
+pub struct MainView {
+    /// Its primary (member, PostgreSQL address, epoch), when it has one.
+    pub upstream: Option<pgw_core::facts::Upstream>,
+    /// Its primary's WAL position, when its leader answered.
+    pub lsn: Option<u64>,
+    /// Some member of it answered.
+    pub reachable: bool,
+    /// Why it did not, if it did not.
+    pub error: String,
 }
 
 impl LeaderState {
@@ -25,7 +40,24 @@ impl LeaderState {
             arbiter: Arc::new(Mutex::new(Arbiter::new(ArbiterConfig::from_config(cfg)))),
             base: Instant::now(),
             wake: Arc::new(Notify::new()),
+            mains: Arc::default(),
         }
+    }
+
+    /// Event: the main group of standby cluster `cluster` was read (see
+    /// [`Arbiter::set_main`]); wakes the decision loop.
+    pub fn set_main(&self, cluster: &str, view: MainView) {
+        self.lock().set_main(cluster, view.upstream.clone());
+        if let Ok(mut m) = self.mains.lock() {
+            m.insert(cluster.to_string(), view);
+        }
+        self.wake.notify_one();
+    }
+
+    /// What this leader last read from the main group of `cluster` (`None`: never, or it is
+    /// not a standby cluster, or this member does not lead).
+    pub fn main_view(&self, cluster: &str) -> Option<MainView> {
+        self.mains.lock().ok().and_then(|m| m.get(cluster).cloned())
     }
 
     /// New rules from a changed member list (see [`Arbiter::set_config`]).

@@ -275,11 +275,7 @@ impl Shared {
         let registered = self.sm.applied().facts.cluster(&name).is_some();
         if !registered && !matches!(command, Command::EnsureCluster { .. }) {
             if let Some(c) = self.cfg().clusters.iter().find(|c| c.name == name) {
-                let ensure = Command::EnsureCluster {
-                    cluster: c.name.clone(),
-                    sync_quorum: c.sync_quorum,
-                };
-                Box::pin(self.propose(ensure)).await?;
+                Box::pin(self.propose(ensure_command(c))).await?;
             }
         }
         let p = Proposal {
@@ -341,5 +337,14 @@ impl LocalView {
     /// Bytes this replica is behind the primary; `None` when unknown.
     pub fn lag_bytes(&self) -> Option<u64> {
         self.primary_lsn.map(|p| p.saturating_sub(self.flush_lsn))
+    }
+}
+
+/// The command that registers configured cluster `c` in the facts.
+pub fn ensure_command(c: &pgw_core::config::PgClusterConfig) -> Command {
+    Command::EnsureCluster {
+        cluster: c.name.clone(),
+        sync_quorum: c.sync_quorum,
+        standby: c.standby_of.is_some(),
     }
 }

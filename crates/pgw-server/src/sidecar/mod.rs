@@ -130,8 +130,36 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Every server of this sidecar's cluster, by member (live: follows the member list).
+    /// Observes the local server. Standbys that are not servers of this cluster (a standby
+    /// group in another region streaming from us) are not ours: they never count for the sync
+    /// set or degraded mode.
+    async fn observe(&self, observer: &mut observe::Observer) -> Local {
+        let servers = self.members_pg();
+        let mut local = observer.observe(&self.ctl, &servers).await;
+        local.standbys.retain(|name, _| servers.contains_key(name));
+        local
+    }
+
+    /// Every server of the cluster by member name; in a standby cluster also the main group's
+    /// primary it follows, as [`pgw_core::failover::MAIN_UPSTREAM`].
     fn members_pg(&self) -> BTreeMap<String, PgAddr> {
-        servers_of(&self.s, &self.cluster)
+        let mut all = servers_of(&self.s, &self.cluster);
+        if let Some(up) = self
+            .facts()
+            .and_then(|f| f.standby)
+            .and_then(|sb| sb.upstream)
+        {
+            match PgAddr::parse(&up.postgres) {
+                Some(a) => {
+                    all.insert(pgw_core::failover::MAIN_UPSTREAM.to_string(), a);
+                }
+                None => tracing::warn!(
+                    address = %up.postgres,
+                    "the main group's primary has an address this member cannot use"
+                ),
+            }
+        }
+        all
     }
 
     /// The sidecar of this member's server `pg` (one `[[postgres]]` entry).
@@ -322,7 +350,7 @@ impl Sidecar {
             if self.guard(None) {
                 observer.reset();
             }
-            let mut local = observer.observe(&self.ctl, &self.members_pg()).await;
+            let mut local = self.observe(&mut observer).await;
             let facts = self.facts();
             let cfg_now = self.s.cfg();
             let me = cfg_now.member.as_str();
@@ -355,7 +383,7 @@ impl Sidecar {
             if self.guard(Some((&local, t0, unresponsive_since))) {
                 // Fenced: see what is left, and let the guard record it.
                 observer.reset();
-                local = observer.observe(&self.ctl, &self.members_pg()).await;
+                local = self.observe(&mut observer).await;
                 if !local.unresponsive {
                     unresponsive_since = None;
                 }
@@ -468,6 +496,7 @@ impl Sidecar {
                 incarnation: self.incarnation,
                 seq: st.report_seq,
                 error: local.refused.clone(),
+                replay_lag_ms: local.replay_lag_ms,
             }
         };
         let Ok(bytes) = serde_json::to_vec(&obs) else {
@@ -907,6 +936,7 @@ impl Sidecar {
         local: &Local,
     ) -> Result<bool, PgError> {
         let running = matches!(local.role, Some(PgRole::Primary) | Some(PgRole::Replica));
+        self.ctl.set_cascading(f.standby.is_some());
         match action {
             LocalAction::Nothing => {
                 self.lock().stuck_since = None;

@@ -29,6 +29,8 @@ pub struct Local {
     pub refused: Option<String>,
     /// The postmaster died without a clean shutdown (its pid file remains).
     pub died: bool,
+    /// Replicas: how far replay trails the upstream's commits, in ms (0: all replayed).
+    pub replay_lag_ms: Option<u64>,
 }
 
 /// Parses `X/Y` into a 64-bit LSN.
@@ -48,7 +50,10 @@ const QUERY: &str = "SELECT pg_is_in_recovery(),
   (CASE WHEN pg_is_in_recovery() THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END),
   (SELECT status FROM pg_stat_wal_receiver LIMIT 1),
   (SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1),
-  (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver LIMIT 1)";
+  (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver LIMIT 1),
+  (CASE WHEN NOT pg_is_in_recovery() THEN NULL
+        WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+        ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END)";
 
 /// Keeps a connection to the local server and reads its state.
 pub struct Observer {
@@ -145,6 +150,8 @@ impl Observer {
         let wr_status: Option<String> = row.get(5);
         let wr_tli: Option<i32> = row.get(6);
         let upstream: Option<String> = row.get(7);
+        let lag: Option<i64> = row.get(8);
+        l.replay_lag_ms = lag.map(|x| x.max(0) as u64);
         l.replay_lsn = replay.as_deref().and_then(parse_lsn).unwrap_or(0);
         l.flush_lsn = flush
             .as_deref()

@@ -105,6 +105,9 @@ pub struct PgCtl {
     home: Option<PathBuf>,
     /// `[postgres] settings` and `hba` as last (re)loaded: (settings, hba).
     live: std::sync::Arc<std::sync::RwLock<(Vec<String>, Vec<String>)>>,
+    /// A standby cluster: the servers it clones, rewinds and streams from are themselves in
+    /// recovery (the standby leader, the main group's primary while it is being promoted).
+    cascading: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Settings the watcher owns, rendered into `pgw.conf`.
@@ -149,6 +152,7 @@ impl PgCtl {
             os_user,
             home,
             live,
+            cascading: Default::default(),
         })
     }
 
@@ -716,6 +720,12 @@ impl PgCtl {
     ///
     /// `addr` must run as a primary: a server still in recovery (promotion not finished) would
     /// make pg_rewind compare against its old timeline and find nothing to do.
+    /// Whether sources may be in recovery (a standby cluster's cascade).
+    pub fn set_cascading(&self, yes: bool) {
+        self.cascading
+            .store(yes, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub async fn checkpoint(&self, addr: &PgAddr) -> Result<(), PgError> {
         let ci = self.conninfo(addr, "pg-watcher", self.cfg.rewind_role());
         let out = self
@@ -737,7 +747,8 @@ impl PgCtl {
                 Duration::from_secs(60),
             )
             .await?;
-        if out.lines().next().map(str::trim) != Some("f") {
+        let cascading = self.cascading.load(std::sync::atomic::Ordering::Relaxed);
+        if out.lines().next().map(str::trim) != Some("f") && !cascading {
             return Err(PgError::Tool {
                 what: format!("source {}:{}", addr.host, addr.port),
                 message: "not running as primary yet (still in recovery); retrying".into(),
