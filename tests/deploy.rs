@@ -87,6 +87,24 @@ fn three_two_one_layout_is_valid_with_five_voters_and_a_spare() {
 }
 
 #[test]
+fn two_regions_standby_group_replicates_from_the_shipped_main_group() {
+    let dr = load_dir("two-regions");
+    let main = load_dir("two-rooms-arbiter");
+    assert_eq!(dr.len(), 3);
+    same_group(&dr);
+    assert_ne!(dr[0].cluster_id, main[0].cluster_id, "a group of its own");
+    let main_eps: Vec<String> = main[0].members.iter().map(|m| m.grpc.clone()).collect();
+    for c in &dr {
+        let so = c.clusters[0]
+            .standby_of
+            .as_ref()
+            .expect("the standby group's cluster is standby_of the main group's");
+        assert_eq!(so.endpoints, main_eps, "{}", c.member);
+        assert_eq!(so.cluster_of(&c.clusters[0].name), main[0].clusters[0].name);
+    }
+}
+
+#[test]
 fn every_data_member_has_a_pgpool_and_the_rendered_config_disables_pgpool_failover() {
     for layout in [
         "three-rooms",
