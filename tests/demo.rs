@@ -54,7 +54,36 @@ struct DownOnDrop(String);
 
 impl Drop for DownOnDrop {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep every log of the failed run (watchers, servers, pgpools, haproxy).
+            let keep = std::env::temp_dir().join("pgw-failed").join("demo");
+            keep_logs_under(std::path::Path::new(&self.0), &keep);
+            eprintln!("demo logs kept in {}", keep.display());
+        }
         let _ = pgwctl(&["demo", "down", "--dir", &self.0]);
+    }
+}
+
+/// Copies every `*.log` file under `dir` into `keep`, named by its path.
+fn keep_logs_under(dir: &std::path::Path, keep: &std::path::Path) {
+    let _ = std::fs::create_dir_all(keep);
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                let name = p
+                    .strip_prefix(dir)
+                    .map(|r| r.display().to_string().replace('/', "_"))
+                    .unwrap_or_default();
+                let _ = std::fs::copy(&p, keep.join(name));
+            }
+        }
     }
 }
 

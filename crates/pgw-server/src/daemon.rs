@@ -71,10 +71,16 @@ pub async fn run(cfg: Config, path: std::path::PathBuf, join: &[String]) -> Resu
     }
     // The addresses this member binds are the group's record of it, once there is one.
     crate::raft::store::finish_forced(&cfg.data_dir)?;
-    let running = match crate::raft::store::read_roster(&cfg.data_dir)? {
-        Some(r) => pgw_core::roster::effective(&cfg, &r),
+    let roster = crate::raft::store::read_roster(&cfg.data_dir)?;
+    let running = match &roster {
+        Some(r) => pgw_core::roster::effective(&cfg, r),
         None => cfg.clone(),
     };
+    // A group recovered without this member (a newer generation) is asked before Raft starts.
+    let listed = roster.unwrap_or_else(|| pgw_core::roster::Roster::founding(&cfg));
+    if let Some(s) = crate::membership::superseded_at_start(&running, &listed, &tls).await? {
+        return Err(NodeError::Refused(s.message()));
+    }
     for n in running.notes() {
         tracing::warn!("{n}");
     }

@@ -345,6 +345,73 @@ pub async fn superseded_loop(s: Shared) {
     }
 }
 
+/// Before Raft starts: asks every other member (in parallel, briefly) for its group
+/// generation. A newer one means the group was recovered without this member: that is
+/// recorded (`superseded.pgw`) and returned, so that the member never votes or leads in the
+/// old group, even for the moments it would take to hear it through Raft. Members that do not
+/// answer prove nothing either way.
+pub async fn superseded_at_start(
+    running: &Config,
+    roster: &Roster,
+    tls: &Tls,
+) -> Result<Option<store::Superseded>, store::StoreError> {
+    let identity = pgw_proto::Identity {
+        cluster_id: running.cluster_id.clone(),
+        fingerprint: roster.group.clone(),
+        from: running.me().map(|m| m.id).unwrap_or_default(),
+        from_name: running.member.clone(),
+        generation: roster.generation,
+    };
+    let mut asks = tokio::task::JoinSet::new();
+    for m in running.members.iter().filter(|m| m.name != running.member) {
+        let tls = tls.clone();
+        let identity = identity.clone();
+        let (name, addr) = (m.name.clone(), m.grpc.clone());
+        asks.spawn(async move {
+            let ch = crate::tls::channel(
+                &addr,
+                None,
+                std::sync::Arc::new(move || tls.current().client.clone()),
+                Duration::from_millis(500),
+            )
+            .ok()?;
+            let mut req = tonic::Request::new(pgw_proto::HelloRequest {
+                identity: Some(identity),
+            });
+            req.set_timeout(Duration::from_millis(800));
+            let g =
+                match tokio::time::timeout(Duration::from_secs(1), AdminClient::new(ch).hello(req))
+                    .await
+                {
+                    Ok(Ok(r)) => r.into_inner().generation,
+                    Ok(Err(st)) => crate::auth::generation_of(&st)?,
+                    Err(_) => return None,
+                };
+            Some((g, name))
+        });
+    }
+    let mut newest: Option<(u64, String)> = None;
+    while let Some(r) = asks.join_next().await {
+        if let Ok(Some((g, name))) = r {
+            if newest.as_ref().is_none_or(|(x, _)| g > *x) {
+                newest = Some((g, name));
+            }
+        }
+    }
+    match newest {
+        Some((g, from)) if g > roster.generation => {
+            let mark = store::Superseded {
+                generation: g,
+                ours: roster.generation,
+                seen_from: from,
+            };
+            store::write_superseded(&running.data_dir, &mark)?;
+            Ok(Some(mark))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// The roster a `--join`ing member asked for (it must be in it).
 pub fn roster_for(s: &Shared, caller: &str) -> Result<String, Status> {
     let r =

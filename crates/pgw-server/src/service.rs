@@ -1032,6 +1032,7 @@ impl admin_server::Admin for AdminService {
             node_id: me.map(|m| m.id).unwrap_or_default(),
             initialized,
             members: self.0.cfg().members_canonical(),
+            generation: self.0.config.roster().generation,
         }))
     }
 

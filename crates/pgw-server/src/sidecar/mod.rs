@@ -52,6 +52,9 @@ struct SideState {
     guard: GuardState,
     /// When the last renewal that the leader acknowledged was sent.
     lease_sent: Option<Instant>,
+    /// The facts epoch that renewal was granted at: a primary role taken at a later epoch
+    /// needs a grant at that epoch (an earlier one may run out a moment later).
+    lease_epoch: Option<u64>,
     /// The actor is in the middle of an action (initdb, start, clone...): what the reporter
     /// sees of postgres meanwhile is transitional, not a crash.
     busy: bool,
@@ -255,8 +258,13 @@ impl Sidecar {
         sent + Duration::from_millis(self.s.cfg().failover.lease().fence_at(0))
     }
 
-    fn lease_valid(&self) -> bool {
-        self.lock().lease_sent.is_some() && Instant::now() < self.lease_deadline()
+    /// A lease granted at `epoch` is still running.
+    fn lease_valid(&self, epoch: u64) -> bool {
+        let granted_here = {
+            let st = self.lock();
+            st.lease_sent.is_some() && st.lease_epoch == Some(epoch)
+        };
+        granted_here && Instant::now() < self.lease_deadline()
     }
 
     /// Milliseconds of the sidecar's clock (since its start; earlier instants count as 0).
@@ -582,6 +590,7 @@ impl Sidecar {
                         }
                         if r.lease_ok && st.lease_sent.is_none_or(|s| s < sent) {
                             st.lease_sent = Some(sent);
+                            st.lease_epoch = Some(epoch);
                             drop(st);
                             if let Err(e) = me.record.store(sent) {
                                 tracing::warn!("lease renewal not recorded: {e}");
@@ -884,7 +893,7 @@ impl Sidecar {
         }
         let primary = f.primary.as_deref() == Some(me.as_str());
         let ok = match local.role {
-            Some(PgRole::Primary) => primary && self.lease_valid(),
+            Some(PgRole::Primary) => primary && self.lease_valid(f.epoch),
             Some(PgRole::Replica) => !primary,
             _ => false,
         };
@@ -953,7 +962,7 @@ impl Sidecar {
                 Ok(false)
             }
             LocalAction::InitPrimary | LocalAction::StartPrimary | LocalAction::Promote => {
-                if !self.lease_valid() {
+                if !self.lease_valid(f.epoch) {
                     return Ok(false); // the reporter renews it
                 }
                 {
