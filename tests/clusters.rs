@@ -173,6 +173,7 @@ fn two_cluster_group(hooks: &Path) -> Group {
                 auth: pki().auth(),
                 hooks: hook_list.clone(),
                 generation: 0,
+                pools: Default::default(),
             }
         })
         .collect();

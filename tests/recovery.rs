@@ -96,6 +96,14 @@ fn add_args(cfg: &Config, id: u64) -> Vec<String> {
         "--postgres".into(),
         m.postgres.clone().unwrap_or_default(),
     ]
+    .into_iter()
+    .chain(
+        [("--pgpool", &m.pgpool), ("--pcp", &m.pcp)]
+            .into_iter()
+            .filter_map(|(k, v)| v.clone().map(|v| [k.to_string(), v]))
+            .flatten(),
+    )
+    .collect()
 }
 
 fn voters(s: &GroupStatus) -> Vec<String> {
@@ -111,7 +119,8 @@ fn voters(s: &GroupStatus) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_three_lost_forced_recovery_on_the_survivor_then_the_lost_rejoin() {
-    let mut g = Group::with_postgres(&[Role::Data, Role::Data, Role::Data]);
+    // Every room runs its pgpool-II: the survivor's must be repointed too.
+    let mut g = Group::with_pgpool(&[Role::Data, Role::Data, Role::Data]);
     g.start_all();
     let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let primary = primary_of(&s).expect("primary");
@@ -208,6 +217,28 @@ async fn two_of_three_lost_forced_recovery_on_the_survivor_then_the_lost_rejoin(
             "writes resume on the survivor"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The survivor's room pgpool (its backend list unchanged: the lost stay, detached) sends
+    // writes to the new primary.
+    let pool = g.pgpool_addr(si);
+    let t0 = Instant::now();
+    loop {
+        let id = next_id(&g.pg_addr(si)).await + 1_000_000;
+        let ok = match connect(&pool).await {
+            Some(c) => c
+                .execute("INSERT INTO acked (id) VALUES ($1)", &[&id])
+                .await
+                .is_ok(),
+            None => false,
+        };
+        if ok && ids_on(&g.pg_addr(si)).await.contains(&id) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "writes through {survivor}'s pgpool never reached the new primary"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let h = history(&eps_s[0], "global", 50).await;
     let events: Vec<&str> = h.iter().map(|e| e.event.as_str()).collect();

@@ -115,6 +115,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             auth: common::pki().auth(),
             hooks: Vec::new(),
             generation: 0,
+            pools: Default::default(),
         })
         .collect()
 }

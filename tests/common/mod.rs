@@ -218,6 +218,7 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
             auth: pki().auth(),
             hooks: Vec::new(),
             generation: 0,
+            pools: Default::default(),
         })
         .collect()
 }

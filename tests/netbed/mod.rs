@@ -907,6 +907,7 @@ fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
                 auth: crate::common::pki().auth(),
                 hooks: Vec::new(),
                 generation: 0,
+                pools: Default::default(),
                 pgpool: Some(PgpoolConfig {
                     manage: data,
                     bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),

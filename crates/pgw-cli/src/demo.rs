@@ -504,6 +504,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             auth: certs.auth(),
             hooks: Vec::new(),
             generation: 0,
+            pools: Default::default(),
             pgpool: Some(pgw_core::config::PgpoolConfig {
                 manage: true,
                 bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),

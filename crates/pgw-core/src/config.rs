@@ -1,6 +1,6 @@
 //! The one `Config` type. Every default lives in this file; `validate()` names the bad field.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -566,6 +566,10 @@ pub struct Config {
     /// one server until members are added back.
     #[serde(skip)]
     pub generation: u64,
+    /// pgpool backend lists held by the group (`Roster::pools`): not a file setting; empty
+    /// until the member list first changed (then the servers, in order).
+    #[serde(skip)]
+    pub pools: BTreeMap<String, Vec<(String, String)>>,
 }
 
 /// Certificates of this member. Every member and every operator certificate is issued by the
@@ -1749,8 +1753,12 @@ impl Config {
             .collect()
     }
 
-    /// pgpool backends of cluster `name` in backend order: every server with an address.
+    /// pgpool backends of cluster `name` in backend order: every server with an address, or
+    /// the list the group holds once its member list changed (members that left stay in it).
     pub fn pgpool_backends(&self, name: &str) -> Vec<(String, String)> {
+        if let Some(p) = self.pools.get(name) {
+            return p.clone();
+        }
         self.servers(name)
             .into_iter()
             .filter_map(|s| s.postgres.map(|a| (s.member, a)))

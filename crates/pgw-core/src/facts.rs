@@ -1049,6 +1049,7 @@ mod tests {
             members,
             retired_ids: BTreeSet::new(),
             founders: Vec::new(),
+            pools: Default::default(),
         }
     }
 

@@ -66,7 +66,12 @@ pub fn force(
     if !order.survivors.contains(&order.member) {
         return Err(ForceError::NotASurvivor(order.member.clone()));
     }
-    let next = roster.force(&order.survivors)?;
+    // Running pgpools keep their backends: the lost members stay in the list, detached.
+    let next = roster::with_pools(
+        roster.force(&order.survivors)?,
+        &roster::effective(file, roster),
+        file,
+    );
     let lost = roster.lost_in(&next);
     if lost.is_empty() {
         return Err(ForceError::NothingLost);
@@ -203,6 +208,8 @@ role = "data"
 grpc = "127.0.0.1:7001"
 http = "127.0.0.1:8001"
 postgres = "127.0.0.1:9001"
+pgpool = "127.0.0.1:9101"
+pcp = "127.0.0.1:9201"
 [[members]]
 name = "b"
 id = 2
@@ -210,6 +217,8 @@ role = "data"
 grpc = "127.0.0.1:7002"
 http = "127.0.0.1:8002"
 postgres = "127.0.0.1:9002"
+pgpool = "127.0.0.1:9102"
+pcp = "127.0.0.1:9202"
 [[members]]
 name = "c"
 id = 3
@@ -217,6 +226,8 @@ role = "data"
 grpc = "127.0.0.1:7003"
 http = "127.0.0.1:8003"
 postgres = "127.0.0.1:9003"
+pgpool = "127.0.0.1:9103"
+pcp = "127.0.0.1:9203"
 "#,
             "test",
         )
@@ -296,6 +307,38 @@ postgres = "127.0.0.1:9003"
             last.event
         );
         assert_eq!(out.facts.roster.as_ref(), Some(&out.roster));
+    }
+
+    #[test]
+    fn pgpool_backend_lists_only_ever_grow() {
+        let c = cfg();
+        let names = |r: &Roster| -> Vec<String> {
+            r.pools["global"].iter().map(|(m, _)| m.clone()).collect()
+        };
+        // Forced: the lost stay as backends (a running pgpool never renumbers them).
+        let out = force(&facts("a"), &c, &Roster::founding(&c), &order(&["c"])).expect("force");
+        assert_eq!(names(&out.roster), ["a", "b", "c"]);
+        let running = roster::effective(&c, &out.roster);
+        assert_eq!(running.pgpool_backends("global").len(), 3);
+        assert_eq!(running.servers("global").len(), 1, "only c serves");
+        // A newcomer is appended; one that leaves stays.
+        let mut d = c.members[0].clone();
+        d.name = "d".into();
+        d.id = 4;
+        d.grpc = "127.0.0.1:7004".into();
+        d.http = "127.0.0.1:8004".into();
+        d.postgres = Some("127.0.0.1:9004".into());
+        d.pgpool = Some("127.0.0.1:9104".into());
+        d.pcp = Some("127.0.0.1:9204".into());
+        let added = roster::with_pools(Roster::founding(&c).add(d).expect("add d"), &c, &c);
+        assert_eq!(names(&added), ["a", "b", "c", "d"]);
+        let before = roster::effective(&c, &added);
+        let gone = roster::with_pools(
+            added.remove("a", &Default::default()).expect("remove a"),
+            &before,
+            &c,
+        );
+        assert_eq!(names(&gone), ["a", "b", "c", "d"]);
     }
 
     #[test]

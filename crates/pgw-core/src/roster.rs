@@ -38,6 +38,11 @@ pub struct Roster {
     /// before the first change are checked against it on every member, old or joined.
     #[serde(default)]
     pub founders: Vec<MemberConfig>,
+    /// Each pooled cluster's pgpool backends in backend order, `(member, postgres)`, once the
+    /// list changed: append-only, because a running pgpool-II never renumbers its backends; a
+    /// member that left stays as a backend the leader keeps detached (see [`with_pools`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<String, Vec<(String, String)>>,
 }
 
 /// Why a membership change is refused.
@@ -97,6 +102,7 @@ impl Roster {
             members: cfg.members.clone(),
             retired_ids: BTreeSet::new(),
             founders: cfg.members.clone(),
+            pools: BTreeMap::new(),
         }
     }
 
@@ -314,12 +320,31 @@ impl Roster {
     }
 }
 
+/// `next` with each pooled cluster's pgpool backend list carried on from the list running
+/// pgpools have now (`before`'s: the founding servers, or the roster's) and this list's new
+/// servers appended. Nothing is ever removed or reordered: pgpool-II numbers its backends by
+/// position, and a member that left stays as a backend that is never attached again.
+pub fn with_pools(mut next: Roster, before: &Config, file: &Config) -> Roster {
+    let after = effective(file, &next);
+    for c in before.pooled_clusters() {
+        let mut list = before.pgpool_backends(&c);
+        for b in after.pgpool_backends(&c) {
+            if !list.iter().any(|(m, _)| *m == b.0) {
+                list.push(b);
+            }
+        }
+        next.pools.insert(c, list);
+    }
+    next
+}
+
 /// A member's running config: its file's settings with the group's member list (and its
-/// generation).
+/// generation, and its pgpool backend lists).
 pub fn effective(file: &Config, roster: &Roster) -> Config {
     let mut c = file.clone();
     c.members = roster.members.clone();
     c.generation = roster.generation;
+    c.pools = roster.pools.clone();
     // The first primary is history once the list changed: a member that left cannot be named.
     for cl in c.clusters.iter_mut() {
         if cl
@@ -437,6 +462,7 @@ mod tests {
             ],
             retired_ids: BTreeSet::new(),
             founders: Vec::new(),
+            pools: Default::default(),
         }
     }
 

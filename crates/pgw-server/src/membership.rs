@@ -279,6 +279,7 @@ pub fn plan(s: &Shared, req: &pgw_proto::MemberChangeRequest) -> Result<(Roster,
 }
 
 fn checked(s: &Shared, next: Roster, event: String) -> Result<(Roster, String), Status> {
+    let next = roster::with_pools(next, &s.cfg(), s.config.file());
     let cfg = roster::effective(s.config.file(), &next);
     cfg.validate()
         .map_err(|e| Status::invalid_argument(format!("the new member list: {e}")))?;
