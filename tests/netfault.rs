@@ -366,3 +366,126 @@ fn primary_room_healed_after_failover_rejoins_as_replica() {
         r.assert_safe();
     });
 }
+
+/// Two of three rooms cut off at once, the primary's among them: the survivor decides nothing
+/// alone; the operator forces a new group on it (after the lost rooms were silent longer than
+/// the lease: the cut-off primary has fenced itself), writes resume through the survivor's
+/// pgpool; the lost rooms lose power while cut off and come back as they were: refused, naming
+/// the generation; re-added under new ids and started with `--join`, they rejoin as sync
+/// replicas, every pgpool agrees, and nothing acknowledged is lost (ANY 2: the survivor held
+/// every commit).
+#[test]
+fn two_rooms_cut_off_forced_recovery_then_they_rejoin() {
+    let _s = serial();
+    let bed = Bed::start_with(Layout::ThreeRooms, |c| c.clusters[0].sync_quorum = 2);
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let s = bed.wait_healthy(Duration::from_secs(120)).await;
+        let p = primary_of(&s).expect("primary");
+        let pi = bed.index_of(&p);
+        let si = bed
+            .data_members()
+            .into_iter()
+            .find(|i| *i != pi)
+            .expect("a replica");
+        let li = bed
+            .data_members()
+            .into_iter()
+            .find(|i| *i != pi && *i != si)
+            .expect("the other replica");
+        let survivor = bed.name(si).to_string();
+        let old_addr = bed.hosts[pi].pg_addr();
+        let e0 = epoch_of(&s);
+        tokio::time::sleep(SETTLE).await;
+        bed.cut_off(pi, false);
+        bed.cut_off(li, false);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let eps_s = vec![bed.hosts[si].grpc()];
+        let st = pgw_cli::status::gather(&eps_s, Duration::from_secs(2))
+            .await
+            .expect("the survivor answers");
+        assert_eq!(epoch_of(&st), e0, "one room of three decides nothing");
+
+        // The runbook, on the survivor.
+        bed.kill_watcher(si);
+        let (code, text) = bed.watcher_command(si, &["--force-new-group"]);
+        assert_eq!(code, 0, "{text}");
+        let t0 = Instant::now();
+        bed.start_watcher(si);
+        let w = chk
+            .wait_write_via(
+                std::slice::from_ref(&survivor),
+                Some(&old_addr),
+                t0,
+                Duration::from_secs(60),
+            )
+            .await;
+        eprintln!(
+            "forced recovery: first write through {survivor}'s pgpool on {} after {} ms",
+            w.backend,
+            (w.at - t0).as_millis()
+        );
+
+        // The lost rooms lose power while cut off, then come back as they were: refused.
+        bed.kill_room(pi);
+        bed.kill_room(li);
+        bed.heal();
+        for i in [pi, li] {
+            bed.start_watcher(i);
+            assert_eq!(
+                bed.watcher_exit(i, Duration::from_secs(30)),
+                Some(1),
+                "{} of the old generation must not start",
+                bed.name(i)
+            );
+            let log = std::fs::read_to_string(&bed.hosts[i].log).unwrap_or_default();
+            assert!(log.contains("generation 1"), "{log}");
+        }
+
+        // Back through `member add` under new ids and `--join`.
+        for (i, id) in [(pi, 11u64), (li, 12u64)] {
+            let mut cfg = bed.hosts[i].cfg.clone();
+            let me = bed.name(i).to_string();
+            for m in cfg.members.iter_mut().filter(|m| m.name == me) {
+                m.id = id;
+            }
+            let m = cfg.me().expect("me").clone();
+            let spec = pgw_proto::MemberSpec {
+                name: m.name.clone(),
+                id,
+                role: m.role.to_string(),
+                grpc: m.grpc.clone(),
+                http: m.http.clone(),
+                room: m.room().to_string(),
+                postgres: m.postgres.clone().unwrap_or_default(),
+                pgpool: m.pgpool.clone().unwrap_or_default(),
+                pcp: m.pcp.clone().unwrap_or_default(),
+                priority: m.priority,
+                spare: false,
+            };
+            let r = pgw_cli::member::change(
+                &eps_s,
+                pgw_proto::MemberChangeRequest {
+                    member: Some(spec),
+                    old: String::new(),
+                    promote: String::new(),
+                },
+            )
+            .await
+            .expect("member add");
+            eprintln!("{}", r.result);
+            bed.start_watcher_with(i, Some(&cfg), &["--join", &eps_s[0]]);
+        }
+        let r = chk.finish(&bed).await;
+        r.print("two rooms cut off, forced recovery, rejoin");
+        r.assert_safe();
+        assert_eq!(r.final_primary, survivor);
+        assert!(
+            r.history
+                .iter()
+                .any(|h| h.contains("group forced to generation 1")),
+            "{:?}",
+            r.history
+        );
+    });
+}

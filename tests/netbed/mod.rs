@@ -211,8 +211,14 @@ pub fn enter_ns(ns: &str) {
 impl Bed {
     /// Builds the namespaces, the bridge and the configs, and starts every member.
     pub fn start(layout: Layout) -> Bed {
+        Self::start_with(layout, |_| {})
+    }
+
+    /// [`Bed::start`] with every member's config changed by `f` first.
+    pub fn start_with(layout: Layout, f: impl Fn(&mut Config)) -> Bed {
         let (prefix, dir) = Self::prepare();
-        let cfgs = configs(dir.path(), layout);
+        let mut cfgs = configs(dir.path(), layout);
+        cfgs.iter_mut().for_each(f);
         Self::start_from(layout, prefix, dir, cfgs, None)
     }
 
@@ -623,12 +629,19 @@ impl Bed {
     // ----- processes -----
 
     pub fn start_watcher(&self, i: usize) {
+        self.start_watcher_with(i, None, &[]);
+    }
+
+    /// Starts member `i`'s watcher in its namespace with `cfg` written as its file (default:
+    /// the bed's) and `extra` arguments (`--join ADDR`).
+    pub fn start_watcher_with(&self, i: usize, cfg: Option<&Config>, extra: &[&str]) {
         let h = &self.hosts[i];
         let mut g = self.children.lock().expect("children");
         assert!(g[i].is_none(), "{} already running", h.name());
         if self.shipped.is_none() {
             fs::create_dir_all(h.cfg_path.parent().expect("parent")).expect("mkdir");
-            fs::write(&h.cfg_path, h.cfg.to_toml().expect("toml")).expect("write config");
+            let text = cfg.unwrap_or(&h.cfg).to_toml().expect("toml");
+            fs::write(&h.cfg_path, text).expect("write config");
         }
         let out = fs::OpenOptions::new()
             .create(true)
@@ -657,12 +670,56 @@ impl Bed {
         let child = cmd
             .arg("--config")
             .arg(&h.cfg_path)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .expect("spawn pg-watcher in its namespace");
         g[i] = Some(child);
+    }
+
+    /// Runs `pg-watcher --config FILE ARGS` for member `i` in its namespace (an offline
+    /// command such as `--force-new-group`) and returns its exit code and output.
+    pub fn watcher_command(&self, i: usize, args: &[&str]) -> (i32, String) {
+        let h = &self.hosts[i];
+        let out = Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(WATCHER)
+            .arg("--config")
+            .arg(&h.cfg_path)
+            .args(args)
+            .output()
+            .expect("run pg-watcher in its namespace");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}: pg-watcher {}: {text}", h.name(), args.join(" "));
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    /// Waits (bounded) for member `i`'s watcher to exit; its exit code (`None`: still running).
+    pub fn watcher_exit(&self, i: usize, limit: Duration) -> Option<i32> {
+        let t0 = Instant::now();
+        loop {
+            {
+                let mut g = self.children.lock().expect("children");
+                if let Some(c) = g[i].as_mut() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        g[i] = None;
+                        return st.code();
+                    }
+                } else {
+                    return None;
+                }
+            }
+            if t0.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// SIGKILL of member `i`'s watcher (its postgres and pgpool keep running).

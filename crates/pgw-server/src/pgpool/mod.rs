@@ -48,10 +48,32 @@ pub fn spawn(s: &Shared) -> Result<(), PgpoolError> {
         user: pp.pcp_user.clone(),
         password,
     };
-    for cluster in s.cfg().pooled_clusters() {
-        for x in s.cfg().servers(&cluster) {
-            if let (Some(addr), Some(pcp)) = (x.pgpool.clone(), x.pcp.clone()) {
-                tokio::spawn(reconcile(
+    tokio::spawn(reconcilers(s.clone(), creds));
+    Ok(())
+}
+
+/// One reconciler per pgpool of every pooled cluster's servers, following the member list:
+/// a room that joins gets one, a room that leaves loses its own (it ends itself).
+async fn reconcilers(s: Shared, creds: Credentials) {
+    type Key = (String, String, String, String);
+    let mut running: std::collections::BTreeMap<Key, tokio::task::JoinHandle<()>> =
+        Default::default();
+    loop {
+        if s.raft.metrics().borrow().state == openraft::ServerState::Shutdown {
+            return;
+        }
+        running.retain(|_, h| !h.is_finished());
+        let cfg = s.cfg();
+        for cluster in cfg.pooled_clusters() {
+            for x in cfg.servers(&cluster) {
+                let (Some(addr), Some(pcp)) = (x.pgpool.clone(), x.pcp.clone()) else {
+                    continue;
+                };
+                let key = (cluster.clone(), x.member.clone(), addr.clone(), pcp.clone());
+                if running.contains_key(&key) {
+                    continue;
+                }
+                let h = tokio::spawn(reconcile(
                     s.clone(),
                     cluster.clone(),
                     x.member.clone(),
@@ -59,10 +81,19 @@ pub fn spawn(s: &Shared) -> Result<(), PgpoolError> {
                     pcp,
                     creds.clone(),
                 ));
+                running.insert(key, h);
             }
         }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    Ok(())
+}
+
+/// Whether `room` still serves `cluster` behind the pgpool at `pcp` (the member list changes).
+fn still_pooled(s: &Shared, cluster: &str, room: &str, pcp: &str) -> bool {
+    s.cfg()
+        .servers(cluster)
+        .iter()
+        .any(|x| x.member == room && x.pcp.as_deref() == Some(pcp))
 }
 
 fn action_text(a: PcpAction, backends: &[(String, String)]) -> String {
@@ -382,8 +413,8 @@ async fn reconcile(
         timeout: Duration::from_millis(s.cfg().raft.rpc_timeout_ms),
         silent: 0,
     };
-    let backends = s.cfg().pgpool_backends(&cluster);
-    let names: Vec<String> = backends.iter().map(|b| b.0.clone()).collect();
+    let mut backends = s.cfg().pgpool_backends(&cluster);
+    let mut names: Vec<String> = backends.iter().map(|b| b.0.clone()).collect();
     let me = s.cfg().me().map(|m| m.id);
     let fo = s.cfg().failover.clone();
     let fresh_ms = pgw_core::arbiter::fresh_ms(fo.report_interval_ms);
@@ -409,11 +440,22 @@ async fn reconcile(
     let mut last_error = String::new();
     // When the primary record last changed (a failover or switchover under way).
     let mut epoch_at: Option<(u64, Instant)> = None;
+    let pcp_of_room = link.pcp_addr.clone();
     loop {
         tokio::time::sleep(fast).await;
         let m = s.raft.metrics().borrow().clone();
         if m.state == openraft::ServerState::Shutdown {
             return;
+        }
+        if !still_pooled(&s, &cluster, &room, &pcp_of_room) {
+            s.pgpool.clear(&cluster, &room);
+            return;
+        }
+        // The group's backend list only ever grows (`Roster::pools`).
+        let now_backends = s.cfg().pgpool_backends(&cluster);
+        if now_backends != backends {
+            backends = now_backends;
+            names = backends.iter().map(|b| b.0.clone()).collect();
         }
         let leading = crate::member::leads(&m, me);
         if !leading {
@@ -435,7 +477,12 @@ async fn reconcile(
         let mut target = Target::compute(&names, f, &reports, now, fresh_ms, since);
         match epoch_at {
             Some((e, _)) if e == f.epoch => {}
-            // First sight as leader: not a transition.
+            // First sight as leader while the cluster has no primary (a forced recovery, or an
+            // election in the middle of a failover): a transition, so that pgpool is pointed at
+            // the new primary in one step once it serves (a pgpool left without a primary
+            // searches for one, and a backend that does not answer at all can hold that search).
+            None if f.primary.is_none() => epoch_at = Some((f.epoch, Instant::now())),
+            // First sight as leader otherwise: not a transition.
             None => epoch_at = Some((f.epoch, Instant::now() - TRANSITION_HOLD)),
             Some(_) => epoch_at = Some((f.epoch, Instant::now())),
         }
