@@ -570,9 +570,13 @@ async fn a_pgpool_stopped_during_a_failover_or_detached_by_hand_is_brought_back_
                     && f["fix"].as_str().is_some_and(|x| !x.is_empty())
             })
         };
+        // Which words depend on whether the killed member was also the Raft leader: the new
+        // leader never heard from it ("has not reported at all"), the old one saw its
+        // PostgreSQL go down.
         if !ok
             && named("grpc", &format!("{down} ("))
-            && named("cluster global", &format!("{down}'s PostgreSQL is down"))
+            && (named("cluster global", &format!("{down}'s PostgreSQL is down"))
+                || named("cluster global", &format!("{down} has not reported at all")))
         {
             break;
         }

@@ -56,6 +56,8 @@ pub struct ArbiterConfig {
     pub clusters: Vec<ClusterRules>,
     pub lease: LeaseTiming,
     pub fresh_ms: u64,
+    /// See [`Config::silent_primary_replaceable`].
+    pub replace_silent: bool,
 }
 
 impl ArbiterConfig {
@@ -87,6 +89,7 @@ impl ArbiterConfig {
                 .collect(),
             lease: cfg.failover.lease(),
             fresh_ms: fresh_ms(cfg.failover.report_interval_ms),
+            replace_silent: cfg.silent_primary_replaceable(),
         }
     }
 }
@@ -302,6 +305,7 @@ impl Arbiter {
                 sync_quorum: rules.sync_quorum,
                 allow_degraded: rules.allow_degraded,
                 main: self.mains.get(&rules.name),
+                replace_silent: self.cfg.replace_silent,
             };
             // A running operator operation takes precedence (and works while paused). Its age
             // is measured on this leader's clock from when it first saw it running.
@@ -473,6 +477,7 @@ mod tests {
             }],
             lease: L,
             fresh_ms: fresh_ms(100),
+            replace_silent: true,
         })
     }
 
@@ -552,6 +557,7 @@ mod tests {
                 margin_ms: 0,
             },
             fresh_ms: 1000,
+            replace_silent: true,
         };
         let mut a = Arbiter::new(cfg(&["a", "b", "c"]));
         for m in ["a", "b", "c"] {

@@ -1842,6 +1842,17 @@ impl Config {
         })
     }
 
+    /// Whether the group may replace a primary that fell silent (its lease ran out): only with
+    /// three voters or more. With fewer, a majority needs the primary's own member, which
+    /// keeps voting while its sidecar is silent or cut off from the other room: a replacement
+    /// committed then could meet a primary that never stopped. So there a silent primary is
+    /// never replaced (only a crashed one, or through `--force-new-group`), and in turn its
+    /// lease does not fence it. The one rule behind the guard's `lease_needed` and the
+    /// arbiter's.
+    pub fn silent_primary_replaceable(&self) -> bool {
+        self.automatic_failover_off().is_none()
+    }
+
     /// What an operator must know about this layout although it is valid (printed by
     /// `pg-watcher --check` and logged at start).
     pub fn notes(&self) -> Vec<String> {

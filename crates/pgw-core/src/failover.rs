@@ -159,6 +159,9 @@ pub struct LeaderView<'a> {
     pub allow_degraded: bool,
     /// Standby clusters: the main group's primary as the leader last read it.
     pub main: Option<&'a Upstream>,
+    /// A silent primary may be replaced once its lease ran out (three voters or more; see
+    /// `Config::silent_primary_replaceable`).
+    pub replace_silent: bool,
 }
 
 /// What the leader should do about one cluster now.
@@ -387,7 +390,11 @@ fn decide_unpaused(v: &LeaderView<'_>) -> Decision {
                 // Its sidecar is alive and working on it (starting, promoting).
                 return Decision::Wait(format!("{p} is not serving yet ({:?})", o.role));
             }
-            if v.now >= v.replace_after {
+            if !v.replace_silent {
+                Decision::Wait(format!(
+                    "{p} is silent; with fewer than three voters a silent primary is never replaced automatically (a lost room is recovered by pg-watcher --force-new-group --i-know-the-others-are-down)"
+                ))
+            } else if v.now >= v.replace_after {
                 Decision::Propose(Command::ClearPrimary {
                     cluster,
                     expected_epoch: f.epoch,
@@ -1091,6 +1098,7 @@ mod tests {
             sync_quorum: 1,
             allow_degraded: false,
             main: None,
+            replace_silent: true,
         }
     }
 
@@ -1212,6 +1220,34 @@ mod tests {
         );
         assert_eq!(plan("b", PgRole::Replica, Some("a")), LocalAction::Nothing);
         assert_eq!(plan("b", PgRole::Primary, None), LocalAction::Fence);
+    }
+
+    #[test]
+    fn with_fewer_than_three_voters_a_silent_primary_is_never_replaced() {
+        let m = members();
+        let f = facts_with(Some("a"), 4, &["b"], 1);
+        let mut r = BTreeMap::new();
+        r.insert(
+            "b".to_string(),
+            (obs("b", PgRole::Replica, 90, false, 4), 10),
+        );
+        let mut v = view(&f, &r, &m, 10_000, 0);
+        assert!(matches!(
+            decide(&v),
+            Decision::Propose(Command::ClearPrimary { .. })
+        ));
+        v.replace_silent = false;
+        assert!(matches!(decide(&v), Decision::Wait(ref w) if w.contains("never replaced")));
+        // A crashed primary (its sidecar stopped it) is still released.
+        let mut a = obs("a", PgRole::Down, 100, false, 4);
+        a.crashed = true;
+        r.insert("a".to_string(), (a, 10_000));
+        let mut v = view(&f, &r, &m, 10_000, 0);
+        v.replace_silent = false;
+        assert!(matches!(
+            decide(&v),
+            Decision::Propose(Command::ClearPrimary { .. })
+        ));
     }
 
     #[test]

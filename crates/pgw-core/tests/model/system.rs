@@ -181,6 +181,7 @@ impl System {
             }],
             lease,
             fresh_ms: fresh_ms(200),
+            replace_silent: true,
         };
         System {
             situations: vec![Vec::new()],

@@ -301,7 +301,7 @@ impl Sidecar {
                 busy: st.busy,
                 busy_ended: st.busy_ended.map(|e| self.ms(e)),
                 hung_after_ms: self.s.cfg().failover.hung_after_ms,
-                lease_needed: self.s.cfg().automatic_failover_off().is_none(),
+                lease_needed: self.s.cfg().silent_primary_replaceable(),
             };
             // A deadline before this run began (a previous run's) is already past.
             let input = if deadline <= self.started {
@@ -457,7 +457,7 @@ impl Sidecar {
             }
         } else {
             st.no_standby_since = None;
-            let lease_needed = cfg_now.automatic_failover_off().is_none();
+            let lease_needed = cfg_now.silent_primary_replaceable();
             let recorded = self.facts().is_some_and(|f| f.sync_standbys.is_empty());
             if st.degraded && pgw_core::guard::may_leave_degraded(lease_needed, recorded) {
                 tracing::info!("a standby is back: leaving degraded mode");
@@ -644,7 +644,7 @@ impl Sidecar {
             // nothing can replace the primary (pgw_core::guard::narrows_locally).
             synchronous_standby_names: if f.primary.as_deref() != Some(self.s.cfg().member.as_str())
                 || pgw_core::guard::narrows_locally(
-                    self.s.cfg().automatic_failover_off().is_none(),
+                    self.s.cfg().silent_primary_replaceable(),
                     self.lock().degraded,
                 ) {
                 String::new()
