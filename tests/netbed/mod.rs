@@ -59,6 +59,7 @@ static BEDS: AtomicUsize = AtomicUsize::new(0);
 pub enum Layout {
     ThreeRooms,
     TwoRoomsArbiter,
+    TwoRooms,
 }
 
 impl Layout {
@@ -66,6 +67,7 @@ impl Layout {
         match self {
             Layout::ThreeRooms => vec![Role::Data, Role::Data, Role::Data],
             Layout::TwoRoomsArbiter => vec![Role::Data, Role::Data, Role::Arbiter],
+            Layout::TwoRooms => vec![Role::Data, Role::Data],
         }
     }
 }
@@ -248,6 +250,7 @@ impl Bed {
         let src = root.join("deploy").join(match layout {
             Layout::ThreeRooms => "three-rooms",
             Layout::TwoRoomsArbiter => "two-rooms-arbiter",
+            Layout::TwoRooms => "two-rooms",
         });
         let mut texts = std::collections::BTreeMap::new();
         for e in fs::read_dir(&src).expect("deploy dir") {

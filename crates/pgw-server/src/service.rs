@@ -1138,6 +1138,18 @@ impl admin_server::Admin for AdminService {
                         .unwrap_or(false)
                         || f.is_some_and(|f| {
                             f.primary.is_some() && f.sync_standbys.is_empty() && f.epoch > 0
+                        })
+                        // After degraded mode, until a synchronous standby holds everything
+                        // acknowledged meanwhile (it has passed the resync point), a failover
+                        // could still lose commits: RPO > 0 until then.
+                        || f.is_some_and(|f| f.standby.is_none() && f.resync_pending)
+                        || f.is_some_and(|f| {
+                            let reports = s.leader.reports(&c.name);
+                            f.resync_lsn > 0
+                                && !reports.is_empty()
+                                && !f.sync_standbys.iter().any(|m| {
+                                    reports.get(m).is_some_and(|(o, _)| o.flush_lsn >= f.resync_lsn)
+                                })
                         }),
                     waiting_for: s.leader.waiting(&c.name).unwrap_or_default(),
                     pgpool: s
