@@ -17,24 +17,6 @@ use pgw_core::{Config, MemberConfig, Role};
 /// Two data rooms and an arbiter: the layout whose arbiter host a real operator replaces.
 const LAYOUT: [Role; 3] = [Role::Data, Role::Data, Role::Arbiter];
 
-/// `pgwctl` as an operator runs it (admin certificate), printing what it said.
-fn pgwctl(eps: &[String], args: &[&str]) -> (i32, String) {
-    let out = Command::new(PGWCTL)
-        .args(pki().pgwctl_args("admin"))
-        .arg("--endpoints")
-        .arg(eps.join(","))
-        .args(args)
-        .output()
-        .expect("run pgwctl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("pgwctl {}: {text}", args.join(" "));
-    (out.status.code().unwrap_or(-1), text)
-}
-
 /// The config file of a new member `name` (id `id`, `role` arbiter or data) on loopback
 /// address `ip`: a copy of an existing member's file naming itself, with its own entry added
 /// to the member list (the group's list replaces the rest when it joins). A data member gets its
@@ -213,7 +195,7 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     bad[1] = "1".into();
     let mut args = vec!["member", "add", "arbiter-d"];
     args.extend(bad.iter().map(String::as_str));
-    let (code, text) = pgwctl(&eps, &args);
+    let (code, text) = pgwctl_admin(&eps, &args);
     assert_ne!(code, 0);
     assert!(text.contains("node id 1 is already used"), "{text}");
 
@@ -234,7 +216,7 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     // 1. Add as a cold spare: it joins and receives the log as a non-voter...
     let mut args = vec!["member", "add", "arbiter-d", "--spare"];
     args.extend(add.iter().map(String::as_str));
-    let (code, text) = pgwctl(&eps, &args);
+    let (code, text) = pgwctl_admin(&eps, &args);
     assert_eq!(code, 0, "{text}");
     let mut spare = d.clone();
     for m in spare.members.iter_mut().filter(|m| m.name == "arbiter-d") {
@@ -248,11 +230,11 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
         |s| standing(s, "arbiter-d").as_deref() == Some("non_voter"),
     )
     .await;
-    let (code, text) = pgwctl(&eps, &["member", "promote", "room-a"]);
+    let (code, text) = pgwctl_admin(&eps, &["member", "promote", "room-a"]);
     assert_ne!(code, 0);
     assert!(text.contains("is not a spare"), "{text}");
     // ...then votes once promoted (four voters).
-    let (code, text) = pgwctl(&eps, &["member", "promote", "arbiter-d", "--wait"]);
+    let (code, text) = pgwctl_admin(&eps, &["member", "promote", "arbiter-d", "--wait"]);
     assert_eq!(code, 0, "{text}");
     let s = wait_until(&eps, Duration::from_secs(60), "arbiter-d votes", |s| {
         pgw_cli::member::settled(s, Some(("arbiter-d", true)), None)
@@ -265,7 +247,7 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     );
 
     // 2. Remove it again (the command waits until Raft has dropped it).
-    let (code, text) = pgwctl(&eps, &["member", "remove", "arbiter-d", "--wait"]);
+    let (code, text) = pgwctl_admin(&eps, &["member", "remove", "arbiter-d", "--wait"]);
     assert_eq!(code, 0, "{text}");
     let s = gather(&eps, Duration::from_secs(2)).await.expect("status");
     assert_eq!(standing(&s, "arbiter-d"), None);
@@ -273,7 +255,7 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     g.kill9(di);
 
     // Removing the primary's member is refused, naming what to do.
-    let (code, text) = pgwctl(&eps, &["member", "remove", &primary]);
+    let (code, text) = pgwctl_admin(&eps, &["member", "remove", &primary]);
     assert_ne!(code, 0);
     assert!(text.contains("switch it over first"), "{text}");
 
@@ -285,7 +267,7 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
     let mut args = vec!["member", "replace", "arbiter", "arbiter-e"];
     args.extend(rep.iter().map(String::as_str));
     let eps2: Vec<String> = g.endpoints_except("arbiter");
-    let (code, text) = pgwctl(&eps2, &args);
+    let (code, text) = pgwctl_admin(&eps2, &args);
     assert_eq!(code, 0, "{text}");
     join_member(&mut g, &e, &eps2);
     let s = wait_until(
@@ -372,7 +354,7 @@ async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
         dm.postgres.clone().unwrap_or_default(),
     ]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, text) = pgwctl(&eps, &argv);
+    let (code, text) = pgwctl_admin(&eps, &argv);
     assert_eq!(code, 0, "{text}");
     let di = join_member(&mut g, &d, &eps);
 
@@ -418,7 +400,7 @@ async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
         .await
         .expect("operation");
     assert_eq!(done.state, "succeeded", "{done:?}");
-    let (code, text) = pgwctl(&eps, &["member", "remove", "room-d", "--wait"]);
+    let (code, text) = pgwctl_admin(&eps, &["member", "remove", "room-d", "--wait"]);
     assert_eq!(code, 0, "{text}");
     g.kill9(di);
     g.signal_pg(di, libc::SIGKILL);

@@ -367,6 +367,42 @@ fn primary_room_healed_after_failover_rejoins_as_replica() {
     });
 }
 
+/// A member lost from an older generation comes back: `pgwctl member add` under node id `id`
+/// (its addresses as before), then its watcher started with that id and `--join`.
+async fn rejoin(bed: &Bed, i: usize, id: u64, eps: &[String]) {
+    let mut cfg = bed.hosts[i].cfg.clone();
+    let me = bed.name(i).to_string();
+    for m in cfg.members.iter_mut().filter(|m| m.name == me) {
+        m.id = id;
+    }
+    let m = cfg.me().expect("me").clone();
+    let spec = pgw_proto::MemberSpec {
+        name: m.name.clone(),
+        id,
+        role: m.role.to_string(),
+        grpc: m.grpc.clone(),
+        http: m.http.clone(),
+        room: m.room().to_string(),
+        postgres: m.postgres.clone().unwrap_or_default(),
+        pgpool: m.pgpool.clone().unwrap_or_default(),
+        pcp: m.pcp.clone().unwrap_or_default(),
+        priority: m.priority,
+        spare: false,
+    };
+    let r = pgw_cli::member::change(
+        eps,
+        pgw_proto::MemberChangeRequest {
+            member: Some(spec),
+            old: String::new(),
+            promote: String::new(),
+        },
+    )
+    .await
+    .expect("member add");
+    eprintln!("{}", r.result);
+    bed.start_watcher_with(i, Some(&cfg), &["--join", &eps[0]]);
+}
+
 /// Two of three rooms cut off at once, the primary's among them: the survivor decides nothing
 /// alone; the operator forces a new group on it (after the lost rooms were silent longer than
 /// the lease: the cut-off primary has fenced itself), writes resume through the survivor's
@@ -444,37 +480,7 @@ fn two_rooms_cut_off_forced_recovery_then_they_rejoin() {
 
         // Back through `member add` under new ids and `--join`.
         for (i, id) in [(pi, 11u64), (li, 12u64)] {
-            let mut cfg = bed.hosts[i].cfg.clone();
-            let me = bed.name(i).to_string();
-            for m in cfg.members.iter_mut().filter(|m| m.name == me) {
-                m.id = id;
-            }
-            let m = cfg.me().expect("me").clone();
-            let spec = pgw_proto::MemberSpec {
-                name: m.name.clone(),
-                id,
-                role: m.role.to_string(),
-                grpc: m.grpc.clone(),
-                http: m.http.clone(),
-                room: m.room().to_string(),
-                postgres: m.postgres.clone().unwrap_or_default(),
-                pgpool: m.pgpool.clone().unwrap_or_default(),
-                pcp: m.pcp.clone().unwrap_or_default(),
-                priority: m.priority,
-                spare: false,
-            };
-            let r = pgw_cli::member::change(
-                &eps_s,
-                pgw_proto::MemberChangeRequest {
-                    member: Some(spec),
-                    old: String::new(),
-                    promote: String::new(),
-                },
-            )
-            .await
-            .expect("member add");
-            eprintln!("{}", r.result);
-            bed.start_watcher_with(i, Some(&cfg), &["--join", &eps_s[0]]);
+            rejoin(&bed, i, id, &eps_s).await;
         }
         let r = chk.finish(&bed).await;
         r.print("two rooms cut off, forced recovery, rejoin");
@@ -579,35 +585,7 @@ fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
             Some(1),
             "the old generation's member must not start"
         );
-        let mut cfg = bed.hosts[pi].cfg.clone();
-        for m in cfg.members.iter_mut().filter(|m| m.name == p) {
-            m.id = 11;
-        }
-        let m = cfg.me().expect("me").clone();
-        let spec = pgw_proto::MemberSpec {
-            name: m.name.clone(),
-            id: 11,
-            role: m.role.to_string(),
-            grpc: m.grpc.clone(),
-            http: m.http.clone(),
-            room: m.room().to_string(),
-            postgres: m.postgres.clone().unwrap_or_default(),
-            pgpool: m.pgpool.clone().unwrap_or_default(),
-            pcp: m.pcp.clone().unwrap_or_default(),
-            priority: m.priority,
-            spare: false,
-        };
-        pgw_cli::member::change(
-            &eps_s,
-            pgw_proto::MemberChangeRequest {
-                member: Some(spec),
-                old: String::new(),
-                promote: String::new(),
-            },
-        )
-        .await
-        .expect("member add");
-        bed.start_watcher_with(pi, Some(&cfg), &["--join", &eps_s[0]]);
+        rejoin(&bed, pi, 11, &eps_s).await;
         let r = chk.finish(&bed).await;
         r.print("two rooms without an arbiter");
         r.assert_safe();

@@ -15,24 +15,6 @@ use pgw_cli::status::GroupStatus;
 use pgw_cli::writer::*;
 use pgw_core::{Config, Role};
 
-/// `pgwctl` as an operator runs it (admin certificate), printing what it said.
-fn pgwctl(eps: &[String], args: &[&str]) -> (i32, String) {
-    let out = Command::new(PGWCTL)
-        .args(pki().pgwctl_args("admin"))
-        .arg("--endpoints")
-        .arg(eps.join(","))
-        .args(args)
-        .output()
-        .expect("run pgwctl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("pgwctl {}: {text}", args.join(" "));
-    (out.status.code().unwrap_or(-1), text)
-}
-
 /// `pg-watcher --config FILE --force-new-group EXTRA...` as an operator runs it.
 fn force(g: &Group, i: usize, extra: &[&str]) -> (i32, String) {
     let out = Command::new(WATCHER)
@@ -106,6 +88,27 @@ fn add_args(cfg: &Config, id: u64) -> Vec<String> {
     .collect()
 }
 
+/// The writer every scenario runs: ids from 1, through whichever of `servers` takes them.
+fn writer_on(servers: Vec<String>, stop: &Arc<AtomicBool>) -> (Acks, tokio::task::JoinHandle<()>) {
+    spawn_writer_paced(
+        servers,
+        stop.clone(),
+        1,
+        200_000,
+        Duration::from_secs(300),
+        Duration::from_millis(5),
+    )
+}
+
+/// Waits (at most 30 s) for 20 writes acknowledged after `since`; `what` names the failure.
+async fn writes_resume(acks: &Acks, since: Instant, what: &str) {
+    let t0 = Instant::now();
+    while acks.count_after(since) < 20 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn voters(s: &GroupStatus) -> Vec<String> {
     let mut v: Vec<String> = s
         .members
@@ -135,14 +138,7 @@ async fn two_of_three_lost_forced_recovery_on_the_survivor_then_the_lost_rejoin(
     create_table(&g.pg_addr(pi)).await.expect("table");
     let servers: Vec<String> = (0..3).map(|i| g.pg_addr(i)).collect();
     let stop_writer = Arc::new(AtomicBool::new(false));
-    let (acks, writer) = spawn_writer_paced(
-        servers,
-        stop_writer.clone(),
-        1,
-        200_000,
-        Duration::from_secs(300),
-        Duration::from_millis(5),
-    );
+    let (acks, writer) = writer_on(servers, &stop_writer);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!acks.all().is_empty(), "writes flow before the loss");
 
@@ -210,14 +206,7 @@ async fn two_of_three_lost_forced_recovery_on_the_survivor_then_the_lost_rejoin(
     assert!(epoch_of(&s) > e0);
     assert_eq!(s.generation, 1);
     assert_eq!(voters(&s), vec![survivor.clone()]);
-    let t0 = Instant::now();
-    while acks.count_after(recovered) < 20 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "writes resume on the survivor"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    writes_resume(&acks, recovered, "writes resume on the survivor").await;
     // The survivor's room pgpool (its backend list unchanged: the lost stay, detached) sends
     // writes to the new primary.
     let pool = g.pgpool_addr(si);
@@ -290,7 +279,7 @@ async fn two_of_three_lost_forced_recovery_on_the_survivor_then_the_lost_rejoin(
     for (i, id) in [(li, 12u64), (pi, 11u64)] {
         let args = add_args(&g.members[i].cfg, id);
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, text) = pgwctl(&eps_s, &argv);
+        let (code, text) = pgwctl_admin(&eps_s, &argv);
         assert_eq!(code, 0, "{text}");
         rejoin(&mut g, i, id, &eps_s);
     }
@@ -337,7 +326,7 @@ async fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
     g.start_all();
     let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     assert!(s.automatic_failover_off.is_some(), "status says so plainly");
-    let (_, text) = pgwctl(&g.endpoints(), &["status"]);
+    let (_, text) = pgwctl_admin(&g.endpoints(), &["status"]);
     assert!(text.contains("AUTOMATIC FAILOVER OFF"), "{text}");
     let primary = primary_of(&s).expect("primary");
     let pi = g.index_of(&primary);
@@ -346,14 +335,7 @@ async fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
     create_table(&g.pg_addr(pi)).await.expect("table");
     let servers: Vec<String> = (0..2).map(|i| g.pg_addr(i)).collect();
     let stop_writer = Arc::new(AtomicBool::new(false));
-    let (acks, writer) = spawn_writer_paced(
-        servers,
-        stop_writer.clone(),
-        1,
-        200_000,
-        Duration::from_secs(300),
-        Duration::from_millis(5),
-    );
+    let (acks, writer) = writer_on(servers, &stop_writer);
 
     // 1. The standby room is lost: writes go on (degraded), also well past the lease.
     let fault = Instant::now();
@@ -361,14 +343,7 @@ async fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
     g.signal_pg(ri, libc::SIGKILL);
     tokio::time::sleep(Duration::from_secs(6)).await;
     let late = Instant::now();
-    let t0 = Instant::now();
-    while acks.count_after(late) < 20 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "writes stopped after losing the standby room"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    writes_resume(&acks, late, "writes stopped after losing the standby room").await;
     eprintln!(
         "two rooms: {} writes acknowledged with the standby room lost",
         acks.count_after(fault)
@@ -410,14 +385,7 @@ async fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
         },
     )
     .await;
-    let t0 = Instant::now();
-    while acks.count_after(recovered) < 20 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "writes resume in the standby room"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    writes_resume(&acks, recovered, "writes resume in the standby room").await;
     stop_writer.store(true, Ordering::Relaxed);
     let _ = writer.await;
     // The standby was synchronous when the primary room was lost: nothing acknowledged is lost.
@@ -488,14 +456,7 @@ async fn three_two_one_loses_the_main_room_and_the_cold_spare_restores_a_majorit
     create_table(&g.pg_addr(0)).await.expect("table");
     let servers: Vec<String> = (0..2).map(|i| g.pg_addr(i)).collect();
     let stop_writer = Arc::new(AtomicBool::new(false));
-    let (acks, writer) = spawn_writer_paced(
-        servers,
-        stop_writer.clone(),
-        1,
-        200_000,
-        Duration::from_secs(300),
-        Duration::from_millis(5),
-    );
+    let (acks, writer) = writer_on(servers, &stop_writer);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!acks.all().is_empty(), "writes flow");
 
@@ -544,14 +505,7 @@ async fn three_two_one_loses_the_main_room_and_the_cold_spare_restores_a_majorit
     )
     .await;
     assert_eq!(s.generation, 1);
-    let t0 = Instant::now();
-    while acks.count_after(recovered) < 20 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "writes resume in the standby room"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    writes_resume(&acks, recovered, "writes resume in the standby room").await;
     stop_writer.store(true, Ordering::Relaxed);
     let _ = writer.await;
     // room-b was the synchronous standby: nothing acknowledged is lost.

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,23 +15,6 @@ use pgw_cli::status::GroupStatus;
 use pgw_cli::writer::*;
 use pgw_core::config::StandbyOf;
 use pgw_core::{Config, Role};
-
-fn pgwctl(eps: &[String], args: &[&str]) -> (i32, String) {
-    let out = Command::new(PGWCTL)
-        .args(pki().pgwctl_args("admin"))
-        .arg("--endpoints")
-        .arg(eps.join(","))
-        .args(args)
-        .output()
-        .expect("run pgwctl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("pgwctl {}: {text}", args.join(" "));
-    (out.status.code().unwrap_or(-1), text)
-}
 
 /// The main group (room-a, room-b, arbiter-m on 127.0.0.11-13) and the standby group in the
 /// other region (dr-a, dr-b, arbiter-dr on 127.0.0.14-16), whose cluster is `standby_of` the
@@ -161,7 +143,7 @@ async fn a_standby_group_follows_the_main_group_and_is_promoted_when_the_main_re
     let leader = primary_of(&s).expect("standby leader");
     let li = dr.index_of(&leader);
     let other = 1 - li;
-    let (_, text) = pgwctl(&eps, &["status"]);
+    let (_, text) = pgwctl_admin(&eps, &["status"]);
     assert!(text.contains("STANDBY of cluster `global`"), "{text}");
     let sample: Vec<i64> = acks.all().iter().map(|a| a.id).collect();
     assert!(!sample.is_empty(), "writes flow on the main group");
@@ -225,7 +207,7 @@ async fn a_standby_group_follows_the_main_group_and_is_promoted_when_the_main_re
     .await;
 
     // Promotion is refused while the main group answers with a primary.
-    let (code, text) = pgwctl(&eps, &["promote-group"]);
+    let (code, text) = pgwctl_admin(&eps, &["promote-group"]);
     assert_ne!(code, 0);
     assert!(text.contains("the main group answers"), "{text}");
 
@@ -241,7 +223,7 @@ async fn a_standby_group_follows_the_main_group_and_is_promoted_when_the_main_re
         main.kill9(i);
         main.signal_pg(i, libc::SIGKILL);
     }
-    let (code, text) = pgwctl(&eps, &["promote-group"]);
+    let (code, text) = pgwctl_admin(&eps, &["promote-group"]);
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("had replicated up to") && text.contains(&p1),

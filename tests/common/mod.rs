@@ -726,3 +726,22 @@ pub async fn history(ep: &str, cluster: &str, limit: u32) -> Vec<pgw_proto::Hist
         .into_inner()
         .entries
 }
+
+/// `pgwctl --endpoints EPS ARGS` as an operator runs it (admin certificate), printing what it
+/// said: (exit code, stdout and stderr).
+pub fn pgwctl_admin(eps: &[String], args: &[&str]) -> (i32, String) {
+    let out = Command::new(PGWCTL)
+        .args(pki().pgwctl_args("admin"))
+        .arg("--endpoints")
+        .arg(eps.join(","))
+        .args(args)
+        .output()
+        .expect("run pgwctl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("pgwctl {}: {text}", args.join(" "));
+    (out.status.code().unwrap_or(-1), text)
+}
