@@ -9,13 +9,16 @@
 mod common;
 mod netbed;
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{epoch_of, node_role, primary_of};
 use netbed::checker::Checker;
-use netbed::{Bed, Layout};
-use pgw_cli::writer::{is_primary, wall_ms};
+use netbed::{Bed, Layout, Plan};
+use pgw_cli::writer::{ids_on, is_primary, wall_ms};
+use pgw_core::{MemberConfig, Role};
+use pgw_server::sidecar::observe::parse_lsn;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -590,5 +593,337 @@ fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
         r.print("two rooms without an arbiter");
         r.assert_safe();
         assert_eq!(r.final_primary, standby);
+    });
+}
+
+/// `pgwctl member add|replace` arguments naming member `m`'s id, role and addresses.
+fn member_args(m: &MemberConfig) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "--id".into(),
+        m.id.to_string(),
+        "--role".into(),
+        m.role.to_string(),
+        "--grpc".into(),
+        m.grpc.clone(),
+        "--http".into(),
+        m.http.clone(),
+        "--room".into(),
+        m.room().to_string(),
+    ];
+    for (flag, v) in [
+        ("--postgres", &m.postgres),
+        ("--pgpool", &m.pgpool),
+        ("--pcp", &m.pcp),
+    ] {
+        if let Some(v) = v {
+            a.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    a
+}
+
+fn standing(s: &pgw_cli::status::GroupStatus, name: &str) -> Option<String> {
+    s.members
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| m.standing.clone())
+}
+
+/// Runs `pgwctl ARGS` on the bed's group in the client namespace; panics unless it succeeds.
+async fn pgwctl_ok(bed: &Bed, args: &[String]) {
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, text) = bed.pgwctl(0, &argv).await;
+    assert_eq!(code, 0, "pgwctl {}: {text}", args.join(" "));
+}
+
+/// Membership changes across the bed's network under the checker's writers: a fourth voter is
+/// added (`pgwctl member add`, then its watcher with `--join`), then removed; the arbiter's host
+/// dies and a new host replaces it under a new name (`pgwctl member replace`). Throughout, no
+/// decision is taken (same primary, same epoch) and writes keep flowing through the primary's
+/// room's pgpool. Then the replacement's vote counts: the primary's room is cut off, and the
+/// other room with the new arbiter fails over. Nothing acknowledged is lost.
+#[test]
+fn members_added_removed_and_a_dead_arbiter_host_replaced_under_writers() {
+    let _s = serial();
+    let plan = Plan {
+        newcomers: vec![("arbiter-d", Role::Arbiter), ("arbiter-e", Role::Arbiter)],
+        standby_group: None,
+    };
+    // Two data rooms: the survivor of the final room loss commits alone (degraded mode).
+    let bed = Bed::start_plan(Layout::TwoRoomsArbiter, plan, |c| {
+        c.clusters[0].allow_degraded = true;
+        c.clusters[0].degrade_after_ms = 1000;
+    });
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let s = bed.wait_healthy(Duration::from_secs(120)).await;
+        let p = primary_of(&s).expect("primary");
+        let paddr = bed.hosts[bed.index_of(&p)].pg_addr();
+        let e0 = epoch_of(&s);
+        let join = bed
+            .data_members()
+            .iter()
+            .map(|i| bed.hosts[*i].grpc())
+            .collect::<Vec<_>>()
+            .join(",");
+        tokio::time::sleep(SETTLE).await;
+        let t0 = Instant::now();
+
+        // 1. A fourth voter joins across the network, then leaves.
+        let di = bed.index_of("arbiter-d");
+        let dm = bed.hosts[di].cfg.me().expect("arbiter-d").clone();
+        let mut add: Vec<String> = ["member", "add", "arbiter-d"].map(String::from).to_vec();
+        add.extend(member_args(&dm));
+        pgwctl_ok(&bed, &add).await;
+        bed.start_watcher_with(di, None, &["--join", &join]);
+        crate::common::wait_until(
+            &bed.endpoints(),
+            Duration::from_secs(60),
+            "arbiter-d votes",
+            |s| pgw_cli::member::settled(s, Some(("arbiter-d", true)), None),
+        )
+        .await;
+        let (_, text) = bed.pgwctl(0, &["status"]).await;
+        assert!(text.contains("arbiter-d"), "{text}");
+        pgwctl_ok(
+            &bed,
+            &["member", "remove", "arbiter-d", "--wait"].map(String::from),
+        )
+        .await;
+        bed.kill_watcher(di);
+        let s = bed.status().await.expect("status");
+        assert_eq!(standing(&s, "arbiter-d"), None, "{:?}", s.members);
+
+        // 2. The arbiter's host dies; a new host replaces it under a new name.
+        let ai = bed.index_of("arbiter");
+        bed.kill_room(ai);
+        let ei = bed.index_of("arbiter-e");
+        let em = bed.hosts[ei].cfg.me().expect("arbiter-e").clone();
+        let mut rep: Vec<String> = ["member", "replace", "arbiter", "arbiter-e"]
+            .map(String::from)
+            .to_vec();
+        rep.extend(member_args(&em));
+        pgwctl_ok(&bed, &rep).await;
+        bed.start_watcher_with(ei, None, &["--join", &join]);
+        let s = crate::common::wait_until(
+            &bed.endpoints(),
+            Duration::from_secs(60),
+            "arbiter-e replaces arbiter",
+            |s| pgw_cli::member::settled(s, Some(("arbiter-e", true)), Some("arbiter")),
+        )
+        .await;
+        let mut voters: Vec<String> = s
+            .members
+            .iter()
+            .filter(|m| m.standing == "voter")
+            .map(|m| m.name.clone())
+            .collect();
+        voters.sort();
+        assert_eq!(voters, vec!["arbiter-e", "room-a", "room-b"]);
+        assert_eq!(
+            (primary_of(&s), epoch_of(&s)),
+            (Some(p.clone()), e0),
+            "no decision during membership changes"
+        );
+        // Writes went on through the primary's room's pgpool the whole time.
+        let mut t = t0;
+        while t + Duration::from_secs(5) < Instant::now() {
+            assert!(
+                chk.first_via_pgpool(std::slice::from_ref(&p), &paddr, t)
+                    .is_some_and(|a| a.at < t + Duration::from_secs(5)),
+                "no write through {p}'s pgpool within 5 s of {:?} into the membership changes",
+                t - t0
+            );
+            t += Duration::from_secs(5);
+        }
+
+        // 3. The replacement's vote counts: the primary's room is cut off and replaced.
+        let (oi, ms) = cut_primary_room(&bed, &chk, false).await;
+        eprintln!(
+            "after the arbiter's replacement, {} was replaced in {ms} ms",
+            bed.name(oi)
+        );
+        bed.heal();
+        let r = chk.finish(&bed).await;
+        r.print("membership changes, then a room cut");
+        r.assert_safe();
+        assert_ne!(r.final_primary, p);
+        for want in [
+            "member arbiter-d added",
+            "member arbiter-d removed",
+            "member arbiter replaced by arbiter-e",
+        ] {
+            assert!(
+                r.history.iter().any(|h| h.contains(want)),
+                "history lacks `{want}`: {:?}",
+                r.history
+            );
+        }
+    });
+}
+
+/// `SELECT <f>` on `server` as an LSN (0 when it cannot be read).
+async fn lsn_of(server: &str, f: &str) -> u64 {
+    let Some(c) = pgw_cli::writer::connect(server).await else {
+        return 0;
+    };
+    match c.query_one(&format!("SELECT {f}::text"), &[]).await {
+        Ok(row) => row
+            .get::<_, Option<String>>(0)
+            .as_deref()
+            .and_then(parse_lsn)
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Inserts one new id through `via` (a pgpool) into the table of the primary `primary`.
+async fn insert_one(via: &str, primary: &str) -> i64 {
+    let id = pgw_cli::writer::next_id(primary).await;
+    let c = pgw_cli::writer::try_connect(via)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {via}: {e}"));
+    c.execute("INSERT INTO acked (id) VALUES ($1)", &[&id])
+        .await
+        .unwrap_or_else(|e| panic!("insert through {via}: {e}"));
+    id
+}
+
+/// The standby group's leader streams from `main_primary`, its other server from it.
+fn standby_leader_streams_from(s: &pgw_cli::status::GroupStatus, main_primary: &str) -> bool {
+    let Some(c) = s.clusters.first() else {
+        return false;
+    };
+    let Some(leader) = &c.primary else {
+        return false;
+    };
+    c.standby
+        .as_ref()
+        .is_some_and(|sb| sb.upstream.as_deref() == Some(main_primary))
+        && node_role(s, leader).as_deref() == Some("standby_leader")
+        && c.nodes
+            .iter()
+            .filter(|n| &n.member != leader)
+            .all(|n| n.role == "replica")
+        && c.nodes.len() == 2
+}
+
+/// A standby group in another region (seed 000's non-region pair) on the bed's network, beside
+/// a three-room main group under the checker's writers. Its standby leader streams from the
+/// main primary; the main primary's room is cut off, the main group fails over and the standby
+/// group follows the new primary. `pgwctl promote-group` is refused while the main group
+/// answers; then the main region is cut off from the standby region (its own clients still
+/// reach it: it goes on), and the command promotes the standby group, naming the position it
+/// had replicated: at least the main primary's WAL position from before the cut, once the
+/// standby had replayed it, and every write acknowledged before that is on the new primary. The
+/// promoted group takes writes through its own pgpool, stays promoted when the regions are
+/// joined again, and the main group lost nothing.
+#[test]
+fn standby_group_follows_the_main_failover_and_is_promoted_when_the_main_region_is_cut_off() {
+    let _s = serial();
+    let plan = Plan {
+        newcomers: Vec::new(),
+        standby_group: Some(Layout::TwoRoomsArbiter),
+    };
+    let bed = Bed::start_plan(Layout::ThreeRooms, plan, |_| {});
+    bed.run(|| async {
+        let chk = Checker::start(&bed).await;
+        let s = bed.wait_healthy(Duration::from_secs(120)).await;
+        let p0 = primary_of(&s).expect("main primary");
+        let dr = bed.group_endpoints(1);
+        crate::common::wait_until(&dr, Duration::from_secs(120), "the standby group streams", |s| {
+            standby_leader_streams_from(s, &p0)
+        })
+        .await;
+        let (_, text) = bed.pgwctl(1, &["status"]).await;
+        assert!(text.contains("STANDBY of cluster `global`"), "{text}");
+
+        // The main primary's room is cut off: the main group fails over, the standby follows.
+        let (oi, _) = cut_primary_room(&bed, &chk, false).await;
+        let s = crate::common::wait_until(
+            &bed.endpoints(),
+            Duration::from_secs(60),
+            "a new main primary",
+            |s| primary_of(s).is_some_and(|p| p != p0),
+        )
+        .await;
+        let p1 = primary_of(&s).expect("new main primary");
+        let t1 = Instant::now();
+        let s = crate::common::wait_until(&dr, Duration::from_secs(60), "the standby group follows", |s| {
+            standby_leader_streams_from(s, &p1)
+        })
+        .await;
+        eprintln!(
+            "standby group followed {p0} -> {p1} {} ms after the new primary was seen",
+            t1.elapsed().as_millis()
+        );
+        let leader = primary_of(&s).expect("standby leader");
+        let li = bed.index_of(&leader);
+        bed.heal();
+        bed.wait_healthy(Duration::from_secs(120)).await;
+        eprintln!("{} rejoined the main group", bed.name(oi));
+
+        // Refused while the main group answers with a primary.
+        let (code, text) = bed.pgwctl(1, &["promote-group"]).await;
+        assert_ne!(code, 0);
+        assert!(text.contains("the main group answers"), "{text}");
+
+        // What the standby must hold before the cut: everything acknowledged up to a WAL
+        // position of the main primary it has replayed.
+        let main_addr = bed.hosts[bed.index_of(&p1)].pg_addr();
+        let before: Vec<i64> = chk.acks().iter().map(|a| a.id).collect();
+        let mark = lsn_of(&main_addr, "pg_current_wal_lsn()").await;
+        let dr_addr = bed.hosts[li].pg_addr();
+        let t0 = Instant::now();
+        while lsn_of(&dr_addr, "pg_last_wal_replay_lsn()").await < mark {
+            assert!(t0.elapsed() < Duration::from_secs(30), "the standby leader replays {mark:X}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // The main region is cut off from the standby region.
+        let main = bed.group_hosts(0);
+        let standby = bed.group_hosts(1);
+        bed.cut_between(&main, &standby);
+        let (code, text) = bed.pgwctl(1, &["promote-group"]).await;
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains("had replicated up to") && text.contains(&p1), "{text}");
+        let reported = text
+            .split("had replicated up to ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(parse_lsn)
+            .unwrap_or_else(|| panic!("no position in {text}"));
+        assert!(reported >= mark, "reported {reported:X} < {mark:X} it had replayed");
+        let s = crate::common::wait_until(&dr, Duration::from_secs(60), "the promoted group runs", |s| {
+            s.clusters.first().is_some_and(|c| c.standby.is_none())
+                && node_role(s, &leader).as_deref() == Some("primary")
+                && s.clusters[0]
+                    .nodes
+                    .iter()
+                    .any(|n| n.member != leader && n.role == "sync_replica")
+        })
+        .await;
+        assert_eq!(primary_of(&s).as_deref(), Some(leader.as_str()));
+        let on: BTreeSet<i64> = ids_on(&dr_addr).await.into_iter().collect();
+        let missing: Vec<&i64> = before.iter().filter(|i| !on.contains(i)).collect();
+        assert!(missing.is_empty(), "replicated before the cut, missing after promotion: {missing:?}");
+        // It takes writes through its own pgpool.
+        let pool = bed.hosts[li].pgpool_addr();
+        let id = insert_one(&pool, &dr_addr).await;
+        assert!(ids_on(&dr_addr).await.contains(&id));
+
+        // The regions are joined again: the promoted group stays promoted.
+        bed.heal();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(is_primary(&dr_addr).await, Some(true), "{leader} stays a primary");
+        let s = pgw_cli::status::gather(&dr, Duration::from_secs(2)).await.expect("status");
+        assert!(s.clusters[0].standby.is_none(), "the promoted group follows nobody");
+        let r = chk.finish(&bed).await;
+        r.print("standby group: follow, region cut, promotion");
+        r.assert_safe();
+        eprintln!(
+            "standby group: followed {p0} -> {p1}; promoted at {reported:X} (replayed {mark:X} before the cut); {} of the main group's ids on it",
+            on.len()
+        );
     });
 }

@@ -17,8 +17,8 @@ pub const WATCHER: &str = env!("CARGO_BIN_EXE_pg-watcher");
 pub const PGWCTL: &str = env!("CARGO_BIN_EXE_pgwctl");
 
 /// The certificates of every group this test process starts: one CA, a certificate per member
-/// name (valid for every address the harnesses use: 127.0.0.1, 127.0.0.11-16 and the network
-/// bed's 10.99.0.11-16) and one client certificate per operator role (`test-read`,
+/// name (valid for every address the harnesses use: 127.0.0.1, 127.0.0.11-20 and the network
+/// bed's 10.99.0.11-20) and one client certificate per operator role (`test-read`,
 /// `test-operate`, `test-admin`). Made once per process; the `admin` client is the default
 /// credential of the pgwctl library calls the tests make.
 pub struct Pki {
@@ -60,7 +60,7 @@ impl Pki {
             return x.clone();
         }
         let mut hosts = vec!["127.0.0.1".to_string()];
-        for i in 11..=16 {
+        for i in 11..=20 {
             hosts.push(format!("127.0.0.{i}"));
             hosts.push(format!("10.99.0.{i}"));
         }

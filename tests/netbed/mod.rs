@@ -72,8 +72,25 @@ impl Layout {
     }
 }
 
+/// What a bed holds besides one group of its layout.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Hosts on the bed's network that are not members at bootstrap (name, role): each has a
+    /// config file naming itself (the first member's, with its own entry added) and is started
+    /// by the test, with `--join`, after `pgwctl member add`. Node id: host index + 1.
+    pub newcomers: Vec<(&'static str, Role)>,
+    /// A second group in another region (members `dr-a`, `dr-b`, `arbiter-dr` or `dr-c`,
+    /// cluster id `netbed-dr`) whose cluster is `standby_of` the first group's; the first group
+    /// lets its members read its status.
+    pub standby_group: Option<Layout>,
+}
+
 /// One member: a host (namespace) with its watcher, and for data members postgres + pgpool.
 pub struct Host {
+    /// 0: the bed's group; 1: the standby group of [`Plan::standby_group`].
+    pub group: usize,
+    /// Not a member at bootstrap (see [`Plan::newcomers`]): not started with the bed.
+    pub newcomer: bool,
     pub ns: String,
     pub ip: String,
     pub port: String,
@@ -218,10 +235,50 @@ impl Bed {
 
     /// [`Bed::start`] with every member's config changed by `f` first.
     pub fn start_with(layout: Layout, f: impl Fn(&mut Config)) -> Bed {
+        Self::start_plan(layout, Plan::default(), f)
+    }
+
+    /// A bed of `layout` with the extra hosts of `plan`; `f` changes every config first (the
+    /// standby group's and the newcomers' too).
+    pub fn start_plan(layout: Layout, plan: Plan, f: impl Fn(&mut Config)) -> Bed {
         let (prefix, dir) = Self::prepare();
-        let mut cfgs = configs(dir.path(), layout);
+        let names = layout_names(layout, "room-", "arbiter");
+        let mut cfgs = configs(dir.path(), "netbed", &names, 0);
+        let mut groups = vec![0; cfgs.len()];
+        let mut newcomers = vec![false; cfgs.len()];
+        if let Some(dr) = plan.standby_group {
+            let names = layout_names(dr, "dr-", "arbiter-dr");
+            let main_eps: Vec<String> = cfgs[0].members.iter().map(|m| m.grpc.clone()).collect();
+            for c in cfgs.iter_mut() {
+                c.auth.read.extend(names.iter().map(|(n, _)| n.clone()));
+            }
+            let mut more = configs(dir.path(), "netbed-dr", &names, cfgs.len());
+            for c in more.iter_mut() {
+                c.clusters[0].standby_of = Some(pgw_core::config::StandbyOf {
+                    endpoints: main_eps.clone(),
+                    cluster: None,
+                    poll_ms: 300,
+                });
+            }
+            groups.extend(more.iter().map(|_| 1));
+            newcomers.extend(more.iter().map(|_| false));
+            cfgs.extend(more);
+        }
+        for (name, role) in &plan.newcomers {
+            // The group's bootstrap list plus itself (the group's list replaces it on joining).
+            let mut members = cfgs[0].members.clone();
+            members.push(member_entry(name, *role, cfgs.len()));
+            let c = member_config(dir.path(), "netbed", name, *role, members);
+            groups.push(0);
+            newcomers.push(true);
+            cfgs.push(c);
+        }
         cfgs.iter_mut().for_each(f);
-        Self::start_from(layout, prefix, dir, cfgs, None)
+        for c in &cfgs {
+            c.validate()
+                .unwrap_or_else(|e| panic!("{}: invalid bed config: {e}", c.member));
+        }
+        Self::start_from(layout, prefix, dir, cfgs, None, groups, newcomers)
     }
 
     fn prepare() -> (String, tempfile::TempDir) {
@@ -366,6 +423,8 @@ impl Bed {
             dir,
             cfgs,
             Some(("postgres".into(), watcher)),
+            vec![0; members.len()],
+            vec![false; members.len()],
         );
         let ops = bed.dir.path().join("pki");
         (bed, ops)
@@ -377,6 +436,8 @@ impl Bed {
         dir: tempfile::TempDir,
         cfgs: Vec<Config>,
         shipped: Option<(String, PathBuf)>,
+        groups: Vec<usize>,
+        newcomers: Vec<bool>,
     ) -> Bed {
         let sw_ns = format!("{prefix}-sw");
         let client_ns = format!("{prefix}-client");
@@ -386,6 +447,8 @@ impl Bed {
             .map(|(i, cfg)| {
                 let base = dir.path().join(&cfg.member);
                 Host {
+                    group: groups[i],
+                    newcomer: newcomers[i],
                     ns: format!("{prefix}-{}", cfg.member),
                     ip: format!("10.99.0.{}", 11 + i),
                     port: format!("h{i}"),
@@ -413,7 +476,9 @@ impl Bed {
         };
         bed.build_network();
         for i in 0..bed.hosts.len() {
-            bed.start_watcher(i);
+            if !bed.hosts[i].newcomer {
+                bed.start_watcher(i);
+            }
         }
         bed
     }
@@ -489,14 +554,56 @@ impl Bed {
         self.hosts[i].name()
     }
 
+    /// The bed's group's data members at bootstrap (the ones the checker writes through).
     pub fn data_members(&self) -> Vec<usize> {
         (0..self.hosts.len())
-            .filter(|i| self.hosts[*i].is_data())
+            .filter(|i| {
+                let h = &self.hosts[*i];
+                h.is_data() && h.group == 0 && !h.newcomer
+            })
             .collect()
     }
 
+    /// gRPC endpoints of the bed's group (newcomers included: one not started refuses at
+    /// once, and `gather` takes the member list from the first that answers).
     pub fn endpoints(&self) -> Vec<String> {
-        self.hosts.iter().map(|h| h.grpc()).collect()
+        self.group_endpoints(0)
+    }
+
+    /// The hosts of group `g` (0: the bed's, 1: the standby group).
+    pub fn group_hosts(&self, g: usize) -> Vec<usize> {
+        (0..self.hosts.len())
+            .filter(|i| self.hosts[*i].group == g)
+            .collect()
+    }
+
+    pub fn group_endpoints(&self, g: usize) -> Vec<String> {
+        self.group_hosts(g)
+            .into_iter()
+            .map(|i| self.hosts[i].grpc())
+            .collect()
+    }
+
+    /// Runs `pgwctl` (admin credentials, `--endpoints` of group `g`) in the client namespace;
+    /// its exit code and output.
+    pub async fn pgwctl(&self, g: usize, args: &[&str]) -> (i32, String) {
+        let out = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &self.client_ns])
+            .arg(crate::common::PGWCTL)
+            .args(crate::common::pki().pgwctl_args("admin"))
+            .arg("--endpoints")
+            .arg(self.group_endpoints(g).join(","))
+            .args(args)
+            .output()
+            .await
+            .expect("run pgwctl in the client namespace");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("pgwctl {}: {text}", args.join(" "));
+        (out.status.code().unwrap_or(-1), text)
     }
 
     /// The member whose postgres listens on `addr` (`ip:port`).
@@ -547,6 +654,21 @@ impl Bed {
                 }
                 g.insert((i, j));
                 g.insert((j, i));
+            }
+        }
+        self.apply_rules();
+    }
+
+    /// Cuts every link between a host of `a` and a host of `b` (both ways; the client namespace
+    /// is [`Bed::client`]).
+    pub fn cut_between(&self, a: &[usize], b: &[usize]) {
+        {
+            let mut g = self.blocked.lock().expect("blocked");
+            for x in a {
+                for y in b {
+                    g.insert((*x, *y));
+                    g.insert((*y, *x));
+                }
             }
         }
         self.apply_rules();
@@ -896,92 +1018,116 @@ impl Drop for Bed {
     }
 }
 
-/// Member configs of `layout`: member i on 10.99.0.(11+i) in its own namespace, fixed ports
-/// (each namespace has its own), postgres reachable from the bed's subnet only.
-fn configs(dir: &Path, layout: Layout) -> Vec<Config> {
-    let pass = dir.join("pcp.pass");
-    fs::write(&pass, "pcp-test-secret\n").expect("write pcp password");
-    fs::set_permissions(&pass, fs::Permissions::from_mode(0o600)).expect("chmod");
-    let members: Vec<MemberConfig> = layout
+/// (name, role) of each member of `layout`: data members `<room>a`, `<room>b`...; the arbiter
+/// `arbiter`.
+fn layout_names(layout: Layout, room: &str, arbiter: &str) -> Vec<(String, Role)> {
+    layout
         .roles()
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let ip = format!("10.99.0.{}", 11 + i);
-            let data = *r == Role::Data;
-            MemberConfig {
-                name: match r {
-                    Role::Data => format!("room-{}", (b'a' + i as u8) as char),
-                    Role::Arbiter => "arbiter".to_string(),
-                    Role::Sidecar => format!("sidecar-{}", (b'a' + i as u8) as char),
-                },
-                id: i as u64 + 1,
-                role: *r,
-                grpc: format!("{ip}:{GRPC_PORT}"),
-                http: format!("{ip}:{HTTP_PORT}"),
-                priority: 100,
-                postgres: data.then(|| format!("{ip}:{PG_PORT}")),
-                pgpool: data.then(|| format!("{ip}:{PGPOOL_PORT}")),
-                pcp: data.then(|| format!("{ip}:{PCP_PORT}")),
-                room: None,
-                spare: false,
-            }
+            let n = match r {
+                Role::Arbiter => arbiter.to_string(),
+                _ => format!("{room}{}", (b'a' + i as u8) as char),
+            };
+            (n, r)
         })
+        .collect()
+}
+
+/// The member entry of host `i`: on 10.99.0.(11+i) in its own namespace, node id i + 1, fixed
+/// ports (each namespace has its own).
+fn member_entry(name: &str, role: Role, i: usize) -> MemberConfig {
+    let ip = format!("10.99.0.{}", 11 + i);
+    let data = role == Role::Data;
+    MemberConfig {
+        name: name.to_string(),
+        id: i as u64 + 1,
+        role,
+        grpc: format!("{ip}:{GRPC_PORT}"),
+        http: format!("{ip}:{HTTP_PORT}"),
+        priority: 100,
+        postgres: data.then(|| format!("{ip}:{PG_PORT}")),
+        pgpool: data.then(|| format!("{ip}:{PGPOOL_PORT}")),
+        pcp: data.then(|| format!("{ip}:{PCP_PORT}")),
+        room: None,
+        spare: false,
+    }
+}
+
+/// Member configs of one group (`names`, hosts `first..`), postgres reachable from the bed's
+/// subnet only.
+fn configs(dir: &Path, cluster_id: &str, names: &[(String, Role)], first: usize) -> Vec<Config> {
+    let members: Vec<MemberConfig> = names
+        .iter()
+        .enumerate()
+        .map(|(i, (n, r))| member_entry(n, *r, first + i))
         .collect();
     members
         .iter()
-        .map(|m| {
-            let data = m.role == Role::Data;
-            Config {
-                cluster_id: "netbed".to_string(),
-                member: m.name.clone(),
-                data_dir: dir.join(&m.name).join("data"),
-                members: members.clone(),
-                listen: ListenConfig::default(),
-                raft: RaftConfig::default(),
-                clusters: pgw_core::config::defaults::clusters(),
-                active_cluster: None,
-                log: LogConfig {
-                    level: "info,openraft=warn".into(),
-                },
-                postgres: data
-                    .then(|| pgw_core::config::PostgresConfig {
-                        hba: vec![
-                            "local all all trust".into(),
-                            "host all all 127.0.0.0/8 trust".into(),
-                            format!("host all all {SUBNET} trust"),
-                            format!("host replication all {SUBNET} trust"),
-                        ],
-                        settings: vec![
-                            "shared_buffers = '16MB'".into(),
-                            "max_connections = 40".into(),
-                        ],
-                        ..pgw_core::config::PostgresConfig::new(
-                            dir.join(&m.name).join("pg").join("data"),
-                        )
-                    })
-                    .into_iter()
-                    .collect(),
-                failover: Default::default(),
-                tls: crate::common::pki().tls(&m.name),
-                auth: crate::common::pki().auth(),
-                hooks: Vec::new(),
-                generation: 0,
-                pools: Default::default(),
-                pgpool: Some(PgpoolConfig {
-                    manage: data,
-                    bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),
-                    work_dir: data.then(|| dir.join(&m.name).join("pgpool")),
-                    os_user: "postgres".into(),
-                    pcp_user: "pgwatcher".into(),
-                    check_user: None,
-                    pcp_password_file: pass.clone(),
-                    check_interval_ms: 1000,
-                    settings: vec![],
-                }),
-            }
-        })
+        .map(|m| member_config(dir, cluster_id, &m.name, m.role, members.clone()))
         .collect()
+}
+
+fn member_config(
+    dir: &Path,
+    cluster_id: &str,
+    name: &str,
+    role: Role,
+    members: Vec<MemberConfig>,
+) -> Config {
+    let pass = dir.join("pcp.pass");
+    if !pass.exists() {
+        fs::write(&pass, "pcp-test-secret\n").expect("write pcp password");
+        fs::set_permissions(&pass, fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let data = role == Role::Data;
+    Config {
+        cluster_id: cluster_id.to_string(),
+        member: name.to_string(),
+        data_dir: dir.join(name).join("data"),
+        members,
+        listen: ListenConfig::default(),
+        raft: RaftConfig::default(),
+        clusters: pgw_core::config::defaults::clusters(),
+        active_cluster: None,
+        log: LogConfig {
+            level: "info,openraft=warn".into(),
+        },
+        postgres: data
+            .then(|| pgw_core::config::PostgresConfig {
+                hba: vec![
+                    "local all all trust".into(),
+                    "host all all 127.0.0.0/8 trust".into(),
+                    format!("host all all {SUBNET} trust"),
+                    format!("host replication all {SUBNET} trust"),
+                ],
+                settings: vec![
+                    "shared_buffers = '16MB'".into(),
+                    "max_connections = 40".into(),
+                ],
+                ..pgw_core::config::PostgresConfig::new(dir.join(name).join("pg").join("data"))
+            })
+            .into_iter()
+            .collect(),
+        failover: Default::default(),
+        tls: crate::common::pki().tls(name),
+        auth: crate::common::pki().auth(),
+        hooks: Vec::new(),
+        generation: 0,
+        pools: Default::default(),
+        pgpool: Some(PgpoolConfig {
+            manage: data,
+            bin_dir: pgw_core::config::defaults::pgpool_bin_dir(),
+            work_dir: data.then(|| dir.join(name).join("pgpool")),
+            os_user: "postgres".into(),
+            pcp_user: "pgwatcher".into(),
+            check_user: None,
+            pcp_password_file: pass,
+            check_interval_ms: 1000,
+            settings: vec![],
+        }),
+    }
 }
 
 // ----- status helpers (run inside `Bed::run`) -----
