@@ -837,6 +837,7 @@ fn standby_group_follows_the_main_failover_and_is_promoted_when_the_main_region_
         .await;
         let (_, text) = bed.pgwctl(1, &["status"]).await;
         assert!(text.contains("STANDBY of cluster `global`"), "{text}");
+        assert!(!text.contains("DEGRADED"), "a standby cluster commits nothing: {text}");
 
         // The main primary's room is cut off: the main group fails over, the standby follows.
         let (oi, _) = cut_primary_room(&bed, &chk, false).await;

@@ -1132,7 +1132,10 @@ impl admin_server::Admin for AdminService {
                             .collect()
                     },
                     history_len: f.map(|f| f.history.len() as u64).unwrap_or(0),
-                    degraded: f
+                    // A standby cluster commits nothing of its own (its distance from the main
+                    // group is the lag shown with it): never degraded.
+                    degraded: f.is_none_or(|f| f.standby.is_none())
+                        && (f
                         .and_then(|f| f.primary.as_ref())
                         .and_then(|p| s.leader.reports(&c.name).get(p).map(|(o, _)| o.degraded))
                         .unwrap_or(false)
@@ -1150,7 +1153,7 @@ impl admin_server::Admin for AdminService {
                                 && !f.sync_standbys.iter().any(|m| {
                                     reports.get(m).is_some_and(|(o, _)| o.flush_lsn >= f.resync_lsn)
                                 })
-                        }),
+                        })),
                     waiting_for: s.leader.waiting(&c.name).unwrap_or_default(),
                     pgpool: s
                         .pgpool

@@ -56,73 +56,81 @@ pub async fn standby_loop(s: Shared) {
     }
 }
 
-/// Asks the main group's members (its leader's answer preferred: it has the WAL positions)
-/// where the primary of `ours`'s cluster is.
+/// Asks the main group's members, all at once (a region cut off blackholes every one of them:
+/// asked in turn they would add up their timeouts), where the primary of `ours`'s cluster is.
+/// Its leader's answer is preferred (it has the WAL positions), then the newest epoch.
 pub async fn read_main(s: &Shared, so: &StandbyOf, ours: &str) -> MainView {
-    let theirs = so.cluster_of(ours);
-    let mut best: Option<MainView> = None;
-    let mut errors = Vec::new();
-    for ep in &so.endpoints {
+    let theirs = so.cluster_of(ours).to_string();
+    let mut asks = tokio::task::JoinSet::new();
+    for ep in so.endpoints.clone() {
         let tls = s.tls.clone();
-        let ch = match crate::tls::channel(
-            ep,
-            None,
-            std::sync::Arc::new(move || tls.current().client.clone()),
-            Duration::from_millis(800),
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                errors.push(format!("{ep}: {e}"));
-                continue;
-            }
-        };
-        let mut req = tonic::Request::new(pgw_proto::StatusRequest {});
-        req.set_timeout(Duration::from_secs(2));
-        let reply = match AdminClient::new(ch).status(req).await {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                errors.push(format!("{ep}: {}", e.message()));
-                continue;
-            }
-        };
-        let Some(c) = reply.clusters.iter().find(|c| c.name == theirs) else {
-            errors.push(format!("{ep}: the main group has no cluster `{theirs}`"));
-            continue;
-        };
-        let upstream = (!c.primary.is_empty() && !c.primary_address.is_empty()).then(|| Upstream {
-            member: c.primary.clone(),
-            postgres: c.primary_address.clone(),
-            epoch: c.epoch,
+        let theirs = theirs.clone();
+        asks.spawn(async move {
+            let ch = crate::tls::channel(
+                &ep,
+                None,
+                std::sync::Arc::new(move || tls.current().client.clone()),
+                Duration::from_millis(800),
+            )
+            .map_err(|e| format!("{ep}: {e}"))?;
+            let mut req = tonic::Request::new(pgw_proto::StatusRequest {});
+            req.set_timeout(MAIN_TIMEOUT);
+            let reply = AdminClient::new(ch)
+                .status(req)
+                .await
+                .map_err(|e| format!("{ep}: {}", e.message()))?
+                .into_inner();
+            let Some(c) = reply.clusters.iter().find(|c| c.name == theirs) else {
+                return Err(format!("{ep}: the main group has no cluster `{theirs}`"));
+            };
+            let upstream =
+                (!c.primary.is_empty() && !c.primary_address.is_empty()).then(|| Upstream {
+                    member: c.primary.clone(),
+                    postgres: c.primary_address.clone(),
+                    epoch: c.epoch,
+                });
+            let lsn = c
+                .nodes
+                .iter()
+                .find(|n| n.member == c.primary)
+                .and_then(|n| parse_lsn(&n.lsn));
+            let view = MainView {
+                upstream,
+                lsn,
+                reachable: true,
+                error: String::new(),
+            };
+            Ok((reply.raft_state == "leader", view))
         });
-        let lsn = c
-            .nodes
-            .iter()
-            .find(|n| n.member == c.primary)
-            .and_then(|n| parse_lsn(&n.lsn));
-        let view = MainView {
-            upstream,
-            lsn,
-            reachable: true,
-            error: String::new(),
-        };
-        let leads = reply.raft_state == "leader";
-        let newer = best.as_ref().is_none_or(|b| {
-            b.upstream.as_ref().map(|u| u.epoch) < view.upstream.as_ref().map(|u| u.epoch)
-        });
-        if leads || newer {
-            best = Some(view);
-        }
-        if leads {
-            break;
+    }
+    let mut best: Option<(bool, MainView)> = None;
+    let mut errors = Vec::new();
+    while let Some(r) = asks.join_next().await {
+        match r {
+            Ok(Ok((leads, view))) => {
+                let epoch = |v: &MainView| v.upstream.as_ref().map(|u| u.epoch);
+                let better = best
+                    .as_ref()
+                    .is_none_or(|(bl, b)| (leads, epoch(&view)) > (*bl, epoch(b)));
+                if better {
+                    best = Some((leads, view));
+                }
+            }
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(format!("asking the main group: {e}")),
         }
     }
-    best.unwrap_or(MainView {
+    errors.sort();
+    best.map(|(_, v)| v).unwrap_or(MainView {
         upstream: None,
         lsn: None,
         reachable: false,
         error: errors.join("; "),
     })
 }
+
+/// How long one main-group member may take to answer (the connection gets 0.8 s of it).
+const MAIN_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// The standby status of cluster `name` for `pgwctl status` (figures from the leader).
 pub fn status(s: &Shared, name: &str) -> Option<pgw_proto::StandbyStatus> {
