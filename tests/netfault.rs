@@ -524,16 +524,29 @@ fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
         let paddr = bed.hosts[pi].pg_addr();
         tokio::time::sleep(SETTLE).await;
 
-        // 1. The standby room is cut off: writes to the primary go on, past the lease. (Through
-        // its room's pgpool they wait until the standby room is back: with no majority there is
-        // no leader to detach the lost backend there; see the README's known issues.)
+        // 1. The standby room is cut off: writes to the primary go on, past the lease, straight
+        // and through its room's pgpool (which the primary's member narrows itself: no leader
+        // can, with one voter of two).
+        let tc = Instant::now();
         bed.cut_off(ri, false);
+        let w = chk
+            .wait_write_via(std::slice::from_ref(&p), None, tc, Duration::from_secs(30))
+            .await;
+        eprintln!(
+            "two rooms, standby room cut off: writes through {p}'s pgpool {} ms after the cut",
+            (w.at - tc).as_millis()
+        );
         tokio::time::sleep(Duration::from_secs(5)).await;
         let late = Instant::now();
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(
             chk.acks().iter().any(|a| a.at > late && a.backend == paddr),
             "writes to {p} stopped with the standby room cut off"
+        );
+        assert!(
+            chk.first_via_pgpool(std::slice::from_ref(&p), &paddr, late)
+                .is_some(),
+            "writes through {p}'s pgpool stopped with the standby room cut off"
         );
         bed.heal();
         bed.wait_healthy(Duration::from_secs(120)).await;

@@ -251,6 +251,19 @@ impl Target {
     }
 }
 
+/// The one thing a room does to its own pgpool without a leader: while its primary runs
+/// narrowed on its own (degraded where nothing can replace it, so there is no group to
+/// decide), every other backend that pgpool still uses and that does not answer (`answers[i]`
+/// false) is detached, so that new sessions do not wait on a lost server. Never the room's own
+/// backend `own`, never an attach or a promote: that stays with the leader, which attaches
+/// a replica again once it serves (and it answers then, so the two never undo each other).
+pub fn narrow_locally(own: usize, view: &[PoolNode], answers: &[bool]) -> Option<PcpAction> {
+    view.iter().enumerate().find_map(|(i, n)| {
+        (i != own && n.status.attached() && !answers.get(i).copied().unwrap_or(true))
+            .then_some(PcpAction::Detach(i))
+    })
+}
+
 /// The backend pgpool currently sends writes to (attached and primary), if any.
 pub fn pool_primary(view: &[PoolNode]) -> Option<usize> {
     view.iter().position(|n| n.primary && n.status.attached())
@@ -469,6 +482,47 @@ mod tests {
                 if Some(i) != primary && t.health[i] == Health::Down && v.status.attached() && !transition {
                     prop_assert!(v.primary && really.is_none());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_room_narrows_its_own_pgpool_to_what_answers_and_nothing_more() {
+        use PoolStatus::*;
+        let view = [node(Up, true), node(Waiting, false), node(Down, false)];
+        // Everything answers: nothing to do.
+        assert_eq!(narrow_locally(0, &view, &[true, true, true]), None);
+        // The lost standby is detached; one already down is left alone.
+        assert_eq!(
+            narrow_locally(0, &view, &[true, false, false]),
+            Some(PcpAction::Detach(1))
+        );
+        // Never the room's own backend, even when it does not answer (it is the primary).
+        assert_eq!(narrow_locally(0, &view, &[false, true, true]), None);
+        // Unknown (no answer recorded) counts as answering: nothing is detached on a guess.
+        assert_eq!(narrow_locally(0, &view, &[true]), None);
+    }
+
+    proptest! {
+        /// Whatever pgpool shows and whoever answers, the local rule only ever detaches a node
+        /// other than the room's own that is attached and did not answer.
+        #[test]
+        fn narrowing_locally_only_detaches_silent_others(
+            codes in proptest::collection::vec((0i64..5, any::<bool>(), any::<bool>()), 1..5),
+            own in 0usize..5,
+        ) {
+            let view: Vec<PoolNode> =
+                codes.iter().map(|(c, p, _)| node(PoolStatus::from_code(*c), *p)).collect();
+            let answers: Vec<bool> = codes.iter().map(|(_, _, a)| *a).collect();
+            match narrow_locally(own, &view, &answers) {
+                None => prop_assert!(view
+                    .iter()
+                    .enumerate()
+                    .all(|(i, n)| i == own || !n.status.attached() || answers[i])),
+                Some(PcpAction::Detach(i)) => {
+                    prop_assert!(i != own && view[i].status.attached() && !answers[i])
+                }
+                Some(other) => prop_assert!(false, "{other:?}"),
             }
         }
     }

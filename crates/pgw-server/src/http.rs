@@ -296,6 +296,7 @@ mod tests {
                 streaming,
                 flush_lsn: flush,
                 primary_lsn: primary,
+                narrowed_locally: false,
             },
         }
     }

@@ -331,6 +331,9 @@ pub struct LocalView {
     pub flush_lsn: u64,
     /// The primary's flushed LSN as the leader last heard it (from the reply to our report).
     pub primary_lsn: Option<u64>,
+    /// Our primary stopped waiting for a lost standby on its own (degraded where nothing can
+    /// replace it: `pgw_core::guard::narrows_locally`); its room's pgpool narrows too.
+    pub narrowed_locally: bool,
 }
 
 impl LocalView {

@@ -48,8 +48,98 @@ pub fn spawn(s: &Shared) -> Result<(), PgpoolError> {
         user: pp.pcp_user.clone(),
         password,
     };
+    for cluster in s.cfg().pooled_clusters() {
+        tokio::spawn(narrow_loop(s.clone(), cluster, creds.clone()));
+    }
     tokio::spawn(reconcilers(s.clone(), creds));
     Ok(())
+}
+
+/// Carries out [`pgw_core::pgpool::narrow_locally`] on this member's own pgpool of `cluster`
+/// while its primary runs narrowed on its own (degraded with fewer than three voters: the
+/// other room is lost and with it any leader); otherwise idle.
+async fn narrow_loop(s: Shared, cluster: String, creds: Credentials) {
+    let every = Duration::from_millis(s.cfg().failover.report_interval_ms);
+    let mut last: Option<(PcpAction, Instant)> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        if s.raft.metrics().borrow().state == openraft::ServerState::Shutdown {
+            return;
+        }
+        let narrowed = s
+            .local
+            .read()
+            .ok()
+            .and_then(|l| l.get(&cluster).map(|v| v.narrowed_locally))
+            .unwrap_or(false);
+        if !narrowed {
+            last = None;
+            continue;
+        }
+        let cfg = s.cfg();
+        let Some(pcp) = cfg
+            .servers(&cluster)
+            .into_iter()
+            .find(|x| x.member == cfg.member)
+            .and_then(|x| x.pcp)
+        else {
+            continue;
+        };
+        let backends = cfg.pgpool_backends(&cluster);
+        let Some(own) = backends.iter().position(|b| b.0 == cfg.member) else {
+            continue;
+        };
+        let timeout = Duration::from_millis(cfg.raft.rpc_timeout_ms);
+        let Ok(nodes) = run_pcp(&pcp, &creds, timeout, None).await else {
+            continue;
+        };
+        if check_backends(&nodes, &backends).is_err() {
+            continue;
+        }
+        let view: Vec<_> = nodes.iter().map(NodeInfo::pool_node).collect();
+        let mut answers = Vec::with_capacity(backends.len());
+        for (i, (_, addr)) in backends.iter().enumerate() {
+            let probe = i != own && view.get(i).is_some_and(|n| n.status.attached());
+            answers.push(!probe || answers_tcp(addr, PROBE_TIMEOUT).await);
+        }
+        let Some(a) = pgw_core::pgpool::narrow_locally(own, &view, &answers) else {
+            continue;
+        };
+        if last.is_some_and(|(la, at)| la == a && at.elapsed() < Duration::from_secs(2)) {
+            continue;
+        }
+        let text = action_text(a, &backends);
+        match run_pcp(&pcp, &creds, timeout, Some(a)).await {
+            Ok(_) => {
+                tracing::warn!(
+                    %cluster,
+                    "pgpool: {text}: it does not answer and our primary runs degraded with no group to decide (the leader attaches it again once it serves)"
+                );
+                let (kind, _) = wire_command(Some(a));
+                metrics::counter!(crate::telemetry::PGPOOL_COMMANDS, "room" => cfg.member.clone(), "cluster" => cluster.clone(), "command" => kind).increment(1);
+            }
+            Err(e) => tracing::warn!(%cluster, "pgpool: {text} failed: {e}"),
+        }
+        last = Some((a, Instant::now()));
+    }
+}
+
+/// How long a backend has to accept a TCP connection in [`narrow_loop`].
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Whether `addr` (`host:port`) accepts a TCP connection within `limit`.
+async fn answers_tcp(addr: &str, limit: Duration) -> bool {
+    let Some(a) = crate::sidecar::pgctl::PgAddr::parse(addr) else {
+        return true; // not ours to judge: never detach on an address we cannot read
+    };
+    matches!(
+        tokio::time::timeout(
+            limit,
+            tokio::net::TcpStream::connect((a.host.as_str(), a.port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }
 
 /// One reconciler per pgpool of every pooled cluster's servers, following the member list:

@@ -402,11 +402,18 @@ impl Sidecar {
                 let mut st = self.lock();
                 st.local = local.clone();
                 st.seq += 1;
+                let narrowed = i_am_primary
+                    && local.role == Some(PgRole::Primary)
+                    && pgw_core::guard::narrows_locally(
+                        self.s.cfg().silent_primary_replaceable(),
+                        st.degraded,
+                    );
                 if let Ok(mut all) = self.s.local.write() {
                     let r = all.entry(self.cluster.clone()).or_default();
                     r.role = local.role;
                     r.streaming = local.streaming;
                     r.flush_lsn = local.flush_lsn;
+                    r.narrowed_locally = narrowed;
                 }
             }
             self.observed.notify_one();
