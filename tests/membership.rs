@@ -30,6 +30,8 @@ fn newcomer(
     role: Role,
 ) -> Config {
     let data = role == Role::Data;
+    // A data member of a group whose rooms run pgpool runs one too.
+    let pooled = data && base.pgpool.as_ref().is_some_and(|p| p.manage);
     let me = MemberConfig {
         name: name.into(),
         id,
@@ -38,8 +40,8 @@ fn newcomer(
         http: format!("{ip}:{}", free_port_on(ip)),
         priority: 100,
         postgres: data.then(|| format!("{ip}:{}", free_port_on(ip))),
-        pgpool: None,
-        pcp: None,
+        pgpool: pooled.then(|| format!("{ip}:{}", free_port_on(ip))),
+        pcp: pooled.then(|| format!("{ip}:{}", free_port_on(ip))),
         room: (!data).then(|| format!("room-{name}")),
         spare: false,
     };
@@ -47,6 +49,10 @@ fn newcomer(
     c.member = name.into();
     c.members.push(me);
     c.data_dir = dir.join(name).join("data");
+    if let Some(p) = c.pgpool.as_mut() {
+        p.manage = pooled;
+        p.work_dir = pooled.then(|| dir.join(name).join("pgpool"));
+    }
     if data {
         for p in c.postgres.iter_mut() {
             p.data_dir = dir.join(name).join("pg").join("data");
@@ -331,7 +337,7 @@ async fn members_are_added_removed_and_a_dead_arbiter_replaced_under_a_writer() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
-    let mut g = Group::with_postgres(&LAYOUT);
+    let mut g = Group::with_pgpool(&LAYOUT);
     g.start_all();
     let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     let primary = primary_of(&s).expect("primary");
@@ -349,10 +355,13 @@ async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
     let dm = d.me().expect("room-d").clone();
     let mut args: Vec<String> = ["member", "add", "room-d"].map(String::from).to_vec();
     args.extend(member_args(&dm));
-    args.extend([
-        "--postgres".to_string(),
-        dm.postgres.clone().unwrap_or_default(),
-    ]);
+    for (flag, v) in [
+        ("--postgres", &dm.postgres),
+        ("--pgpool", &dm.pgpool),
+        ("--pcp", &dm.pcp),
+    ] {
+        args.extend([flag.to_string(), v.clone().unwrap_or_default()]);
+    }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, text) = pgwctl_admin(&eps, &argv);
     assert_eq!(code, 0, "{text}");
@@ -381,6 +390,27 @@ async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
     )
     .await;
     let e0 = epoch_of(&s);
+    // The running pgpools took it in as a backend (no restart: reloaded), and so does its own.
+    let pid_a = g.pgpool_pid(0);
+    let pools_agree = |s: &GroupStatus, primary: &str| {
+        s.clusters.first().is_some_and(|c| {
+            c.pgpool.len() == 3
+                && c.pgpool.iter().all(|p| {
+                    p.agrees
+                        && p.primary.as_deref() == Some(primary)
+                        && p.nodes.len() == 3
+                        && p.nodes.iter().all(|n| n.status != "down")
+                })
+        })
+    };
+    wait_until(
+        &g.endpoints(),
+        Duration::from_secs(60),
+        "every pgpool uses room-d",
+        |s| pools_agree(s, &primary),
+    )
+    .await;
+    assert_eq!(g.pgpool_pid(0), pid_a, "room-a's pgpool was not restarted");
     // It can take over: a switchover to it, with nothing acknowledged lost.
     let op = pgw_cli::switchover(&g.endpoints(), "global", Some("room-d"))
         .await
@@ -392,6 +422,38 @@ async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
     let s = wait_in_sync(&g, Duration::from_secs(120)).await;
     assert_eq!(primary_of(&s).as_deref(), Some("room-d"));
     assert!(epoch_of(&s) > e0);
+    // Every room's pgpool writes to it, room-a's included.
+    wait_until(
+        &g.endpoints(),
+        Duration::from_secs(60),
+        "every pgpool writes to room-d",
+        |s| pools_agree(s, "room-d"),
+    )
+    .await;
+    let via_a = connect(&g.pgpool_addr(0))
+        .await
+        .expect("connect through room-a's pgpool");
+    // An INSERT goes to the primary (a SELECT may be balanced to any server); the id is one
+    // the writer never uses.
+    let port: i32 = via_a
+        .query_one(
+            "INSERT INTO acked (id) VALUES (-1) RETURNING inet_server_port()",
+            &[],
+        )
+        .await
+        .expect("a write through room-a's pgpool")
+        .get(0);
+    assert_eq!(
+        Some(port.to_string()),
+        dm.postgres
+            .as_deref()
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|x| x.1.to_string()),
+        "room-a's pgpool sends writes to room-d (servers: {:?})",
+        (0..g.members.len())
+            .map(|i| g.pg_addr(i))
+            .collect::<Vec<_>>()
+    );
     // Back, then it leaves the group.
     let op = pgw_cli::switchover(&g.endpoints(), "global", Some(&primary))
         .await

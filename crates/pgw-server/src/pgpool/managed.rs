@@ -148,6 +148,11 @@ pub fn read_password(path: &Path) -> Result<String, PgpoolError> {
 
 /// A pgpool this watcher runs.
 pub struct ManagedPgpool {
+    cluster: String,
+    /// The stream-replication check password, for re-rendering.
+    sr_password: String,
+    /// The backends `conf` lists (the group's list only grows: `Roster::pools`).
+    backends: Vec<(String, String)>,
     bin: PathBuf,
     work_dir: PathBuf,
     conf: String,
@@ -190,9 +195,13 @@ impl ManagedPgpool {
                 ),
             });
         }
+        let sr_password = check_password(cfg, cluster)?;
         Ok(Some(ManagedPgpool {
+            cluster: cluster.to_string(),
+            backends: cfg.pgpool_backends(cluster),
             bin,
-            conf: render_conf(cfg, cluster, &work_dir, &check_password(cfg, cluster)?)?,
+            conf: render_conf(cfg, cluster, &work_dir, &sr_password)?,
+            sr_password,
             pcp_conf: format!("{}:{}\n", pp.pcp_user, md5_hex(password.as_bytes())),
             work_dir,
             ports: [port, pcp_port],
@@ -309,13 +318,58 @@ impl ManagedPgpool {
         Ok(())
     }
 
-    /// Keeps pgpool running until the process ends.
-    pub async fn supervise(self) {
+    /// Asks the running pgpool to read its config again (SIGHUP, what `pgpool reload` sends):
+    /// backends appended to the list are taken in (as `down`; the leader attaches each once it
+    /// serves), other changes only at pgpool's next restart.
+    fn reload(&self) -> bool {
+        let Some(pid) = self.pid() else {
+            return false;
+        };
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGHUP) == 0 }
+    }
+
+    /// Follows the group's backend list (`live`: the running config): a data member added at
+    /// run time becomes a backend of this pgpool without a restart.
+    fn follow_backends(&mut self, live: &Config) {
+        let now = live.pgpool_backends(&self.cluster);
+        if now == self.backends {
+            return;
+        }
+        let conf = match render_conf(live, &self.cluster, &self.work_dir, &self.sr_password) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("pgpool: the new backend list cannot be rendered: {e}");
+                self.backends = now;
+                return;
+            }
+        };
+        let appended = now.starts_with(&self.backends);
+        self.conf = conf;
+        self.backends = now;
+        match self.prepare() {
+            Ok(true) if appended && self.reload() => tracing::info!(
+                backends = ?self.backends.iter().map(|b| b.0.as_str()).collect::<Vec<_>>(),
+                "pgpool: the group's member list changed: backends added, pgpool reloaded"
+            ),
+            Ok(true) if self.pid().is_some() => tracing::warn!(
+                "pgpool: backends changed in place (not only added): restart pgpool to apply them"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!("pgpool: {e}"),
+        }
+    }
+
+    /// Keeps pgpool running until the process ends, its backends following `live` (the
+    /// member's running config).
+    pub async fn supervise(mut self, live: impl Fn() -> std::sync::Arc<Config> + Send + 'static) {
         let mut delay = Duration::from_secs(1);
         match self.prepare() {
             Ok(changed) => {
-                if changed && self.pid().is_some() {
-                    tracing::warn!(work_dir = %self.work_dir.display(), "pgpool.conf changed while pgpool runs: restart pgpool to apply it");
+                // Backends added while this watcher was down are taken in by a reload; any
+                // other change needs a restart of pgpool.
+                if changed && self.reload() {
+                    tracing::warn!(work_dir = %self.work_dir.display(), "pgpool.conf changed while pgpool ran: reloaded (added backends apply now; other changes at pgpool's next restart)");
                 }
             }
             Err(e) => tracing::error!("pgpool: {e}"),
@@ -324,6 +378,7 @@ impl ManagedPgpool {
             tracing::info!(pid, "pgpool already running: adopted");
         }
         loop {
+            self.follow_backends(&live());
             if self.pid().is_none() {
                 let t0 = tokio::time::Instant::now();
                 match self.prepare().and_then(|_| self.start()) {

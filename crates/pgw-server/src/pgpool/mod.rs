@@ -41,7 +41,8 @@ pub fn spawn(s: &Shared) -> Result<(), PgpoolError> {
     let password = managed::read_password(&pp.pcp_password_file)?;
     for cluster in s.cfg().managed_pgpools() {
         if let Some(m) = managed::ManagedPgpool::new(&s.cfg(), &cluster, &password)? {
-            tokio::spawn(m.supervise());
+            let live = s.clone();
+            tokio::spawn(m.supervise(move || live.cfg()));
         }
     }
     let creds = Credentials {
