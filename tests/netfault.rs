@@ -790,16 +790,28 @@ async fn lsn_of(server: &str, f: &str) -> u64 {
     }
 }
 
-/// Inserts one new id through `via` (a pgpool) into the table of the primary `primary`.
+/// Inserts one new id through `via` (a pgpool) into the table of the primary `primary`,
+/// retrying for up to 20 s (a pgpool being repointed answers nobody for a moment).
 async fn insert_one(via: &str, primary: &str) -> i64 {
     let id = pgw_cli::writer::next_id(primary).await;
-    let c = pgw_cli::writer::try_connect(via)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {via}: {e}"));
-    c.execute("INSERT INTO acked (id) VALUES ($1)", &[&id])
-        .await
-        .unwrap_or_else(|e| panic!("insert through {via}: {e}"));
-    id
+    let t0 = Instant::now();
+    loop {
+        let r = match pgw_cli::writer::try_connect(via).await {
+            Ok(c) => c
+                .execute("INSERT INTO acked (id) VALUES ($1)", &[&id])
+                .await
+                .map(|_| ())
+                .map_err(|e| pgw_cli::writer::pg_error_text(&e)),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => return id,
+            Err(e) if t0.elapsed() > Duration::from_secs(20) => {
+                panic!("insert through {via} for 20 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// The standby group's leader streams from `main_primary`, its other server from it.
@@ -921,7 +933,14 @@ fn standby_group_follows_the_main_failover_and_is_promoted_when_the_main_region_
         let on: BTreeSet<i64> = ids_on(&dr_addr).await.into_iter().collect();
         let missing: Vec<&i64> = before.iter().filter(|i| !on.contains(i)).collect();
         assert!(missing.is_empty(), "replicated before the cut, missing after promotion: {missing:?}");
-        // It takes writes through its own pgpool.
+        // It takes writes through its own pgpool, once the leader has repointed it.
+        crate::common::wait_until(&dr, Duration::from_secs(30), "its pgpools agree", |s| {
+            s.clusters[0]
+                .pgpool
+                .iter()
+                .all(|p| p.agrees && p.primary.as_deref() == Some(leader.as_str()))
+        })
+        .await;
         let pool = bed.hosts[li].pgpool_addr();
         let id = insert_one(&pool, &dr_addr).await;
         assert!(ids_on(&dr_addr).await.contains(&id));
