@@ -1,10 +1,16 @@
 //! Failover benchmark against real PostgreSQL servers managed by real watchers on loopback.
 //!
-//! `cargo bench --bench failover -- [--runs N] [--fault crash|node-loss|room-cut]`
+//! `cargo bench --bench failover -- [--runs N] [--fault crash|node-loss|room-cut|leader-and-primary]
+//! [--profile metro|wide-area]`
 //!
-//! `crash` and `node-loss` run on loopback; `room-cut` runs on the network test bed of
-//! `tests/netbed` (each room a network namespace; the primary's room is cut off from everyone
-//! with nftables, then healed). Needs root for `room-cut`.
+//! `crash`, `node-loss` and `leader-and-primary` run on loopback; `room-cut` runs on the
+//! network test bed of `tests/netbed` (each room a network namespace; the primary's room is cut
+//! off from everyone with nftables, then healed). Needs root for `room-cut`.
+//! `leader-and-primary`: the primary is first switched over to the Raft leader's member (the
+//! case where losing the primary's node would also cost an election), then that node is lost
+//! like in `node-loss`; the table says in how many runs the member still led at the fault
+//! (leadership placement moves it away once the switchover settled).
+//! `--profile` picks the timing profile of every member (default: metro, the config default).
 //!
 //! For each fault kind, N runs on one three-room cluster (postgres + pgpool + watcher per room):
 //! a writer goes straight to the servers and one through each room's pgpool, the fault hits the
@@ -35,6 +41,7 @@ enum Fault {
     Crash,
     NodeLoss,
     RoomCut,
+    LeaderAndPrimary,
 }
 
 impl Fault {
@@ -43,7 +50,29 @@ impl Fault {
             Fault::Crash => "crash",
             Fault::NodeLoss => "node-loss",
             Fault::RoomCut => "room-cut",
+            Fault::LeaderAndPrimary => "leader-and-primary",
         }
+    }
+}
+
+/// Applies the timing profile chosen with `--profile` to a member's config.
+fn set_profile(c: &mut pgw_core::Config, p: pgw_core::config::TimingProfile) {
+    c.timing = p;
+    c.raft = pgw_core::config::RaftConfig::for_profile(p);
+    c.failover = pgw_core::config::FailoverConfig::for_profile(p);
+}
+
+fn profile() -> pgw_core::config::TimingProfile {
+    let a: Vec<String> = std::env::args().collect();
+    match a
+        .iter()
+        .position(|x| x == "--profile")
+        .and_then(|i| a.get(i + 1))
+        .map(String::as_str)
+    {
+        None | Some("metro") => pgw_core::config::TimingProfile::Metro,
+        Some("wide-area") => pgw_core::config::TimingProfile::WideArea,
+        Some(other) => panic!("unknown --profile `{other}`: metro or wide-area"),
     }
 }
 
@@ -62,12 +91,18 @@ fn args() -> (usize, Vec<Fault>) {
         })
         .unwrap_or(10);
     let faults = match get("--fault").as_deref() {
-        None => vec![Fault::Crash, Fault::NodeLoss, Fault::RoomCut],
+        None => vec![
+            Fault::Crash,
+            Fault::NodeLoss,
+            Fault::RoomCut,
+            Fault::LeaderAndPrimary,
+        ],
         Some("crash") => vec![Fault::Crash],
         Some("node-loss") => vec![Fault::NodeLoss],
         Some("room-cut") => vec![Fault::RoomCut],
+        Some("leader-and-primary") => vec![Fault::LeaderAndPrimary],
         Some(other) => {
-            panic!("unknown --fault `{other}`; this version measures: crash, node-loss, room-cut")
+            panic!("unknown --fault `{other}`; this version measures: crash, node-loss, room-cut, leader-and-primary")
         }
     };
     (runs, faults)
@@ -106,6 +141,8 @@ struct Stats {
     after_commit_ms: Vec<f64>,
     /// Per pgpool: fault -> first error seen by the session that was open at the fault.
     session_error_ms: Vec<f64>,
+    /// `leader-and-primary`: runs in which the lost member still led the group at the fault.
+    led_at_fault: usize,
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -149,7 +186,8 @@ async fn promoted_at_ms(g: &Group, member: &str, after: u64) -> Option<u64> {
 /// healed after the surviving rooms write again, and back to full health before the next run.
 fn run_room_cut(runs: usize) -> Stats {
     use netbed::checker::Checker;
-    let bed = netbed::Bed::start(netbed::Layout::ThreeRooms);
+    let p = profile();
+    let bed = netbed::Bed::start_with(netbed::Layout::ThreeRooms, |c| set_profile(c, p));
     bed.run(|| async {
         let mut st = Stats::default();
         for run in 0..runs {
@@ -173,6 +211,26 @@ fn run_room_cut(runs: usize) -> Stats {
                 .await;
             let rto = (first.at - t0).as_secs_f64() * 1000.0;
             tokio::time::sleep(Duration::from_secs(2)).await;
+            // Promotion committed -> first write through each surviving room's pgpool.
+            let committed = netbed::checker::history(&bed)
+                .await
+                .iter()
+                .filter(|e| {
+                    e.at_ms >= since
+                        && e.event
+                            .starts_with(&format!("primary := {} ", bed.member_at(&first.backend).unwrap_or_default()))
+                })
+                .map(|e| e.at_ms)
+                .next_back();
+            if let Some(c) = committed {
+                for room in &others {
+                    if let Some(a) =
+                        chk.first_via_pgpool(std::slice::from_ref(room), &first.backend, t0)
+                    {
+                        st.after_commit_ms.push(a.wall_ms as f64 - c as f64);
+                    }
+                }
+            }
             bed.heal();
             let r = chk.finish(&bed).await;
             // A failover takes two decisions (release, promote); more means a spurious one.
@@ -198,6 +256,10 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
         return tokio::task::block_in_place(|| run_room_cut(runs));
     }
     let mut g = Group::with_pgpool(&[Role::Data, Role::Data, Role::Data]);
+    let p = profile();
+    for m in g.members.iter_mut() {
+        set_profile(&mut m.cfg, p);
+    }
     g.start_all();
     let s = healthy(&g).await;
     let p = primary_of(&s).expect("primary");
@@ -206,7 +268,10 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
         .expect("table");
     let mut st = Stats::default();
     for run in 0..runs {
-        let s = healthy(&g).await;
+        let mut s = healthy(&g).await;
+        if fault == Fault::LeaderAndPrimary {
+            s = primary_to_leader(&g, s).await;
+        }
         let old = primary_of(&s).expect("primary");
         let e0 = epoch_of(&s);
         let idx0 = s
@@ -254,7 +319,15 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
                     }
                 }
             }
-            Fault::NodeLoss => {
+            Fault::NodeLoss | Fault::LeaderAndPrimary => {
+                if fault == Fault::LeaderAndPrimary {
+                    let now = pgw_cli::status::gather(&g.endpoints(), Duration::from_millis(500))
+                        .await
+                        .ok();
+                    if now.and_then(|s| s.leader).as_deref() == Some(old.as_str()) {
+                        st.led_at_fault += 1;
+                    }
+                }
                 // The whole node: watcher, postgres and the room's pgpool.
                 g.kill9(oi);
                 g.signal_pg(oi, libc::SIGKILL);
@@ -331,7 +404,7 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
                 }
             }
         }
-        if fault == Fault::NodeLoss {
+        if matches!(fault, Fault::NodeLoss | Fault::LeaderAndPrimary) {
             g.start(oi);
         }
         let s2 = healthy(&g).await;
@@ -350,6 +423,35 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
     st
 }
 
+/// Switches the primary over to the Raft leader's member (unless it is there already), waits
+/// until healthy, then gives leadership placement the time it takes to move the leader away
+/// (up to 10 s). Returns the status just before the fault.
+async fn primary_to_leader(g: &Group, s: GroupStatus) -> GroupStatus {
+    let leader = s.leader.clone().expect("a leader");
+    if primary_of(&s).as_deref() != Some(leader.as_str()) {
+        let op = pgw_cli::switchover(&g.endpoints(), "global", Some(&leader))
+            .await
+            .expect("switchover to the leader's member");
+        let done = pgw_cli::wait_operation(&g.endpoints(), op, Duration::from_secs(60), true)
+            .await
+            .expect("operation");
+        assert_eq!(done.state, "succeeded", "{done:?}");
+    }
+    let mut s = healthy(g).await;
+    let t0 = Instant::now();
+    while s.leader == primary_of(&s) && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s = healthy(g).await;
+    }
+    eprintln!(
+        "leader-and-primary: primary {} was put on the leader's member; leader {} {} ms later",
+        primary_of(&s).unwrap_or_default(),
+        s.leader.clone().unwrap_or_default(),
+        t0.elapsed().as_millis()
+    );
+    s
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -361,7 +463,7 @@ async fn main() {
         results.insert(f.name(), run_fault(f, runs).await);
     }
     println!();
-    println!("pg-watcher failover (3 rooms, default settings; crash and node-loss on loopback, room-cut on network namespaces): fault -> first write on the new primary through a surviving room's pgpool");
+    println!("pg-watcher failover (3 rooms, {} timing profile; crash, node-loss and leader-and-primary on loopback, room-cut on network namespaces): fault -> first write on the new primary through a surviving room's pgpool", profile().as_str());
     println!(
         "{:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>9}",
         "fault", "runs", "min ms", "p50 ms", "p95 ms", "max ms", "lost", "split-brain", "spurious"
@@ -390,7 +492,16 @@ async fn main() {
                 "lost_writes": st.lost,
                 "split_brain_windows": st.split_brain,
                 "spurious_failovers": st.spurious,
+                "profile": profile().as_str(),
+                "led_at_fault": st.led_at_fault,
             }),
+        );
+    }
+    if let Some(st) = results.get("leader-and-primary") {
+        println!(
+            "leader-and-primary: the lost member still led the group at the fault in {} of {} runs",
+            st.led_at_fault,
+            st.rto_ms.len()
         );
     }
     println!();

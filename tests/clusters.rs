@@ -150,6 +150,7 @@ fn two_cluster_group(hooks: &Path) -> Group {
                 data_dir: dir.path().join(&m.name).join("data"),
                 members: members.clone(),
                 listen: ListenConfig::default(),
+                timing: Default::default(),
                 raft: RaftConfig::default(),
                 clusters: clusters.clone(),
                 active_cluster: Some("global".into()),

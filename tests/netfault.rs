@@ -109,12 +109,13 @@ async fn stays_put(
 /// the bed heals, the checker passes, the primary is the same and no decision was recorded.
 fn changes_nothing(
     layout: Layout,
+    setup: impl Fn(&mut pgw_core::Config),
     what: &str,
     dur: Duration,
     fault: impl FnOnce(&Bed, usize) + Send,
     before_heal: impl FnOnce(&Bed, &Checker, Instant) + Send,
 ) {
-    let bed = Bed::start(layout);
+    let bed = Bed::start_with(layout, setup);
     bed.run(|| async {
         let chk = Checker::start(&bed).await;
         let s = bed.wait_healthy(Duration::from_secs(60)).await;
@@ -183,6 +184,7 @@ fn primary_room_losing_its_arbiter_link_changes_nothing() {
     let _s = serial();
     changes_nothing(
         Layout::TwoRoomsArbiter,
+        |_| {},
         "primary-arbiter link cut",
         Duration::from_secs(15),
         |bed, p| bed.cut_link(p, bed.index_of("arbiter")),
@@ -196,6 +198,7 @@ fn arbiter_isolated_changes_nothing() {
     let _s = serial();
     changes_nothing(
         Layout::TwoRoomsArbiter,
+        |_| {},
         "arbiter isolated",
         Duration::from_secs(15),
         |bed, _| bed.cut_off(bed.index_of("arbiter"), false),
@@ -210,6 +213,7 @@ fn replica_room_cut_off_writes_continue() {
     let _s = serial();
     changes_nothing(
         Layout::ThreeRooms,
+        |_| {},
         "replica room cut off",
         Duration::from_secs(12),
         |bed, p| {
@@ -309,13 +313,15 @@ fn partition_during_a_switchover() {
     });
 }
 
-/// 100 ms ± 50 ms between every pair of members (each way) for 30 s: slower commits, but no
-/// decision taken and writes keep flowing.
+/// 100 ms ± 50 ms between every pair of members (each way) for 30 s, with the `wide-area`
+/// timing profile (round trips up to ~300 ms): slower commits, but no decision taken and writes
+/// keep flowing.
 #[test]
 fn latency_between_rooms_causes_no_failover() {
     let _s = serial();
     changes_nothing(
         Layout::ThreeRooms,
+        netbed::wide_area,
         "100±50 ms latency",
         Duration::from_secs(30),
         |bed, _| bed.set_latency(Duration::from_millis(100), Duration::from_millis(50)),

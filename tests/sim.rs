@@ -104,6 +104,7 @@ fn configs(root: &std::path::Path) -> Vec<Config> {
             data_dir: root.join(&m.name),
             members: members.clone(),
             listen: ListenConfig::default(),
+            timing: Default::default(),
             raft: RaftConfig::default(),
             clusters: pgw_core::config::defaults::clusters(),
             active_cluster: None,

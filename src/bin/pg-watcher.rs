@@ -27,6 +27,7 @@ fn main() -> ExitCode {
             cfg.member,
             cfg.cluster_id
         );
+        println!("{}", cfg.timing_summary());
         for n in cfg.notes() {
             println!("note: {n}");
         }

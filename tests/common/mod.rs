@@ -194,6 +194,7 @@ fn make_configs(dir: &Path, cluster_id: &str, roles: &[Role], with_pg: bool) -> 
             data_dir: dir.join(&m.name).join("data"),
             members: members.clone(),
             listen: ListenConfig::default(),
+            timing: Default::default(),
             raft: RaftConfig::default(),
             clusters: pgw_core::config::defaults::clusters(),
             active_cluster: None,

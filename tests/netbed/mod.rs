@@ -1088,6 +1088,7 @@ fn member_config(
         data_dir: dir.join(name).join("data"),
         members,
         listen: ListenConfig::default(),
+        timing: Default::default(),
         raft: RaftConfig::default(),
         clusters: pgw_core::config::defaults::clusters(),
         active_cluster: None,
@@ -1128,6 +1129,14 @@ fn member_config(
             settings: vec![],
         }),
     }
+}
+
+/// Switches a config to the `wide-area` timing profile (all its timings).
+pub fn wide_area(c: &mut Config) {
+    let p = pgw_core::config::TimingProfile::WideArea;
+    c.timing = p;
+    c.raft = pgw_core::config::RaftConfig::for_profile(p);
+    c.failover = pgw_core::config::FailoverConfig::for_profile(p);
 }
 
 // ----- status helpers (run inside `Bed::run`) -----

@@ -491,6 +491,7 @@ pub async fn up(dir: &Path) -> Result<DemoFile, CliError> {
             data_dir: data,
             members: members.clone(),
             listen: ListenConfig::default(),
+            timing: Default::default(),
             raft: RaftConfig::default(),
             clusters: clusters.clone(),
             active_cluster: Some(CLUSTERS[0].into()),

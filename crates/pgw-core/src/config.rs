@@ -108,6 +108,29 @@ pub struct ListenConfig {
     pub http: Option<String>,
 }
 
+/// How far apart the rooms are: picks the defaults of every `[raft]` and `[failover]` timing
+/// (a value set in the file wins). See `defaults` for the numbers and the reasoning.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimingProfile {
+    /// Rooms in one city, round trip up to ~10 ms: a silent primary is replaced ~1.1 s after
+    /// its last renewal.
+    #[default]
+    Metro,
+    /// Rooms far apart, round trip up to ~300 ms: heartbeats and the lease sized for it (a
+    /// silent primary is replaced ~2.45 s after its last renewal).
+    WideArea,
+}
+
+impl TimingProfile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimingProfile::Metro => "metro",
+            TimingProfile::WideArea => "wide-area",
+        }
+    }
+}
+
 /// Raft timing knobs (see `defaults` for the reasoning behind the default values).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -125,10 +148,29 @@ pub struct RaftConfig {
 
 impl Default for RaftConfig {
     fn default() -> Self {
+        Self::for_profile(TimingProfile::default())
+    }
+}
+
+impl RaftConfig {
+    /// The defaults of `profile`.
+    pub fn for_profile(profile: TimingProfile) -> Self {
+        let (heartbeat_ms, election_timeout_min_ms, election_timeout_max_ms) = match profile {
+            TimingProfile::Metro => (
+                defaults::metro::HEARTBEAT_MS,
+                defaults::metro::ELECTION_MIN_MS,
+                defaults::metro::ELECTION_MAX_MS,
+            ),
+            TimingProfile::WideArea => (
+                defaults::HEARTBEAT_MS,
+                defaults::ELECTION_MIN_MS,
+                defaults::ELECTION_MAX_MS,
+            ),
+        };
         Self {
-            heartbeat_ms: defaults::HEARTBEAT_MS,
-            election_timeout_min_ms: defaults::ELECTION_MIN_MS,
-            election_timeout_max_ms: defaults::ELECTION_MAX_MS,
+            heartbeat_ms,
+            election_timeout_min_ms,
+            election_timeout_max_ms,
             rpc_timeout_ms: defaults::RPC_TIMEOUT_MS,
             snapshot_logs: defaults::SNAPSHOT_LOGS,
         }
@@ -478,18 +520,33 @@ pub struct FailoverConfig {
 
 impl Default for FailoverConfig {
     fn default() -> Self {
-        Self {
-            report_interval_ms: defaults::REPORT_INTERVAL_MS,
-            lease_ms: defaults::LEASE_MS,
-            fence_budget_ms: defaults::FENCE_BUDGET_MS,
-            clock_drift_ppm: defaults::CLOCK_DRIFT_PPM,
-            margin_ms: defaults::MARGIN_MS,
-            hung_after_ms: defaults::HUNG_AFTER_MS,
-        }
+        Self::for_profile(TimingProfile::default())
     }
 }
 
 impl FailoverConfig {
+    /// The defaults of `profile`.
+    pub fn for_profile(profile: TimingProfile) -> Self {
+        match profile {
+            TimingProfile::Metro => Self {
+                report_interval_ms: defaults::metro::REPORT_INTERVAL_MS,
+                lease_ms: defaults::metro::LEASE_MS,
+                fence_budget_ms: defaults::metro::FENCE_BUDGET_MS,
+                clock_drift_ppm: defaults::CLOCK_DRIFT_PPM,
+                margin_ms: defaults::metro::MARGIN_MS,
+                hung_after_ms: defaults::metro::HUNG_AFTER_MS,
+            },
+            TimingProfile::WideArea => Self {
+                report_interval_ms: defaults::REPORT_INTERVAL_MS,
+                lease_ms: defaults::LEASE_MS,
+                fence_budget_ms: defaults::FENCE_BUDGET_MS,
+                clock_drift_ppm: defaults::CLOCK_DRIFT_PPM,
+                margin_ms: defaults::MARGIN_MS,
+                hung_after_ms: defaults::HUNG_AFTER_MS,
+            },
+        }
+    }
+
     pub fn lease(&self) -> crate::lease::LeaseTiming {
         crate::lease::LeaseTiming {
             lease_ms: self.lease_ms,
@@ -530,6 +587,10 @@ pub struct Config {
     pub members: Vec<MemberConfig>,
     #[serde(default)]
     pub listen: ListenConfig,
+    /// The distance between rooms (`metro` | `wide-area`): the defaults of `[raft]` and
+    /// `[failover]` timings.
+    #[serde(default)]
+    pub timing: TimingProfile,
     #[serde(default)]
     pub raft: RaftConfig,
     #[serde(default = "defaults::clusters")]
@@ -642,7 +703,7 @@ impl AuthConfig {
 pub mod defaults {
     use super::PgClusterConfig;
 
-    // openraft 0.9 gives every AppendEntries, and every leadership confirmation (which the
+    // The `wide-area` profile (the `metro` one is in `metro` below). openraft 0.9 gives every AppendEntries, and every leadership confirmation (which the
     // primary's lease renewal needs), `heartbeat_interval` to complete: the heartbeat must be
     // longer than the worst round trip between rooms, or the group cannot commit anything at all
     // (found by the 100 ms ± 50 ms latency test: a 300 ms round trip against a 100 ms heartbeat).
@@ -667,6 +728,29 @@ pub mod defaults {
         SYNC_QUORUM
     }
     pub const REPORT_INTERVAL_MS: u64 = 100;
+
+    /// The `metro` profile (the default): rooms in one city, round trip up to ~10 ms. The
+    /// constants outside this module are the `wide-area` profile's.
+    ///
+    /// Heartbeat 50 ms (five round trips). A lost Raft leader is replaced after
+    /// `election_timeout_max` (openraft's leader lease: voters refuse a candidate until it ran
+    /// out) plus a random timeout: 300-400 ms, ~600 ms when the first vote splits. The lease
+    /// (1 s) must outlast that plus a renewal round trip before the primary's fence point
+    /// (`lease - fence_budget` = 800 ms after its last acknowledged renewal); `validate()`
+    /// checks `lease - fence_budget >= 2 x election_timeout_max + heartbeat`. A silent primary
+    /// is replaced `ceil(L (1 + rho) / (1 - rho)) + margin` = 1071 ms after the leader's last
+    /// grant. Renewals every 50 ms (`report_interval_ms`); a postgres that does not answer for
+    /// 1 s is treated as hung.
+    pub mod metro {
+        pub const HEARTBEAT_MS: u64 = 50;
+        pub const ELECTION_MIN_MS: u64 = 150;
+        pub const ELECTION_MAX_MS: u64 = 200;
+        pub const REPORT_INTERVAL_MS: u64 = 50;
+        pub const LEASE_MS: u64 = 1000;
+        pub const FENCE_BUDGET_MS: u64 = 200;
+        pub const MARGIN_MS: u64 = 50;
+        pub const HUNG_AFTER_MS: u64 = 1000;
+    }
     // A silent primary is replaced ~2.45 s after its last renewal (L(1+rho)/(1-rho) + margin);
     // it fences itself 2.0 s after the last renewal it sent that was acknowledged (a watchdog
     // task kills postgres at that instant, so 300 ms of fence budget is ample). The lease must
@@ -905,10 +989,66 @@ impl Config {
 
     /// Parses TOML text. Does not validate.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
             path: origin.to_string(),
             message: e.to_string().trim().to_string(),
-        })
+        };
+        let mut cfg: Config = toml::from_str(text).map_err(parse_err)?;
+        if cfg.timing != TimingProfile::default() {
+            // Timings the file leaves out take the profile's defaults, not the default profile's.
+            let table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+            let given = |section: &str, key: &str| {
+                table
+                    .get(section)
+                    .and_then(|t| t.as_table())
+                    .is_some_and(|t| t.contains_key(key))
+            };
+            let r = RaftConfig::for_profile(cfg.timing);
+            let f = FailoverConfig::for_profile(cfg.timing);
+            for (key, dst, v) in [
+                ("heartbeat_ms", &mut cfg.raft.heartbeat_ms, r.heartbeat_ms),
+                (
+                    "election_timeout_min_ms",
+                    &mut cfg.raft.election_timeout_min_ms,
+                    r.election_timeout_min_ms,
+                ),
+                (
+                    "election_timeout_max_ms",
+                    &mut cfg.raft.election_timeout_max_ms,
+                    r.election_timeout_max_ms,
+                ),
+                ("rpc_timeout_ms", &mut cfg.raft.rpc_timeout_ms, r.rpc_timeout_ms),
+            ] {
+                if !given("raft", key) {
+                    *dst = v;
+                }
+            }
+            for (key, dst, v) in [
+                (
+                    "report_interval_ms",
+                    &mut cfg.failover.report_interval_ms,
+                    f.report_interval_ms,
+                ),
+                ("lease_ms", &mut cfg.failover.lease_ms, f.lease_ms),
+                (
+                    "fence_budget_ms",
+                    &mut cfg.failover.fence_budget_ms,
+                    f.fence_budget_ms,
+                ),
+                (
+                    "clock_drift_ppm",
+                    &mut cfg.failover.clock_drift_ppm,
+                    f.clock_drift_ppm,
+                ),
+                ("margin_ms", &mut cfg.failover.margin_ms, f.margin_ms),
+                ("hung_after_ms", &mut cfg.failover.hung_after_ms, f.hung_after_ms),
+            ] {
+                if !given("failover", key) {
+                    *dst = v;
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     /// Reads, parses and validates a config file.
@@ -1853,6 +1993,24 @@ impl Config {
         self.automatic_failover_off().is_none()
     }
 
+    /// The timing profile in words: what each setting means for failover (printed by
+    /// `pg-watcher --check`, logged at start). `validate()` refuses the combinations that break
+    /// these relations.
+    pub fn timing_summary(&self) -> String {
+        let (r, f) = (&self.raft, &self.failover);
+        let fence = f.lease_ms.saturating_sub(f.fence_budget_ms);
+        format!(
+            "timing `{}`: heartbeat {} ms (must stay above the worst round trip between rooms); a lost Raft leader is replaced {}-{} ms later (election_timeout_max + a random election timeout); the primary fences itself {fence} ms after its last acknowledged lease renewal (lease_ms - fence_budget_ms), later than a change of Raft leader ({} ms: 2 x election_timeout_max + heartbeat); a silent primary is replaced {} ms after the leader's last grant (lease_ms x (1 + drift) / (1 - drift) + margin_ms); reports every {} ms",
+            self.timing.as_str(),
+            r.heartbeat_ms,
+            r.election_timeout_max_ms + r.election_timeout_min_ms,
+            2 * r.election_timeout_max_ms,
+            2 * r.election_timeout_max_ms + r.heartbeat_ms,
+            f.lease().leader_wait_ms(),
+            f.report_interval_ms,
+        )
+    }
+
     /// What an operator must know about this layout although it is valid (printed by
     /// `pg-watcher --check` and logged at start).
     pub fn notes(&self) -> Vec<String> {
@@ -2044,6 +2202,43 @@ admin = ["dba"]
         assert_eq!(c.clusters[0].name, "global");
         assert_eq!(c.members[0].priority, 100);
         assert_eq!(c.grpc_listen(), "127.0.0.1:7001");
+    }
+
+    #[test]
+    fn the_timing_profile_sets_the_defaults_and_file_values_win() {
+        // metro is the default profile.
+        let m = good();
+        assert_eq!(m.timing, TimingProfile::Metro);
+        assert_eq!(m.raft.heartbeat_ms, defaults::metro::HEARTBEAT_MS);
+        assert_eq!(m.failover.lease_ms, defaults::metro::LEASE_MS);
+        assert_eq!(m.failover.lease().leader_wait_ms(), 1071);
+        m.validate().expect("metro validates");
+        // wide-area: every timing the file leaves out comes from that profile.
+        let text = GOOD.replace(
+            "data_dir = \"/var/lib/pg-watcher\"\n",
+            "data_dir = \"/var/lib/pg-watcher\"\ntiming = \"wide-area\"\n[failover]\nmargin_ms = 120\n",
+        );
+        let w = Config::from_toml(&text, "wide.toml").expect("parses");
+        assert_eq!(w.timing, TimingProfile::WideArea);
+        assert_eq!(w.raft, RaftConfig::for_profile(TimingProfile::WideArea));
+        assert_eq!(w.failover.lease_ms, defaults::LEASE_MS);
+        assert_eq!(w.failover.report_interval_ms, defaults::REPORT_INTERVAL_MS);
+        assert_eq!(w.failover.margin_ms, 120, "a value in the file wins");
+        w.validate().expect("wide-area validates");
+        assert!(w.timing_summary().contains("timing `wide-area`"));
+        // It round-trips (the profile and every value are written out).
+        let back = Config::from_toml(&w.to_toml().expect("toml"), "rt").expect("parses");
+        assert_eq!(back, w);
+        // An unknown profile is an error naming it.
+        let bad = GOOD.replace(
+            "data_dir = \"/var/lib/pg-watcher\"\n",
+            "data_dir = \"/var/lib/pg-watcher\"\ntiming = \"lunar\"\n",
+        );
+        let e = Config::from_toml(&bad, "bad.toml").unwrap_err().to_string();
+        assert!(e.contains("lunar") || e.contains("timing"), "{e}");
+        // Each profile's summary names its fence point and the leader's wait.
+        assert!(m.timing_summary().contains("800 ms after its last acknowledged lease renewal"));
+        assert!(m.timing_summary().contains("replaced 1071 ms after"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod hooks;
 pub mod lease;
 pub mod pgpass;
 pub mod pgpool;
+pub mod placement;
 pub mod recovery;
 pub mod room_move;
 pub mod roster;

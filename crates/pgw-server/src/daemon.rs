@@ -81,6 +81,7 @@ pub async fn run(cfg: Config, path: std::path::PathBuf, join: &[String]) -> Resu
     if let Some(s) = crate::membership::superseded_at_start(&running, &listed, &tls).await? {
         return Err(NodeError::Refused(s.message()));
     }
+    tracing::info!("{}", running.timing_summary());
     for n in running.notes() {
         tracing::warn!("{n}");
     }

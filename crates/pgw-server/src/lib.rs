@@ -10,6 +10,7 @@ pub mod member;
 pub mod membership;
 pub mod node;
 pub mod pgpool;
+pub mod placement;
 pub mod raft;
 pub mod recovery;
 pub mod reload;

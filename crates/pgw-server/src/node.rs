@@ -187,8 +187,10 @@ impl Node {
             live,
             tls,
             refusals: Default::default(),
+            handing_over: Default::default(),
         };
         tokio::spawn(watch_metrics(shared.clone(), health.clone()));
+        tokio::spawn(crate::placement::placement_loop(shared.clone()));
         tokio::spawn(ensure_clusters(shared.clone()));
         tokio::spawn(crate::membership::follow_loop(shared.clone()));
         tokio::spawn(crate::membership::superseded_loop(shared.clone()));

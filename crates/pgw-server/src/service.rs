@@ -823,6 +823,11 @@ impl admin_server::Admin for AdminService {
         }
         obs.standbys.retain(|m, _| data_member(m));
         let m = self.0.raft.metrics().borrow().clone();
+        if self.0.handing_over() {
+            return Err(Status::unavailable(
+                "handing Raft leadership over; report to the next leader",
+            ));
+        }
         if !crate::member::leads(&m, self.0.cfg().me().map(|x| x.id)) {
             // A member that cannot reach the leader sends its reports through the others too:
             // relay once (the leader still confirms its leadership before granting; the lease

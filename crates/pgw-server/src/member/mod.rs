@@ -130,6 +130,9 @@ pub struct Shared {
     pub policy: Arc<crate::auth::Policy>,
     /// Which member answers at which address (channels verify the certificate's name).
     pub book: crate::raft::network::PeerBook,
+    /// This leader is handing leadership over (`crate::placement`): it acts as a follower
+    /// (no decisions, proposals, lease grants or pgpool commands) until another member leads.
+    pub handing_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Shared {
@@ -247,7 +250,17 @@ impl Shared {
 
     /// Whether this member leads now (see [`leads`]).
     pub fn is_leader(&self) -> bool {
-        leads(&self.raft.metrics().borrow(), self.cfg().me().map(|m| m.id))
+        self.leads(&self.raft.metrics().borrow())
+    }
+
+    /// [`leads`] for this member, given a metrics snapshot: false while it hands leadership
+    /// over.
+    pub fn leads(&self, m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> bool {
+        leads(m, self.cfg().me().map(|x| x.id)) && !self.handing_over()
+    }
+
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn member_name(&self, id: u64) -> String {
@@ -284,6 +297,12 @@ impl Shared {
             by: self.cfg().member.clone(),
             asked_by: asked_by.map(str::to_string),
         };
+        if self.handing_over() {
+            // Any write would reach the followers and hold their election timers back.
+            return Err(Status::unavailable(
+                "handing Raft leadership over to a member without a primary; retry",
+            ));
+        }
         let t0 = Instant::now();
         match self.raft.client_write(p).await {
             Ok(resp) => {

@@ -548,7 +548,7 @@ async fn reconcile(
             backends = now_backends;
             names = backends.iter().map(|b| b.0.clone()).collect();
         }
-        let leading = crate::member::leads(&m, me);
+        let leading = crate::member::leads(&m, me) && !s.handing_over();
         if !leading {
             if last_target.is_some() {
                 s.pgpool.clear(&cluster, &room);
