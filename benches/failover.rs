@@ -394,7 +394,9 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
                     .count();
                 if !room.is_empty() && room != old {
                     if let Some(c) = committed {
-                        st.after_commit_ms.push(fa.wall_ms as f64 - c as f64);
+                        let ms = fa.wall_ms as f64 - c as f64;
+                        st.after_commit_ms.push(ms);
+                        eprintln!("  {room}'s pgpool: first write on {new_addr} {ms:.0} ms after the promotion was committed");
                     }
                 }
             }

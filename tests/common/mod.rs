@@ -540,7 +540,7 @@ fn tail(s: &str, n: usize) -> String {
 
 impl Drop for Group {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("PGW_KEEP_LOGS").is_some() {
             self.dump_logs();
         }
         for i in 0..self.members.len() {

@@ -1017,7 +1017,11 @@ impl Config {
                     &mut cfg.raft.election_timeout_max_ms,
                     r.election_timeout_max_ms,
                 ),
-                ("rpc_timeout_ms", &mut cfg.raft.rpc_timeout_ms, r.rpc_timeout_ms),
+                (
+                    "rpc_timeout_ms",
+                    &mut cfg.raft.rpc_timeout_ms,
+                    r.rpc_timeout_ms,
+                ),
             ] {
                 if !given("raft", key) {
                     *dst = v;
@@ -1041,7 +1045,11 @@ impl Config {
                     f.clock_drift_ppm,
                 ),
                 ("margin_ms", &mut cfg.failover.margin_ms, f.margin_ms),
-                ("hung_after_ms", &mut cfg.failover.hung_after_ms, f.hung_after_ms),
+                (
+                    "hung_after_ms",
+                    &mut cfg.failover.hung_after_ms,
+                    f.hung_after_ms,
+                ),
             ] {
                 if !given("failover", key) {
                     *dst = v;
@@ -2237,7 +2245,9 @@ admin = ["dba"]
         let e = Config::from_toml(&bad, "bad.toml").unwrap_err().to_string();
         assert!(e.contains("lunar") || e.contains("timing"), "{e}");
         // Each profile's summary names its fence point and the leader's wait.
-        assert!(m.timing_summary().contains("800 ms after its last acknowledged lease renewal"));
+        assert!(m
+            .timing_summary()
+            .contains("800 ms after its last acknowledged lease renewal"));
         assert!(m.timing_summary().contains("replaced 1071 ms after"));
     }
 
@@ -2275,13 +2285,15 @@ admin = ["dba"]
         c.member = "room-z".into();
         assert_eq!(field_of(c.validate().unwrap_err()), "member");
 
+        // The fence point (lease - fence budget = 400 ms) before a change of Raft leader can
+        // be over (2 x 200 + 50 ms with the metro defaults).
         let mut c = good();
-        c.failover.lease_ms = 1200;
+        c.failover.lease_ms = 700;
         c.failover.fence_budget_ms = 300;
         assert_eq!(field_of(c.validate().unwrap_err()), "failover.lease_ms");
 
         let mut c = good();
-        c.raft.election_timeout_min_ms = 100;
+        c.raft.election_timeout_min_ms = 40;
         assert_eq!(
             field_of(c.validate().unwrap_err()),
             "raft.election_timeout_min_ms"

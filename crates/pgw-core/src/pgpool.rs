@@ -98,6 +98,11 @@ pub enum Health {
     /// Fenced, hung, running as primary without the role, or its reports stopped: pgpool
     /// must not use it.
     Failed,
+    /// The committed primary, still a replica at the current epoch: its sidecar is promoting
+    /// it (about 0.1 s). A pgpool that already uses it may be pointed at it now (writes fail
+    /// until the promotion is done, and no other server is writable), so that pgpool's part of
+    /// a failover runs beside the promotion instead of after it.
+    Promoting,
     /// Not known yet, or in transition: leave pgpool's view of it alone.
     Unknown,
 }
@@ -165,6 +170,7 @@ impl Target {
                 let current = o.epoch_seen >= facts.epoch;
                 match o.role {
                     PgRole::Primary if is_primary && current && !o.crashed => Health::Serving,
+                    PgRole::Replica if is_primary && current && !o.crashed => Health::Promoting,
                     // The committed primary not running yet: a restart in place or a promotion
                     // is under way; the decision rule deals with it.
                     _ if is_primary => Health::Unknown,
@@ -220,20 +226,28 @@ impl Target {
                 return Some(PcpAction::Detach(i));
             }
         }
-        // 3. The committed primary, once it runs as primary.
+        // 3. The committed primary: promoted in pgpool once it runs as primary, or while its
+        //    sidecar promotes it if pgpool already uses it; attached only once it runs as
+        //    primary (an attach makes pgpool search for a node not in recovery).
         if let Some(p) = self.primary {
-            if self.health(p) == Health::Serving {
-                if let Some(n) = view.get(p) {
-                    if !n.status.attached() {
-                        return Some(PcpAction::Attach(p));
-                    }
-                    if !n.primary {
-                        return Some(PcpAction::Promote(p));
-                    }
+            let h = self.health(p);
+            if let Some(n) = view.get(p) {
+                if h == Health::Serving && !n.status.attached() {
+                    return Some(PcpAction::Attach(p));
+                }
+                if matches!(h, Health::Serving | Health::Promoting)
+                    && n.status.attached()
+                    && !n.primary
+                {
+                    return Some(PcpAction::Promote(p));
                 }
             }
         }
-        // 4. Replicas streaming from the primary back in.
+        // 4. Replicas streaming from the primary back in; not while the primary is still being
+        //    promoted (an attach makes pgpool search for a node not in recovery: none yet).
+        if self.primary.is_some_and(|p| self.health(p) == Health::Promoting) {
+            return None;
+        }
         for (i, n) in view.iter().enumerate() {
             if Some(i) != self.primary
                 && self.health(i) == Health::Serving
@@ -427,8 +441,33 @@ mod tests {
             Just(Health::Serving),
             Just(Health::Down),
             Just(Health::Failed),
-            Just(Health::Unknown)
+            Just(Health::Unknown),
+            Just(Health::Promoting)
         ]
+    }
+
+    #[test]
+    fn a_promoting_primary_already_in_use_is_promoted_in_pgpool_at_once() {
+        // The old primary crashed (held), the new one is being promoted by its sidecar.
+        let view = [
+            node(PoolStatus::Up, true),
+            node(PoolStatus::Up, false),
+            node(PoolStatus::Up, false),
+        ];
+        let t = Target {
+            primary: Some(1),
+            health: vec![Health::Down, Health::Promoting, Health::Serving],
+            transition: true,
+        };
+        assert_eq!(t.next_action(&view), Some(PcpAction::Promote(1)));
+        // Not attached in this pgpool: it waits until it runs as primary (an attach now would
+        // make pgpool search for a primary and find none).
+        let detached = [
+            node(PoolStatus::Up, true),
+            node(PoolStatus::Down, false),
+            node(PoolStatus::Up, false),
+        ];
+        assert_eq!(t.next_action(&detached), None);
     }
     fn status() -> impl Strategy<Value = PoolStatus> {
         prop_oneof![
@@ -452,21 +491,31 @@ mod tests {
             transition in any::<bool>(),
         ) {
             let primary = primary_pick.filter(|&p| p < n);
-            let t = Target { primary, health: healths[..n].to_vec(), transition };
+            let mut t = Target { primary, health: healths[..n].to_vec(), transition };
             let mut view: Vec<PoolNode> = (0..n)
                 .map(|i| node(statuses[i], flagged == Some(i)))
                 .collect();
-            let really = primary.filter(|&p| t.health[p] == Health::Serving);
-            let mut steps = 0;
-            while let Some(a) = t.next_action(&view) {
-                pgpool_applies(&mut view, a, really);
-                if let Some(w) = pool_primary(&view) {
-                    // Only the committed primary, or a held old primary (fenced meanwhile).
-                    prop_assert!(Some(w) == primary || t.health[w] == Health::Down || transition,
-                        "writes routed to a live non-primary after {:?}", a);
+            // A promoting primary finishes its promotion: pgpool converges again from there.
+            let phases = if primary.is_some_and(|p| t.health[p] == Health::Promoting) { 2 } else { 1 };
+            let mut really = None;
+            for phase in 0..phases {
+                if phase == 1 {
+                    if let Some(p) = primary {
+                        t.health[p] = Health::Serving;
+                    }
                 }
-                steps += 1;
-                prop_assert!(steps <= 2 * n + 2, "no convergence: {:?}", view);
+                really = primary.filter(|&p| t.health[p] == Health::Serving);
+                let mut steps = 0;
+                while let Some(a) = t.next_action(&view) {
+                    pgpool_applies(&mut view, a, really);
+                    if let Some(w) = pool_primary(&view) {
+                        // Only the committed primary, or a held old primary (fenced meanwhile).
+                        prop_assert!(Some(w) == primary || t.health[w] == Health::Down || transition,
+                            "writes routed to a live non-primary after {:?}", a);
+                    }
+                    steps += 1;
+                    prop_assert!(steps <= 2 * n + 2, "no convergence: {:?}", view);
+                }
             }
             if let Some(p) = really {
                 prop_assert_eq!(pool_primary(&view), Some(p));

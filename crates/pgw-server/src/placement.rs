@@ -135,8 +135,8 @@ pub async fn placement_loop(s: Shared) {
             })
             .unwrap_or_default();
         let ago = last_try.map(|t| t.elapsed().as_millis() as u64);
-        let settled = primaries_since.elapsed() >= SETTLE
-            && s.pgpool.all().iter().all(|p| p.agrees);
+        let settled =
+            primaries_since.elapsed() >= SETTLE && s.pgpool.all().iter().all(|p| p.agrees);
         if should_hand_over(me, hosts, settled, &peers, ago, 5 * grace_ms) {
             s.handing_over.store(true, Ordering::SeqCst);
             s.raft.runtime_config().heartbeat(false);
