@@ -308,7 +308,10 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
             );
             writers.push((g.members[i].name().to_string(), w));
         }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // Writes flow, and pgpool is past the second its main process sleeps after each
+        // failover or failback (the previous run's re-attaches): a fault right after one waits
+        // for it (see the README's breakdown).
+        tokio::time::sleep(Duration::from_millis(3000)).await;
         let t0 = Instant::now();
         match fault {
             Fault::Crash => {

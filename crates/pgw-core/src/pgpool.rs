@@ -16,9 +16,14 @@
 //!    crash, and its synchronous standbys detached). It is left to step 2, whose promote moves
 //!    pgpool's writes in one request; detaching it first would make pgpool search for a
 //!    primary and stall it for a second while the new one is still promoting.
-//! 2. The committed primary is attached and promoted in pgpool only once its sidecar reports it
-//!    running as primary at the current epoch: pgpool checks `pg_is_in_recovery()` itself, and a
-//!    promote of a node that still replays WAL would leave pgpool without a writable backend.
+//! 2. The committed primary is promoted in pgpool as soon as the decision is committed when
+//!    pgpool already uses it (a replica its sidecar is promoting, `Health::Promoting`): pgpool's
+//!    `pcp_promote_node` does not look at the server, so pgpool's part of the failover (about
+//!    0.1 s, restarting its children) runs beside `pg_ctl promote` instead of after it, and
+//!    writes routed there fail for that moment rather than wait. It is attached (when pgpool
+//!    does not use it) only once its sidecar reports it running as primary at the current epoch:
+//!    an attach makes pgpool search for a node not in recovery, and none would be found; for the
+//!    same reason no replica is re-attached while the primary is still being promoted.
 //!    Promoting marks every other node down in pgpool (and drops existing sessions).
 //! 3. Unhealthy non-primaries are detached (no reads are balanced to a dead or fenced server);
 //!    replicas that stream from the primary at the current epoch are (re-)attached.
@@ -170,7 +175,9 @@ impl Target {
                 let current = o.epoch_seen >= facts.epoch;
                 match o.role {
                     PgRole::Primary if is_primary && current && !o.crashed => Health::Serving,
-                    PgRole::Replica if is_primary && current && !o.crashed => Health::Promoting,
+                    // Named primary, still a replica (its report may predate the decision: its
+                    // sidecar promotes it once it has a lease at the new epoch).
+                    PgRole::Replica if is_primary && !o.crashed => Health::Promoting,
                     // The committed primary not running yet: a restart in place or a promotion
                     // is under way; the decision rule deals with it.
                     _ if is_primary => Health::Unknown,
@@ -245,7 +252,10 @@ impl Target {
         }
         // 4. Replicas streaming from the primary back in; not while the primary is still being
         //    promoted (an attach makes pgpool search for a node not in recovery: none yet).
-        if self.primary.is_some_and(|p| self.health(p) == Health::Promoting) {
+        if self
+            .primary
+            .is_some_and(|p| self.health(p) == Health::Promoting)
+        {
             return None;
         }
         for (i, n) in view.iter().enumerate() {

@@ -77,9 +77,23 @@ mod tests {
     #[test]
     fn hand_over_only_to_a_live_caught_up_voter_without_a_primary() {
         let ok = peer(2, false, true, true);
-        assert!(should_hand_over(1, true, true, std::slice::from_ref(&ok), None, 5000));
+        assert!(should_hand_over(
+            1,
+            true,
+            true,
+            std::slice::from_ref(&ok),
+            None,
+            5000
+        ));
         // Not hosting a primary: stay.
-        assert!(!should_hand_over(1, false, true, std::slice::from_ref(&ok), None, 5000));
+        assert!(!should_hand_over(
+            1,
+            false,
+            true,
+            std::slice::from_ref(&ok),
+            None,
+            5000
+        ));
         // Every other voter lagging, silent or hosting a primary itself: stay.
         for p in [
             peer(2, false, false, true),
@@ -89,9 +103,23 @@ mod tests {
             assert!(!should_hand_over(1, true, true, &[p], None, 5000));
         }
         // Not while a change is being finished.
-        assert!(!should_hand_over(1, true, false, std::slice::from_ref(&ok), None, 5000));
+        assert!(!should_hand_over(
+            1,
+            true,
+            false,
+            std::slice::from_ref(&ok),
+            None,
+            5000
+        ));
         // Itself never counts.
-        assert!(!should_hand_over(2, true, true, std::slice::from_ref(&ok), None, 5000));
+        assert!(!should_hand_over(
+            2,
+            true,
+            true,
+            std::slice::from_ref(&ok),
+            None,
+            5000
+        ));
         // A recent attempt is not repeated before retry_ms.
         assert!(!should_hand_over(
             1,

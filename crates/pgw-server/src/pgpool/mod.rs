@@ -125,6 +125,9 @@ async fn narrow_loop(s: Shared, cluster: String, creds: Credentials) {
     }
 }
 
+/// The longest the leader's pgpool reconciler waits before recomputing its target.
+const RECOMPUTE_MS: u64 = 20;
+
 /// How long a backend has to accept a TCP connection in [`narrow_loop`].
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -509,7 +512,10 @@ async fn reconcile(
     let me = s.cfg().me().map(|m| m.id);
     let fo = s.cfg().failover.clone();
     let fresh_ms = pgw_core::arbiter::fresh_ms(fo.report_interval_ms);
-    let fast = Duration::from_millis(fo.report_interval_ms);
+    // How often the target is recomputed (cheap: no PCP unless it moved or is due): a new
+    // primary's report is acted on within this, not a report interval later.
+    let fast = Duration::from_millis(fo.report_interval_ms.min(RECOMPUTE_MS));
+    let poll = Duration::from_millis(fo.report_interval_ms);
     let slow = Duration::from_millis(
         s.cfg()
             .pgpool
@@ -578,9 +584,11 @@ async fn reconcile(
             Some(_) => epoch_at = Some((f.epoch, Instant::now())),
         }
         target.transition = epoch_at.is_some_and(|(_, t)| t.elapsed() < TRANSITION_HOLD);
-        // Talk to pgpool when the target moved, while it disagrees, or every check interval.
-        let due =
-            last_target.as_ref() != Some(&target) || !report.agrees || last_check.elapsed() >= slow;
+        // Talk to pgpool at once when the target moved; while it disagrees, once per report
+        // interval (every PCP connection forks a pgpool worker); otherwise every check interval.
+        let due = last_target.as_ref() != Some(&target)
+            || (!report.agrees && last_check.elapsed() >= poll)
+            || last_check.elapsed() >= slow;
         if !due {
             continue;
         }

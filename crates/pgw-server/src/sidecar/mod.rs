@@ -55,6 +55,8 @@ struct SideState {
     /// The facts epoch that renewal was granted at: a primary role taken at a later epoch
     /// needs a grant at that epoch (an earlier one may run out a moment later).
     lease_epoch: Option<u64>,
+    /// The epoch at which the actor last asked the reporter for a lease at once.
+    lease_asked_epoch: Option<u64>,
     /// The actor is in the middle of an action (initdb, start, clone...): what the reporter
     /// sees of postgres meanwhile is transitional, not a crash.
     busy: bool,
@@ -596,11 +598,17 @@ impl Sidecar {
                                 r.primary_flush_lsn;
                         }
                         if r.lease_ok && st.lease_sent.is_none_or(|s| s < sent) {
+                            let first_at_epoch = st.lease_epoch != Some(epoch);
                             st.lease_sent = Some(sent);
                             st.lease_epoch = Some(epoch);
                             drop(st);
                             if let Err(e) = me.record.store(sent) {
                                 tracing::warn!("lease renewal not recorded: {e}");
+                            }
+                            // A primary role waiting for its first lease at this epoch (a
+                            // promotion) goes ahead now, not at the next observation.
+                            if first_at_epoch {
+                                me.observed.notify_one();
                             }
                         }
                     }
@@ -970,7 +978,18 @@ impl Sidecar {
             }
             LocalAction::InitPrimary | LocalAction::StartPrimary | LocalAction::Promote => {
                 if !self.lease_valid(f.epoch) {
-                    return Ok(false); // the reporter renews it
+                    // The reporter renews it: at once, once per epoch (a failover waits for
+                    // this; afterwards at its own pace).
+                    let first = {
+                        let mut st = self.lock();
+                        let first = st.lease_asked_epoch != Some(f.epoch);
+                        st.lease_asked_epoch = Some(f.epoch);
+                        first
+                    };
+                    if first {
+                        self.acted.notify_one();
+                    }
+                    return Ok(false);
                 }
                 {
                     let st = self.lock();
