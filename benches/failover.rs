@@ -131,6 +131,12 @@ async fn healthy(g: &Group) -> GroupStatus {
     .await
 }
 
+/// After the first healthy status: bootstrap detaches the servers still being cloned from every
+/// pgpool and attaches them again, and pgpool's main process sleeps a second after each such
+/// event (restarting its PCP process), so its queue takes several seconds to drain. The runs
+/// measure failovers of a running group, not of one still settling from its bootstrap.
+const WARM_UP: Duration = Duration::from_secs(12);
+
 #[derive(Default)]
 struct Stats {
     rto_ms: Vec<f64>,
@@ -190,6 +196,8 @@ fn run_room_cut(runs: usize) -> Stats {
     let bed = netbed::Bed::start_with(netbed::Layout::ThreeRooms, |c| set_profile(c, p));
     bed.run(|| async {
         let mut st = Stats::default();
+        bed.wait_healthy(Duration::from_secs(180)).await;
+        tokio::time::sleep(WARM_UP).await;
         for run in 0..runs {
             let chk = Checker::start(&bed).await;
             let s = bed.wait_healthy(Duration::from_secs(180)).await;
@@ -262,6 +270,7 @@ async fn run_fault(fault: Fault, runs: usize) -> Stats {
     }
     g.start_all();
     let s = healthy(&g).await;
+    tokio::time::sleep(WARM_UP).await;
     let p = primary_of(&s).expect("primary");
     create_table(&g.pg_addr(g.index_of(&p)))
         .await
