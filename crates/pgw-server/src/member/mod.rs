@@ -130,7 +130,7 @@ pub struct Shared {
     pub policy: Arc<crate::auth::Policy>,
     /// Which member answers at which address (channels verify the certificate's name).
     pub book: crate::raft::network::PeerBook,
-    /// This leader is handing leadership over (`crate::placement`): it acts as a follower
+    /// This leader is handing leadership over (leadership placement): it acts as a follower
     /// (no decisions, proposals, lease grants or pgpool commands) until another member leads.
     pub handing_over: Arc<std::sync::atomic::AtomicBool>,
 }
