@@ -10,7 +10,8 @@
 //! case where losing the primary's node would also cost an election), then that node is lost
 //! like in `node-loss`; the table says in how many runs the member still led at the fault
 //! (leadership placement moves it away once the switchover settled).
-//! `--profile` picks the timing profile of every member (default: metro, the config default).
+//! `--profile` picks the timing profile of every member (default here: metro; the config's
+//! default is wide-area).
 //!
 //! For each fault kind, N runs on one three-room cluster (postgres + pgpool + watcher per room):
 //! a writer goes straight to the servers and one through each room's pgpool, the fault hits the
