@@ -75,6 +75,18 @@ pub fn narrows_locally(lease_needed: bool, degraded: bool) -> bool {
     degraded && !lease_needed
 }
 
+/// Whether degraded mode is over for this member whatever it observes: the cluster does not
+/// allow it, or the group no longer names this member primary. Nothing else ends it but a
+/// returning standby ([`may_leave_degraded`]): an observation that does not show postgres
+/// running as primary (no answer, hung, restarting) changes nothing, so that a primary that
+/// narrowed on its own keeps saying so until the group has recorded the episode (found with
+/// the short timings on the network test bed: a reset on such an observation went unrecorded,
+/// status said "not degraded", and a forced recovery then lost the writes acknowledged while
+/// degraded).
+pub fn degraded_mode_over(allow_degraded: bool, named_primary: bool) -> bool {
+    !allow_degraded || !named_primary
+}
+
 /// Whether a degraded primary may leave degraded mode now that a standby is connected again:
 /// where it narrowed on its own, only once the group has recorded the episode (an empty sync
 /// set), so that the returning standby is never taken for complete while commits acknowledged
@@ -318,5 +330,19 @@ mod tests {
             ..input()
         };
         assert!(step(&mut st, &not).is_empty());
+    }
+
+    #[test]
+    fn only_the_role_or_the_setting_ends_degraded_mode_on_its_own() {
+        assert!(degraded_mode_over(false, true), "not allowed");
+        assert!(degraded_mode_over(true, false), "no longer named primary");
+        assert!(
+            !degraded_mode_over(true, true),
+            "named primary, allowed: only a returning standby ends it"
+        );
+        // And then only once recorded where the primary narrowed on its own.
+        assert!(!may_leave_degraded(false, false));
+        assert!(may_leave_degraded(false, true));
+        assert!(may_leave_degraded(true, false));
     }
 }

@@ -450,8 +450,17 @@ impl Sidecar {
             return;
         };
         let mut st = self.lock();
-        if !cc.allow_degraded || !i_am_primary || local.role != Some(PgRole::Primary) {
+        if pgw_core::guard::degraded_mode_over(cc.allow_degraded, i_am_primary) {
+            if st.degraded {
+                tracing::info!("degraded mode over: this member is no longer the primary");
+            }
             st.degraded = false;
+            st.no_standby_since = None;
+            return;
+        }
+        if local.role != Some(PgRole::Primary) {
+            // Not seen running as primary this time (no answer, restarting): what we know of
+            // degraded mode stands (see `degraded_mode_over`).
             st.no_standby_since = None;
             return;
         }
