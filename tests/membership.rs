@@ -126,21 +126,6 @@ fn spawn_joining(cfg: &Config, dir: &std::path::Path, join: &[String]) -> Child 
         .expect("spawn pg-watcher --join")
 }
 
-fn member_args(m: &MemberConfig) -> Vec<String> {
-    vec![
-        "--id".into(),
-        m.id.to_string(),
-        "--role".into(),
-        m.role.to_string(),
-        "--grpc".into(),
-        m.grpc.clone(),
-        "--http".into(),
-        m.http.clone(),
-        "--room".into(),
-        m.room().to_string(),
-    ]
-}
-
 fn standing(s: &GroupStatus, name: &str) -> Option<String> {
     s.members
         .iter()
@@ -355,13 +340,6 @@ async fn a_data_member_added_at_run_time_replicates_takes_over_and_leaves() {
     let dm = d.me().expect("room-d").clone();
     let mut args: Vec<String> = ["member", "add", "room-d"].map(String::from).to_vec();
     args.extend(member_args(&dm));
-    for (flag, v) in [
-        ("--postgres", &dm.postgres),
-        ("--pgpool", &dm.pgpool),
-        ("--pcp", &dm.pcp),
-    ] {
-        args.extend([flag.to_string(), v.clone().unwrap_or_default()]);
-    }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, text) = pgwctl_admin(&eps, &argv);
     assert_eq!(code, 0, "{text}");

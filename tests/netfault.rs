@@ -13,11 +13,11 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{epoch_of, node_role, primary_of};
+use common::{epoch_of, member_args, node_role, primary_of};
 use netbed::checker::Checker;
 use netbed::{Bed, Layout, Plan};
 use pgw_cli::writer::{ids_on, is_primary, wall_ms};
-use pgw_core::{MemberConfig, Role};
+use pgw_core::Role;
 use pgw_server::sidecar::observe::parse_lsn;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -613,32 +613,6 @@ fn two_rooms_without_an_arbiter_lose_the_standby_then_the_primary_room() {
         r.assert_safe();
         assert_eq!(r.final_primary, standby);
     });
-}
-
-/// `pgwctl member add|replace` arguments naming member `m`'s id, role and addresses.
-fn member_args(m: &MemberConfig) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "--id".into(),
-        m.id.to_string(),
-        "--role".into(),
-        m.role.to_string(),
-        "--grpc".into(),
-        m.grpc.clone(),
-        "--http".into(),
-        m.http.clone(),
-        "--room".into(),
-        m.room().to_string(),
-    ];
-    for (flag, v) in [
-        ("--postgres", &m.postgres),
-        ("--pgpool", &m.pgpool),
-        ("--pcp", &m.pcp),
-    ] {
-        if let Some(v) = v {
-            a.extend([flag.to_string(), v.clone()]);
-        }
-    }
-    a
 }
 
 fn standing(s: &pgw_cli::status::GroupStatus, name: &str) -> Option<String> {

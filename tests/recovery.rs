@@ -62,30 +62,11 @@ fn rejoin(g: &mut Group, i: usize, id: u64, join: &[String]) {
 }
 
 fn add_args(cfg: &Config, id: u64) -> Vec<String> {
-    let m = cfg.me().expect("me");
-    vec![
-        "member".into(),
-        "add".into(),
-        m.name.clone(),
-        "--id".into(),
-        id.to_string(),
-        "--role".into(),
-        m.role.to_string(),
-        "--grpc".into(),
-        m.grpc.clone(),
-        "--http".into(),
-        m.http.clone(),
-        "--postgres".into(),
-        m.postgres.clone().unwrap_or_default(),
-    ]
-    .into_iter()
-    .chain(
-        [("--pgpool", &m.pgpool), ("--pcp", &m.pcp)]
-            .into_iter()
-            .filter_map(|(k, v)| v.clone().map(|v| [k.to_string(), v]))
-            .flatten(),
-    )
-    .collect()
+    let mut m = cfg.me().expect("me").clone();
+    m.id = id;
+    let mut a: Vec<String> = vec!["member".into(), "add".into(), m.name.clone()];
+    a.extend(member_args(&m));
+    a
 }
 
 /// The writer every scenario runs: ids from 1, through whichever of `servers` takes them.

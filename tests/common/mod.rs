@@ -746,3 +746,30 @@ pub fn pgwctl_admin(eps: &[String], args: &[&str]) -> (i32, String) {
     eprintln!("pgwctl {}: {text}", args.join(" "));
     (out.status.code().unwrap_or(-1), text)
 }
+
+/// `pgwctl member add|replace` arguments naming member `m`: `--id` (first, after it its value),
+/// `--role`, `--grpc`, `--http`, `--room`, and `--postgres`, `--pgpool`, `--pcp` where it has them.
+pub fn member_args(m: &MemberConfig) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "--id".into(),
+        m.id.to_string(),
+        "--role".into(),
+        m.role.to_string(),
+        "--grpc".into(),
+        m.grpc.clone(),
+        "--http".into(),
+        m.http.clone(),
+        "--room".into(),
+        m.room().to_string(),
+    ];
+    for (flag, v) in [
+        ("--postgres", &m.postgres),
+        ("--pgpool", &m.pgpool),
+        ("--pcp", &m.pcp),
+    ] {
+        if let Some(v) = v {
+            a.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    a
+}
